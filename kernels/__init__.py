@@ -1,0 +1,26 @@
+"""Pure compute kernels: embedding pooling and the DLRM dense forward.
+
+Imports numpy (and numba) only, never another recserve package, so the same code runs in the
+gateway, the shard daemon, offline tools and benchmarks.
+"""
+
+from kernels.dense import ACTIVATIONS, DenseNet, Interaction, Linear, sigmoid
+from kernels.errors import IdOutOfRangeError, KernelError
+from kernels.pooling import PoolMode, Table, pool, table_shape
+from kernels.quant import Int8RowwiseTable, quantize_rows
+
+__all__ = [
+    "ACTIVATIONS",
+    "DenseNet",
+    "IdOutOfRangeError",
+    "Int8RowwiseTable",
+    "Interaction",
+    "KernelError",
+    "Linear",
+    "PoolMode",
+    "Table",
+    "pool",
+    "quantize_rows",
+    "sigmoid",
+    "table_shape",
+]

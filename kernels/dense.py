@@ -1,0 +1,128 @@
+"""The dense part of a DLRM: bottom MLP, feature interaction, top MLP, in float32.
+
+Interactions follow the reference implementations exactly, because a served model must
+reproduce the scores it was trained to give:
+
+- ``dlrm_tril``: facebookresearch/dlrm. Pairwise dots of ``[x, e_0, ..., e_{T-1}]``, strictly
+  lower triangle in row order (1,0), (2,0), (2,1), ...; with self-interaction the diagonal is
+  included at the end of each row: (0,0), (1,0), (1,1), ...
+- ``torchrec_triu``: torchrec's ``InteractionArch``, the strict upper triangle in row order
+  (0,1), (0,2), ..., (1,2), ...
+- ``cat``: ``[x, e_0, ..., e_{T-1}]`` concatenated.
+
+All three output ``[x, interactions]`` (``cat`` outputs the concatenation itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from kernels.errors import KernelError
+
+Activation = Literal["relu", "sigmoid", "none"]
+InteractionOrder = Literal["dlrm_tril", "torchrec_triu"]
+ACTIVATIONS = ("relu", "sigmoid", "none")
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Float32 logistic function without overflow for large negative inputs."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """``y = act(x @ weight.T + bias)``; ``weight`` is ``[out, in]`` as torch stores it."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    activation: Activation
+
+    def __post_init__(self) -> None:
+        if self.weight.ndim != 2 or self.bias.shape != (self.weight.shape[0],):
+            raise KernelError(f"bad Linear shapes {self.weight.shape} / {self.bias.shape}")
+        if self.activation not in ACTIVATIONS:
+            raise KernelError(f"unknown activation {self.activation!r}")
+        # Pre-transposed, contiguous copy so the forward is one GEMM per layer.
+        object.__setattr__(self, "_weight_t", np.ascontiguousarray(self.weight.T, np.float32))
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y: np.ndarray = x @ self._weight_t  # type: ignore[attr-defined]
+        y += self.bias
+        if self.activation == "relu":
+            np.maximum(y, 0.0, out=y)
+        elif self.activation == "sigmoid":
+            y = sigmoid(y)
+        return y
+
+
+def mlp(layers: Sequence[Linear], x: np.ndarray) -> np.ndarray:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def pair_indices(n: int, order: InteractionOrder, self_interaction: bool) -> tuple[np.ndarray, ...]:
+    """Row/column indices of the pairwise dots kept by ``order`` for ``n`` stacked vectors."""
+    if order == "dlrm_tril":
+        pairs = [(i, j) for i in range(n) for j in range(i + int(self_interaction))]
+    elif order == "torchrec_triu":
+        if self_interaction:
+            raise KernelError("torchrec_triu interaction has no self-interaction variant")
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    else:
+        raise KernelError(f"unknown interaction order {order!r}")
+    rows = np.array([p[0] for p in pairs], dtype=np.intp)
+    cols = np.array([p[1] for p in pairs], dtype=np.intp)
+    return rows, cols
+
+
+@dataclass(frozen=True)
+class Interaction:
+    kind: Literal["dot", "cat"]
+    order: InteractionOrder = "dlrm_tril"
+    self_interaction: bool = False
+
+    def output_width(self, dim: int, n_features: int) -> int:
+        n = n_features + 1
+        if self.kind == "cat":
+            return dim * n
+        pairs = n * (n + 1) // 2 if self.self_interaction else n * (n - 1) // 2
+        return dim + pairs
+
+    def __call__(self, x: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+        """``x`` ``[B, d]`` (bottom MLP output), ``pooled`` ``[B, T, d]`` -> ``[B, width]``."""
+        batch = x.shape[0]
+        stacked = np.concatenate([x[:, None, :], pooled], axis=1)
+        if self.kind == "cat":
+            return stacked.reshape(batch, -1)
+        rows, cols = pair_indices(stacked.shape[1], self.order, self.self_interaction)
+        gram = np.matmul(stacked, stacked.transpose(0, 2, 1))
+        return np.concatenate([x, gram[:, rows, cols]], axis=1)
+
+
+@dataclass(frozen=True)
+class DenseNet:
+    bottom: tuple[Linear, ...]
+    interaction: Interaction
+    top: tuple[Linear, ...]
+
+    def forward(self, dense: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+        """Model output ``[B]`` for dense inputs ``[B, d_in]`` and pooled ``[B, T, dim]``."""
+        x = mlp(self.bottom, np.asarray(dense, dtype=np.float32))
+        if pooled.shape[0] != x.shape[0] or (pooled.ndim == 3 and pooled.shape[2] != x.shape[1]):
+            raise KernelError(f"pooled shape {pooled.shape} does not fit bottom output {x.shape}")
+        z = self.interaction(x, pooled)
+        return mlp(self.top, z)[:, 0]

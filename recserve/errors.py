@@ -1,0 +1,104 @@
+"""The one exception tree of recserve.
+
+Every error we raise on purpose derives from :class:`RecserveError` and carries a ``kind``: a
+short stable string that travels on the wire and in HTTP error bodies. The HTTP status of a
+kind is decided here, in :data:`HTTP_STATUS`, and nowhere else. Foreign errors (numpy, torch,
+OS) are translated at the boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class RecserveError(Exception):
+    """Base of every recserve error; ``kind`` names the failure class."""
+
+    kind = "internal"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_dict(self) -> dict[str, str]:
+        body = {"kind": self.kind, "message": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        return body
+
+
+# --- client mistakes -------------------------------------------------------------------------
+
+
+class BadRequest(RecserveError):
+    """The caller sent something malformed; ``field`` points at it."""
+
+    kind = "bad_request"
+
+
+class UnknownFeature(BadRequest):
+    kind = "unknown_feature"
+
+
+class UnknownTable(BadRequest):
+    kind = "unknown_table"
+
+
+class IdOutOfRange(BadRequest):
+    kind = "id_out_of_range"
+
+
+class TooLarge(BadRequest):
+    kind = "too_large"
+
+
+# --- operator mistakes and damaged files ------------------------------------------------------
+
+
+class ConfigError(RecserveError):
+    """A config file, command-line value or schema document is invalid."""
+
+    kind = "config"
+
+
+class ArtifactError(RecserveError):
+    """A model artifact is missing, damaged or of an unknown format; ``path`` names the file."""
+
+    kind = "artifact"
+
+    def __init__(self, message: str, *, path: str, field: str | None = None) -> None:
+        super().__init__(f"{path}: {message}", field=field)
+        self.path = path
+
+
+class ChecksumMismatch(ArtifactError):
+    kind = "checksum_mismatch"
+
+
+class UnsupportedFormat(ArtifactError):
+    kind = "unsupported_format"
+
+
+class ImportFailed(RecserveError):
+    """A checkpoint could not be turned into a model artifact."""
+
+    kind = "import_failed"
+
+
+HTTP_STATUS: dict[str, int] = {
+    "bad_request": 400,
+    "unknown_feature": 422,
+    "unknown_table": 422,
+    "id_out_of_range": 422,
+    "too_large": 413,
+    "config": 500,
+    "artifact": 500,
+    "checksum_mismatch": 500,
+    "unsupported_format": 500,
+    "import_failed": 500,
+    "internal": 500,
+}
+
+
+def http_status(exc: RecserveError) -> int:
+    """The HTTP status that answers ``exc``; unknown kinds are server errors."""
+    return HTTP_STATUS.get(exc.kind, 500)

@@ -1,0 +1,21 @@
+"""Shared fixtures: paths to the reference models in ../shared/fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(
+    os.environ.get("RECSERVE_FIXTURES", ROOT.parent / "shared" / "fixtures" / "dlrm_dev")
+)
+DEV_MODELS = ("D1", "D2", "D3", "D4_torchrec")
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.fail(f"reference fixtures not found at {FIXTURES} (set RECSERVE_FIXTURES)")
+    return FIXTURES
