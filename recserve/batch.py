@@ -1,0 +1,145 @@
+"""Samples to arrays: the validated, columnar form of a scoring request.
+
+A request is a list of samples ``{"dense": [...], "sparse": {feature: [ids]}, "weights":
+{feature: [w]}}``. ``parse_samples`` checks every value (types, widths, finiteness, feature
+names, id ranges) and returns a :class:`Batch` of numpy arrays, one bag per (sample, feature).
+Errors name the offending field, e.g. ``samples[3].sparse.f1[2]``. A feature a sample omits
+is an empty bag, which pools to zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from recserve.errors import BadRequest, IdOutOfRange, UnknownFeature
+from recserve.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class Bags:
+    """All bags of one feature: ``ids[bounds[b]:bounds[b+1]]`` is sample ``b``'s bag."""
+
+    ids: np.ndarray  # int64 [n]
+    bounds: np.ndarray  # int64 [B + 1]
+    weights: np.ndarray | None = None  # float32 [n]
+
+
+@dataclass(frozen=True)
+class Batch:
+    dense: np.ndarray  # float32 [B, dense_width]
+    bags: dict[str, Bags]  # every feature of the model, in manifest order
+
+    @property
+    def size(self) -> int:
+        return int(self.dense.shape[0])
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _is_number(x: Any) -> bool:
+    return type(x) is float or type(x) is int
+
+
+def parse_samples(samples: Any, manifest: Manifest, *, field: str = "samples") -> Batch:
+    if not isinstance(samples, list):
+        raise BadRequest(f"{field} must be a list of samples", field=field)
+    if not samples:
+        raise BadRequest(f"{field} is empty", field=field)
+    rows = {f: t.rows for f, t in manifest.features()}
+    width = manifest.dense_width
+    dense_rows: list[Sequence[Any]] = []
+    ids: dict[str, list[int]] = {f: [] for f in rows}
+    weights: dict[str, list[float] | None] = {f: None for f in rows}
+    bounds = {f: np.zeros(len(samples) + 1, dtype=np.int64) for f in rows}
+    for i, sample in enumerate(samples):
+        where = f"{field}[{i}]"
+        if not isinstance(sample, dict):
+            raise BadRequest(f"{where} must be an object", field=where)
+        unknown = set(sample) - {"dense", "sparse", "weights"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise BadRequest(
+                f"{where}.{key} is not a sample field (dense, sparse, weights)",
+                field=f"{where}.{key}",
+            )
+        dense = sample.get("dense")
+        if not isinstance(dense, list) or len(dense) != width:
+            got = f"{len(dense)} values" if isinstance(dense, list) else type(dense).__name__
+            raise BadRequest(
+                f"{where}.dense must be a list of {width} numbers, got {got}",
+                field=f"{where}.dense",
+            )
+        if not all(_is_number(x) for x in dense):
+            raise BadRequest(f"{where}.dense must hold numbers only", field=f"{where}.dense")
+        dense_rows.append(dense)
+        sparse = sample.get("sparse", {})
+        if not isinstance(sparse, dict):
+            raise BadRequest(f"{where}.sparse must be an object", field=f"{where}.sparse")
+        sample_weights = sample.get("weights", {})
+        if not isinstance(sample_weights, dict):
+            raise BadRequest(f"{where}.weights must be an object", field=f"{where}.weights")
+        for feature, bag in sparse.items():
+            fwhere = f"{where}.sparse.{feature}"
+            if feature not in rows:
+                raise UnknownFeature(
+                    f"{fwhere}: the model has no feature {feature!r}", field=fwhere
+                )
+            if not isinstance(bag, list) or not all(type(x) is int for x in bag):
+                raise BadRequest(f"{fwhere} must be a list of integer ids", field=fwhere)
+            ids[feature].extend(bag)
+            bounds[feature][i + 1] = len(bag)
+        for feature, wbag in sample_weights.items():
+            wwhere = f"{where}.weights.{feature}"
+            if feature not in rows:
+                raise UnknownFeature(
+                    f"{wwhere}: the model has no feature {feature!r}", field=wwhere
+                )
+            n = int(bounds[feature][i + 1])
+            if not isinstance(wbag, list) or len(wbag) != n or not all(map(_is_number, wbag)):
+                raise BadRequest(
+                    f"{wwhere} must be a list of {n} numbers (one per id)", field=wwhere
+                )
+            # Weighted features are dense lists: ids without weights weigh 1.
+            w = weights[feature]
+            if w is None:
+                w = weights[feature] = []
+            w.extend([1.0] * (len(ids[feature]) - n - len(w)))
+            w.extend(wbag)
+    for feature, w in weights.items():
+        if w is not None:
+            w.extend([1.0] * (len(ids[feature]) - len(w)))
+    dense64 = np.array(dense_rows, dtype=np.float64)
+    ok = np.abs(dense64) <= F32_MAX  # False for NaN and +-Infinity too
+    if not ok.all():
+        bad = int(np.flatnonzero(~ok.all(axis=1))[0])
+        raise BadRequest(
+            f"{field}[{bad}].dense holds NaN or Infinity (or overflows float32)",
+            field=f"{field}[{bad}].dense",
+        )
+    dense_arr = dense64.astype(np.float32)
+    out = {}
+    for feature, n_rows in rows.items():
+        b = np.cumsum(bounds[feature], out=bounds[feature])
+        try:
+            arr = np.array(ids[feature], dtype=np.int64)
+        except OverflowError:
+            arr = np.array([min(max(x, -1), n_rows) for x in ids[feature]], dtype=np.int64)
+        bad_mask = (arr < 0) | (arr >= n_rows)
+        if bad_mask.any():
+            pos = int(np.flatnonzero(bad_mask)[0])
+            sample = int(np.searchsorted(b, pos, side="right")) - 1
+            fld = f"{field}[{sample}].sparse.{feature}[{pos - int(b[sample])}]"
+            raise IdOutOfRange(f"{fld}: id {ids[feature][pos]} is outside [0, {n_rows})", field=fld)
+        w = weights[feature]
+        warr = None if w is None else np.array(w, dtype=np.float32)
+        if warr is not None and not np.isfinite(warr).all():
+            raise BadRequest(
+                f"{field}: weights of {feature} must be finite", field=f"{field}.weights.{feature}"
+            )
+        out[feature] = Bags(arr, b, warr)
+    return Batch(dense_arr, out)

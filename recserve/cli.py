@@ -1,0 +1,175 @@
+"""The ``recserve`` command: one entry point, one subcommand per job.
+
+``main(argv)`` parses arguments, sets up logging and dispatches; library code below it takes
+typed values. Every recserve error ends the command with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+
+from recserve.errors import RecserveError
+
+log = logging.getLogger("recserve")
+
+
+def _names(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError("feature names must be a comma-separated list")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recserve", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    imp = sub.add_parser("import", help="turn a trained checkpoint into a model artifact")
+    isub = imp.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    for name, helptext in (
+        ("dlrm", "facebookresearch/dlrm DLRM_Net state_dict"),
+        ("torchrec", "torchrec.models.dlrm.DLRM state_dict"),
+    ):
+        p = isub.add_parser(name, help=helptext)
+        p.add_argument("--checkpoint", required=True, type=Path)
+        if name == "dlrm":
+            p.add_argument(
+                "--interaction",
+                choices=("dot", "cat"),
+                help="default: inferred from the top MLP's input width",
+            )
+            p.add_argument(
+                "--interaction-itself",
+                action="store_true",
+                default=None,
+                help="dot interaction includes self-interaction (the diagonal)",
+            )
+    p = isub.add_parser("npz", help="plain numpy weights plus an architecture JSON")
+    p.add_argument("--weights", required=True, type=Path)
+    p.add_argument("--arch", required=True, type=Path)
+    for p in isub.choices.values():
+        p.add_argument("--out", required=True, type=Path)
+        p.add_argument("--overwrite", action="store_true")
+        if p.prog.split()[-1] != "npz":
+            p.add_argument(
+                "--feature-names",
+                type=_names,
+                help="comma-separated, one per table (default: 0,1,2,...)",
+            )
+            p.add_argument("--name", help="model name (default: the checkpoint's file name)")
+            p.add_argument("--model-version", default="1")
+
+    p = sub.add_parser("predict", help="score a JSON file of samples in-process")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--input", required=True, type=Path)
+    p.add_argument("--output", type=Path, help="default: stdout")
+
+    p = sub.add_parser("verify", help="check every file of an artifact against its checksums")
+    p.add_argument("--model", required=True, type=Path)
+
+    p = sub.add_parser("info", help="print an artifact's manifest summary")
+    p.add_argument("--model", required=True, type=Path)
+    return parser
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from recserve import importers
+
+    if args.source == "npz":
+        manifest = importers.import_npz(args.weights, args.arch, args.out, overwrite=args.overwrite)
+    else:
+        common = dict(
+            feature_names=args.feature_names,
+            name=args.name,
+            version=args.model_version,
+            overwrite=args.overwrite,
+        )
+        if args.source == "dlrm":
+            manifest = importers.import_dlrm(
+                args.checkpoint,
+                args.out,
+                interaction=args.interaction,
+                interaction_itself=args.interaction_itself,
+                **common,
+            )
+        else:
+            manifest = importers.import_torchrec(args.checkpoint, args.out, **common)
+    inter = manifest.dense.interaction
+    print(
+        f"imported {manifest.name}: {len(manifest.tables)} tables, "
+        f"{manifest.table_bytes / 2**20:.1f} MiB, interaction {inter.kind}/{inter.order}"
+        f"{' +self' if inter.self_interaction else ''} -> {args.out}"
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from recserve.model import Model
+    from recserve.offline import predict, read_samples, scores_document
+
+    model = Model.open(args.model)
+    scores = predict(model, read_samples(args.input))
+    body = orjson.dumps(scores_document(model, scores))
+    if args.output:
+        args.output.write_bytes(body + b"\n")
+    else:
+        sys.stdout.buffer.write(body + b"\n")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from recserve.artifact import read_manifest, verify
+
+    manifest = read_manifest(args.model)
+    verify(args.model, manifest)
+    print(f"ok: {len(manifest.files)} files match their checksums ({manifest.digest()[:12]})")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from recserve.artifact import read_manifest
+
+    m = read_manifest(args.model)
+    print(f"{m.name} version {m.version}  digest {m.digest()[:12]}  dense width {m.dense_width}")
+    print(f"{'table':<20} {'rows':>12} {'dim':>4} {'dtype':>5} {'net':>8} {'MiB':>10}  features")
+    for t in m.tables:
+        print(
+            f"{t.name:<20} {t.rows:>12} {t.dim:>4} {t.dtype:>5} {t.net:>8} "
+            f"{t.nbytes / 2**20:>10.1f}  {','.join(t.features)}"
+        )
+    print(f"total {m.table_bytes / 2**20:.1f} MiB in {len(m.tables)} tables")
+    return 0
+
+
+COMMANDS = {
+    "import": cmd_import,
+    "predict": cmd_predict,
+    "verify": cmd_verify,
+    "info": cmd_info,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except RecserveError as exc:
+        print(f"recserve {args.command}: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""facebookresearch/dlrm ``DLRM_Net`` state_dicts.
+
+Keys: ``emb_l.<k>.weight``, ``bot_l.<2i>.weight|bias``, ``top_l.<2i>.weight|bias`` (Linear and
+activation alternate in an ``nn.Sequential``). The reference applies ReLU after every bottom
+layer and after every top layer but the last, which is followed by a sigmoid, so the model
+outputs probabilities. Interaction ``dot`` keeps the strict lower triangle (or, with
+``--interaction-itself``, the diagonal too); ``cat`` concatenates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from recserve.errors import ImportFailed
+from recserve.importers.common import (
+    DenseLayers,
+    build_artifact,
+    infer_interaction,
+    load_state_dict,
+    numbered,
+    pop_linear_stack,
+)
+from recserve.manifest import Manifest
+
+
+def import_dlrm(
+    checkpoint: Path | str,
+    out: Path | str,
+    *,
+    interaction: str | None = None,
+    interaction_itself: bool | None = None,
+    feature_names: Sequence[str] | None = None,
+    name: str | None = None,
+    version: str = "1",
+    overwrite: bool = False,
+) -> Manifest:
+    state = load_state_dict(checkpoint)
+    embs = [(f"emb_{k}", state.pop(key)) for k, key in numbered(state, r"emb_l\.(\d+)\.weight")]
+    if not embs:
+        raise ImportFailed(f"{checkpoint}: no emb_l.<k>.weight keys; is this a DLRM_Net?")
+    bottom = pop_linear_stack(state, r"bot_l\.(\d+)\.weight", "bottom MLP")
+    top = pop_linear_stack(state, r"top_l\.(\d+)\.weight", "top MLP")
+    if state:
+        raise ImportFailed(
+            f"{checkpoint}: unrecognised keys {sorted(state)[:5]} (quotient-remainder or "
+            "mixed-dimension embeddings are not supported)"
+        )
+    dims = {v.shape[1] for _, v in embs if v.ndim == 2}
+    if len(dims) != 1:
+        raise ImportFailed(f"{checkpoint}: tables have differing dims {sorted(dims)}")
+    spec = infer_interaction(
+        int(top[0][0].shape[1]),
+        dims.pop(),
+        len(embs),
+        kind=interaction,
+        self_interaction=interaction_itself,
+    )
+    dense = DenseLayers(
+        bottom,
+        top,
+        bottom_activations=["relu"] * len(bottom),
+        top_activations=["relu"] * (len(top) - 1) + ["sigmoid"],
+    )
+    return build_artifact(
+        out,
+        name=name or Path(checkpoint).stem,
+        version=version,
+        tables=embs,
+        dense=dense,
+        interaction=spec,
+        feature_names=feature_names,
+        overwrite=overwrite,
+    )

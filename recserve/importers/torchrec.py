@@ -1,0 +1,79 @@
+"""``torchrec.models.dlrm.DLRM`` state_dicts.
+
+Keys: ``sparse_arch.embedding_bag_collection.embedding_bags.<table>.weight`` (tables in the
+collection's order), ``dense_arch.model._mlp.<i>._linear.*`` (ReLU after every layer),
+``over_arch.model.0._mlp.<i>._linear.*`` (ReLU) and ``over_arch.model.1.*`` (the final
+Linear, no activation). The interaction keeps the strict upper triangle. torchrec's model
+outputs logits; the artifact appends the sigmoid so it serves probabilities.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from recserve.errors import ImportFailed
+from recserve.importers.common import (
+    DenseLayers,
+    build_artifact,
+    infer_interaction,
+    load_state_dict,
+    pop_linear_stack,
+)
+from recserve.manifest import Manifest
+
+EMB = re.compile(r"sparse_arch\.embedding_bag_collection\.embedding_bags\.([^.]+)\.weight")
+
+
+def import_torchrec(
+    checkpoint: Path | str,
+    out: Path | str,
+    *,
+    feature_names: Sequence[str] | None = None,
+    name: str | None = None,
+    version: str = "1",
+    overwrite: bool = False,
+) -> Manifest:
+    state = load_state_dict(checkpoint)
+    embs = [(m.group(1), state.pop(k)) for k in list(state) if (m := EMB.fullmatch(k))]
+    if not embs:
+        raise ImportFailed(f"{checkpoint}: no embedding_bags weights; is this a torchrec DLRM?")
+    bottom = pop_linear_stack(
+        state, r"dense_arch\.model\._mlp\.(\d+)\._linear\.weight", "dense arch"
+    )
+    over = []
+    if any(k.startswith("over_arch.model.0.") for k in state):
+        over = pop_linear_stack(
+            state, r"over_arch\.model\.0\._mlp\.(\d+)\._linear\.weight", "over arch"
+        )
+    over += pop_linear_stack(state, r"over_arch\.model\.(1)\.weight", "over arch final layer")
+    if state:
+        raise ImportFailed(f"{checkpoint}: unrecognised keys {sorted(state)[:5]}")
+    dims = {v.shape[1] for _, v in embs if v.ndim == 2}
+    if len(dims) != 1:
+        raise ImportFailed(f"{checkpoint}: tables have differing dims {sorted(dims)}")
+    spec = infer_interaction(
+        int(over[0][0].shape[1]),
+        dims.pop(),
+        len(embs),
+        kind="dot",
+        self_interaction=False,
+        order="torchrec_triu",
+    )
+    dense = DenseLayers(
+        bottom,
+        over,
+        bottom_activations=["relu"] * len(bottom),
+        top_activations=["relu"] * (len(over) - 1) + ["sigmoid"],
+    )
+    return build_artifact(
+        out,
+        name=name or Path(checkpoint).stem,
+        version=version,
+        tables=embs,
+        dense=dense,
+        interaction=spec,
+        feature_names=feature_names,
+        overwrite=overwrite,
+    )
