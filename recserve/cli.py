@@ -26,6 +26,15 @@ def _names(value: str) -> list[str]:
     return names
 
 
+def _size(value: str) -> int:
+    from recserve.units import parse_size
+
+    try:
+        return parse_size(value)
+    except RecserveError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recserve", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -70,6 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--input", required=True, type=Path)
     p.add_argument("--output", type=Path, help="default: stdout")
+
+    p = sub.add_parser("synth", help="write a synthetic DRM-like model (drm1, drm2, drm3)")
+    p.add_argument("--profile", required=True, choices=("drm1", "drm2", "drm3"))
+    p.add_argument("--size", required=True, type=_size, help="table bytes, e.g. 1GiB")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("quantize", help="convert a model's tables to fp16 or int8 row-wise")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--dtype", required=True, choices=("fp16", "int8"))
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--samples", type=int, default=1024, help="samples for the error report")
+
+    p = sub.add_parser("demo", help="synthesize, quantize and score a model end to end")
+    p.add_argument("--workdir", type=Path, default=Path(".demo"))
+    p.add_argument("--size", type=_size, default="512MiB")
+    p.add_argument("--samples", type=int, default=20000)
 
     p = sub.add_parser("verify", help="check every file of an artifact against its checksums")
     p.add_argument("--model", required=True, type=Path)
@@ -124,6 +152,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from recserve.synth import synthesize
+    from recserve.units import format_size
+
+    m = synthesize(args.profile, args.size, args.out, seed=args.seed, overwrite=args.overwrite)
+    nets = sorted({t.net for t in m.tables})
+    print(
+        f"wrote {m.name} ({len(m.tables)} tables, {format_size(m.table_bytes)}, nets "
+        f"{', '.join(nets)}, dim {m.embedding_dim}) -> {args.out}"
+    )
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from recserve.quantize import quantize_model
+
+    _, report = quantize_model(
+        args.model, args.dtype, args.out, overwrite=args.overwrite, samples=args.samples
+    )
+    print(f"quantized {args.model} to {args.dtype} -> {args.out}")
+    for line in report.lines():
+        print(f"  {line}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from recserve.demo import run_demo
+
+    return run_demo(args.workdir, args.size, args.samples)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from recserve.artifact import read_manifest, verify
 
@@ -151,6 +210,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 COMMANDS = {
     "import": cmd_import,
     "predict": cmd_predict,
+    "synth": cmd_synth,
+    "quantize": cmd_quantize,
+    "demo": cmd_demo,
     "verify": cmd_verify,
     "info": cmd_info,
 }
