@@ -6,7 +6,7 @@ gateway, the shard daemon, offline tools and benchmarks.
 
 from kernels.dense import ACTIVATIONS, DenseNet, Interaction, Linear, sigmoid
 from kernels.errors import IdOutOfRangeError, KernelError
-from kernels.pooling import PoolMode, Table, pool, table_shape
+from kernels.pooling import PoolMode, Table, pool, pool_many, pool_numpy, pool_packed, table_shape
 from kernels.quant import Int8RowwiseTable, quantize_rows
 
 __all__ = [
@@ -20,6 +20,9 @@ __all__ = [
     "PoolMode",
     "Table",
     "pool",
+    "pool_many",
+    "pool_numpy",
+    "pool_packed",
     "quantize_rows",
     "sigmoid",
     "table_shape",

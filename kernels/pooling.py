@@ -1,20 +1,39 @@
-"""Pooled embedding lookups (EmbeddingBag): validation plus a numpy implementation.
+"""Pooled embedding lookups (EmbeddingBag): the public API.
 
-``pool`` is the public entry point. Ids are validated before any row is read, so a bad id is
-a typed error naming its position, never a silent read of row -1 or a segfault.
+``pool`` pools one table, ``pool_many`` several tables with the same bag count in one compiled
+call (amortising per-call overhead for requests that touch many small tables), and
+``pool_packed`` takes the packed layout the shard daemon receives on the wire: one ids
+buffer for all tables and a ``[T, B + 1]`` array of bag bounds into it.
+
+Everything is validated before memory is touched: an id outside ``[0, rows)`` raises
+``IdOutOfRangeError`` naming the first bad position (numpy would silently read row -1; the
+compiled kernel has no bounds checks). ``pool_numpy`` is a plain numpy implementation kept for
+correctness checks and as the baseline benchmarks compare against.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
 
+import numba
 import numpy as np
 
 from kernels.errors import IdOutOfRangeError, KernelError
-from kernels.quant import Int8RowwiseTable
+from kernels.quant import TAIL_BYTES, Int8RowwiseTable
 
 Table = np.ndarray | Int8RowwiseTable
 PoolMode = Literal["sum", "mean"]
+SERIAL_BELOW = 2048  # ids per call under which one thread beats waking the pool
+_ONE = np.ones(1, np.float32)
+_MEAN = {"sum": False, "mean": True}
+MAX_THREADS: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+
+
+def default_threads() -> int:
+    """Cores this process may run on, capped by numba's pool size."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_THREADS))
 
 
 def table_shape(table: Table) -> tuple[int, int]:
@@ -25,6 +44,27 @@ def table_shape(table: Table) -> tuple[int, int]:
     if table.dtype not in (np.float32, np.float16):
         raise KernelError(f"table dtype must be float32 or float16, got {table.dtype}")
     return int(table.shape[0]), int(table.shape[1])
+
+
+def _layout(table: Table) -> tuple[int, int, int, int, int, int]:
+    """(kind code, base address, row bytes, scale offset, rows, dim) of a table."""
+    if isinstance(table, Int8RowwiseTable):
+        data, kind, dim = table.data, 2, table.dim
+    elif isinstance(table, np.ndarray) and table.ndim == 2:
+        data, dim = table, int(table.shape[1])
+        if table.dtype == np.float32:
+            kind = 0
+        elif table.dtype == np.float16:
+            kind = 1
+        else:
+            raise KernelError(f"table dtype must be float32 or float16, got {table.dtype}")
+    else:
+        raise KernelError("table must be a 2-D numpy array or an Int8RowwiseTable")
+    if not data.flags.c_contiguous:
+        raise KernelError("table rows must be C-contiguous")
+    rows = int(data.shape[0])
+    base = data.__array_interface__["data"][0] if rows else 0
+    return kind, base, int(data.strides[0]) if rows else 0, dim if kind == 2 else 0, rows, dim
 
 
 def bag_bounds(offsets: np.ndarray, n_ids: int, *, include_last_offset: bool) -> np.ndarray:
@@ -50,22 +90,157 @@ def bag_bounds(offsets: np.ndarray, n_ids: int, *, include_last_offset: bool) ->
     return bounds
 
 
-def check_ids(ids: np.ndarray, rows: int) -> np.ndarray:
+def check_ids(ids: np.ndarray, rows: int, *, base: int = 0) -> np.ndarray:
     """Ids as a 1-D int array, all in ``[0, rows)``; raises naming the first bad position."""
     ids = np.asarray(ids)
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
         raise KernelError("ids must be a 1-D integer array")
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rows):
         pos = int(np.flatnonzero((ids < 0) | (ids >= rows))[0])
-        raise IdOutOfRangeError(pos, int(ids[pos]), rows)
+        raise IdOutOfRangeError(base + pos, int(ids[pos]), rows)
     return ids
 
 
-def gather_rows(table: Table, ids: np.ndarray) -> np.ndarray:
-    """Float32 copies of the rows ``ids`` (already validated)."""
-    if isinstance(table, Int8RowwiseTable):
-        return table.dequantize(ids)
-    return np.asarray(table[ids], dtype=np.float32)
+def _check_weights(weights: np.ndarray | None, n: int) -> np.ndarray | None:
+    if weights is None:
+        return None
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    if weights.shape != (n,):
+        raise KernelError(f"weights shape {weights.shape} != ids shape {(n,)}")
+    return weights
+
+
+def _ids_for_kernel(ids: np.ndarray) -> np.ndarray:
+    if not isinstance(ids, np.ndarray):
+        ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise KernelError("ids must be a 1-D integer array")
+    if ids.dtype == np.uint64:
+        if ids.size and int(ids.max()) >= 2**63:
+            raise IdOutOfRangeError(int(ids.argmax()), int(ids.max()), 2**63)
+        return ids.astype(np.int64)
+    if ids.dtype not in (np.int64, np.int32):
+        return ids.astype(np.int64)  # narrower ints and uint32: widen once
+    return ids if ids.flags.c_contiguous else np.ascontiguousarray(ids)
+
+
+def pool_packed(
+    tables: Sequence[Table],
+    ids: np.ndarray,
+    bounds: np.ndarray,
+    *,
+    weights: np.ndarray | None = None,
+    modes: Sequence[str] | str = "sum",
+    out: np.ndarray | None = None,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Pool ``T`` tables' bags from one packed ids buffer into float32 ``[B, T, dim]``.
+
+    ``bounds[t]`` holds the ``B + 1`` positions in ``ids`` delimiting table ``t``'s bags.
+    All tables must share ``dim``. ``modes`` is one mode or one per table.
+    """
+    n_tables = len(tables)
+    if n_tables == 0:
+        raise KernelError("pool_packed needs at least one table")
+    described = [_layout(t) for t in tables]
+    dim = described[0][5]
+    if any(d[5] != dim for d in described):
+        raise KernelError(f"tables differ in dim: {sorted({d[5] for d in described})}")
+    layout = np.array(described, dtype=np.int64)
+    if isinstance(modes, str):
+        modes = [modes] * n_tables
+    if len(modes) != n_tables or any(m not in _MEAN for m in modes):
+        raise KernelError(f"modes must be 'sum' or 'mean', one or one per table: {modes!r}")
+    layout[:, 5] = [_MEAN[m] for m in modes]  # the kernel reads a mean flag where dim was
+    ids = _ids_for_kernel(ids)
+    if not (
+        isinstance(bounds, np.ndarray) and bounds.dtype == np.int64 and bounds.flags.c_contiguous
+    ):
+        bounds = np.ascontiguousarray(bounds, dtype=np.int64)
+    if bounds.ndim != 2 or bounds.shape[0] != n_tables or bounds.shape[1] < 1:
+        raise KernelError(f"bounds must be [{n_tables}, B + 1], got {bounds.shape}")
+    weights = _check_weights(weights, ids.size)
+    n_bags = bounds.shape[1] - 1
+    if out is None:
+        out = np.empty((n_bags, n_tables, dim), np.float32)
+    elif (
+        out.shape != (n_bags, n_tables, dim)
+        or out.dtype != np.float32
+        or not out.flags.c_contiguous
+    ):
+        raise KernelError(f"out must be C-contiguous float32 {(n_bags, n_tables, dim)}")
+    if out.size == 0:
+        _explain_bad(layout, ids, bounds)
+        return out
+    want = 1 if ids.size < SERIAL_BELOW else (threads or default_threads())
+    if numba.get_num_threads() != want:
+        numba.set_num_threads(min(want, MAX_THREADS))
+    bad = _kernel()(
+        layout, ids, bounds, _ONE if weights is None else weights, weights is not None, out
+    )
+    if bad:
+        _explain_bad(layout, ids, bounds)
+        raise KernelError("invalid ids or bounds")  # unreachable: _explain_bad raises
+    return out
+
+
+def _explain_bad(layout: np.ndarray, ids: np.ndarray, bounds: np.ndarray) -> None:
+    """The slow path after the kernel found bad input: raise the precise error."""
+    if bounds.size and (
+        bounds.min() < 0 or bounds.max() > ids.size or np.any(np.diff(bounds, axis=1) < 0)
+    ):
+        raise KernelError("bounds must be non-decreasing positions within ids")
+    for t in range(layout.shape[0]):
+        lo, hi = int(bounds[t, 0]), int(bounds[t, -1])
+        check_ids(ids[lo:hi], int(layout[t, 4]), base=lo)
+
+
+def _kernel() -> Any:
+    from kernels.fused import pool_tables_kernel  # compiled, or loaded from cache, on first use
+
+    return pool_tables_kernel
+
+
+def pool_many(
+    tables: Sequence[Table],
+    ids: Sequence[np.ndarray],
+    offsets: Sequence[np.ndarray],
+    *,
+    weights: Sequence[np.ndarray | None] | None = None,
+    modes: Sequence[str] | str = "sum",
+    include_last_offset: bool = False,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Pool several tables (same bag count, same dim) in one call: float32 ``[B, T, dim]``."""
+    if not (len(tables) == len(ids) == len(offsets)):
+        raise KernelError("tables, ids and offsets must have the same length")
+    starts = np.cumsum([0, *[np.asarray(i).size for i in ids]])
+    bounds = (
+        np.stack(
+            [
+                bag_bounds(o, np.asarray(i).size, include_last_offset=include_last_offset) + s
+                for o, i, s in zip(offsets, ids, starts, strict=False)
+            ]
+        )
+        if tables
+        else np.zeros((0, 1), np.int64)
+    )
+    if bounds.ndim != 2:
+        raise KernelError("every table needs the same number of bags")
+    packed_ids = (
+        np.concatenate([np.asarray(i, dtype=np.int64) for i in ids])
+        if ids
+        else np.zeros(0, np.int64)
+    )
+    packed_w = None
+    if weights is not None and any(w is not None for w in weights):
+        packed_w = np.concatenate(
+            [
+                np.ones(np.asarray(i).size, np.float32) if w is None else np.asarray(w, np.float32)
+                for i, w in zip(ids, weights, strict=True)
+            ]
+        )
+    return pool_packed(tables, packed_ids, bounds, weights=packed_w, modes=modes, threads=threads)
 
 
 def pool(
@@ -77,31 +252,85 @@ def pool(
     mode: PoolMode = "sum",
     out: np.ndarray | None = None,
     include_last_offset: bool = False,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Pool bags of rows of ``table`` into float32 ``[B, dim]``.
 
     ``offsets`` holds the start of each bag (``B`` entries), or ``B + 1`` entries ending with
-    ``len(ids)`` when ``include_last_offset`` is set, as in ``torch.nn.functional.embedding_bag``.
-    An empty bag pools to zeros; a repeated id counts once per occurrence; ``weights`` scales
-    each id's row; ``mean`` divides by the bag's id count.
+    ``len(ids)`` when ``include_last_offset`` is set, as in ``torch.nn.functional.embedding_bag``
+    (the flag is explicit because ``[0, 3, 5]`` with five ids is either three bags, the last
+    empty, or two). An empty bag pools to zeros; a repeated id counts once per occurrence;
+    ``weights`` scales each id's row; ``mean`` divides by the bag's id count.
     """
+    ids = _ids_for_kernel(ids)
+    bounds = _bounds(offsets, ids.size, include_last_offset)
+    n_bags = bounds.size - 1
+    packed_out = None
+    if out is not None:
+        dim = table_shape(table)[1]
+        if out.shape != (n_bags, dim) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise KernelError(
+                f"out must be C-contiguous float32 {(n_bags, dim)}, got {out.dtype} {out.shape}"
+            )
+        packed_out = out.reshape(n_bags, 1, dim)
+    result = pool_packed(
+        [table],
+        ids,
+        bounds.reshape(1, -1),
+        weights=weights,
+        modes=mode,
+        out=packed_out,
+        threads=threads,
+    )
+    return result.reshape(n_bags, result.shape[2])
+
+
+def _bounds(offsets: np.ndarray, n_ids: int, include_last_offset: bool) -> np.ndarray:
+    """Bag bounds with only O(1) checks; the kernel checks the rest as it reads them."""
+    if not isinstance(offsets, np.ndarray):
+        offsets = np.asarray(offsets)
+    if offsets.ndim != 1 or offsets.dtype.kind not in "iu":
+        raise KernelError("offsets must be a 1-D integer array")
+    if include_last_offset:
+        if offsets.size == 0 or int(offsets[-1]) != n_ids:
+            raise KernelError(
+                f"with include_last_offset the last offset must equal len(ids) {n_ids}"
+            )
+        bounds = offsets.astype(np.int64, copy=False)
+    else:
+        bounds = np.empty(offsets.size + 1, np.int64)
+        bounds[:-1] = offsets
+        bounds[-1] = n_ids
+    if bounds.size > 1 and int(bounds[0]) != 0:
+        raise KernelError(f"first offset must be 0, got {int(bounds[0])}")
+    return bounds
+
+
+def gather_rows(table: Table, ids: np.ndarray) -> np.ndarray:
+    """Float32 copies of the rows ``ids`` (already validated)."""
+    if isinstance(table, Int8RowwiseTable):
+        return table.dequantize(ids)
+    return np.asarray(table[ids], dtype=np.float32)
+
+
+def pool_numpy(
+    table: Table,
+    ids: np.ndarray,
+    offsets: np.ndarray,
+    *,
+    weights: np.ndarray | None = None,
+    mode: PoolMode = "sum",
+    include_last_offset: bool = False,
+) -> np.ndarray:
+    """``pool`` in plain numpy (fancy indexing + ``reduceat``): the reference baseline."""
     rows, dim = table_shape(table)
     ids = check_ids(ids, rows)
     bounds = bag_bounds(offsets, ids.size, include_last_offset=include_last_offset)
     if mode not in ("sum", "mean"):
         raise KernelError(f"mode must be 'sum' or 'mean', got {mode!r}")
-    n_bags = bounds.size - 1
-    if weights is not None:
-        weights = np.asarray(weights, dtype=np.float32)
-        if weights.shape != ids.shape:
-            raise KernelError(f"weights shape {weights.shape} != ids shape {ids.shape}")
-    if out is None:
-        out = np.zeros((n_bags, dim), dtype=np.float32)
-    else:
-        if out.shape != (n_bags, dim) or out.dtype != np.float32:
-            raise KernelError(f"out must be float32 {(n_bags, dim)}, got {out.dtype} {out.shape}")
-        out[...] = 0.0
-    if ids.size == 0 or n_bags == 0:
+    weights = _check_weights(weights, ids.size)
+    out = np.zeros((bounds.size - 1, dim), dtype=np.float32)
+    if ids.size == 0 or out.shape[0] == 0:
         return out
     gathered = gather_rows(table, ids)
     if weights is not None:
@@ -112,3 +341,6 @@ def pool(
     if mode == "mean":
         out[nonempty] /= lengths[nonempty, None].astype(np.float32)
     return out
+
+
+assert TAIL_BYTES == 8  # the kernel reads scale at row + dim and bias right after it

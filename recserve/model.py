@@ -38,23 +38,31 @@ class Model:
         return cls(root, manifest, tables, load_dense(root, manifest))
 
     def pool(self, batch: Batch) -> np.ndarray:
-        """Pooled vectors ``[B, features, dim]`` in interaction order."""
+        """Pooled vectors ``[B, features, dim]`` in interaction order, in one kernel call."""
         features = list(self.manifest.features())
-        out = np.empty((batch.size, len(features), self.manifest.embedding_dim), np.float32)
-        for k, (feature, spec) in enumerate(features):
-            bags = batch.bags[feature]
-            try:
-                out[:, k, :] = kernels.pool(
-                    self.tables[spec.name],
-                    bags.ids,
-                    bags.bounds,
-                    weights=bags.weights,
-                    mode=spec.pooling,  # type: ignore[arg-type]
-                    include_last_offset=True,
-                )
-            except kernels.IdOutOfRangeError as exc:
-                raise IdOutOfRange(str(exc), field=feature) from exc
-        return out
+        bags = [batch.bags[f] for f, _ in features]
+        starts = np.cumsum([0] + [b.ids.size for b in bags])
+        ids = np.concatenate([b.ids for b in bags])
+        bounds = np.stack([b.bounds + s for b, s in zip(bags, starts, strict=False)])
+        weights = None
+        if any(b.weights is not None for b in bags):
+            weights = np.concatenate(
+                [
+                    b.weights if b.weights is not None else np.ones(b.ids.size, np.float32)
+                    for b in bags
+                ]
+            )
+        try:
+            return kernels.pool_packed(
+                [self.tables[spec.name] for _, spec in features],
+                ids,
+                bounds,
+                weights=weights,
+                modes=[spec.pooling for _, spec in features],
+            )
+        except kernels.IdOutOfRangeError as exc:
+            feature = features[int(np.searchsorted(starts, exc.position, side="right")) - 1][0]
+            raise IdOutOfRange(str(exc), field=feature) from exc
 
     def score(self, batch: Batch) -> np.ndarray:
         """Model output ``[B]`` (probabilities for models ending in a sigmoid)."""

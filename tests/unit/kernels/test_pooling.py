@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 
 import kernels
 from kernels import Int8RowwiseTable, quantize_rows
+from kernels.pooling import SERIAL_BELOW, pool_numpy
+
+ENGINES = pytest.mark.parametrize("engine", [kernels.pool, pool_numpy], ids=["numba", "numpy"])
 
 
 def slow_pool(values: np.ndarray, ids, lengths, weights=None, mode="sum") -> np.ndarray:
@@ -29,7 +32,8 @@ def slow_pool(values: np.ndarray, ids, lengths, weights=None, mode="sum") -> np.
 @st.composite
 def cases(draw):
     rows = draw(st.integers(1, 60))
-    dim = draw(st.integers(1, 17))
+    # Every column-pass shape of the compiled kernel: 1-3 scalars, 4, 8, 16 x 1..8, mixes.
+    dim = draw(st.one_of(st.integers(1, 20), st.sampled_from([32, 48, 64, 100, 128, 144, 300])))
     lengths = draw(st.lists(st.integers(0, 9), min_size=0, max_size=12))
     n = sum(lengths)
     ids = draw(st.lists(st.integers(0, rows - 1), min_size=n, max_size=n))
@@ -43,6 +47,7 @@ def cases(draw):
     )
 
 
+@ENGINES
 @settings(max_examples=150, deadline=None)
 @given(
     case=cases(),
@@ -50,36 +55,45 @@ def cases(draw):
     weighted=st.booleans(),
     last=st.booleans(),
 )
-def test_pool_fp32_matches_reference(case, mode, weighted, last) -> None:
+def test_pool_fp32_matches_reference(engine, case, mode, weighted, last) -> None:
     rows, dim, lengths, ids, seed = case
     rng = np.random.default_rng(seed)
     table = rng.standard_normal((rows, dim)).astype(np.float32)
     weights = rng.random(ids.size).astype(np.float32) if weighted else None
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     offsets = starts if last else starts[:-1]
-    got = kernels.pool(table, ids, offsets, weights=weights, mode=mode, include_last_offset=last)
+    got = engine(table, ids, offsets, weights=weights, mode=mode, include_last_offset=last)
     want = slow_pool(table, ids, lengths, weights, mode)
     assert got.dtype == np.float32 and got.shape == (len(lengths), dim)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@ENGINES
 @settings(max_examples=60, deadline=None)
 @given(case=cases())
-def test_pool_fp16_within_rounding(case) -> None:
+def test_pool_fp16_within_rounding(engine, case) -> None:
     rows, dim, lengths, ids, seed = case
     table = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float16)
-    got = kernels.pool(table, ids, np.cumsum([0, *lengths])[:-1])
+    got = engine(table, ids, np.cumsum([0, *lengths])[:-1])
     want = slow_pool(table.astype(np.float32), ids, lengths)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
 
 
+@ENGINES
 @settings(max_examples=60, deadline=None)
-@given(case=cases())
-def test_pool_int8_within_quantization_bound(case) -> None:
+@given(case=cases(), weighted=st.booleans())
+def test_pool_int8_within_quantization_bound(engine, case, weighted) -> None:
     rows, dim, lengths, ids, seed = case
-    values = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal((rows, dim)).astype(np.float32)
     table = Int8RowwiseTable(quantize_rows(values))
-    got = kernels.pool(table, ids, np.cumsum([0, *lengths])[:-1])
+    weights = rng.random(ids.size).astype(np.float32) if weighted else None
+    got = engine(table, ids, np.cumsum([0, *lengths])[:-1], weights=weights)
+    # Compare with the exactly dequantized rows, then bound the quantization error itself.
+    exact = slow_pool(table.dequantize(), ids, lengths, weights)
+    np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-4)
+    if weighted:
+        return
     want = slow_pool(values, ids, lengths)
     # Each value is off by at most half a quantization step of its row.
     half_step = table.scale.astype(np.float64) / 2
@@ -92,29 +106,32 @@ def test_pool_int8_within_quantization_bound(case) -> None:
     assert np.all(np.abs(got - want) <= bound[:, None] + 1e-4)
 
 
-def test_pool_memmap_table(tmp_path: Path) -> None:
+@ENGINES
+def test_pool_memmap_table(engine, tmp_path: Path) -> None:
     values = np.arange(40, dtype=np.float32).reshape(10, 4)
     np.save(tmp_path / "t.npy", values)
     table = np.load(tmp_path / "t.npy", mmap_mode="r")
-    got = kernels.pool(table, np.array([9, 0, 9]), np.array([0, 1]))
+    got = engine(table, np.array([9, 0, 9]), np.array([0, 1]))
     np.testing.assert_array_equal(got, [values[9], values[0] + values[9]])
 
 
+@ENGINES
 @pytest.mark.parametrize("bad, pos", [([0, 5, -1], 2), ([10, 0], 0), ([3, 3, 3, 11], 3)])
-def test_pool_rejects_out_of_range_ids(bad, pos) -> None:
+def test_pool_rejects_out_of_range_ids(engine, bad, pos) -> None:
     table = np.zeros((10, 2), np.float32)
     with pytest.raises(kernels.IdOutOfRangeError) as info:
-        kernels.pool(table, np.array(bad), np.array([0]))
+        engine(table, np.array(bad), np.array([0]))
     assert info.value.position == pos and info.value.value == bad[pos]
 
 
+@ENGINES
 @pytest.mark.parametrize(
     "offsets, last",
     [([1], False), ([0, 2, 1], False), ([0, 4], False), ([0, 2], True), ([], True)],
 )
-def test_pool_rejects_bad_offsets(offsets, last) -> None:
+def test_pool_rejects_bad_offsets(engine, offsets, last) -> None:
     with pytest.raises(kernels.KernelError):
-        kernels.pool(
+        engine(
             np.zeros((5, 2), np.float32),
             np.array([1, 2, 3]),
             np.array(offsets, dtype=np.int64),
@@ -129,3 +146,60 @@ def test_pool_rejects_bad_dtypes() -> None:
         kernels.pool(np.zeros((5, 2), np.float32), np.array([1.0]), np.array([0]))
     with pytest.raises(kernels.KernelError):
         kernels.pool(np.zeros((5, 2), np.float32), np.array([1]), np.array([0]), mode="max")
+
+
+def test_pool_many_mixed_dtypes_and_modes() -> None:
+    rng = np.random.default_rng(7)
+    dim, n_bags = 24, 9
+    values = [rng.standard_normal((rows, dim)).astype(np.float32) for rows in (50, 7, 300)]
+    tables = [values[0], values[1].astype(np.float16), Int8RowwiseTable(quantize_rows(values[2]))]
+    exact = [values[0], values[1].astype(np.float16).astype(np.float32), tables[2].dequantize()]
+    lengths = [rng.integers(0, 6, n_bags) for _ in tables]
+    ids = [rng.integers(0, v.shape[0], int(n.sum())) for v, n in zip(values, lengths, strict=True)]
+    offsets = [np.cumsum([0, *n])[:-1] for n in lengths]
+    weights = [None, rng.random(ids[1].size).astype(np.float32), None]
+    modes = ["sum", "mean", "mean"]
+    got = kernels.pool_many(tables, ids, offsets, weights=weights, modes=modes)
+    assert got.shape == (n_bags, 3, dim)
+    for t in range(3):
+        want = slow_pool(exact[t], ids[t], lengths[t], weights[t], modes[t])
+        np.testing.assert_allclose(got[:, t], want, rtol=1e-4, atol=1e-4)
+
+
+def test_pool_packed_error_names_global_position() -> None:
+    tables = [np.zeros((5, 4), np.float32), np.zeros((3, 4), np.float32)]
+    ids = np.array([0, 4, 1, 2, 3, 0])  # table 1 (3 rows) holds id 3 at position 4
+    bounds = np.array([[0, 1, 2], [2, 4, 6]])
+    with pytest.raises(kernels.IdOutOfRangeError) as info:
+        kernels.pool_packed(tables, ids, bounds)
+    assert (info.value.position, info.value.value, info.value.rows) == (4, 3, 3)
+    with pytest.raises(kernels.KernelError, match="non-decreasing"):
+        kernels.pool_packed(tables, ids, np.array([[0, 1, 2], [2, 7, 6]]))
+    with pytest.raises(kernels.KernelError, match="differ in dim"):
+        kernels.pool_packed([tables[0], np.zeros((3, 5), np.float32)], ids, bounds)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_parallel_path_matches_numpy(threads: int) -> None:
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((5000, 64)).astype(np.float32)
+    n_bags = 300
+    lengths = rng.integers(0, 40, n_bags)
+    ids = rng.integers(0, 5000, int(lengths.sum()))
+    assert ids.size > SERIAL_BELOW
+    offsets = np.cumsum([0, *lengths])[:-1]
+    got = kernels.pool(table, ids, offsets, threads=threads)
+    np.testing.assert_allclose(got, pool_numpy(table, ids, offsets), rtol=1e-5, atol=1e-5)
+    bad = ids.copy()
+    bad[-1] = 5000
+    with pytest.raises(kernels.IdOutOfRangeError) as info:
+        kernels.pool(table, bad, offsets, threads=threads)
+    assert info.value.position == ids.size - 1
+
+
+def test_pool_writes_into_out() -> None:
+    table = np.arange(12, dtype=np.float32).reshape(6, 2)
+    out = np.full((2, 2), 99.0, np.float32)
+    result = kernels.pool(table, np.array([1, 2, 5]), np.array([0, 2]), out=out)
+    assert result.base is out or result is out
+    np.testing.assert_array_equal(out, [[2 + 4, 3 + 5], [10, 11]])

@@ -1,0 +1,316 @@
+"""The compiled pooling kernel: many tables, many bags, one call.
+
+``pool_tables_kernel`` is parallel over (table, bag) pairs, table-major, so one thread walks
+consecutive bags of one table and its prefetches run ahead across bag boundaries. Each bag is
+pooled in column passes of up to 128 columns by ``pool_bag``, written directly in LLVM IR so
+that:
+
+- the accumulators are vector registers (phi nodes), never memory the compiler must assume
+  aliases the table rows (numba-level loops over ``out[b, d]`` cost ~200 uops per id);
+- the row of the id ``PREFETCH`` positions ahead is prefetched, one ``prefetch`` per 64-byte
+  line, so many rows are in flight (gathers are bound by memory latency, not arithmetic);
+- fp16 rows are widened with ``fpext`` (vcvtph2ps) and int8 row-wise rows with ``uitofp``
+  plus a fused multiply-add by the row's scale, as FBGEMM's fused 8-bit layout needs.
+
+Every (dtype, lanes, vectors) variant is emitted once, fully unrolled, behind one IR
+``switch``; the kernel picks the variant per column pass at run time, so one compiled kernel
+serves every table of a request whatever its dtype and dim. Rows are addressed from raw base
+pointers; there are no bounds checks in the IR loop.
+
+The kernel validates as it goes, so callers pay no separate numpy passes: first every
+table's bag bounds (so prefetches never read past ``ids``), then each bag's ids just before
+its rows are read. It returns the number of bad bags (their output is left unwritten); the
+caller then discards the output and reports the precise error.
+
+The IR generator and the kernel share this file on purpose: numba's on-disk cache is
+invalidated by the kernel's own source file only, so a change to the IR must touch it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+PREFETCH = 32  # ids ahead; long enough to keep ~30 rows in flight on this machine class
+LINE = 64
+ELEM_BYTES = {"f32": 4, "f16": 2, "i8": 1}
+
+I1, I8, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
+F16, F32 = ir.HalfType(), ir.FloatType()
+
+
+def _prefetch(builder: ir.IRBuilder, addr: ir.Value) -> None:
+    ptr_ty = I8.as_pointer()
+    fnty = ir.FunctionType(ir.VoidType(), [ptr_ty, I32, I32, I32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    builder.call(fn, [builder.inttoptr(addr, ptr_ty), I32(0), I32(3), I32(1)])
+
+
+def _fma(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
+    vty = a.type
+    fnty = ir.FunctionType(vty, [vty, vty, vty])
+    name = f"llvm.fma.v{vty.count}f32" if isinstance(vty, ir.VectorType) else "llvm.fma.f32"
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+    return builder.call(fn, [a, b, c])
+
+
+def _splat(builder: ir.IRBuilder, value: ir.Value, lanes: int) -> ir.Value:
+    vty = ir.VectorType(value.type, lanes)
+    vec = builder.insert_element(ir.Constant(vty, ir.Undefined), value, I32(0))
+    return builder.shuffle_vector(
+        vec, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(I32, lanes), [0] * lanes)
+    )
+
+
+KINDS = ("f32", "f16", "i8")  # index = the kind code the kernels pass
+WIDE, MAX_WIDE = 16, 8  # 16-lane vectors, at most 8 per pass (128 columns)
+
+
+def variants() -> list[tuple[int, int]]:
+    """(lanes, vectors) of every column pass: 16 x 1..8, then 8, 4 and 1 x 1..3."""
+    return [(WIDE, n) for n in range(1, MAX_WIDE + 1)] + [(8, 1), (4, 1), (1, 1), (1, 2), (1, 3)]
+
+
+@njit(inline="always")
+def variant_key(kind: int, lanes: int, nvec: int) -> int:
+    """The ``pool_bag`` switch key of one column pass; callable from numba and Python."""
+    return kind * 1024 + lanes * 16 + nvec
+
+
+def _emit_loop(
+    context: Any,
+    builder: ir.IRBuilder,
+    kind: str,
+    W: int,
+    NV: int,
+    p: dict[str, Any],
+    done: ir.Block,
+) -> None:
+    """One bag loop for one (kind, lanes, vectors), ending in a branch to ``done``."""
+    esize = ELEM_BYTES[kind]
+    vty = ir.VectorType(F32, W)
+    zero = ir.Constant(vty, [0.0] * W)
+    col_bytes = builder.mul(p["col"], I64(esize))
+    entry = builder.basic_block
+    fn = builder.function
+    header = fn.append_basic_block(f"bag.{kind}.{W}x{NV}.header")
+    body = fn.append_basic_block(f"bag.{kind}.{W}x{NV}.body")
+    exit_ = fn.append_basic_block(f"bag.{kind}.{W}x{NV}.exit")
+    builder.branch(header)
+
+    builder.position_at_end(header)
+    k = builder.phi(I64)
+    k.add_incoming(p["start"], entry)
+    accs = []
+    for _ in range(NV):
+        acc = builder.phi(vty)
+        acc.add_incoming(zero, entry)
+        accs.append(acc)
+    builder.cbranch(builder.icmp_signed("<", k, p["end"]), body, exit_)
+
+    builder.position_at_end(body)
+    # Prefetch the row PREFETCH ids ahead (or re-touch the current one near the end).
+    ahead = builder.add(k, I64(PREFETCH))
+    k_pf = builder.select(builder.icmp_signed("<", ahead, p["pf_end"]), ahead, k)
+    pf_row = builder.add(p["base"], builder.mul(p["load_id"](k_pf), p["row_bytes"]))
+    pf_start = builder.add(pf_row, col_bytes)
+    for off in range(0, W * NV * esize, LINE):
+        _prefetch(builder, builder.add(pf_start, I64(off)))
+    if kind == "i8":
+        _prefetch(builder, builder.add(pf_row, p["scale_off"]))
+
+    row = builder.add(p["base"], builder.mul(p["load_id"](k), p["row_bytes"]))
+    # weights has at least one element; without weights it is [1.0], read at index 0.
+    weight = builder.load(builder.gep(p["weights"], [builder.select(p["has_w"], k, I64(0))]))
+    if kind == "i8":
+        f32p = F32.as_pointer()
+        scale = builder.load(builder.inttoptr(builder.add(row, p["scale_off"]), f32p))
+        bias = builder.load(
+            builder.inttoptr(builder.add(row, builder.add(p["scale_off"], I64(4))), f32p)
+        )
+        mult = _splat(builder, builder.fmul(scale, weight), W)
+        shift = _splat(builder, builder.fmul(bias, weight), W)
+    else:
+        mult = _splat(builder, weight, W)
+    src = builder.add(row, col_bytes)
+    new_accs = []
+    for j, acc in enumerate(accs):
+        addr = builder.add(src, I64(j * W * esize))
+        if kind == "f32":
+            vals = builder.load(builder.inttoptr(addr, vty.as_pointer()), align=1)
+        elif kind == "f16":
+            hty = ir.VectorType(F16, W)
+            vals = builder.fpext(
+                builder.load(builder.inttoptr(addr, hty.as_pointer()), align=1), vty
+            )
+        else:
+            bty = ir.VectorType(I8, W)
+            vals = builder.uitofp(
+                builder.load(builder.inttoptr(addr, bty.as_pointer()), align=1), vty
+            )
+        nxt = _fma(builder, vals, mult, acc)
+        new_accs.append(builder.fadd(nxt, shift) if kind == "i8" else nxt)
+    tail = builder.basic_block
+    k.add_incoming(builder.add(k, I64(1)), tail)
+    for acc, nxt in zip(accs, new_accs, strict=True):
+        acc.add_incoming(nxt, tail)
+    builder.branch(header)
+
+    builder.position_at_end(exit_)
+    for j, acc in enumerate(accs):
+        addr = builder.add(p["dst"], I64(j * W * 4))
+        builder.store(acc, builder.inttoptr(addr, vty.as_pointer()), align=1)
+    builder.branch(done)
+
+
+@intrinsic
+def pool_bag(
+    typingctx,
+    key,
+    base,
+    ids,
+    start,
+    end,
+    pf_end,
+    row_bytes,
+    col,
+    scale_off,
+    weights,
+    has_weights,
+    dst,
+):
+    """Sum rows ``ids[start:end]`` of the table at ``base`` over one column pass into the
+    float32 row at address ``dst``. ``key`` (``variant_key``) picks kind, lanes and vectors;
+    an unknown key does nothing (callers only pass keys from ``variants``)."""
+    # Addresses travel as intp: numba types uint64 + int64 as float64.
+    sig = types.void(
+        types.intp,
+        types.intp,
+        ids,
+        types.intp,
+        types.intp,
+        types.intp,
+        types.intp,
+        types.intp,
+        types.intp,
+        weights,
+        types.boolean,
+        types.intp,
+    )
+
+    def codegen(context, builder, signature, args):
+        (
+            key_v,
+            base_v,
+            ids_v,
+            start_v,
+            end_v,
+            pf_end_v,
+            row_bytes_v,
+            col_v,
+            scale_off_v,
+            w_v,
+            has_w_v,
+            dst_v,
+        ) = args
+        ids_arr = context.make_array(signature.args[2])(context, builder, ids_v)
+        w_arr = context.make_array(signature.args[9])(context, builder, w_v)
+        narrow = signature.args[2].dtype.bitwidth < 64
+
+        def load_id(k: ir.Value) -> ir.Value:
+            raw = builder.load(builder.gep(ids_arr.data, [k]))
+            return builder.sext(raw, I64) if narrow else raw
+
+        params = dict(
+            base=base_v,
+            start=start_v,
+            end=end_v,
+            pf_end=pf_end_v,
+            row_bytes=row_bytes_v,
+            col=col_v,
+            scale_off=scale_off_v,
+            weights=w_arr.data,
+            has_w=has_w_v,
+            dst=dst_v,
+            load_id=load_id,
+        )
+        fn = builder.function
+        done = fn.append_basic_block("bag.done")
+        switch = builder.switch(key_v, done)
+        for kind_code, kind in enumerate(KINDS):
+            for lanes, nvec in variants():
+                case = fn.append_basic_block(f"bag.{kind}.{lanes}x{nvec}")
+                switch.add_case(I64(variant_key.py_func(kind_code, lanes, nvec)), case)
+                builder.position_at_end(case)
+                _emit_loop(context, builder, kind, lanes, nvec, params, done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def pool_tables_kernel(layout, ids, bounds, weights, has_w, out):  # pragma: no cover
+    """``layout[t]`` = (kind, base address, row bytes, scale offset, rows, mean flag)."""
+    n_tables = layout.shape[0]
+    n_bags = bounds.shape[1] - 1
+    n_ids = ids.shape[0]
+    dim = out.shape[2]
+    for t in range(n_tables):
+        if bounds[t, 0] < 0 or bounds[t, n_bags] > n_ids or bounds[t, 0] > bounds[t, n_bags]:
+            return n_bags * n_tables
+    out_addr = np.intp(out.ctypes.data)
+    bad = 0
+    for g in prange(n_tables * n_bags):
+        t = g // n_bags
+        b = g - t * n_bags
+        start = bounds[t, b]
+        end = bounds[t, b + 1]
+        ok = bounds[t, 0] <= start <= end <= bounds[t, n_bags]
+        if ok:
+            limit = layout[t, 4]
+            for k in range(start, end):
+                if ids[k] < 0 or ids[k] >= limit:
+                    ok = False
+                    break
+        if not ok:
+            bad += 1
+            continue
+        dst = out_addr + (b * n_tables + t) * dim * 4
+        col = 0
+        while col < dim:
+            rem = dim - col
+            if rem >= WIDE:
+                lanes = WIDE
+                nvec = min(rem // WIDE, MAX_WIDE)
+            elif rem >= 8:
+                lanes, nvec = 8, 1
+            elif rem >= 4:
+                lanes, nvec = 4, 1
+            else:
+                lanes, nvec = 1, rem
+            pool_bag(  # type: ignore[call-arg]
+                variant_key(layout[t, 0], lanes, nvec),
+                layout[t, 1],
+                ids,
+                start,
+                end,
+                bounds[t, n_bags],
+                layout[t, 2],
+                col,
+                layout[t, 3],
+                weights,
+                has_w,
+                dst + col * 4,
+            )
+            col += lanes * nvec
+        if layout[t, 5] and end > start:
+            inv = np.float32(1.0) / np.float32(end - start)
+            for d in range(dim):
+                out[b, t, d] *= inv
+    return bad
