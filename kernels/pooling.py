@@ -175,10 +175,10 @@ def pool_packed(
     want = 1 if ids.size < SERIAL_BELOW else (threads or default_threads())
     if numba.get_num_threads() != want:
         numba.set_num_threads(min(want, MAX_THREADS))
-    bad = _kernel()(
+    ok = _kernel()(
         layout, ids, bounds, _ONE if weights is None else weights, weights is not None, out
     )
-    if bad:
+    if not ok:
         _explain_bad(layout, ids, bounds)
         raise KernelError("invalid ids or bounds")  # unreachable: _explain_bad raises
     return out

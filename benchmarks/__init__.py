@@ -1,0 +1,1 @@
+"""Benchmarks: each prints its contenders and baselines from the same run, with ratios."""

@@ -1,0 +1,243 @@
+"""Pooled embedding lookups: kernels.pool vs torch's embedding_bag vs numpy.
+
+Tables: 2M x 64 fp32 in RAM (huge pages where numpy gets them) and 10M x 64 as a memmap file
+(as shards serve them); batches of 256 and 2048 bags; pooling 20 and 80, fixed or variable
+(uniform 0..2L); ids uniform or Zipf(1.05). Then fp16 and int8 row-wise copies of the 10M
+table against fp32. Both compiled contenders use 2 threads. Every repetition draws fresh ids,
+so rows are not warm from the previous call.
+
+    python -m benchmarks.bench_pooling [--small] [--rounds N] [--reps N] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+import kernels
+from benchmarks.common import fmt_ratio, median_times, print_table
+from kernels import Int8RowwiseTable
+from recserve.workload import scatter, zipf_ranks
+
+THREADS = 2
+ZIPF = 1.05
+
+
+def make_table(rows: int, dim: int, seed: int) -> np.ndarray:
+    table = np.empty((rows, dim), np.float32)
+    step = 1 << 20
+    for i, start in enumerate(range(0, rows, step)):
+        n = min(step, rows - start)
+        table[start : start + n] = np.random.default_rng([seed, i]).random((n, dim), np.float32)
+    return table
+
+
+def write_memmap(path: Path, source: np.ndarray | Int8RowwiseTable) -> np.ndarray:
+    data = source.data if isinstance(source, Int8RowwiseTable) else source
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=data.dtype, shape=data.shape)
+    for start in range(0, data.shape[0], 1 << 20):
+        out[start : start + (1 << 20)] = data[start : start + (1 << 20)]
+    out.flush()
+    del out
+    mapped = np.load(path, mmap_mode="c")  # copy-on-write: writable for torch, file untouched
+    np.add.reduce(mapped[:: max(1, 4096 // data.strides[0]), 0], dtype=np.float64)  # fault in
+    return mapped
+
+
+def quantize_memmap(path: Path, table: np.ndarray) -> Int8RowwiseTable:
+    codes = np.lib.format.open_memmap(
+        path, mode="w+", dtype=np.uint8, shape=(table.shape[0], table.shape[1] + 8)
+    )
+    for start in range(0, table.shape[0], 1 << 20):
+        codes[start : start + (1 << 20)] = kernels.quantize_rows(table[start : start + (1 << 20)])
+    codes.flush()
+    del codes
+    mapped = np.load(path, mmap_mode="r")
+    np.add.reduce(mapped[:: max(1, 4096 // mapped.strides[0]), 0], dtype=np.float64)
+    return Int8RowwiseTable(mapped)
+
+
+def workload(
+    rows: int, bags: int, pooling: int, variable: bool, zipf: bool, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 2 * pooling + 1, bags) if variable else np.full(bags, pooling)
+    n = int(lengths.sum())
+    ids = scatter(zipf_ranks(rng, n, rows, ZIPF), rows) if zipf else rng.integers(0, rows, n)
+    offsets = np.zeros(bags, np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    return ids, offsets
+
+
+def pooler(table: np.ndarray | Int8RowwiseTable):  # type: ignore[no-untyped-def]
+    return lambda w: kernels.pool(table, w[0], w[1], threads=THREADS)
+
+
+def contenders(table: np.ndarray | Int8RowwiseTable, with_numpy: bool) -> dict:
+    out = {"kernels.pool": pooler(table)}
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None and isinstance(table, np.ndarray) and table.dtype == np.float32:
+        torch.set_num_threads(THREADS)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            weight = torch.from_numpy(table)
+        out["torch"] = lambda w: torch.nn.functional.embedding_bag(
+            torch.from_numpy(w[0]), weight, torch.from_numpy(w[1]), mode="sum"
+        )
+    if with_numpy:
+        out["numpy"] = lambda w: kernels.pool_numpy(table, w[0], w[1])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="tiny tables: a smoke run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--dir", type=Path, help="where the memmap files go (default: tmp)")
+    args = parser.parse_args(argv)
+    dim = 64
+    ram_rows, map_rows = (20_000, 100_000) if args.small else (2_000_000, 10_000_000)
+    batches, poolings = ((256, 2048), (20, 80)) if not args.small else ((256,), (20,))
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        print(f"building tables: {ram_rows} x {dim} fp32 in RAM, {map_rows} x {dim} memmap ...")
+        ram = make_table(ram_rows, dim, 1)
+        big = make_table(map_rows, dim, 2)
+        mapped = write_memmap(Path(tmp) / "fp32.npy", big)
+        half = write_memmap(Path(tmp) / "fp16.npy", big.astype(np.float16))
+        int8 = quantize_memmap(Path(tmp) / "int8.npy", big)
+        del big
+        tables = {
+            f"{ram_rows // 10**6 or ram_rows}{'M' if ram_rows >= 10**6 else ''} RAM": ram,
+            f"{map_rows // 10**6 or map_rows}{'M' if map_rows >= 10**6 else ''} mmap": mapped,
+        }
+        rows = []
+        ratios_torch, ratios_numpy = [], []
+        headline = None
+        for tname, table in tables.items():
+            for bags in batches:
+                for pooling in poolings:
+                    for variable in (False, True):
+                        for zipf in (False, True):
+                            inputs = [
+                                workload(table.shape[0], bags, pooling, variable, zipf, seed)
+                                for seed in range(args.reps + 1)
+                            ]
+                            t = median_times(
+                                contenders(table, True),
+                                inputs[1:],
+                                inputs[0],
+                                rounds=args.rounds,
+                                slow={"numpy": 2},
+                            )
+                            n_ids = np.mean([w[0].size for w in inputs[1:]])
+                            rate = {k: n_ids / v / 1e6 for k, v in t.items()}
+                            ours = rate["kernels.pool"]
+                            vs_torch = ours / rate["torch"] if "torch" in rate else math.nan
+                            vs_numpy = ours / rate["numpy"]
+                            ratios_torch.append(vs_torch)
+                            ratios_numpy.append(vs_numpy)
+                            if (
+                                tname.endswith("mmap")
+                                and bags == max(batches)
+                                and pooling == max(poolings)
+                                and not variable
+                                and not zipf
+                            ):
+                                headline = vs_torch
+                            rows.append(
+                                [
+                                    tname,
+                                    bags,
+                                    pooling,
+                                    "var" if variable else "fixed",
+                                    "zipf" if zipf else "unif",
+                                    f"{ours:.1f}",
+                                    f"{rate.get('torch', math.nan):.1f}",
+                                    f"{rate['numpy']:.1f}",
+                                    f"{ours * dim * 4 / 1e3:.2f}",
+                                    f"{vs_torch:.2f}x",
+                                    f"{vs_numpy:.1f}x",
+                                ]
+                            )
+        print("\nM ids/s (medians), GB/s of row bytes gathered by kernels.pool, and ratios")
+        print_table(
+            [
+                "table",
+                "B",
+                "L",
+                "len",
+                "ids",
+                "pool",
+                "torch",
+                "numpy",
+                "GB/s",
+                "vs torch",
+                "vs numpy",
+            ],
+            rows,
+        )
+
+        print(
+            f"\ndtypes on the {map_rows}-row memmap table, B={max(batches)}, "
+            f"L={max(poolings)}, fixed lengths"
+        )
+        dtype_rows = []
+        int8_ratio = None
+        for zipf in (False, True):
+            inputs = [
+                workload(map_rows, max(batches), max(poolings), False, zipf, 100 + s)
+                for s in range(args.reps + 1)
+            ]
+            runs = {name: pooler(tab) for name, tab in
+                    (("fp32", mapped), ("fp16", half), ("int8", int8))}  # fmt: skip
+            t = median_times(runs, inputs[1:], inputs[0], rounds=args.rounds)
+            n_ids = inputs[1][0].size
+            for name in runs:
+                bytes_per_row = {"fp32": 4 * dim, "fp16": 2 * dim, "int8": dim + 8}[name]
+                dtype_rows.append(
+                    [
+                        name,
+                        "zipf" if zipf else "unif",
+                        f"{n_ids / t[name] / 1e6:.1f}",
+                        f"{n_ids * bytes_per_row / t[name] / 1e9:.2f}",
+                        fmt_ratio(t["fp32"], t[name]),
+                    ]
+                )
+            if not zipf:
+                int8_ratio = t["fp32"] / t["int8"]
+        print_table(["dtype", "ids", "M ids/s", "GB/s", "vs fp32"], dtype_rows)
+
+    finite = [r for r in ratios_torch if not math.isnan(r)]
+    print("\ntargets (medians of this run):")
+    if headline is not None:
+        print(
+            f"  kernels.pool vs torch, 10M mmap uniform B=2048 L=80: {headline:.2f}x "
+            f"(target >= 1.2x) {'met' if headline >= 1.2 else 'MISSED'}"
+        )
+    if finite:
+        geo = math.exp(sum(math.log(r) for r in finite) / len(finite))
+        print(f"  kernels.pool vs torch, geomean over {len(finite)} shapes: {geo:.2f}x")
+    low = min(ratios_numpy)
+    print(
+        f"  kernels.pool vs numpy, lowest of {len(ratios_numpy)} shapes: {low:.1f}x "
+        f"(target >= 10x) {'met' if low >= 10 else 'MISSED'}"
+    )
+    if int8_ratio is not None:
+        print(
+            f"  int8 vs fp32 ids/s on the memmap table: {int8_ratio:.2f}x (target >= 1.5x) "
+            f"{'met' if int8_ratio >= 1.5 else 'MISSED'}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""Shared benchmark plumbing: robust timing on a shared, noisy 2-core machine.
+
+Contenders run in blocks rather than interleaved call by call: torch's and numba's OpenMP
+pools each spin for a while after a parallel region, and alternating them call by call
+measures their fight, not the kernels. Each block starts with a timed warm-up (the contender
+runs for at least ``WARM_S``), which lets the other pool's threads go idle and keeps the
+vCPUs awake: after a sleep, a VM's first calls pay milliseconds of wake-up. Block order
+rotates between rounds; results are medians over all repetitions.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+WARM_S = 0.05
+
+
+def median_times(
+    contenders: dict[str, Callable[[Any], object]],
+    inputs: Sequence[Any],
+    warmup: Any,
+    *,
+    rounds: int = 3,
+    slow: dict[str, int] | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each contender over ``inputs``, in rotating blocks.
+
+    Contenders named in ``slow`` run in the first round only, on that many inputs.
+    """
+    slow = slow or {}
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            if name in slow and r > 0:
+                continue
+            fn = contenders[name]
+            deadline = time.perf_counter() + WARM_S
+            fn(warmup)
+            while time.perf_counter() < deadline:
+                fn(warmup)
+            for item in inputs[: slow.get(name, len(inputs))]:
+                start = time.perf_counter()
+                fn(item)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def fmt_ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))

@@ -1,0 +1,17 @@
+"""Benchmarks must keep running: each runs once on tiny inputs (no timing is asserted)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import bench_pooling
+
+
+def test_bench_pooling_small(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_pooling.main(["--small", "--reps", "1", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "vs torch" in out and "int8 vs fp32" in out
+    rows = [line.split() for line in out.splitlines()]
+    shapes = [r for r in rows if len(r) == 12 and r[1] in ("RAM", "mmap")]
+    # --small: one batch size and pooling, fixed/variable lengths x uniform/Zipf ids, 2 tables
+    assert len(shapes) == 8 and all(r[-2].endswith("x") for r in shapes)
