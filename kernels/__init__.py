@@ -6,7 +6,16 @@ gateway, the shard daemon, offline tools and benchmarks.
 
 from kernels.dense import ACTIVATIONS, DenseNet, Interaction, Linear, sigmoid
 from kernels.errors import IdOutOfRangeError, KernelError
-from kernels.pooling import PoolMode, Table, pool, pool_many, pool_numpy, pool_packed, table_shape
+from kernels.pooling import (
+    PoolMode,
+    Table,
+    pool,
+    pool_many,
+    pool_numpy,
+    pool_packed,
+    table_shape,
+    warm_up,
+)
 from kernels.quant import Int8RowwiseTable, quantize_rows
 
 __all__ = [
@@ -26,4 +35,5 @@ __all__ = [
     "quantize_rows",
     "sigmoid",
     "table_shape",
+    "warm_up",
 ]
