@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 
-from recserve.errors import RecserveError
+from recserve.errors import ConfigError, RecserveError
 
 log = logging.getLogger("recserve")
 
@@ -98,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path(".demo"))
     p.add_argument("--size", type=_size, default="512MiB")
     p.add_argument("--samples", type=int, default=20000)
+
+    p = sub.add_parser("plan", help="assign tables (or row ranges) to shards: plan.json")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--shards", required=True, type=int)
+    p.add_argument("--strategy", default="auto", choices=("capacity", "load", "net", "auto"))
+    p.add_argument("--shard-memory", type=_size, help="bytes of tables one shard may hold")
+    p.add_argument("--replicas", type=int, default=1, help="endpoints (processes) per shard")
+    p.add_argument("--hosts", type=Path, help="TOML file of endpoints per shard and replica")
+    p.add_argument("--base-port", type=int, default=5600, help="first local port (no --hosts)")
+    p.add_argument("--access-stats", type=Path, help="measured per-table pooling factors")
+    p.add_argument("--samples", type=int, default=256, help="samples per request (load model)")
+    p.add_argument(
+        "--context-nets",
+        default="",
+        help="nets looked up once per request (ranking form), comma-separated, e.g. user",
+    )
+    p.add_argument("--compare", action="store_true", help="print every strategy side by side")
+    p.add_argument("--out", required=True, type=Path)
 
     p = sub.add_parser("verify", help="check every file of an artifact against its checksums")
     p.add_argument("--model", required=True, type=Path)
@@ -183,6 +201,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, args.size, args.samples)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from recserve.artifact import read_manifest
+    from recserve.plan import Plan, local_endpoints, read_hosts
+    from recserve.planner import STRATEGIES, Traffic, build, compare_table, read_access_stats
+
+    manifest = read_manifest(args.model)
+    if args.replicas < 1 or args.samples < 1:
+        raise ConfigError("--replicas and --samples must be at least 1")
+    endpoints = (
+        read_hosts(args.hosts, args.shards, args.replicas)
+        if args.hosts
+        else local_endpoints(args.shards, args.replicas, base_port=args.base_port)
+    )
+    traffic = Traffic(args.samples, frozenset(n for n in args.context_nets.split(",") if n))
+    access = read_access_stats(args.access_stats) if args.access_stats else None
+
+    def make(strategy: str) -> Plan:
+        return build(
+            manifest,
+            args.shards,
+            strategy,
+            endpoints,
+            shard_memory=args.shard_memory,
+            traffic=traffic,
+            access=access,
+        )
+
+    plan = make(args.strategy)
+    if args.compare:
+        plans = {s: make(s) for s in STRATEGIES}
+        print("\n".join(compare_table(plans)))
+    args.out.write_bytes(plan.to_json() + b"\n")
+    r = plan.report
+    print(
+        f"wrote {args.out}: {plan.strategy} over {args.shards} shards x {args.replicas} "
+        f"replicas; bytes max/mean {r['bytes_imbalance']:.2f}, load max/mean "
+        f"{r['load_imbalance']:.2f}, {len(r['split_tables'])} tables split by rows"
+    )
+    if "chosen_because" in r:
+        print(f"auto chose {plan.strategy}: {r['chosen_because']}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from recserve.artifact import read_manifest, verify
 
@@ -213,6 +274,7 @@ COMMANDS = {
     "synth": cmd_synth,
     "quantize": cmd_quantize,
     "demo": cmd_demo,
+    "plan": cmd_plan,
     "verify": cmd_verify,
     "info": cmd_info,
 }

@@ -78,6 +78,12 @@ class UnsupportedFormat(ArtifactError):
     kind = "unsupported_format"
 
 
+class PlanError(RecserveError):
+    """A sharding plan cannot be made, or a plan file does not fit the model."""
+
+    kind = "plan"
+
+
 class ImportFailed(RecserveError):
     """A checkpoint could not be turned into a model artifact."""
 
@@ -95,6 +101,7 @@ HTTP_STATUS: dict[str, int] = {
     "checksum_mismatch": 500,
     "unsupported_format": 500,
     "import_failed": 500,
+    "plan": 500,
     "internal": 500,
 }
 
