@@ -1,8 +1,9 @@
 """``recserve demo``: the biggest end-to-end path that exists, on an embedded default.
 
-Synthesizes a drm2 model, quantizes it to int8 (printing the error that introduces), and
-scores sampled traffic in-process with both, printing throughput. It will grow into the
-local-cluster demo (shards + gateway + loadgen) as those land.
+Synthesizes a drm2 model, quantizes it to int8 (printing the error that introduces), plans
+it over 4 shards with every strategy (printing the comparison), and scores sampled traffic
+in-process with both models, printing throughput. It will grow into the local-cluster demo
+(shards + gateway + loadgen) as those land.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from recserve.artifact import read_manifest
 from recserve.errors import ArtifactError
 from recserve.model import Model
+from recserve.plan import local_endpoints
+from recserve.planner import STRATEGIES, Traffic, build, compare_table
 from recserve.quantize import quantize_model
 from recserve.synth import synthesize
 from recserve.units import format_size
@@ -21,6 +24,7 @@ from recserve.workload import Workload
 PROFILE = "drm2"
 SEED = 7
 BATCH = 512
+SHARDS = 4
 
 
 def _ensure_model(path: Path, size: int) -> None:
@@ -60,6 +64,17 @@ def run_demo(workdir: Path, size: int, samples: int) -> int:
     _, report = quantize_model(fp32, "int8", int8, overwrite=True)
     for line in report.lines():
         print(f"   {line}")
+    print(f"== plan {SHARDS} shards (user features once per request, {BATCH} candidates)")
+    manifest = read_manifest(fp32)
+    traffic = Traffic(BATCH, frozenset({"user"}))
+    plans = {
+        s: build(manifest, SHARDS, s, local_endpoints(SHARDS, 1), traffic=traffic)
+        for s in STRATEGIES
+    }
+    for line in compare_table(plans):
+        print(f"   {line}")
+    (workdir / "plan.json").write_bytes(plans["net"].to_json())
+    print(f"   wrote {workdir / 'plan.json'} (net)")
     print(f"== score {samples} sampled requests in-process, batches of {BATCH}")
     print(f"   {'model':<8} {'tables':>10} {'samples/s':>10} {'mean score':>11}")
     for name, path in (("fp32", fp32), ("int8", int8)):
