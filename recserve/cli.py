@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -35,10 +36,26 @@ def _size(value: str) -> int:
         raise argparse.ArgumentTypeError(exc.message) from exc
 
 
-def build_parser() -> argparse.ArgumentParser:
+def plugin_commands() -> dict[str, Any]:
+    """Subcommands other packages register (the daemons): name -> entry point."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group="recserve.commands")}
+
+
+PLUGIN_HELP = {
+    "shardd": "serve one shard's table parts over ZeroMQ",
+    "gateway": "serve the model over HTTP",
+    "loadgen": "drive load at a gateway",
+}
+
+
+def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recserve", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in plugins:
+        sub.add_parser(name, help=f"{PLUGIN_HELP.get(name, name)} (recserve {name} --help)")
 
     imp = sub.add_parser("import", help="turn a trained checkpoint into a model artifact")
     isub = imp.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -281,7 +298,12 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plugins = plugin_commands()
+    if argv and argv[0] in plugins:
+        code: int = plugins[argv[0]].load()(argv[1:])
+        return code
+    args = build_parser(sorted(plugins)).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -51,6 +51,43 @@ class TooLarge(BadRequest):
     kind = "too_large"
 
 
+class UnsupportedVersion(BadRequest):
+    kind = "unsupported_version"
+
+
+class UnknownOp(BadRequest):
+    kind = "unknown_op"
+
+
+# --- the service cannot answer (now) ------------------------------------------------------------
+
+
+class Overloaded(RecserveError):
+    """Too much work queued; retry after ``retry_after`` seconds."""
+
+    kind = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(RecserveError):
+    kind = "deadline_exceeded"
+
+
+class ShardUnavailable(RecserveError):
+    """A shard did not answer (down, stalled, or its connection broke)."""
+
+    kind = "shard_unavailable"
+
+
+class NotReady(RecserveError):
+    """The process is starting or draining."""
+
+    kind = "not_ready"
+
+
 # --- operator mistakes and damaged files ------------------------------------------------------
 
 
@@ -96,6 +133,12 @@ HTTP_STATUS: dict[str, int] = {
     "unknown_table": 422,
     "id_out_of_range": 422,
     "too_large": 413,
+    "unsupported_version": 400,
+    "unknown_op": 400,
+    "overloaded": 429,
+    "deadline_exceeded": 504,
+    "shard_unavailable": 503,
+    "not_ready": 503,
     "config": 500,
     "artifact": 500,
     "checksum_mismatch": 500,
@@ -104,6 +147,17 @@ HTTP_STATUS: dict[str, int] = {
     "plan": 500,
     "internal": 500,
 }
+
+
+def error_class(kind: str) -> type[RecserveError]:
+    """The class of a kind received from elsewhere (a shard's error reply)."""
+    todo: list[type[RecserveError]] = [RecserveError]
+    while todo:
+        cls = todo.pop()
+        if cls.kind == kind:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return RecserveError
 
 
 def http_status(exc: RecserveError) -> int:

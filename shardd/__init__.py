@@ -1,5 +1,5 @@
 """Shard daemon (the "sparse shard"): serves pooled embedding lookups over ZeroMQ.
 
-Not built yet (see the shardd issue); the package exists so the layering rules are enforced
-from the start.
+``recserve shardd --plan plan.json --model DIR --shard K`` (or ``recserve-shardd``) opens
+this shard's table parts with mmap and answers the ops of ``recserve.wire``.
 """

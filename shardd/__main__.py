@@ -1,0 +1,5 @@
+import sys
+
+from shardd.main import main
+
+sys.exit(main())

@@ -1,0 +1,189 @@
+"""``recserve shardd``: the process that serves one shard. ``main(argv)`` owns the loop.
+
+Start-up: read the model manifest and the plan (refusing a plan made for another model),
+open this shard's parts with mmap (``--preload`` touches every page), load the compiled
+kernel, bind the endpoint exclusively, then tell systemd READY=1. SIGTERM/SIGINT: stop
+taking lookups, let those in flight finish (``--drain-timeout``), tell systemd STOPPING=1,
+exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import resource
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+import zmq
+import zmq.asyncio
+
+import kernels
+from recserve import logs
+from recserve.artifact import read_manifest
+from recserve.errors import ConfigError, RecserveError
+from recserve.plan import read_plan
+from recserve.systemd import Notifier
+from shardd.endpoint import bound
+from shardd.metrics import ShardMetrics
+from shardd.server import ServerSettings, ShardServer
+from shardd.store import PartStore
+
+log = logging.getLogger("shardd")
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    plan: Path
+    model: Path
+    shard: int
+    replica: int = 0
+    bind: str | None = None
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+    preload: bool = False
+    queue_limit: int = 64
+    workers: int = 1
+    kernel_threads: int | None = None
+    drain_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.shard < 0 or self.replica < 0:
+            raise ConfigError("--shard and --replica must be >= 0")
+        if self.queue_limit < 1 or self.workers < 1:
+            raise ConfigError("--queue-limit and --workers must be >= 1")
+        if self.kernel_threads is not None and self.kernel_threads < 1:
+            raise ConfigError("--kernel-threads must be >= 1")
+        if self.drain_timeout < 0:
+            raise ConfigError("--drain-timeout must be >= 0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recserve shardd", description=__doc__.splitlines()[0])
+    p.add_argument("--plan", required=True, type=Path)
+    p.add_argument("--model", required=True, type=Path, help="the model artifact directory")
+    p.add_argument("--shard", required=True, type=int)
+    p.add_argument("--replica", type=int, default=0)
+    p.add_argument("--bind", help="endpoint to bind instead of the plan's")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-addr", default="127.0.0.1", help="address for /metrics")
+    p.add_argument("--preload", action="store_true", help="touch every page before serving")
+    p.add_argument("--queue-limit", type=int, default=64, help="lookups queued or running")
+    p.add_argument("--workers", type=int, default=1, help="threads running lookups")
+    p.add_argument("--kernel-threads", type=int, help="threads per lookup (default: cores)")
+    p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds on shutdown")
+    p.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup(logging.DEBUG if args.verbose else logging.INFO, json=args.log_json)
+    try:
+        config = ShardConfig(
+            plan=args.plan, model=args.model, shard=args.shard, replica=args.replica,
+            bind=args.bind, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
+            preload=args.preload, queue_limit=args.queue_limit, workers=args.workers,
+            kernel_threads=args.kernel_threads, drain_timeout=args.drain_timeout,
+        )  # fmt: skip
+        return uvloop.run(run(config))
+    except RecserveError as exc:
+        log.error("shardd cannot start: %s", exc.message)
+        print(f"recserve shardd: error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
+    notifier = notifier or Notifier()
+    manifest = read_manifest(config.model)
+    plan = read_plan(config.plan)
+    plan.check(manifest)
+    shard = plan.shard(config.shard)
+    if config.replica >= len(shard.endpoints):
+        raise ConfigError(
+            f"shard {config.shard} has {len(shard.endpoints)} replicas; "
+            f"--replica {config.replica} does not exist"
+        )
+    endpoint = config.bind or shard.endpoints[config.replica]
+    store = PartStore(config.model, manifest, shard)
+    if config.preload:
+        seconds = store.preload()
+        log.info(
+            "preloaded %d parts (%d bytes) in %.2f s; max RSS %d MiB",
+            len(store.parts),
+            store.nbytes,
+            seconds,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
+        )
+    loop = asyncio.get_running_loop()
+    warm = await loop.run_in_executor(None, kernels.warm_up)
+    metrics = ShardMetrics.create()
+    http = None
+    if config.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        http = start_http_server(
+            config.metrics_port, config.metrics_addr, registry=metrics.registry
+        )
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    settings = ServerSettings(
+        config.shard, config.replica, config.queue_limit, config.workers, config.kernel_threads
+    )
+    try:
+        with bound(sock, endpoint) as actual:
+            server = ShardServer(sock, store, manifest, settings, metrics)
+            reader = loop.create_task(server.serve())
+            stop = asyncio.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            watchdog = loop.create_task(_watchdog(notifier)) if notifier.watchdog_s else None
+            log.info(
+                "shard %d replica %d serving %d parts (%d MiB) on %s; kernel ready in %.2f s",
+                config.shard,
+                config.replica,
+                len(store.parts),
+                store.nbytes >> 20,
+                actual,
+                warm,
+                extra={"endpoint": actual, "shard": config.shard},
+            )
+            notifier.ready(f"serving {len(store.parts)} parts on {actual}")
+            await stop.wait()
+            log.info("draining: no new lookups, %d in flight", server.inflight)
+            notifier.stopping()
+            left = await server.drain(config.drain_timeout)
+            if left:
+                log.warning(
+                    "%d lookups still running after %.1f s; exiting", left, config.drain_timeout
+                )
+            reader.cancel()
+            if watchdog:
+                watchdog.cancel()
+            await asyncio.gather(reader, *([watchdog] if watchdog else []), return_exceptions=True)
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+        if http is not None:
+            http[0].shutdown()
+    log.info("shard %d stopped", config.shard)
+    return 0
+
+
+async def _watchdog(notifier: Notifier) -> None:
+    """Ping systemd from the loop itself: a stuck loop stops the pings."""
+    assert notifier.watchdog_s
+    while True:
+        notifier.ping()
+        await asyncio.sleep(notifier.watchdog_s / 2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Prometheus metrics of one shard daemon, in a registry owned by the process (no globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+# Fine below a millisecond, where loopback lookups live.
+LATENCY_BUCKETS = (
+    50e-6,
+    100e-6,
+    200e-6,
+    300e-6,
+    500e-6,
+    750e-6,
+    1e-3,
+    1.5e-3,
+    2e-3,
+    3e-3,
+    5e-3,
+    7.5e-3,
+    10e-3,
+    20e-3,
+    50e-3,
+    100e-3,
+    250e-3,
+    1.0,
+)
+
+
+@dataclass(frozen=True)
+class ShardMetrics:
+    registry: CollectorRegistry
+    requests: Counter
+    latency: Histogram
+    ids: Counter
+    bags: Counter
+    bytes_in: Counter
+    bytes_out: Counter
+    queue_depth: Gauge
+
+    @classmethod
+    def create(cls) -> ShardMetrics:
+        reg = CollectorRegistry()
+        ProcessCollector(registry=reg)  # process_resident_memory_bytes, cpu seconds, ...
+        return cls(
+            registry=reg,
+            requests=Counter(
+                "recserve_shard_requests",
+                "Requests by op and outcome",
+                ["op", "outcome"],
+                registry=reg,
+            ),
+            latency=Histogram(
+                "recserve_shard_lookup_seconds",
+                "Lookup time from receipt to reply",
+                buckets=LATENCY_BUCKETS,
+                registry=reg,
+            ),
+            ids=Counter("recserve_shard_ids", "Ids pooled", registry=reg),
+            bags=Counter("recserve_shard_bags", "Bags pooled", registry=reg),
+            bytes_in=Counter("recserve_shard_received_bytes", "Bytes received", registry=reg),
+            bytes_out=Counter("recserve_shard_sent_bytes", "Bytes sent", registry=reg),
+            queue_depth=Gauge(
+                "recserve_shard_queue_depth", "Lookups queued or running", registry=reg
+            ),
+        )

@@ -1,0 +1,196 @@
+"""The shard's ZeroMQ server: one ROUTER socket, one reader loop, lookups off the loop.
+
+``health``, ``info`` and ``stats`` are answered on the loop at once, even while lookups run.
+A lookup is refused at once when the shard is draining (``not_ready``), past its deadline
+(``deadline_exceeded``) or already holds ``queue_limit`` lookups (``overloaded``); otherwise
+it is decoded and pooled in the worker pool, which checks the deadline again first. Any bad
+input becomes a typed error reply; nothing a client sends can stop the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from recserve.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    NotReady,
+    Overloaded,
+    RecserveError,
+)
+from recserve.manifest import Manifest
+from recserve.wire import decode_header, decode_lookup, error_reply, pack_header, reply
+from shardd.metrics import ShardMetrics
+from shardd.store import Group, PartStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    shard: int
+    replica: int
+    queue_limit: int = 64
+    workers: int = 1
+    kernel_threads: int | None = None
+
+
+class ShardServer:
+    def __init__(
+        self,
+        sock: zmq.asyncio.Socket,
+        store: PartStore,
+        manifest: Manifest,
+        settings: ServerSettings,
+        metrics: ShardMetrics,
+    ) -> None:
+        self.sock = sock
+        self.store = store
+        self.manifest = manifest
+        self.settings = settings
+        self.metrics = metrics
+        self.pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="shardd-kernel")
+        self.inflight = 0
+        self.draining = False
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self) -> None:
+        """Read requests until cancelled (by ``drain``)."""
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            if len(frames) < 2:
+                continue  # only a routing id: nothing to answer
+            self.metrics.bytes_in.inc(sum(len(f.buffer) for f in frames[1:]))
+            try:
+                await self._dispatch(frames[0], frames[1:])
+            except Exception:  # a bug must not stop the loop
+                log.exception("dispatch failed")
+
+    async def _dispatch(self, ident: zmq.Frame, body: list[zmq.Frame]) -> None:
+        header: dict[str, Any] | None = None
+        try:
+            header = decode_header(body[0].buffer)
+            op = header["op"]
+            if op != "lookup":
+                if len(body) > 1:
+                    raise BadRequest(f"{op} takes no data frames", field="frames")
+                await self._send(ident, [pack_header(self._answer(header))], op, "ok")
+                return
+            if self.draining:
+                raise NotReady("the shard is shutting down; retry on another replica")
+            deadline = header.get("deadline_ms")
+            if deadline is not None and time.time() * 1e3 >= deadline:
+                raise DeadlineExceeded("the request arrived after its deadline")
+            if self.inflight >= self.settings.queue_limit:
+                raise Overloaded(f"{self.inflight} lookups already queued", retry_after=0.05)
+        except RecserveError as exc:
+            op = header.get("op", "unknown") if header else "unknown"
+            await self._send(ident, [error_reply(header, exc)], str(op), exc.kind)
+            return
+        self.inflight += 1
+        self.metrics.queue_depth.set(self.inflight)
+        task = asyncio.get_running_loop().create_task(
+            self._lookup(ident, header, body[1:], time.perf_counter())
+        )
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _answer(self, header: dict[str, Any]) -> dict[str, Any]:
+        m = self.manifest
+        if header["op"] == "health":
+            return reply(header, ready=not self.draining, inflight=self.inflight)
+        if header["op"] == "info":
+            return reply(
+                header,
+                shard=self.settings.shard,
+                replica=self.settings.replica,
+                model={"name": m.name, "version": m.version, "digest": m.digest()},
+                parts=self.store.describe(),
+                bytes=self.store.nbytes,
+            )
+        counts: dict[str, float] = {}
+        for metric in self.metrics.requests.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    key = f"{sample.labels['op']}:{sample.labels['outcome']}"
+                    counts[key] = sample.value
+        return reply(
+            header,
+            requests=counts,
+            inflight=self.inflight,
+            ids=_value(self.metrics.ids),
+            bags=_value(self.metrics.bags),
+        )
+
+    async def _lookup(
+        self, ident: zmq.Frame, header: dict[str, Any], frames: list[zmq.Frame], started: float
+    ) -> None:
+        outcome = "ok"
+        try:
+            groups = await asyncio.get_running_loop().run_in_executor(
+                self.pool, self._work, header, frames
+            )
+            meta = [
+                {"parts": list(g.parts), "bags": g.pooled.shape[0], "dim": g.pooled.shape[2]}
+                for g in groups
+            ]
+            out: list[Any] = [pack_header(reply(header, groups=meta)), *[g.pooled for g in groups]]
+        except RecserveError as exc:
+            outcome = exc.kind
+            out = [error_reply(header, exc)]
+        except Exception:
+            log.exception("lookup %s failed", header.get("id"))
+            outcome = "internal"
+            out = [error_reply(header, RecserveError("internal error; see the shard's log"))]
+        finally:
+            self.inflight -= 1
+            self.metrics.queue_depth.set(self.inflight)
+        await self._send(ident, out, "lookup", outcome)
+        if outcome == "ok":
+            self.metrics.latency.observe(time.perf_counter() - started)
+
+    def _work(self, header: dict[str, Any], frames: list[zmq.Frame]) -> list[Group]:
+        """Runs in the worker pool: the CPU-heavy part of a lookup."""
+        deadline = header.get("deadline_ms")
+        if deadline is not None and time.time() * 1e3 >= deadline:
+            raise DeadlineExceeded("the deadline passed while the lookup was queued")
+        lookup = decode_lookup(header, [f.buffer for f in frames])
+        groups = self.store.pool(lookup, self.settings.kernel_threads)
+        self.metrics.ids.inc(lookup.ids.size)
+        self.metrics.bags.inc(lookup.lengths.size)
+        return groups
+
+    async def _send(self, ident: zmq.Frame, frames: list[Any], op: str, outcome: str) -> None:
+        """Reply; a ROUTER never blocks here (it drops for a peer that is gone)."""
+        self.metrics.requests.labels(op=op, outcome=outcome).inc()
+        self.metrics.bytes_out.inc(sum(memoryview(f).nbytes for f in frames))
+        try:
+            await self.sock.send_multipart([ident, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            log.warning("reply to %s dropped: %s", op, exc)
+
+    async def drain(self, timeout: float) -> int:
+        """Stop taking lookups, wait up to ``timeout`` s for those in flight; returns how
+        many were still running when it gave up."""
+        self.draining = True
+        pending = set(self.tasks)
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        return sum(1 for t in pending if not t.done())
+
+
+def _value(counter: Any) -> float:
+    for metric in counter.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                return float(sample.value)
+    return 0.0

@@ -1,0 +1,155 @@
+"""The table parts one shard serves, and the pooling of a lookup over them.
+
+A part is a row range ``[row_start, row_end)`` of a table, kept as a zero-copy view of the
+memory-mapped table file. Ids arrive as global row ids; a part answers for ids in its range
+and pools with ids shifted to its view. Parts with the same bag count and dim are pooled by
+one kernel call, whose ``[bags, parts, dim]`` output is the reply frame as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import kernels
+from kernels import Int8RowwiseTable, Table
+from recserve.artifact import open_table
+from recserve.errors import IdOutOfRange, UnknownTable
+from recserve.manifest import Manifest, TableSpec
+from recserve.plan import ShardPlan
+from recserve.wire import Lookup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Part:
+    spec: TableSpec
+    row_start: int
+    row_end: int
+    view: Table  # rows [row_start, row_end) of the table
+
+    @property
+    def nbytes(self) -> int:
+        return (self.row_end - self.row_start) * self.spec.row_bytes
+
+
+@dataclass(frozen=True)
+class Group:
+    parts: tuple[int, ...]
+    pooled: np.ndarray  # float32 [bags, len(parts), dim]
+
+
+class PartStore:
+    def __init__(self, root: Path | str, manifest: Manifest, shard: ShardPlan) -> None:
+        self.parts: dict[tuple[str, int], Part] = {}
+        tables: dict[str, Table] = {}
+        for p in shard.parts:
+            spec = manifest.table(p.table)
+            if p.table not in tables:
+                tables[p.table] = open_table(root, spec)
+            whole = tables[p.table]
+            if isinstance(whole, Int8RowwiseTable):
+                view: Table = Int8RowwiseTable(whole.data[p.row_start : p.row_end])
+            else:
+                view = whole[p.row_start : p.row_end]
+            self.parts[(p.table, p.row_start)] = Part(spec, p.row_start, p.row_end, view)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts.values())
+
+    def describe(self) -> list[dict[str, object]]:
+        return [
+            {
+                "table": p.spec.name,
+                "row_start": p.row_start,
+                "row_end": p.row_end,
+                "dim": p.spec.dim,
+                "dtype": p.spec.dtype,
+            }
+            for p in sorted(self.parts.values(), key=lambda p: (p.spec.name, p.row_start))
+        ]
+
+    def preload(self) -> float:
+        """Touch every page of every part so first lookups do not fault; returns seconds."""
+        start = time.perf_counter()
+        for part in self.parts.values():
+            data = part.view.data if isinstance(part.view, Int8RowwiseTable) else part.view
+            if data.shape[0]:
+                step = max(1, 4096 // data.strides[0])
+                np.add.reduce(data[::step, 0], dtype=np.float64)
+        return time.perf_counter() - start
+
+    def pool(self, lookup: Lookup, threads: int | None = None) -> list[Group]:
+        """Pool every part of ``lookup``; ids outside a part's rows are a typed error."""
+        resolved = []
+        for i, req in enumerate(lookup.parts):
+            part = self.parts.get((req.table, req.row_start))
+            if part is None:
+                raise UnknownTable(
+                    f"this shard serves no part of table {req.table!r} starting "
+                    f"at row {req.row_start}",
+                    field=f"parts[{i}]",
+                )
+            resolved.append(part)
+        spans = lookup.spans()
+        bounds_all = np.zeros(lookup.lengths.size + 1, np.int64)
+        np.cumsum(lookup.lengths, out=bounds_all[1:])
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (part, req) in enumerate(zip(resolved, lookup.parts, strict=True)):
+            groups.setdefault((req.bags, part.spec.dim), []).append(i)
+        out = []
+        for members in groups.values():
+            ids, bounds, weights, base = [], [], [], 0
+            for i in members:
+                first_bag, n_bags, first_id, n_ids = spans[i]
+                part = resolved[i]
+                local = lookup.ids[first_id : first_id + n_ids].astype(np.int64)
+                local -= part.row_start
+                ids.append(local)
+                b = bounds_all[first_bag : first_bag + n_bags + 1] - first_id + base
+                bounds.append(b)
+                if lookup.weights is not None:
+                    weights.append(lookup.weights[first_id : first_id + n_ids])
+                base += n_ids
+            packed = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+            try:
+                pooled = kernels.pool_packed(
+                    [resolved[i].view for i in members],
+                    packed,
+                    np.stack(bounds),
+                    weights=np.concatenate(weights) if weights else None,
+                    modes=[lookup.parts[i].mode for i in members],
+                    threads=threads,
+                )
+            except kernels.IdOutOfRangeError as exc:
+                raise self._explain(exc, members, resolved, spans, lookup) from None
+            out.append(Group(tuple(members), pooled))
+        return out
+
+    @staticmethod
+    def _explain(
+        exc: kernels.IdOutOfRangeError,
+        members: list[int],
+        resolved: list[Part],
+        spans: list[tuple[int, int, int, int]],
+        lookup: Lookup,
+    ) -> IdOutOfRange:
+        pos = exc.position
+        for i in members:
+            n_ids = spans[i][3]
+            if pos < n_ids:
+                part = resolved[i]
+                value = int(lookup.ids[spans[i][2] + pos])
+                return IdOutOfRange(
+                    f"id {value} of table {part.spec.name} is outside the rows this part "
+                    f"serves, [{part.row_start}, {part.row_end})",
+                    field=f"parts[{i}]",
+                )
+            pos -= n_ids
+        return IdOutOfRange(str(exc))
