@@ -1,0 +1,114 @@
+"""Helpers to run real shard daemons in tests: start, wait until healthy, stop, talk."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from recserve.wire import VERSION
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_shard(
+    plan: Path,
+    model: Path,
+    shard: int,
+    endpoint: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "shardd",
+        "--plan",
+        str(plan),
+        "--model",
+        str(model),
+        "--shard",
+        str(shard),
+        "--bind",
+        endpoint,
+        "--log-json",
+        *extra,
+    ]
+    env = {**os.environ, **(env or {})}
+    if log is None:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
+    with open(log, "wb") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def raw(endpoint: str, frames: Sequence[Any], timeout: float = 5.0) -> list[bytes]:
+    """One request on a fresh DEALER; the reply's frames (raises on timeout)."""
+    ctx = zmq.Context.instance()
+    with ctx.socket(zmq.DEALER) as sock:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        sock.send_multipart(list(frames))
+        if not sock.poll(int(timeout * 1000)):
+            raise TimeoutError(f"no reply from {endpoint}")
+        return sock.recv_multipart()
+
+
+def header(op: str, req_id: int = 1, **fields: Any) -> bytes:
+    return msgpack.packb(
+        {"v": VERSION, "op": op, "id": req_id, "deadline_ms": time.time() * 1e3 + 10_000, **fields}
+    )
+
+
+def wait_healthy(endpoint: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"shard daemon exited with {proc.returncode}")
+        with contextlib.suppress(TimeoutError):
+            reply = msgpack.unpackb(raw(endpoint, [header("health")], timeout=0.5)[0])
+            if reply.get("ok") and reply.get("ready"):
+                return
+    raise TimeoutError(f"{endpoint} not healthy after {timeout} s")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 15.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@contextlib.contextmanager
+def running(
+    plan: Path,
+    model: Path,
+    shard: int,
+    endpoint: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen]:
+    proc = start_shard(plan, model, shard, endpoint, *extra, env=env)
+    try:
+        wait_healthy(endpoint, proc)
+        yield proc
+    finally:
+        stop(proc)
