@@ -9,6 +9,7 @@ from kernels.errors import IdOutOfRangeError, KernelError
 from kernels.pooling import (
     PoolMode,
     Table,
+    default_threads,
     pool,
     pool_many,
     pool_numpy,
@@ -28,6 +29,7 @@ __all__ = [
     "Linear",
     "PoolMode",
     "Table",
+    "default_threads",
     "pool",
     "pool_many",
     "pool_numpy",

@@ -18,8 +18,9 @@ class IdOutOfRangeError(KernelError):
     offending id.
     """
 
-    def __init__(self, position: int, value: int, rows: int) -> None:
-        super().__init__(f"id {value} at position {position} is outside [0, {rows})")
+    def __init__(self, position: int, value: int, rows: int, first: int = 0) -> None:
+        super().__init__(f"id {value} at position {position} is outside [{first}, {first + rows})")
         self.position = position
         self.value = value
         self.rows = rows
+        self.first = first

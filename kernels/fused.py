@@ -222,8 +222,8 @@ def pool_bag(typingctx, key, base, ids, start, end, pf_end, row_bytes, col, scal
 @njit(nogil=True, cache=True)
 def check_packed(layout, ids, bounds):  # pragma: no cover - compiled
     """True when every table's bounds are ordered positions in ``ids`` and its ids are in
-    ``[0, rows)``. One branch-free pass per table (vectorised): checking inside the pooling
-    loop cost ~25 % of its speed."""
+    ``[first id, first id + rows)``. One branch-free pass per table (vectorised): checking
+    inside the pooling loop cost ~25 % of its speed."""
     n_bags = bounds.shape[1] - 1
     for t in range(layout.shape[0]):
         lo, hi = bounds[t, 0], bounds[t, n_bags]
@@ -233,9 +233,10 @@ def check_packed(layout, ids, bounds):  # pragma: no cover - compiled
             if bounds[t, b] > bounds[t, b + 1]:
                 return False
         limit = np.uint64(layout[t, 4])
+        first = layout[t, 6]
         bad = np.bool_(False)
         for k in range(lo, hi):
-            bad |= np.uint64(ids[k]) >= limit  # negative ids wrap to huge values
+            bad |= np.uint64(ids[k] - first) >= limit  # ids below first wrap to huge values
         if bad:
             return False
     return True
@@ -243,7 +244,9 @@ def check_packed(layout, ids, bounds):  # pragma: no cover - compiled
 
 @njit(parallel=True, nogil=True, cache=True)
 def pool_tables_kernel(layout, ids, bounds, weights, weighted, out):  # pragma: no cover
-    """``layout[t]`` = (kind, base address, row bytes, scale offset, rows, mean flag).
+    """``layout[t]`` = (kind, address of row 0, row bytes, scale offset, rows, mean flag,
+    first id). Ids of table ``t`` are in ``[first id, first id + rows)``; the address is that
+    of the row id 0 would have, so the IR loop addresses rows by id with no subtraction.
 
     Returns False, touching no row, when ``check_packed`` rejects the input.
     """

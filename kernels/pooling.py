@@ -90,14 +90,15 @@ def bag_bounds(offsets: np.ndarray, n_ids: int, *, include_last_offset: bool) ->
     return bounds
 
 
-def check_ids(ids: np.ndarray, rows: int, *, base: int = 0) -> np.ndarray:
-    """Ids as a 1-D int array, all in ``[0, rows)``; raises naming the first bad position."""
+def check_ids(ids: np.ndarray, rows: int, *, base: int = 0, first: int = 0) -> np.ndarray:
+    """Ids as a 1-D int array, all in ``[first, first + rows)``; raises naming the first bad
+    position (``base`` + its index)."""
     ids = np.asarray(ids)
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
         raise KernelError("ids must be a 1-D integer array")
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rows):
-        pos = int(np.flatnonzero((ids < 0) | (ids >= rows))[0])
-        raise IdOutOfRangeError(base + pos, int(ids[pos]), rows)
+    if ids.size and (int(ids.min()) < first or int(ids.max()) >= first + rows):
+        pos = int(np.flatnonzero((ids < first) | (ids >= first + rows))[0])
+        raise IdOutOfRangeError(base + pos, int(ids[pos]), rows, first)
     return ids
 
 
@@ -133,10 +134,13 @@ def pool_packed(
     modes: Sequence[str] | str = "sum",
     out: np.ndarray | None = None,
     threads: int | None = None,
+    first_ids: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Pool ``T`` tables' bags from one packed ids buffer into float32 ``[B, T, dim]``.
 
-    ``bounds[t]`` holds the ``B + 1`` positions in ``ids`` delimiting table ``t``'s bags.
+    ``bounds[t]`` holds the ``B + 1`` positions in ``ids`` delimiting table ``t``'s bags;
+    tables may share or interleave positions. ``first_ids[t]`` (default 0) is the id of
+    table ``t``'s first row: a shard passes a row-range part with global ids, no copy.
     All tables must share ``dim``. ``modes`` is one mode or one per table.
     """
     n_tables = len(tables)
@@ -146,7 +150,13 @@ def pool_packed(
     dim = described[0][5]
     if any(d[5] != dim for d in described):
         raise KernelError(f"tables differ in dim: {sorted({d[5] for d in described})}")
-    layout = np.array(described, dtype=np.int64)
+    layout = np.zeros((n_tables, 7), dtype=np.int64)
+    layout[:, :6] = described
+    if first_ids is not None:
+        if len(first_ids) != n_tables:
+            raise KernelError(f"{len(first_ids)} first_ids for {n_tables} tables")
+        layout[:, 6] = first_ids
+        layout[:, 1] -= layout[:, 6] * layout[:, 2]  # address of row "0"
     if isinstance(modes, str):
         modes = [modes] * n_tables
     if len(modes) != n_tables or any(m not in _MEAN for m in modes):
@@ -191,8 +201,8 @@ def _explain_bad(layout: np.ndarray, ids: np.ndarray, bounds: np.ndarray) -> Non
     ):
         raise KernelError("bounds must be non-decreasing positions within ids")
     for t in range(layout.shape[0]):
-        lo, hi = int(bounds[t, 0]), int(bounds[t, -1])
-        check_ids(ids[lo:hi], int(layout[t, 4]), base=lo)
+        lo, hi, first = int(bounds[t, 0]), int(bounds[t, -1]), int(layout[t, 6])
+        check_ids(ids[lo:hi], int(layout[t, 4]), base=lo, first=first)
 
 
 def _kernel() -> Any:

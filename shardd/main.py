@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preload", action="store_true", help="touch every page before serving")
     p.add_argument("--queue-limit", type=int, default=64, help="lookups queued or running")
     p.add_argument("--workers", type=int, default=1, help="threads running lookups")
-    p.add_argument("--kernel-threads", type=int, help="threads per lookup (default: cores)")
+    p.add_argument(
+        "--kernel-threads", type=int, help="threads per lookup (default: cores - 1, at least 1)"
+    )
     p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds on shutdown")
     p.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -135,7 +137,11 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     settings = ServerSettings(
-        config.shard, config.replica, config.queue_limit, config.workers, config.kernel_threads
+        config.shard,
+        config.replica,
+        config.queue_limit,
+        config.workers,
+        config.kernel_threads or default_kernel_threads(),
     )
     try:
         with bound(sock, endpoint) as actual:
@@ -175,6 +181,13 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
             http[0].shutdown()
     log.info("shard %d stopped", config.shard)
     return 0
+
+
+def default_kernel_threads() -> int:
+    """Cores minus one: ZeroMQ's IO thread and the event loop need a core of their own.
+    Measured on 2 cores (2M x 64 table, 2048 x 40 lookups, 4 in flight): one kernel thread
+    served 66-73 M ids/s over the wire, two served 42-44 M ids/s."""
+    return max(1, kernels.default_threads() - 1)
 
 
 async def _watchdog(notifier: Notifier) -> None:

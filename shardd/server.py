@@ -135,14 +135,19 @@ class ShardServer:
     ) -> None:
         outcome = "ok"
         try:
-            groups = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self._work, header, frames
+            groups, queued, worked = await asyncio.get_running_loop().run_in_executor(
+                self.pool, self._work, header, frames, started
             )
             meta = [
                 {"parts": list(g.parts), "bags": g.pooled.shape[0], "dim": g.pooled.shape[2]}
                 for g in groups
             ]
-            out: list[Any] = [pack_header(reply(header, groups=meta)), *[g.pooled for g in groups]]
+            # Where the time went, for the gateway's per-stage metrics.
+            timing = {"queue_ms": round(queued * 1e3, 3), "work_ms": round(worked * 1e3, 3)}
+            out: list[Any] = [
+                pack_header(reply(header, groups=meta, **timing)),
+                *[g.pooled for g in groups],
+            ]
         except RecserveError as exc:
             outcome = exc.kind
             out = [error_reply(header, exc)]
@@ -157,8 +162,12 @@ class ShardServer:
         if outcome == "ok":
             self.metrics.latency.observe(time.perf_counter() - started)
 
-    def _work(self, header: dict[str, Any], frames: list[zmq.Frame]) -> list[Group]:
-        """Runs in the worker pool: the CPU-heavy part of a lookup."""
+    def _work(
+        self, header: dict[str, Any], frames: list[zmq.Frame], started: float
+    ) -> tuple[list[Group], float, float]:
+        """Runs in the worker pool: the CPU-heavy part of a lookup. Returns the groups, the
+        seconds the lookup waited for a worker and the seconds it took."""
+        begin = time.perf_counter()
         deadline = header.get("deadline_ms")
         if deadline is not None and time.time() * 1e3 >= deadline:
             raise DeadlineExceeded("the deadline passed while the lookup was queued")
@@ -166,7 +175,7 @@ class ShardServer:
         groups = self.store.pool(lookup, self.settings.kernel_threads)
         self.metrics.ids.inc(lookup.ids.size)
         self.metrics.bags.inc(lookup.lengths.size)
-        return groups
+        return groups, begin - started, time.perf_counter() - begin
 
     async def _send(self, ident: zmq.Frame, frames: list[Any], op: str, outcome: str) -> None:
         """Reply; a ROUTER never blocks here (it drops for a peer that is gone)."""

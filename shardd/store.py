@@ -86,7 +86,11 @@ class PartStore:
         return time.perf_counter() - start
 
     def pool(self, lookup: Lookup, threads: int | None = None) -> list[Group]:
-        """Pool every part of ``lookup``; ids outside a part's rows are a typed error."""
+        """Pool every part of ``lookup``; ids outside a part's rows are a typed error.
+
+        Zero-copy: the kernel reads the request's ids (and weights) frame in place, with bag
+        bounds as positions into it and each part's first row id as its id base.
+        """
         resolved = []
         for i, req in enumerate(lookup.parts):
             part = self.parts.get((req.table, req.row_start))
@@ -105,51 +109,34 @@ class PartStore:
             groups.setdefault((req.bags, part.spec.dim), []).append(i)
         out = []
         for members in groups.values():
-            ids, bounds, weights, base = [], [], [], 0
-            for i in members:
-                first_bag, n_bags, first_id, n_ids = spans[i]
-                part = resolved[i]
-                local = lookup.ids[first_id : first_id + n_ids].astype(np.int64)
-                local -= part.row_start
-                ids.append(local)
-                b = bounds_all[first_bag : first_bag + n_bags + 1] - first_id + base
-                bounds.append(b)
-                if lookup.weights is not None:
-                    weights.append(lookup.weights[first_id : first_id + n_ids])
-                base += n_ids
-            packed = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+            bounds = np.stack(
+                [bounds_all[spans[i][0] : spans[i][0] + spans[i][1] + 1] for i in members]
+            )
             try:
                 pooled = kernels.pool_packed(
                     [resolved[i].view for i in members],
-                    packed,
-                    np.stack(bounds),
-                    weights=np.concatenate(weights) if weights else None,
+                    lookup.ids,
+                    bounds,
+                    weights=lookup.weights,
                     modes=[lookup.parts[i].mode for i in members],
                     threads=threads,
+                    first_ids=[resolved[i].row_start for i in members],
                 )
             except kernels.IdOutOfRangeError as exc:
-                raise self._explain(exc, members, resolved, spans, lookup) from None
+                raise self._explain(exc, resolved, spans) from None
             out.append(Group(tuple(members), pooled))
         return out
 
     @staticmethod
     def _explain(
-        exc: kernels.IdOutOfRangeError,
-        members: list[int],
-        resolved: list[Part],
-        spans: list[tuple[int, int, int, int]],
-        lookup: Lookup,
+        exc: kernels.IdOutOfRangeError, resolved: list[Part], spans: list[tuple[int, int, int, int]]
     ) -> IdOutOfRange:
-        pos = exc.position
-        for i in members:
-            n_ids = spans[i][3]
-            if pos < n_ids:
+        for i, (_, _, first_id, n_ids) in enumerate(spans):
+            if first_id <= exc.position < first_id + n_ids:
                 part = resolved[i]
-                value = int(lookup.ids[spans[i][2] + pos])
                 return IdOutOfRange(
-                    f"id {value} of table {part.spec.name} is outside the rows this part "
+                    f"id {exc.value} of table {part.spec.name} is outside the rows this part "
                     f"serves, [{part.row_start}, {part.row_end})",
                     field=f"parts[{i}]",
                 )
-            pos -= n_ids
         return IdOutOfRange(str(exc))

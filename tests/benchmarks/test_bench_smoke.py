@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import bench_pooling
+from benchmarks import bench_pooling, bench_shardd
 
 
 def test_bench_pooling_small(capsys: pytest.CaptureFixture[str]) -> None:
@@ -15,3 +15,11 @@ def test_bench_pooling_small(capsys: pytest.CaptureFixture[str]) -> None:
     shapes = [r for r in rows if len(r) == 12 and r[1] in ("RAM", "mmap")]
     # --small: one batch size and pooling, fixed/variable lengths x uniform/Zipf ids, 2 tables
     assert len(shapes) == 8 and all(r[-2].endswith("x") for r in shapes)
+
+
+def test_bench_shardd_small(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_shardd.main(["--small", "--requests", "4", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    for path in ("tcp", "ipc", "bare kernel"):
+        assert f"{path} " in out
+    assert "target: over the wire" in out

@@ -203,3 +203,16 @@ def test_pool_writes_into_out() -> None:
     result = kernels.pool(table, np.array([1, 2, 5]), np.array([0, 2]), out=out)
     assert result.base is out or result is out
     np.testing.assert_array_equal(out, [[2 + 4, 3 + 5], [10, 11]])
+
+
+def test_pool_packed_first_ids_address_a_row_range_in_place() -> None:
+    rng = np.random.default_rng(11)
+    table = rng.standard_normal((100, 16)).astype(np.float32)
+    part = table[40:70]  # a shard's view of rows [40, 70)
+    ids = np.array([40, 69, 55, 41, 41], np.int32)  # global ids, read in place
+    got = kernels.pool_packed([part], ids, np.array([[0, 2, 5]]), first_ids=[40])
+    np.testing.assert_allclose(got[:, 0], pool_numpy(table, ids, np.array([0, 2])), atol=1e-6)
+    for bad in (39, 70):
+        with pytest.raises(kernels.IdOutOfRangeError, match=r"outside \[40, 70\)") as info:
+            kernels.pool_packed([part], np.array([45, bad]), np.array([[0, 2]]), first_ids=[40])
+        assert info.value.position == 1 and info.value.first == 40

@@ -1,0 +1,183 @@
+"""One shard daemon over loopback tcp and ipc against the bare kernel on the same data.
+
+A 2M x 64 fp32 table (512 MiB), lookups of 2048 bags x 40 ids (81,920 ids, fresh ids each
+request). Latency: one request at a time (round-trip p50/p99). Throughput: ``--inflight``
+requests in flight from one client. The bare kernel pools the same requests in this
+process with the same thread count. The client, the daemon and the kernel share the
+machine's cores, as a gateway and a shard on one box would.
+
+    python -m benchmarks.bench_shardd [--small] [--requests N] [--inflight N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq.asyncio
+
+import kernels
+from benchmarks.common import print_table
+from recserve.artifact import ArtifactWriter, open_table
+from recserve.manifest import DenseSpec, InteractionSpec, Manifest, MLPSpec, TableSpec
+from recserve.plan import local_endpoints
+from recserve.planner import build
+from recserve.shardclient import ShardClient, now_ms
+from recserve.wire import PartRequest
+from tests.integration.shards import free_port, start_shard, stop, wait_healthy
+
+DIM, BAGS, POOLING = 64, 2048, 40
+
+
+def write_model(root: Path, rows: int) -> Manifest:
+    spec = TableSpec("t", rows, DIM, features=("f",))
+    inter = InteractionSpec("dot")
+    manifest = Manifest(
+        "bench",
+        "1",
+        4,
+        (spec,),
+        DenseSpec(
+            MLPSpec((4, DIM), ("relu",)),
+            inter,
+            MLPSpec((inter.kernel().output_width(DIM, 1), 1), ("sigmoid",)),
+        ),
+    )
+    writer = ArtifactWriter(root, overwrite=True)
+    step = 1 << 20
+    writer.write_table(
+        spec,
+        (
+            np.random.default_rng(i).random((min(step, rows - s), DIM), np.float32)
+            for i, s in enumerate(range(0, rows, step))
+        ),
+    )
+    rng = np.random.default_rng(0)
+    writer.write_dense(
+        {
+            "bottom.0.weight": rng.random((DIM, 4)),
+            "bottom.0.bias": np.zeros(DIM),
+            "top.0.weight": rng.random((1, manifest.dense.top.sizes[0])),
+            "top.0.bias": np.zeros(1),
+        }
+    )
+    return writer.finish(manifest)
+
+
+def requests(rows: int, count: int) -> list[np.ndarray]:
+    return [np.random.default_rng(100 + i).integers(0, rows, BAGS * POOLING) for i in range(count)]
+
+
+def bare(table: kernels.Table, reqs: list[np.ndarray]) -> float:
+    offsets = np.arange(0, BAGS * POOLING, POOLING)
+    kernels.pool(table, reqs[0], offsets)
+    start = time.perf_counter()
+    for ids in reqs:
+        kernels.pool(table, ids, offsets)
+    return len(reqs) * BAGS * POOLING / (time.perf_counter() - start)
+
+
+async def over_wire(endpoint: str, reqs: list[np.ndarray], inflight: int) -> dict[str, float]:
+    ctx = zmq.asyncio.Context()
+    client = ShardClient(endpoint, ctx)
+    parts = [PartRequest("t", 0, BAGS, "sum")]
+    lengths = np.full(BAGS, POOLING, np.int32)
+
+    async def one(ids: np.ndarray) -> float:
+        start = time.perf_counter()
+        groups = await client.lookup(parts, ids, lengths, deadline_ms=now_ms() + 30_000)
+        assert groups[0].pooled.shape == (BAGS, 1, DIM)
+        return time.perf_counter() - start
+
+    try:
+        await one(reqs[0])
+        latencies = [await one(ids) for ids in reqs]
+        queue = list(reqs)
+        start = time.perf_counter()
+
+        async def worker() -> None:
+            while queue:
+                await one(queue.pop())
+
+        await asyncio.gather(*(worker() for _ in range(inflight)))
+        rate = len(reqs) * BAGS * POOLING / (time.perf_counter() - start)
+    finally:
+        await client.close()
+        ctx.term()
+    ms = np.array(latencies) * 1e3
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "rate": rate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="a 100k-row table: smoke run")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--inflight", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1, help="shardd --workers")
+    parser.add_argument("--kernel-threads", type=int, help="shardd --kernel-threads")
+    args = parser.parse_args(argv)
+    rows = 100_000 if args.small else 2_000_000
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        manifest = write_model(root / "m", rows)
+        plan = build(manifest, 1, "capacity", local_endpoints(1, 1))
+        (root / "plan.json").write_bytes(plan.to_json())
+        table = open_table(root / "m", manifest.tables[0])
+        reqs = requests(rows, args.requests)
+        endpoints = {"tcp": f"tcp://127.0.0.1:{free_port()}", "ipc": f"ipc://{root}/s.sock"}
+        extra = ["--preload", "--workers", str(args.workers)]
+        if args.kernel_threads:
+            extra += ["--kernel-threads", str(args.kernel_threads)]
+        procs = [
+            start_shard(root / "plan.json", root / "m", 0, ep, *extra) for ep in endpoints.values()
+        ]
+        runs: dict[str, list[dict[str, float]]] = {t: [] for t in endpoints}
+        bare_rates = []
+        try:
+            for ep, proc in zip(endpoints.values(), procs, strict=True):
+                wait_healthy(ep, proc)
+            # Rounds alternate the paths so drift on a shared machine hits all of them.
+            for _ in range(args.rounds):
+                bare_rates.append(bare(table, reqs))
+                for transport, ep in endpoints.items():
+                    runs[transport].append(asyncio.run(over_wire(ep, reqs, args.inflight)))
+        finally:
+            for proc in procs:
+                stop(proc)
+        kernel_rate = float(np.median(bare_rates))
+        results = {
+            t: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for t, rs in runs.items()
+        }
+    rows_out = [
+        [
+            t,
+            f"{r['p50']:.2f}",
+            f"{r['p99']:.2f}",
+            f"{r['rate'] / 1e6:.1f}",
+            f"{r['rate'] / kernel_rate:.2f}x",
+        ]
+        for t, r in results.items()
+    ]
+    rows_out.append(["bare kernel", "-", "-", f"{kernel_rate / 1e6:.1f}", "1.00x"])
+    print(
+        f"\none shard, {rows} x {DIM} fp32, lookups of {BAGS} bags x {POOLING} ids, "
+        f"{args.requests} requests x {args.rounds} rounds (medians), {args.inflight} in flight"
+        f" for ids/s; shardd --workers {args.workers} --kernel-threads "
+        f"{args.kernel_threads or 'default'}"
+    )
+    print_table(["path", "p50 ms", "p99 ms", "M ids/s", "vs kernel"], rows_out)
+    worst = min(r["rate"] for r in results.values()) / kernel_rate
+    print(
+        f"\ntarget: over the wire >= 0.7x the bare kernel: {worst:.2f}x "
+        f"{'met' if worst >= 0.7 else 'MISSED'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
