@@ -1,5 +1,5 @@
-"""HTTP gateway (the "main shard"): batching, fan-out to shards, dense MLP.
+"""HTTP gateway (the "main shard"): parses requests, batches them, fans embedding lookups out
+to the shard daemons (or pools in-process with ``--singular``), runs the dense MLP.
 
-Not built yet (see the gateway issue); the package exists so the layering rules are enforced
-from the start.
+``recserve gateway --model DIR --plan plan.json`` (or ``recserve-gateway``).
 """

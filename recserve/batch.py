@@ -21,11 +21,24 @@ from recserve.manifest import Manifest
 
 @dataclass(frozen=True)
 class Bags:
-    """All bags of one feature: ``ids[bounds[b]:bounds[b+1]]`` is sample ``b``'s bag."""
+    """All bags of one feature: ``ids[bounds[b]:bounds[b+1]]`` is bag ``b``.
+
+    Without ``index`` bag ``b`` belongs to sample ``b``. With it, sample ``s`` uses bag
+    ``index[s]``: a ranking request's context feature is one bag shared by every candidate,
+    looked up and pooled once.
+    """
 
     ids: np.ndarray  # int64 [n]
-    bounds: np.ndarray  # int64 [B + 1]
+    bounds: np.ndarray  # int64 [bags + 1]
     weights: np.ndarray | None = None  # float32 [n]
+    index: np.ndarray | None = None  # intp [B]
+
+    @property
+    def n_bags(self) -> int:
+        return int(self.bounds.size - 1)
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.bounds)
 
 
 @dataclass(frozen=True)
@@ -143,3 +156,99 @@ def parse_samples(samples: Any, manifest: Manifest, *, field: str = "samples") -
             )
         out[feature] = Bags(arr, b, warr)
     return Batch(dense_arr, out)
+
+
+def parse_request(body: Any, manifest: Manifest) -> Batch:
+    """The HTTP request forms: ``{"samples": [...]}``, or the ranking form
+    ``{"context": {"dense": [...], "sparse": {...}}, "candidates": [{"sparse": {...}}]}``
+    where every candidate shares the context's dense values and sparse bags."""
+    if not isinstance(body, dict):
+        raise BadRequest(
+            "the body must be an object with samples, or context and candidates", field="body"
+        )
+    if "samples" in body:
+        extra = sorted(set(body) - {"samples", "timeout_ms"})
+        if extra:
+            raise BadRequest(f"unknown field {extra[0]!r}", field=extra[0])
+        return parse_samples(body["samples"], manifest)
+    extra = sorted(set(body) - {"context", "candidates", "timeout_ms"})
+    if extra or "context" not in body or "candidates" not in body:
+        field = extra[0] if extra else "samples"
+        raise BadRequest("the body needs samples, or context and candidates", field=field)
+    context, candidates = body["context"], body["candidates"]
+    if not isinstance(context, dict):
+        raise BadRequest("context must be an object", field="context")
+    if not isinstance(candidates, list) or not candidates:
+        raise BadRequest("candidates must be a non-empty list", field="candidates")
+    dense = context.get("dense")
+    shared = context.get("sparse", {})
+    if not isinstance(shared, dict):
+        raise BadRequest("context.sparse must be an object", field="context.sparse")
+    try:
+        ctx = parse_samples([context], manifest, field="context")
+    except BadRequest as exc:
+        raise _rename(exc, "context[0]", "context") from None
+    expanded = []
+    for i, cand in enumerate(candidates):
+        if not isinstance(cand, dict):
+            raise BadRequest(f"candidates[{i}] must be an object", field=f"candidates[{i}]")
+        if "dense" in cand:
+            raise BadRequest("dense values come from the context", field=f"candidates[{i}].dense")
+        both = sorted(set(cand.get("sparse") or {}) & set(shared))
+        if both:
+            raise BadRequest(
+                f"feature {both[0]!r} is in both the context and the candidate",
+                field=f"candidates[{i}].sparse.{both[0]}",
+            )
+        expanded.append({**cand, "dense": dense})
+    per = parse_samples(expanded, manifest, field="candidates")
+    k = len(candidates)
+    bags = {}
+    for feature in per.bags:
+        if feature in shared or feature in (context.get("weights") or {}):
+            b = ctx.bags[feature]
+            bags[feature] = Bags(b.ids, b.bounds, b.weights, np.zeros(k, np.intp))
+        else:
+            bags[feature] = per.bags[feature]
+    return Batch(np.repeat(ctx.dense, k, axis=0), bags)
+
+
+def _rename(exc: BadRequest, old: str, new: str) -> BadRequest:
+    field = exc.field.replace(old, new, 1) if exc.field else exc.field
+    return type(exc)(exc.message.replace(old, new), field=field)
+
+
+def merge(batches: list[Batch]) -> Batch:
+    """Several requests' batches as one (the dynamic batcher's merge)."""
+    if len(batches) == 1:
+        return batches[0]
+    dense = np.concatenate([b.dense for b in batches])
+    bags = {}
+    for feature in batches[0].bags:
+        parts = [b.bags[feature] for b in batches]
+        ids = np.concatenate([p.ids for p in parts])
+        bounds = [parts[0].bounds]
+        index = []
+        id_base = bag_base = 0
+        for i, (p, b) in enumerate(zip(parts, batches, strict=True)):
+            if i:
+                bounds.append(p.bounds[1:] + id_base)
+            index.append((np.arange(b.size) if p.index is None else p.index) + bag_base)
+            id_base += p.ids.size
+            bag_base += p.n_bags
+        weights = None
+        if any(p.weights is not None for p in parts):
+            weights = np.concatenate(
+                [
+                    p.weights if p.weights is not None else np.ones(p.ids.size, np.float32)
+                    for p in parts
+                ]
+            )
+        shared = any(p.index is not None for p in parts)
+        bags[feature] = Bags(
+            ids,
+            np.concatenate(bounds),
+            weights,
+            np.concatenate(index).astype(np.intp) if shared else None,
+        )
+    return Batch(dense, bags)

@@ -38,31 +38,38 @@ class Model:
         return cls(root, manifest, tables, load_dense(root, manifest))
 
     def pool(self, batch: Batch) -> np.ndarray:
-        """Pooled vectors ``[B, features, dim]`` in interaction order, in one kernel call."""
+        """Pooled vectors ``[B, features, dim]`` in interaction order: one kernel call per
+        distinct bag count (shared context bags are pooled once, then expanded)."""
         features = list(self.manifest.features())
-        bags = [batch.bags[f] for f, _ in features]
-        starts = np.cumsum([0] + [b.ids.size for b in bags])
-        ids = np.concatenate([b.ids for b in bags])
-        bounds = np.stack([b.bounds + s for b, s in zip(bags, starts, strict=False)])
-        weights = None
-        if any(b.weights is not None for b in bags):
-            weights = np.concatenate(
-                [
-                    b.weights if b.weights is not None else np.ones(b.ids.size, np.float32)
-                    for b in bags
-                ]
-            )
-        try:
-            return kernels.pool_packed(
-                [self.tables[spec.name] for _, spec in features],
-                ids,
-                bounds,
-                weights=weights,
-                modes=[spec.pooling for _, spec in features],
-            )
-        except kernels.IdOutOfRangeError as exc:
-            feature = features[int(np.searchsorted(starts, exc.position, side="right")) - 1][0]
-            raise IdOutOfRange(str(exc), field=feature) from exc
+        out = np.empty((batch.size, len(features), self.manifest.embedding_dim), np.float32)
+        groups: dict[int, list[int]] = {}
+        for k, (feature, _) in enumerate(features):
+            groups.setdefault(batch.bags[feature].n_bags, []).append(k)
+        for members in groups.values():
+            bags = [batch.bags[features[k][0]] for k in members]
+            starts = np.cumsum([0] + [b.ids.size for b in bags])
+            weights = None
+            if any(b.weights is not None for b in bags):
+                weights = np.concatenate(
+                    [
+                        b.weights if b.weights is not None else np.ones(b.ids.size, np.float32)
+                        for b in bags
+                    ]
+                )
+            try:
+                pooled = kernels.pool_packed(
+                    [self.tables[features[k][1].name] for k in members],
+                    np.concatenate([b.ids for b in bags]),
+                    np.stack([b.bounds + s for b, s in zip(bags, starts, strict=False)]),
+                    weights=weights,
+                    modes=[features[k][1].pooling for k in members],
+                )
+            except kernels.IdOutOfRangeError as exc:
+                j = int(np.searchsorted(starts, exc.position, side="right")) - 1
+                raise IdOutOfRange(str(exc), field=features[members[j]][0]) from exc
+            for j, (k, b) in enumerate(zip(members, bags, strict=True)):
+                out[:, k, :] = pooled[:, j, :] if b.index is None else pooled[b.index, j, :]
+        return out
 
     def score(self, batch: Batch) -> np.ndarray:
         """Model output ``[B]`` (probabilities for models ending in a sigmoid)."""

@@ -1,0 +1,74 @@
+"""Prometheus metrics of the gateway, in a registry owned by the app (no globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+SECONDS = (
+    100e-6,
+    250e-6,
+    500e-6,
+    1e-3,
+    2e-3,
+    3e-3,
+    5e-3,
+    7.5e-3,
+    10e-3,
+    15e-3,
+    20e-3,
+    30e-3,
+    50e-3,
+    75e-3,
+    100e-3,
+    200e-3,
+    500e-3,
+    1.0,
+    2.0,
+)
+SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclass(frozen=True)
+class GatewayMetrics:
+    registry: CollectorRegistry
+    requests: Counter
+    latency: Histogram
+    queue_wait: Histogram
+    assembly: Histogram
+    pooling: Histogram
+    dense: Histogram
+    batch_samples: Histogram
+    inflight: Gauge
+
+    @classmethod
+    def create(cls) -> GatewayMetrics:
+        reg = CollectorRegistry()
+        ProcessCollector(registry=reg)
+
+        def stage(name: str, what: str) -> Histogram:
+            return Histogram(
+                f"recserve_gateway_{name}_seconds", what, buckets=SECONDS, registry=reg
+            )
+
+        return cls(
+            registry=reg,
+            requests=Counter(
+                "recserve_gateway_requests",
+                "HTTP requests by route and status",
+                ["route", "status"],
+                registry=reg,
+            ),
+            latency=stage("request", "End-to-end request latency"),
+            queue_wait=stage("queue_wait", "Time a request waited for its batch"),
+            assembly=stage("batch_assembly", "Merging requests into a batch"),
+            pooling=stage("pooling", "Embedding lookups (all shards, or in-process)"),
+            dense=stage("dense", "Dense MLP of a batch"),
+            batch_samples=Histogram(
+                "recserve_gateway_batch_samples", "Samples per batch", buckets=SIZES, registry=reg
+            ),
+            inflight=Gauge(
+                "recserve_gateway_inflight_samples", "Samples queued or being scored", registry=reg
+            ),
+        )

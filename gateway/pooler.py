@@ -1,0 +1,190 @@
+"""Where pooled embeddings come from: in-process (``--singular``) or from the shards.
+
+Both implement ``pool(batch, deadline_ms) -> [B, features, dim]``; the batcher does not know
+which. The sharded one routes each feature's ids to the parts that hold them (a table split
+by rows has its ids masked per part and its partial pools summed back; ``mean`` tables split
+across shards are asked for sums and divided by the true bag length after merging), makes
+one lookup per shard per batch, all shards concurrently, and fails over to the next replica
+of a shard within the deadline. Route building and merging run in the executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import zmq.asyncio
+
+from recserve.batch import Batch
+from recserve.errors import RecserveError, ShardUnavailable
+from recserve.manifest import Manifest
+from recserve.model import Model
+from recserve.plan import Part, Plan
+from recserve.shardclient import PooledGroup, ShardClient, now_ms
+from recserve.wire import PartRequest
+
+log = logging.getLogger(__name__)
+
+
+class Pooler(Protocol):
+    async def pool(self, batch: Batch, deadline_ms: float) -> np.ndarray: ...
+
+    async def probe(self, deadline_ms: float) -> list[str]: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalPooler:
+    """Every table in this process: the single-server baseline."""
+
+    def __init__(self, model: Model, executor: Executor) -> None:
+        self.model = model
+        self.executor = executor
+
+    async def pool(self, batch: Batch, deadline_ms: float) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.model.pool, batch
+        )
+
+    async def probe(self, deadline_ms: float) -> list[str]:
+        return []
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass
+class ShardRequest:
+    parts: list[PartRequest] = field(default_factory=list)
+    ids: list[np.ndarray] = field(default_factory=list)
+    lengths: list[np.ndarray] = field(default_factory=list)
+    weights: list[np.ndarray | None] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)  # feature index of each part
+
+    def frames(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        ids = np.concatenate(self.ids).astype(np.int64, copy=False)
+        lengths = np.concatenate(self.lengths).astype(np.int32, copy=False)
+        weights = None
+        if any(w is not None for w in self.weights):
+            weights = np.concatenate(
+                [
+                    w if w is not None else np.ones(i.size, np.float32)
+                    for w, i in zip(self.weights, self.ids, strict=True)
+                ]
+            )
+        return ids, lengths, weights
+
+
+class ShardedPooler:
+    def __init__(
+        self, manifest: Manifest, plan: Plan, ctx: zmq.asyncio.Context, executor: Executor
+    ) -> None:
+        self.manifest = manifest
+        self.executor = executor
+        self.features = list(manifest.features())
+        self.clients = {
+            s.id: [ShardClient(ep, ctx, name=f"{s.id}/{r}") for r, ep in enumerate(s.endpoints)]
+            for s in plan.shards
+        }
+        self.parts: dict[str, list[tuple[int, Part]]] = {}
+        for s in plan.shards:
+            for p in s.parts:
+                self.parts.setdefault(p.table, []).append((s.id, p))
+        self.turn = itertools.count()
+
+    def route(self, batch: Batch) -> dict[int, ShardRequest]:
+        out: dict[int, ShardRequest] = {}
+        for k, (feature, spec) in enumerate(self.features):
+            bags = batch.bags[feature]
+            parts = self.parts[spec.name]
+            split = len(parts) > 1
+            for shard_id, part in parts:
+                if split:
+                    mask = (bags.ids >= part.row_start) & (bags.ids < part.row_end)
+                    seen = np.zeros(bags.ids.size + 1, np.int64)
+                    np.cumsum(mask, out=seen[1:])
+                    lengths = seen[bags.bounds[1:]] - seen[bags.bounds[:-1]]
+                    ids = bags.ids[mask]
+                    weights = None if bags.weights is None else bags.weights[mask]
+                else:
+                    ids, lengths, weights = bags.ids, bags.lengths(), bags.weights
+                req = out.setdefault(shard_id, ShardRequest())
+                req.parts.append(
+                    PartRequest(
+                        spec.name, part.row_start, bags.n_bags, "sum" if split else spec.pooling
+                    )
+                )
+                req.ids.append(ids)
+                req.lengths.append(lengths)
+                req.weights.append(weights)
+                req.targets.append(k)
+        return out
+
+    def merge(
+        self, batch: Batch, routes: dict[int, ShardRequest], replies: dict[int, list[PooledGroup]]
+    ) -> np.ndarray:
+        dim = self.manifest.embedding_dim
+        acc = [np.zeros((batch.bags[f].n_bags, dim), np.float32) for f, _ in self.features]
+        for shard_id, groups in replies.items():
+            targets = routes[shard_id].targets
+            for g in groups:
+                for j, i in enumerate(g.parts):
+                    acc[targets[i]] += g.pooled[:, j, :]
+        out = np.empty((batch.size, len(self.features), dim), np.float32)
+        for k, (feature, spec) in enumerate(self.features):
+            bags = batch.bags[feature]
+            if spec.pooling == "mean" and len(self.parts[spec.name]) > 1:
+                n = bags.lengths()
+                np.divide(acc[k], n[:, None], out=acc[k], where=n[:, None] > 0)
+            out[:, k, :] = acc[k] if bags.index is None else acc[k][bags.index]
+        return out
+
+    async def pool(self, batch: Batch, deadline_ms: float) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        routes = await loop.run_in_executor(self.executor, self.route, batch)
+        ids = list(routes)
+        replies = await asyncio.gather(*(self._call(s, routes[s], deadline_ms) for s in ids))
+        return await loop.run_in_executor(
+            self.executor, self.merge, batch, routes, dict(zip(ids, replies, strict=True))
+        )
+
+    async def _call(
+        self, shard_id: int, req: ShardRequest, deadline_ms: float
+    ) -> list[PooledGroup]:
+        ids, lengths, weights = req.frames()
+        replicas = self.clients[shard_id]
+        first = next(self.turn) % len(replicas)
+        error: RecserveError | None = None
+        for r in range(len(replicas)):
+            client = replicas[(first + r) % len(replicas)]
+            if now_ms() >= deadline_ms:
+                break
+            try:
+                return await client.lookup(
+                    req.parts, ids, lengths, weights=weights, deadline_ms=deadline_ms
+                )
+            except ShardUnavailable as exc:
+                log.warning("shard %s: %s", client.name, exc.message)
+                error = exc
+        raise error or ShardUnavailable(f"shard {shard_id}: no replica answered in time")
+
+    async def probe(self, deadline_ms: float) -> list[str]:
+        """Names of replicas that do not answer ``health``."""
+
+        async def one(client: ShardClient) -> str | None:
+            try:
+                reply = await client.simple("health", deadline_ms)
+                return None if reply.get("ready") else client.name
+            except RecserveError:
+                return client.name
+
+        names = await asyncio.gather(*(one(c) for cs in self.clients.values() for c in cs))
+        return [n for n in names if n]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for cs in self.clients.values() for c in cs))

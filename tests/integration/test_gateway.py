@@ -1,0 +1,233 @@
+"""The gateway serving real fixture models over HTTP, singular and on real shard daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestServer
+
+from gateway.app import create_app
+from gateway.main import GatewayConfig, gateway
+from recserve.cli import main as cli
+from recserve.plan import read_plan
+from tests.conftest import DEV_MODELS
+from tests.integration.shards import start_shard, stop, wait_healthy
+
+
+@pytest.fixture(scope="module")
+def deployments(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Every dev fixture imported, planned over 3 shards (a table split by rows), served."""
+    root = tmp_path_factory.mktemp("gw")
+    out, procs = {}, []
+    try:
+        for name in DEV_MODELS:
+            src = "torchrec" if "torchrec" in name else "dlrm"
+            model = root / name
+            assert (
+                cli(
+                    [
+                        "import",
+                        src,
+                        "--checkpoint",
+                        str(fixtures_dir / name / "model.pt"),
+                        "--out",
+                        str(model),
+                    ]
+                )
+                == 0
+            )
+            plan = root / f"{name}.plan.json"
+            assert (
+                cli(
+                    [
+                        "plan",
+                        "--model",
+                        str(model),
+                        "--shards",
+                        "3",
+                        "--strategy",
+                        "capacity",
+                        "--out",
+                        str(plan),
+                    ]
+                )
+                == 0
+            )
+            assert read_plan(plan).report["split_tables"], name
+            doc = json.loads(plan.read_text())
+            for s in doc["shards"]:  # private ipc endpoints for the test
+                s["endpoints"] = [f"ipc://{root}/{name}-{s['id']}.sock"]
+            plan.write_text(json.dumps(doc))
+            for s in doc["shards"]:
+                procs.append(
+                    (s["endpoints"][0], start_shard(plan, model, s["id"], s["endpoints"][0]))
+                )
+            out[name] = (model, plan)
+        for endpoint, proc in procs:
+            wait_healthy(endpoint, proc)
+        yield out
+    finally:
+        for _, proc in procs:
+            stop(proc)
+
+
+async def serve(
+    config: GatewayConfig, fn: Callable[[aiohttp.ClientSession, str], Awaitable[Any]]
+) -> Any:
+    async with gateway(config) as gw:
+        server = TestServer(create_app(gw))
+        await server.start_server()
+        try:
+            async with aiohttp.ClientSession() as session:
+                url = str(server.make_url(""))
+                async with asyncio.timeout(20):
+                    while True:
+                        async with session.get(url + "/v2/health/ready") as r:
+                            if r.status == 200:
+                                break
+                        await asyncio.sleep(0.05)
+                return await fn(session, url)
+        finally:
+            await server.close()
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, doc: Any, fmt: str = "json", path: str = "/v1/predict"
+) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+    if fmt == "json":
+        data, ctype = json.dumps(doc).encode(), "application/json"
+    elif fmt == "msgpack":
+        data, ctype = msgpack.packb(doc), "application/msgpack"
+    else:
+        data, ctype = doc, "application/json"
+    async with session.post(url + path, data=data, headers={"Content-Type": ctype}) as r:
+        body = await r.read()
+        parsed = (
+            msgpack.unpackb(body) if r.content_type == "application/msgpack" else json.loads(body)
+        )
+        return r.status, parsed, r.headers
+
+
+@pytest.mark.parametrize("mode", ["singular", "sharded"])
+@pytest.mark.parametrize("name", DEV_MODELS)
+def test_fixture_scores_over_http(deployments, fixtures_dir: Path, name: str, mode: str) -> None:
+    model, plan = deployments[name]
+    config = GatewayConfig(model=model, plan=None if mode == "singular" else plan, port=0)
+
+    async def check(session: aiohttp.ClientSession, url: str) -> None:
+        for batch in (1, 17, 256):
+            samples = json.loads(
+                (fixtures_dir / name / f"batch_{batch}" / "request.json").read_text()
+            )
+            want = np.load(fixtures_dir / name / f"expected_{batch}.npy")[:, 0]
+            for fmt in ("json", "msgpack"):
+                status, body, _ = await post(session, url, {"samples": samples}, fmt)
+                assert status == 200, body
+                np.testing.assert_allclose(body["scores"], want, rtol=0, atol=1e-5)
+
+    asyncio.run(serve(config, check))
+
+
+def test_ranking_form_matches_flat_samples(deployments) -> None:
+    model, plan = deployments["D1"]
+    rng = np.random.default_rng(3)
+    dense = rng.standard_normal(13).tolist()
+    context = {"0": [5, 9, 9], "1": [1999, 0]}
+    candidates = [
+        {"sparse": {"2": [int(rng.integers(50))], "3": rng.integers(0, 9000, 3).tolist(), "4": []}}
+        for _ in range(40)
+    ]
+    flat = [{"dense": dense, "sparse": {**context, **c["sparse"]}} for c in candidates]
+
+    async def check(session: aiohttp.ClientSession, url: str) -> None:
+        s1, ranked, _ = await post(
+            session, url, {"context": {"dense": dense, "sparse": context}, "candidates": candidates}
+        )
+        s2, plain, _ = await post(session, url, {"samples": flat})
+        assert s1 == s2 == 200
+        np.testing.assert_allclose(ranked["scores"], plain["scores"], rtol=0, atol=1e-6)
+        s3, emb, _ = await post(session, url, {"samples": flat[:3]}, path="/v1/embeddings")
+        assert s3 == 200 and len(emb["embeddings"]["3"]) == 3
+
+    asyncio.run(serve(GatewayConfig(model=model, plan=plan, port=0), check))
+
+
+@pytest.mark.parametrize(
+    "body, status, kind, field",
+    [
+        (b"{nope", 400, "bad_request", "body"),
+        ({"samples": [{"dense": [0.0] * 12}]}, 400, "bad_request", "samples[0].dense"),
+        (
+            {"samples": [{"dense": [0.0] * 13, "sparse": {"9": [1]}}]},
+            422,
+            "unknown_feature",
+            "samples[0].sparse.9",
+        ),
+        (
+            {"samples": [{"dense": [0.0] * 13, "sparse": {"3": [9000]}}]},
+            422,
+            "id_out_of_range",
+            "samples[0].sparse.3[0]",
+        ),
+        ({"samples": [{"dense": [0.0] * 13}] * 9000}, 413, "too_large", "samples"),
+        ({"samples": [{"dense": [0.0] * 13}], "timeout_ms": -5}, 400, "bad_request", "timeout_ms"),
+        (
+            {
+                "context": {"dense": [0.0] * 13, "sparse": {"0": [1]}},
+                "candidates": [{"sparse": {"0": [2]}}],
+            },
+            400,
+            "bad_request",
+            "candidates[0].sparse.0",
+        ),
+        ({"rows": []}, 400, "bad_request", "rows"),
+    ],
+)
+def test_bad_input_is_a_4xx_naming_the_field(deployments, body, status, kind, field) -> None:
+    model, plan = deployments["D1"]
+
+    async def check(session: aiohttp.ClientSession, url: str) -> None:
+        got, doc, _ = await post(session, url, body, "raw" if isinstance(body, bytes) else "json")
+        assert got == status, doc
+        assert doc["error"]["kind"] == kind and doc["error"]["field"] == field, doc
+        ok, _, _ = await post(session, url, {"samples": [{"dense": [0.0] * 13}]})
+        assert ok == 200
+
+    asyncio.run(serve(GatewayConfig(model=model, plan=plan, port=0), check))
+
+
+def test_model_health_and_metrics(deployments) -> None:
+    model, plan = deployments["D4_torchrec"]
+
+    async def check(session: aiohttp.ClientSession, url: str) -> None:
+        async with session.get(url + "/v1/model") as r:
+            doc = await r.json()
+        assert doc["dense_width"] == 13 and [f["name"] for f in doc["features"]] == [
+            "0",
+            "1",
+            "2",
+            "3",
+        ]
+        assert doc["plan"] == {
+            "mode": "sharded",
+            "strategy": "capacity",
+            "shards": 3,
+            "replicas": 1,
+        }
+        async with session.get(url + "/v2/health/live") as r:
+            assert r.status == 200
+        await post(session, url, {"samples": [{"dense": [0.0] * 13}]})
+        async with session.get(url + "/metrics") as r:
+            text = await r.text()
+        assert 'recserve_gateway_requests_total{route="/v1/predict",status="200"}' in text
+        assert "recserve_gateway_pooling_seconds_bucket" in text
+
+    asyncio.run(serve(GatewayConfig(model=model, plan=plan, port=0), check))
