@@ -276,4 +276,7 @@ def create_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/metrics", metrics)
+    from gateway import kserve  # it builds on this module
+
+    kserve.add_routes(app)
     return app

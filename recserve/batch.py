@@ -252,3 +252,51 @@ def merge(batches: list[Batch]) -> Batch:
             np.concatenate(index).astype(np.intp) if shared else None,
         )
     return Batch(dense, bags)
+
+
+def batch_from_arrays(
+    dense: np.ndarray, sparse: dict[str, tuple[np.ndarray, np.ndarray]], manifest: Manifest
+) -> Batch:
+    """A batch from columnar arrays (KServe v2 tensors): ``dense`` ``[B, width]``, per feature
+    ``(values, lengths)`` with ``lengths`` ``[B]``. The same checks as ``parse_samples``."""
+    rows = {f: t.rows for f, t in manifest.features()}
+    if dense.ndim != 2 or dense.shape[1] != manifest.dense_width:
+        raise BadRequest(
+            f"dense must be [B, {manifest.dense_width}], got {list(dense.shape)}", field="dense"
+        )
+    dense64 = dense.astype(np.float64)
+    if not (np.abs(dense64) <= F32_MAX).all():
+        raise BadRequest("dense holds NaN or Infinity", field="dense")
+    size = dense.shape[0]
+    if size == 0:
+        raise BadRequest("the batch is empty", field="dense")
+    bags = {}
+    for feature in rows:
+        if feature not in sparse:
+            bags[feature] = Bags(np.zeros(0, np.int64), np.zeros(size + 1, np.int64))
+            continue
+        values, lengths = sparse[feature]
+        if lengths.shape != (size,) or (lengths.size and int(lengths.min()) < 0):
+            raise BadRequest(
+                f"{feature}.lengths must be {size} non-negative counts", field=f"{feature}.lengths"
+            )
+        bounds = np.zeros(size + 1, np.int64)
+        np.cumsum(lengths, out=bounds[1:])
+        ids = values.astype(np.int64, copy=False).reshape(-1)
+        if ids.size != int(bounds[-1]):
+            raise BadRequest(
+                f"{feature}.values has {ids.size} ids, its lengths add up to {int(bounds[-1])}",
+                field=f"{feature}.values",
+            )
+        bad = (ids < 0) | (ids >= rows[feature])
+        if bad.any():
+            pos = int(np.flatnonzero(bad)[0])
+            raise IdOutOfRange(
+                f"{feature}.values[{pos}]: id {int(ids[pos])} is outside [0, {rows[feature]})",
+                field=f"{feature}.values[{pos}]",
+            )
+        bags[feature] = Bags(ids, bounds)
+    unknown = sorted(set(sparse) - set(rows))
+    if unknown:
+        raise UnknownFeature(f"the model has no feature {unknown[0]!r}", field=unknown[0])
+    return Batch(dense64.astype(np.float32), bags)

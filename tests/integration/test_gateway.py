@@ -231,3 +231,54 @@ def test_model_health_and_metrics(deployments) -> None:
         assert "recserve_gateway_pooling_seconds_bucket" in text
 
     asyncio.run(serve(GatewayConfig(model=model, plan=plan, port=0), check))
+
+
+def test_kserve_v2_with_tritonclient(deployments, fixtures_dir: Path) -> None:
+    import tritonclient.http as tc
+    from tritonclient.utils import InferenceServerException
+
+    model, plan = deployments["D1"]
+    name = json.loads((model / "manifest.json").read_text())["name"]
+    batch = fixtures_dir / "D1" / "batch_17"
+    want = np.load(fixtures_dir / "D1" / "expected_17.npy")
+
+    def inputs(binary: bool, extra: str | None = None) -> list[Any]:
+        dense = np.load(batch / "dense.npy")
+        out = [tc.InferInput("dense", list(dense.shape), "FP32")]
+        out[0].set_data_from_numpy(dense, binary_data=binary)
+        for k in range(5):
+            ids = np.load(batch / f"indices_{k}.npy")
+            lengths = np.load(batch / "lengths.npy")[k].astype(np.int32)
+            feature = extra if (extra and k == 4) else str(k)
+            for suffix, arr, dtype in ((".values", ids, "INT64"), (".lengths", lengths, "INT32")):
+                t = tc.InferInput(feature + suffix, list(arr.shape), dtype)
+                t.set_data_from_numpy(arr, binary_data=binary)
+                out.append(t)
+        return out
+
+    def run(host: str) -> None:
+        client = tc.InferenceServerClient(url=host)
+        try:
+            assert client.is_server_live() and client.is_server_ready()
+            assert client.is_model_ready(name)
+            meta = client.get_model_metadata(name)
+            assert meta["outputs"][0]["name"] == "score" and len(meta["inputs"]) == 11
+            for binary in (True, False):
+                result = client.infer(
+                    name,
+                    inputs(binary),
+                    outputs=[tc.InferRequestedOutput("score", binary_data=binary)],
+                )
+                np.testing.assert_allclose(result.as_numpy("score"), want, atol=1e-5)
+            with pytest.raises(InferenceServerException, match="deadline_exceeded"):
+                client.infer(name, inputs(True), timeout=1)  # one microsecond
+            with pytest.raises(InferenceServerException, match="unknown_feature"):
+                client.infer(name, inputs(True, extra="nine"))
+        finally:
+            client.close()
+
+    async def check(session: aiohttp.ClientSession, url: str) -> None:
+        host = url.split("//", 1)[1].rstrip("/")
+        await asyncio.get_running_loop().run_in_executor(None, run, host)
+
+    asyncio.run(serve(GatewayConfig(model=model, plan=plan, port=0), check))

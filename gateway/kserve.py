@@ -1,0 +1,228 @@
+"""KServe v2 / Open Inference Protocol endpoints, so standard clients (tritonclient) work.
+
+Inputs of ``POST /v2/models/{name}/infer``: ``dense`` (FP32 ``[B, width]``) and, per
+feature, ``<feature>.values`` (INT64 or INT32, all ids) and ``<feature>.lengths`` (INT32
+``[B]``); a feature left out is empty bags. Output ``score`` (FP32 ``[B, 1]``). Tensors come
+as JSON ``data`` or in the binary tensor extension (a JSON header of
+``Inference-Header-Content-Length`` bytes followed by raw little-endian tensors); outputs
+are binary when the request asks. The request parameter ``timeout`` (microseconds) shortens
+the deadline. Errors use the protocol's ``{"error": "<message>"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import orjson
+from aiohttp import web
+
+from gateway.app import GATEWAY, Gateway
+from recserve import __version__
+from recserve.batch import Batch, batch_from_arrays
+from recserve.errors import BadRequest, RecserveError, http_status
+from recserve.shardclient import now_ms
+
+DTYPES: dict[str, np.dtype[Any]] = {
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "INT64": np.dtype("<i8"),
+    "INT32": np.dtype("<i4"),
+}
+HEADER = "Inference-Header-Content-Length"
+
+
+def v2_error(exc: RecserveError) -> web.Response:
+    field = f" (field {exc.field})" if exc.field else ""
+    status = http_status(exc)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return web.json_response(
+        {"error": f"{exc.kind}: {exc.message}{field}"}, status=status, headers=headers
+    )
+
+
+def _model(request: web.Request) -> Gateway:
+    gw = request.app[GATEWAY]
+    if request.match_info["model"] != gw.manifest.name:
+        raise web.HTTPNotFound(
+            text=orjson.dumps({"error": f"unknown model {request.match_info['model']!r}"}).decode(),
+            content_type="application/json",
+        )
+    version = request.match_info.get("version")
+    if version is not None and version != gw.manifest.version:
+        raise web.HTTPNotFound(
+            text=orjson.dumps({"error": f"unknown version {version!r}"}).decode(),
+            content_type="application/json",
+        )
+    return gw
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"name": "recserve", "version": __version__, "extensions": ["binary_tensor_data"]}
+    )
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    gw = _model(request)
+    m = gw.manifest
+    inputs = [{"name": "dense", "datatype": "FP32", "shape": [-1, m.dense_width]}]
+    for feature, _ in m.features():
+        inputs.append({"name": f"{feature}.values", "datatype": "INT64", "shape": [-1]})
+        inputs.append({"name": f"{feature}.lengths", "datatype": "INT32", "shape": [-1]})
+    return web.json_response(
+        {
+            "name": m.name,
+            "versions": [m.version],
+            "platform": "recserve",
+            "inputs": inputs,
+            "outputs": [{"name": "score", "datatype": "FP32", "shape": [-1, 1]}],
+        }
+    )
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    gw = _model(request)
+    ok = gw.ready and not gw.draining
+    return web.json_response({"name": gw.manifest.name, "ready": ok}, status=200 if ok else 503)
+
+
+def parse_infer(body: bytes, header_len: int | None, gw: Gateway) -> tuple[Batch, float, bool]:
+    """(batch, timeout ms, binary output wanted) from an infer request."""
+    head = body if header_len is None else body[:header_len]
+    try:
+        doc = orjson.loads(head)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the request header is not valid JSON: {exc}", field="body") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
+        raise BadRequest("the request needs a list of inputs", field="inputs")
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("parameters must be an object", field="parameters")
+    timeout = gw.settings.default_timeout_ms
+    if "timeout" in params:
+        t = params["timeout"]
+        if type(t) not in (int, float) or t <= 0:
+            raise BadRequest(
+                "timeout must be a positive number of microseconds", field="parameters.timeout"
+            )
+        timeout = min(timeout, t / 1e3)
+    binary_out = bool(params.get("binary_data_output"))
+    for out in doc.get("outputs") or []:
+        if isinstance(out, dict) and (out.get("parameters") or {}).get("binary_data"):
+            binary_out = True
+    offset = header_len or 0
+    tensors: dict[str, np.ndarray] = {}
+    for i, t in enumerate(doc["inputs"]):
+        where = f"inputs[{i}]"
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise BadRequest(f"{where} needs a name", field=where)
+        name, dtype = t["name"], DTYPES.get(str(t.get("datatype")))
+        shape = t.get("shape")
+        if dtype is None:
+            raise BadRequest(f"{name}: datatype must be one of {', '.join(DTYPES)}", field=name)
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise BadRequest(f"{name}: shape must be a list of sizes", field=name)
+        count = int(np.prod(shape)) if shape else 1
+        size = (t.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            if type(size) is not int or size != count * dtype.itemsize or offset + size > len(body):
+                raise BadRequest(
+                    f"{name}: binary_data_size does not match its shape or the body", field=name
+                )
+            arr = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+            offset += size
+        else:
+            data = t.get("data")
+            if not isinstance(data, list):
+                raise BadRequest(f"{name}: data is missing", field=name)
+            try:
+                arr = np.asarray(
+                    np.array(data, dtype=np.float64 if dtype.kind == "f" else np.int64).reshape(-1),
+                    dtype=dtype,
+                )
+            except (ValueError, TypeError, OverflowError):
+                raise BadRequest(f"{name}: data must be {count} numbers", field=name) from None
+            if arr.size != count:
+                raise BadRequest(f"{name}: {arr.size} values for shape {shape}", field=name)
+        tensors[name] = arr.reshape(shape)
+    dense = tensors.pop("dense", None)
+    if dense is None:
+        raise BadRequest("the dense input is missing", field="dense")
+    sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in list(tensors):
+        feature, _, part = name.rpartition(".")
+        if part not in ("values", "lengths") or not feature:
+            raise BadRequest(
+                f"unknown input {name!r} (dense, <feature>.values, <feature>.lengths)", field=name
+            )
+    for name, arr in tensors.items():
+        feature, _, part = name.rpartition(".")
+        if part == "values":
+            lengths = tensors.get(f"{feature}.lengths")
+            if lengths is None or arr.dtype.kind != "i" or lengths.dtype.kind != "i":
+                raise BadRequest(
+                    f"{feature} needs integer .values and .lengths", field=f"{feature}.lengths"
+                )
+            sparse[feature] = (arr, lengths.reshape(-1))
+        elif f"{feature}.values" not in tensors:
+            raise BadRequest(f"{feature}.lengths has no {feature}.values", field=name)
+    return batch_from_arrays(dense, sparse, gw.manifest), timeout, binary_out
+
+
+async def infer(request: web.Request) -> web.Response:
+    gw = _model(request)
+    try:
+        if gw.draining:
+            from recserve.errors import NotReady
+
+            raise NotReady("the gateway is shutting down")
+        body = await request.read()
+        raw_len = request.headers.get(HEADER)
+        header_len = int(raw_len) if raw_len and raw_len.isdigit() else None
+        if header_len is not None and header_len > len(body):
+            raise BadRequest(f"{HEADER} exceeds the body", field=HEADER)
+        started = now_ms()
+        batch, timeout, binary = await asyncio.get_running_loop().run_in_executor(
+            gw.executor, parse_infer, body, header_len, gw
+        )
+        scores = await gw.batcher.score(batch, started + timeout)
+    except RecserveError as exc:
+        return v2_error(exc)
+    out = np.ascontiguousarray(scores, dtype="<f4").reshape(-1, 1)
+    meta: dict[str, Any] = {"model_name": gw.manifest.name, "model_version": gw.manifest.version}
+    if binary:
+        meta["outputs"] = [
+            {
+                "name": "score",
+                "datatype": "FP32",
+                "shape": list(out.shape),
+                "parameters": {"binary_data_size": out.nbytes},
+            }
+        ]
+        head = orjson.dumps(meta)
+        return web.Response(
+            body=head + out.tobytes(),
+            content_type="application/octet-stream",
+            headers={HEADER: str(len(head))},
+        )
+    meta["outputs"] = [
+        {
+            "name": "score",
+            "datatype": "FP32",
+            "shape": list(out.shape),
+            "data": out.reshape(-1).astype(float).tolist(),
+        }
+    ]
+    return web.json_response(meta)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v2", server_metadata)
+    app.router.add_get("/v2/models/{model}", model_metadata)
+    app.router.add_get("/v2/models/{model}/versions/{version}", model_metadata)
+    app.router.add_get("/v2/models/{model}/ready", model_ready)
+    app.router.add_get("/v2/models/{model}/versions/{version}/ready", model_ready)
+    app.router.add_post("/v2/models/{model}/infer", infer)
+    app.router.add_post("/v2/models/{model}/versions/{version}/infer", infer)
