@@ -23,10 +23,17 @@ import numpy as np
 from gateway.metrics import GatewayMetrics
 from gateway.pooler import Pooler
 from recserve.batch import Batch, merge
-from recserve.errors import DeadlineExceeded, NotReady, Overloaded, RecserveError
+from recserve.errors import BadRequest, DeadlineExceeded, NotReady, Overloaded, RecserveError
 from recserve.shardclient import now_ms
 
 log = logging.getLogger(__name__)
+
+
+def lookup_deadline(deadline_ms: float) -> float:
+    """The deadline for a batch's lookups: a little before the requests', so a silent shard
+    is reported (503, naming it) before the requests themselves time out (504)."""
+    budget = deadline_ms - now_ms()
+    return deadline_ms - min(20.0, 0.2 * max(budget, 0.0))
 
 
 @dataclass(frozen=True)
@@ -140,7 +147,7 @@ class Batcher:
             deadline = min(p.deadline_ms for p in live)
             try:
                 start = time.perf_counter()
-                pooled = await self.pooler.pool(batch, deadline)
+                pooled = await self.pooler.pool(batch, lookup_deadline(deadline))
                 self.metrics.pooling.observe(time.perf_counter() - start)
                 start = time.perf_counter()
                 scores = await loop.run_in_executor(self.executor, self.dense, batch.dense, pooled)
@@ -158,9 +165,21 @@ class Batcher:
                 return
             offset = 0
             for p in live:
-                if not p.future.done():
-                    p.future.set_result(scores[offset : offset + p.batch.size])
+                mine = scores[offset : offset + p.batch.size]
                 offset += p.batch.size
+                if p.future.done():
+                    continue
+                if np.isnan(mine).any():
+                    bad = int(np.flatnonzero(np.isnan(mine))[0])
+                    p.future.set_exception(
+                        BadRequest(
+                            f"samples[{bad}]: the model's output is not a number for these dense "
+                            "values (they overflow it)",
+                            field=f"samples[{bad}].dense",
+                        )
+                    )
+                else:
+                    p.future.set_result(mine)
         finally:
             self.slots.release()
 

@@ -162,11 +162,15 @@ class ShardedPooler:
         error: RecserveError | None = None
         for r in range(len(replicas)):
             client = replicas[(first + r) % len(replicas)]
-            if now_ms() >= deadline_ms:
+            left = deadline_ms - now_ms()
+            if left <= 0:
                 break
+            # Each remaining replica gets an equal share of the time left, so a stalled one
+            # leaves room to fail over.
+            share = now_ms() + left / (len(replicas) - r)
             try:
                 return await client.lookup(
-                    req.parts, ids, lengths, weights=weights, deadline_ms=deadline_ms
+                    req.parts, ids, lengths, weights=weights, deadline_ms=share
                 )
             except ShardUnavailable as exc:
                 log.warning("shard %s: %s", client.name, exc.message)

@@ -120,9 +120,18 @@ class DenseNet:
     top: tuple[Linear, ...]
 
     def forward(self, dense: np.ndarray, pooled: np.ndarray) -> np.ndarray:
-        """Model output ``[B]`` for dense inputs ``[B, d_in]`` and pooled ``[B, T, dim]``."""
-        x = mlp(self.bottom, np.asarray(dense, dtype=np.float32))
-        if pooled.shape[0] != x.shape[0] or (pooled.ndim == 3 and pooled.shape[2] != x.shape[1]):
-            raise KernelError(f"pooled shape {pooled.shape} does not fit bottom output {x.shape}")
-        z = self.interaction(x, pooled)
-        return mlp(self.top, z)[:, 0]
+        """Model output ``[B]`` for dense inputs ``[B, d_in]`` and pooled ``[B, T, dim]``.
+
+        Finite but huge inputs may overflow to +-inf (IEEE semantics, no warning); a sample
+        whose output is then NaN is the caller's to reject.
+        """
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = mlp(self.bottom, np.asarray(dense, dtype=np.float32))
+            if pooled.shape[0] != x.shape[0] or (
+                pooled.ndim == 3 and pooled.shape[2] != x.shape[1]
+            ):
+                raise KernelError(
+                    f"pooled shape {pooled.shape} does not fit bottom output {x.shape}"
+                )
+            z = self.interaction(x, pooled)
+            return mlp(self.top, z)[:, 0]

@@ -282,3 +282,150 @@ def test_kserve_v2_with_tritonclient(deployments, fixtures_dir: Path) -> None:
         await asyncio.get_running_loop().run_in_executor(None, run, host)
 
     asyncio.run(serve(GatewayConfig(model=model, plan=plan, port=0), check))
+
+
+def mutate(value: Any, rng: np.random.Generator) -> Any:
+    """``value`` with one random node replaced by something of another type."""
+    junk = [
+        None,
+        True,
+        -1,
+        2**70,
+        -(2**70),
+        1.5,
+        1e308,
+        "x",
+        "",
+        [],
+        {},
+        [1, 2],
+        {"a": 1},
+        [[1]],
+        {"dense": "no"},
+        float("nan"),
+    ]
+    if isinstance(value, dict) and value and rng.random() < 0.8:
+        key = list(value)[int(rng.integers(len(value)))]
+        return {**value, key: mutate(value[key], rng)}
+    if isinstance(value, list) and value and rng.random() < 0.8:
+        i = int(rng.integers(len(value)))
+        return [*value[:i], mutate(value[i], rng), *value[i + 1 :]]
+    return junk[int(rng.integers(len(junk)))]
+
+
+def test_fuzz_never_a_5xx_then_a_correct_answer(deployments, fixtures_dir: Path) -> None:
+    model, _ = deployments["D1"]
+    samples = json.loads((fixtures_dir / "D1" / "batch_17" / "request.json").read_text())
+    want = np.load(fixtures_dir / "D1" / "expected_17.npy")[:, 0]
+    good = {"samples": samples[:3]}
+    rng = np.random.default_rng(7)
+
+    async def check(session: aiohttp.ClientSession, url: str) -> None:
+        statuses: dict[int, int] = {}
+        for i in range(3000):
+            kind = i % 4
+            if kind == 0:  # random bytes, both content types
+                body = rng.bytes(int(rng.integers(0, 200)))
+                ctype = ["application/json", "application/msgpack"][i % 8 // 4]
+            elif kind == 1:  # a mutated structure as JSON (NaN has no JSON form: null)
+                doc = mutate(good, rng)
+                body = json.dumps(doc).replace("NaN", "null").encode()
+                ctype = "application/json"
+            elif kind == 2:  # a mutated structure as msgpack (NaN included)
+                doc = mutate(good, rng)
+                try:
+                    body = msgpack.packb(doc)
+                except OverflowError:  # msgpack has no integers beyond 64 bits
+                    body = msgpack.packb(str(doc))
+                ctype = "application/msgpack"
+            else:  # flipped or truncated bytes of a valid body
+                raw = bytearray(json.dumps(good).encode())
+                if rng.random() < 0.5:
+                    raw[int(rng.integers(len(raw)))] = int(rng.integers(256))
+                else:
+                    del raw[int(rng.integers(len(raw))) :]
+                body, ctype = bytes(raw), "application/json"
+            async with session.post(
+                url + "/v1/predict", data=body, headers={"Content-Type": ctype}
+            ) as r:
+                statuses[r.status] = statuses.get(r.status, 0) + 1
+                assert r.status < 500, (r.status, await r.text(), body[:200])
+                if r.status >= 400:
+                    err = (
+                        await r.json(content_type=None)
+                        if r.content_type == "application/json"
+                        else msgpack.unpackb(await r.read())
+                    )
+                    assert err["error"]["kind"] and err["error"]["message"]
+        assert statuses.get(200, 0) > 0 and sum(statuses.values()) == 3000
+        status, body, _ = await post(session, url, {"samples": samples})
+        assert status == 200
+        np.testing.assert_allclose(body["scores"], want, atol=1e-5)
+
+    asyncio.run(serve(GatewayConfig(model=model, plan=None, port=0), check))
+
+
+def test_overload_is_429_and_deadline_is_504(deployments) -> None:
+    model, _ = deployments["D3"]
+    from gateway.batcher import BatchSettings
+
+    config = GatewayConfig(
+        model=model,
+        plan=None,
+        port=0,
+        batching=BatchSettings(max_inflight_samples=64, max_queue_delay_us=20_000),
+    )
+    sample = {"dense": [0.1] * 13, "sparse": {"0": [1, 2], "1": [3]}}
+
+    async def check(session: aiohttp.ClientSession, url: str) -> None:
+        results = await asyncio.gather(
+            *(post(session, url, {"samples": [sample] * 17}) for _ in range(30))
+        )
+        codes = [r[0] for r in results]
+        assert 200 in codes and 429 in codes, codes
+        refused = next(r for r in results if r[0] == 429)
+        assert refused[1]["error"]["kind"] == "overloaded"
+        assert int(refused[2]["Retry-After"]) >= 1
+        status, body, _ = await post(session, url, {"samples": [sample], "timeout_ms": 0.001})
+        assert status == 504 and body["error"]["kind"] == "deadline_exceeded"
+
+    asyncio.run(serve(config, check))
+
+
+def test_dead_shard_is_503_naming_it_within_the_deadline(deployments, tmp_path: Path) -> None:
+    model, plan_path = deployments["D3"]
+    doc = json.loads(plan_path.read_text())
+    for s in doc["shards"]:
+        s["endpoints"] = [f"ipc://{tmp_path}/{s['id']}.sock"]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(doc))
+    procs = [start_shard(plan, model, s["id"], s["endpoints"][0]) for s in doc["shards"]]
+    try:
+        for s, p in zip(doc["shards"], procs, strict=True):
+            wait_healthy(s["endpoints"][0], p)
+        sample = {"dense": [0.1] * 13, "sparse": {"0": [1], "1": [3], "2": [5]}}
+
+        async def check(session: aiohttp.ClientSession, url: str) -> None:
+            status, _, _ = await post(session, url, {"samples": [sample]})
+            assert status == 200
+            procs[1].kill()
+            procs[1].wait()
+            start = asyncio.get_running_loop().time()
+            status, body, headers = await post(
+                session, url, {"samples": [sample], "timeout_ms": 300}
+            )
+            elapsed = asyncio.get_running_loop().time() - start
+            assert status == 503, body
+            assert "shard 1/0" in body["error"]["message"] and "Retry-After" in headers
+            assert elapsed < 1.5
+            async with asyncio.timeout(10):  # readiness notices too
+                while True:
+                    async with session.get(url + "/v2/health/ready") as r:
+                        if r.status == 503:
+                            break
+                    await asyncio.sleep(0.2)
+
+        asyncio.run(serve(GatewayConfig(model=model, plan=plan, port=0), check))
+    finally:
+        for p in procs:
+            stop(p)
