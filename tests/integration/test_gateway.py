@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -429,3 +430,88 @@ def test_dead_shard_is_503_naming_it_within_the_deadline(deployments, tmp_path: 
     finally:
         for p in procs:
             stop(p)
+
+
+def test_weighted_samples_match_offline_scoring(deployments) -> None:
+    from recserve.model import Model
+    from recserve.offline import predict as offline
+
+    model, plan = deployments["D2"]
+    rng = np.random.default_rng(9)
+    samples = []
+    for _ in range(20):
+        ids = rng.integers(0, 9000, 4).tolist()
+        samples.append(
+            {
+                "dense": rng.standard_normal(13).tolist(),
+                "sparse": {"1": [7, 7, 1500], "3": ids},
+                "weights": {"3": rng.random(4).tolist()},
+            }
+        )
+    want = offline(Model.open(model), samples)
+    for where in (None, plan):
+
+        async def check(session: aiohttp.ClientSession, url: str) -> None:
+            status, body, _ = await post(session, url, {"samples": samples}, "msgpack")
+            assert status == 200, body
+            np.testing.assert_allclose(body["scores"], want, atol=1e-5)
+
+        asyncio.run(serve(GatewayConfig(model=model, plan=where, port=0), check))
+
+
+def test_gateway_process_drains_on_sigterm(deployments, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from tests.integration.shards import free_port
+
+    model, _ = deployments["D1"]
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "--model",
+            str(model),
+            "--singular",
+            "--port",
+            str(port),
+            "--max-queue-delay-us",
+            "200000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(url + "/v2/health/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+
+            time.sleep(0.05)
+        sample = {"dense": [0.0] * 13, "sparse": {"0": [1]}}
+
+        async def run() -> list[int]:
+            async with aiohttp.ClientSession() as session:
+                tasks = [
+                    asyncio.ensure_future(post(session, url, {"samples": [sample] * 5}))
+                    for _ in range(8)
+                ]
+                await asyncio.sleep(0.05)  # queued: the batcher waits up to 200 ms
+                proc.send_signal(signal.SIGTERM)
+                return [r[0] for r in await asyncio.gather(*tasks)]
+
+        assert asyncio.run(run()) == [200] * 8
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
