@@ -1,5 +1,5 @@
-"""Load generator for the gateway's HTTP API.
+"""Load generator for the gateway's HTTP API: ``recserve loadgen`` (or ``recserve-loadgen``).
 
-Not built yet (see the loadgen issue); the package exists so the layering rules are enforced
-from the start.
+It talks to the gateway over HTTP only; the workload comes from the served model
+(``GET /v1/model``): per-feature Zipf ids and pooling factors from the manifest statistics.
 """

@@ -111,10 +111,10 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--samples", type=int, default=1024, help="samples for the error report")
 
-    p = sub.add_parser("demo", help="synthesize, quantize and score a model end to end")
+    p = sub.add_parser("demo", help="a local cluster vs singular under load, end to end")
     p.add_argument("--workdir", type=Path, default=Path(".demo"))
-    p.add_argument("--size", type=_size, default="512MiB")
-    p.add_argument("--samples", type=int, default=20000)
+    p.add_argument("--size", type=_size, default="1GiB")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of load per run")
 
     p = sub.add_parser("plan", help="assign tables (or row ranges) to shards: plan.json")
     p.add_argument("--model", required=True, type=Path)
@@ -133,6 +133,15 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     p.add_argument("--compare", action="store_true", help="print every strategy side by side")
     p.add_argument("--out", required=True, type=Path)
+
+    p = sub.add_parser("up", help="run a local cluster: shard daemons + gateway")
+    p.add_argument("--model", required=True, type=Path)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--plan", type=Path, help="use this plan (default: plan now)")
+    where.add_argument("--singular", action="store_true", help="gateway only, no shards")
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--strategy", default="net", choices=("capacity", "load", "net", "auto"))
+    p.add_argument("--port", type=int, default=8080)
 
     p = sub.add_parser("verify", help="check every file of an artifact against its checksums")
     p.add_argument("--model", required=True, type=Path)
@@ -215,7 +224,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from recserve.demo import run_demo
 
-    return run_demo(args.workdir, args.size, args.samples)
+    return run_demo(args.workdir, args.size, args.duration)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -261,6 +270,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from recserve.cluster import run_up
+
+    return run_up(
+        args.model,
+        plan=args.plan,
+        shards=args.shards,
+        strategy=args.strategy,
+        port=args.port,
+        singular=args.singular,
+    )
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from recserve.artifact import read_manifest, verify
 
@@ -292,6 +314,7 @@ COMMANDS = {
     "quantize": cmd_quantize,
     "demo": cmd_demo,
     "plan": cmd_plan,
+    "up": cmd_up,
     "verify": cmd_verify,
     "info": cmd_info,
 }

@@ -1,34 +1,58 @@
-"""``recserve demo``: the biggest end-to-end path that exists, on an embedded default.
+"""``recserve demo`` (``make demo``): the whole system on one box, on an embedded default.
 
-Synthesizes a drm2 model, quantizes it to int8 (printing the error that introduces), plans
-it over 4 shards with every strategy (printing the comparison), and scores sampled traffic
-in-process with both models, printing throughput. It will grow into the local-cluster demo
-(shards + gateway + loadgen) as those land.
+Synthesizes a drm2 model sized for this machine, plans it over 4 shards with ``net``
+(printing every strategy side by side), starts the shard daemons and the gateway, drives
+open-loop ranking traffic at them with the load generator, then the same load at a
+``--singular`` gateway, and prints one table: P50/P99, achieved rate, CPU seconds per 1k
+samples over all server processes, resident memory per process, shards contacted per
+request. Everything is torn down; the reports stay in the work directory.
 """
 
 from __future__ import annotations
 
-import time
+import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 from recserve.artifact import read_manifest
+from recserve.cluster import LocalCluster
 from recserve.errors import ArtifactError
-from recserve.model import Model
 from recserve.plan import local_endpoints
 from recserve.planner import STRATEGIES, Traffic, build, compare_table
-from recserve.quantize import quantize_model
 from recserve.synth import synthesize
 from recserve.units import format_size
-from recserve.workload import Workload
 
-PROFILE = "drm2"
-SEED = 7
-BATCH = 512
-SHARDS = 4
+PROFILE, SEED, SHARDS, STRATEGY = "drm2", 7, 4, "net"
+CANDIDATES, QPS = 32, 20.0
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
+def _rss_mib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _ensure_model(path: Path, size: int) -> None:
-    """Reuse a model from an earlier demo run if it matches, else synthesize it."""
     try:
         m = read_manifest(path)
         if (
@@ -36,55 +60,99 @@ def _ensure_model(path: Path, size: int) -> None:
             and m.version == f"synth-{SEED}"
             and abs(m.table_bytes - size) <= 0.01 * size
         ):
-            print(f"reusing {path}")
+            print(f"   reusing {path}")
             return
     except ArtifactError:
         pass
     synthesize(PROFILE, size, path, seed=SEED, overwrite=True)
 
 
-def _throughput(model: Model, samples: int) -> tuple[float, float]:
-    work = Workload(model.manifest, seed=1)
-    batches = [work.batch(BATCH) for _ in range(max(1, samples // BATCH))]
-    model.score(batches[0])  # warm the page cache and BLAS
-    start = time.perf_counter()
-    total = 0.0
-    for batch in batches:
-        total += float(model.score(batch).sum())
-    elapsed = time.perf_counter() - start
-    return len(batches) * BATCH / elapsed, total / (len(batches) * BATCH)
+def _load(cluster: LocalCluster, report: Path, duration: float) -> dict[str, Any]:
+    pids = cluster.pids
+    before = _cpu_seconds(pids)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadgen",
+            "--url",
+            cluster.url,
+            "--qps",
+            str(QPS),
+            "--duration",
+            str(duration),
+            "--candidates",
+            str(CANDIDATES),
+            "--report",
+            str(report),
+            "--quiet",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    cpu = _cpu_seconds(pids) - before
+    run = json.loads(report.read_text())["runs"][0]
+    samples = run["ok"] * CANDIDATES
+    return {
+        **run,
+        "cpu_per_1k": cpu / max(samples / 1000, 1e-9),
+        "rss": [_rss_mib(p) for p in pids],
+    }
 
 
-def run_demo(workdir: Path, size: int, samples: int) -> int:
+def run_demo(workdir: Path, size: int, duration: float) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
-    fp32, int8 = workdir / "model-fp32", workdir / "model-int8"
-    print(f"== synthesize {PROFILE} ({format_size(size)}) -> {fp32}")
-    _ensure_model(fp32, size)
-    print(f"== quantize to int8 row-wise -> {int8}")
-    _, report = quantize_model(fp32, "int8", int8, overwrite=True)
-    for line in report.lines():
-        print(f"   {line}")
-    print(f"== plan {SHARDS} shards (user features once per request, {BATCH} candidates)")
-    manifest = read_manifest(fp32)
-    traffic = Traffic(BATCH, frozenset({"user"}))
+    model = workdir / "model"
+    print(f"== synthesize {PROFILE} ({format_size(size)}) -> {model}")
+    _ensure_model(model, size)
+    manifest = read_manifest(model)
+    print(f"== plan {SHARDS} shards ({CANDIDATES} candidates per request, user features once)")
+    traffic = Traffic(CANDIDATES, frozenset({"user"}))
     plans = {
         s: build(manifest, SHARDS, s, local_endpoints(SHARDS, 1), traffic=traffic)
         for s in STRATEGIES
     }
     for line in compare_table(plans):
         print(f"   {line}")
-    (workdir / "plan.json").write_bytes(plans["net"].to_json())
-    print(f"   wrote {workdir / 'plan.json'} (net)")
-    print(f"== score {samples} sampled requests in-process, batches of {BATCH}")
-    print(f"   {'model':<8} {'tables':>10} {'samples/s':>10} {'mean score':>11}")
-    for name, path in (("fp32", fp32), ("int8", int8)):
-        model = Model.open(path)
-        rate, mean = _throughput(model, samples)
-        print(
-            f"   {name:<8} {format_size(model.manifest.table_bytes):>10} {rate:>10.0f} "
-            f"{mean:>11.4f}"
-        )
+    plan = workdir / "plan.json"
+    plan.write_bytes(plans[STRATEGY].to_json())
+    results = {}
+    for label, singular in (("distributed", False), ("singular", True)):
+        print(f"== {label}: start, then {QPS:g} ranking requests/s for {duration:g} s")
+        with LocalCluster(
+            model, plan=None if singular else plan, singular=singular, port=_free_port()
+        ) as cluster:
+            results[label] = _load(cluster, workdir / f"loadgen-{label}.json", duration)
+    contacted = plans[STRATEGY].report["shards_contacted"]
     print(
-        "== done; distributed serving (shards + gateway) lands with the shardd and gateway issues"
+        f"\n{PROFILE} {format_size(manifest.table_bytes)}, {SHARDS} shards ({STRATEGY}), "
+        f"open-loop {QPS:g} requests/s x {CANDIDATES} candidates"
     )
+    head = f"   {'':<12}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>8}{'CPU s/1k':>10}  RSS MiB"
+    print(head)
+    for label, r in results.items():
+        lat = r["latency_ms"]
+        print(
+            f"   {label:<12}{lat['p50']:>9.1f}{lat['p99']:>9.1f}{r['achieved_qps']:>8.1f}"
+            f"{r['cpu_per_1k']:>10.3f}  {' + '.join(str(x) for x in r['rss'])}"
+        )
+    d, s = results["distributed"], results["singular"]
+    print(
+        f"   {'ratio':<12}{d['latency_ms']['p50'] / s['latency_ms']['p50']:>8.2f}x"
+        f"{d['latency_ms']['p99'] / s['latency_ms']['p99']:>8.2f}x"
+        f"{d['achieved_qps'] / s['achieved_qps']:>7.2f}x"
+        f"{d['cpu_per_1k'] / s['cpu_per_1k']:>9.2f}x"
+    )
+    print(f"   shards contacted per request: {contacted} of {SHARDS}")
+    summary = {
+        "model": manifest.name,
+        "bytes": manifest.table_bytes,
+        "shards": SHARDS,
+        "strategy": STRATEGY,
+        "qps": QPS,
+        "candidates": CANDIDATES,
+        "results": results,
+    }
+    (workdir / "demo-report.json").write_text(json.dumps(summary, indent=2))
+    print(f"== done: reports in {workdir}")
     return 0

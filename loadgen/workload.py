@@ -1,0 +1,97 @@
+"""Request bodies drawn from a served model's description (``GET /v1/model``).
+
+Flat requests carry ``samples`` samples; ranking requests carry one context (the ``user``
+net's features, looked up once) and ``candidates`` candidates (every other feature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import orjson
+
+from recserve.workload import DEFAULT_POOLING, DEFAULT_ZIPF, scatter, zipf_ranks
+
+CONTEXT_NET = "user"
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    rows: int
+    net: str
+    zipf: float
+    pooling: float
+
+
+def features_of(model: dict[str, Any]) -> list[Feature]:
+    out = []
+    for f in model["features"]:
+        stats = f.get("stats") or {}
+        out.append(
+            Feature(
+                f["name"],
+                int(f["rows"]),
+                f.get("net", "default"),
+                float(stats.get("zipf", DEFAULT_ZIPF)),
+                float(stats.get("pooling_factor", DEFAULT_POOLING)),
+            )
+        )
+    return out
+
+
+class Bodies:
+    def __init__(
+        self, model: dict[str, Any], *, samples: int, candidates: int, fmt: str, seed: int
+    ) -> None:
+        self.features = features_of(model)
+        self.dense_width = int(model["dense_width"])
+        self.samples = samples
+        self.candidates = candidates
+        self.fmt = fmt
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def samples_per_request(self) -> int:
+        return self.candidates or self.samples
+
+    @property
+    def content_type(self) -> str:
+        return "application/msgpack" if self.fmt == "msgpack" else "application/json"
+
+    def _bag(self, f: Feature) -> list[int]:
+        n = int(self.rng.poisson(f.pooling))
+        return scatter(zipf_ranks(self.rng, n, f.rows, f.zipf), f.rows).tolist()
+
+    def _dense(self) -> list[float]:
+        return self.rng.standard_normal(self.dense_width).astype(float).tolist()
+
+    def document(self) -> dict[str, Any]:
+        if self.candidates:
+            context = [f for f in self.features if f.net == CONTEXT_NET]
+            rest = [f for f in self.features if f.net != CONTEXT_NET]
+            return {
+                "context": {
+                    "dense": self._dense(),
+                    "sparse": {f.name: self._bag(f) for f in context},
+                },
+                "candidates": [
+                    {"sparse": {f.name: self._bag(f) for f in rest}} for _ in range(self.candidates)
+                ],
+            }
+        return {
+            "samples": [
+                {"dense": self._dense(), "sparse": {f.name: self._bag(f) for f in self.features}}
+                for _ in range(self.samples)
+            ]
+        }
+
+    def encode(self, doc: dict[str, Any]) -> bytes:
+        return msgpack.packb(doc) if self.fmt == "msgpack" else orjson.dumps(doc)
+
+    def pool(self, count: int) -> list[bytes]:
+        """``count`` distinct pre-encoded bodies, reused round robin during a run."""
+        return [self.encode(self.document()) for _ in range(count)]

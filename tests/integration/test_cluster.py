@@ -1,0 +1,101 @@
+"""``recserve up``: a real local cluster that leaves nothing behind."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from recserve.cli import main as cli
+from tests.integration.shards import free_port
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def start_up(model: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "recserve.cli",
+            "up",
+            "--model",
+            str(model),
+            "--shards",
+            "2",
+            "--strategy",
+            "capacity",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.2)
+        assert proc.poll() is None, f"recserve up exited with {proc.returncode}"
+    raise TimeoutError("recserve up did not become ready")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("up")
+    assert cli(["synth", "--profile", "drm1", "--size", "2MiB", "--out", str(root / "m")]) == 0
+    return root / "m"
+
+
+@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+def test_up_leaves_no_processes_or_files(model: Path, how: str) -> None:
+    proc = start_up(model, free_port())
+    try:
+        kids = children(proc.pid)
+        assert len(kids) == 3  # two shards and the gateway
+        run_dirs = {
+            Path(p).parent
+            for k in kids
+            for p in Path(f"/proc/{k}/cmdline").read_text().split("\0")
+            if p.endswith("plan.json")
+        }
+        proc.send_signal(signal.SIGINT if how == "sigint" else signal.SIGKILL)
+        proc.wait(60)
+        end = time.monotonic() + 30
+        while any(alive(k) for k in kids) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert not any(alive(k) for k in kids), "orphaned daemons"
+        if how == "sigint":
+            assert proc.returncode == 0
+            assert run_dirs and not any(d.exists() for d in run_dirs), "run dir left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
