@@ -51,7 +51,7 @@ def rss_mib(pid: int) -> float:
 
 
 def start_gateway(model: Path, port: int, plan: Path | None) -> subprocess.Popen:
-    where = ["--plan", str(plan)] if plan else ["--singular"]
+    where = ["--plan", str(plan)] if plan else ["--singular", "--preload"]
     return subprocess.Popen(
         [
             sys.executable,

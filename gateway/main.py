@@ -20,18 +20,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import uvloop
 import zmq.asyncio
 from aiohttp import web
 from threadpoolctl import threadpool_limits
 
+import kernels
 from gateway.app import ApiSettings, Gateway, create_app
 from gateway.batcher import Batcher, BatchSettings
 from gateway.metrics import GatewayMetrics
 from gateway.pooler import LocalPooler, Pooler, ShardedPooler
+from kernels import DenseNet
 from recserve import logs
 from recserve.artifact import load_dense, read_manifest
 from recserve.errors import ConfigError, RecserveError
+from recserve.manifest import Manifest
 from recserve.model import Model
 from recserve.plan import read_plan
 from recserve.shardclient import now_ms
@@ -50,6 +54,7 @@ class GatewayConfig:
     api: ApiSettings = field(default_factory=ApiSettings)
     threads: int = 2
     drain_timeout: float = 10.0
+    preload: bool = False
 
     def __post_init__(self) -> None:
         b = self.batching
@@ -63,6 +68,7 @@ class GatewayConfig:
 async def gateway(config: GatewayConfig) -> AsyncIterator[Gateway]:
     """Every lifetime of a running gateway: executor, sockets, pooler, background tasks."""
     manifest = read_manifest(config.model)
+    loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(config.threads, thread_name_prefix="gateway")
     metrics = GatewayMetrics.create()
     ctx = zmq.asyncio.Context()
@@ -70,6 +76,9 @@ async def gateway(config: GatewayConfig) -> AsyncIterator[Gateway]:
     pooler: Pooler
     if config.plan is None:
         model = Model.open(config.model)
+        if config.preload:
+            seconds = await loop.run_in_executor(executor, model.preload)
+            log.info("preloaded %d MiB of tables in %.1f s", manifest.table_bytes >> 20, seconds)
         pooler, dense = LocalPooler(model, executor), model.dense
     else:
         plan = read_plan(config.plan)
@@ -78,9 +87,11 @@ async def gateway(config: GatewayConfig) -> AsyncIterator[Gateway]:
             ShardedPooler(manifest, plan, ctx, executor),
             load_dense(config.model, manifest),
         )
+    # Load the compiled kernel and run one dense forward before serving: the first requests
+    # must not pay for them (they decided the P99 of short runs).
+    await loop.run_in_executor(executor, _warm_up, dense, manifest)
     batcher = Batcher(pooler, dense.forward, config.batching, executor, metrics)
     gw = Gateway(manifest, plan, pooler, batcher, executor, metrics, config.api)
-    loop = asyncio.get_running_loop()
     gw.tasks.append(loop.create_task(batcher.run()))
     gw.tasks.append(loop.create_task(_readiness(gw)))
     try:
@@ -92,6 +103,15 @@ async def gateway(config: GatewayConfig) -> AsyncIterator[Gateway]:
         await pooler.close()
         ctx.term()
         executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _warm_up(dense: DenseNet, manifest: Manifest) -> None:
+    kernels.warm_up()
+    features = sum(1 for _ in manifest.features())
+    dense.forward(
+        np.zeros((8, manifest.dense_width), np.float32),
+        np.zeros((8, features, manifest.embedding_dim), np.float32),
+    )
 
 
 async def _readiness(gw: Gateway) -> None:
@@ -125,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="BLAS threads per dense MLP (1: batches run side by side instead)",
     )
     p.add_argument("--drain-timeout", type=float, default=10.0)
+    p.add_argument(
+        "--preload",
+        action="store_true",
+        help="with --singular: touch every table page before serving",
+    )
     p.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -145,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    args.max_inflight_samples),
             api=ApiSettings(default_timeout_ms=args.timeout_ms,
                             max_request_samples=args.max_request_samples),
-            threads=args.threads, drain_timeout=args.drain_timeout,
+            threads=args.threads, drain_timeout=args.drain_timeout, preload=args.preload,
         )  # fmt: skip
         return uvloop.run(serve(config))
     except RecserveError as exc:

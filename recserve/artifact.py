@@ -175,6 +175,14 @@ def open_table(root: Path | str, spec: TableSpec) -> Table:
     return Int8RowwiseTable(array) if spec.dtype == "int8" else array
 
 
+def touch(table: Table) -> None:
+    """Read one value per page of a memory-mapped table so later lookups do not fault."""
+    data = table.data if isinstance(table, Int8RowwiseTable) else table
+    if data.shape[0]:
+        step = max(1, 4096 // data.strides[0])
+        np.add.reduce(data[::step, 0], dtype=np.float64)
+
+
 def load_dense(root: Path | str, manifest: Manifest) -> DenseNet:
     path = Path(root) / DENSE_FILE
     spec = manifest.dense

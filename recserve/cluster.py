@@ -129,7 +129,11 @@ class LocalCluster:
             for ep, proc in zip(endpoints, self.shards, strict=True):
                 while not _shard_healthy(ep):
                     self._check(proc, "shard", deadline)
-        where = ["--singular"] if self.plan_path is None else ["--plan", str(self.plan_path)]
+        where = (
+            ["--singular", "--preload"]
+            if self.plan_path is None
+            else ["--plan", str(self.plan_path)]
+        )
         self.gateway = _spawn(
             [
                 "-m",

@@ -6,13 +6,14 @@ the gateway's ``--singular`` baseline. Tables stay memory-mapped; nothing is rea
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 
 import kernels
 from kernels import DenseNet, Table
-from recserve.artifact import load_dense, open_table, read_manifest, verify
+from recserve.artifact import load_dense, open_table, read_manifest, touch, verify
 from recserve.batch import Batch
 from recserve.errors import IdOutOfRange
 from recserve.manifest import Manifest
@@ -36,6 +37,13 @@ class Model:
             verify(root, manifest)
         tables = {t.name: open_table(root, t) for t in manifest.tables}
         return cls(root, manifest, tables, load_dense(root, manifest))
+
+    def preload(self) -> float:
+        """Touch every page of every table (see ``artifact.touch``); returns seconds."""
+        start = time.perf_counter()
+        for table in self.tables.values():
+            touch(table)
+        return time.perf_counter() - start
 
     def pool(self, batch: Batch) -> np.ndarray:
         """Pooled vectors ``[B, features, dim]`` in interaction order: one kernel call per
