@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -129,6 +130,44 @@ async def open_loop(
     }
 
 
+def local_plan(plan: Path) -> dict[str, Any]:
+    """Rewrite ``plan``'s endpoints to private ipc sockets beside it; returns the plan."""
+    doc: dict[str, Any] = json.loads(plan.read_text())
+    for s in doc["shards"]:
+        s["endpoints"] = [f"ipc://{plan.parent}/{plan.stem}-s{s['id']}.sock"]
+    plan.write_text(json.dumps(doc))
+    return doc
+
+
+def measure(
+    model: Path, plan: Path | None, bodies: list[bytes], rate: float, duration: float, samples: int
+) -> tuple[dict[str, float], list[float]]:
+    """Start the shards of ``plan`` (none: singular) and a gateway, drive the open-loop load,
+    stop everything. Returns the load results (with CPU s per 1k samples) and RSS per process."""
+    doc = json.loads(plan.read_text()) if plan else {"shards": []}
+    shards = (
+        [start_shard(plan, model, s["id"], s["endpoints"][0], "--preload") for s in doc["shards"]]
+        if plan
+        else []
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gw = None
+    try:
+        for s, p in zip(doc["shards"], shards, strict=True):
+            wait_healthy(s["endpoints"][0], p)
+        gw = start_gateway(model, port, plan)
+        asyncio.run(wait_ready(url))
+        pids = [gw.pid, *[p.pid for p in shards]]
+        before = cpu_seconds(pids)
+        r = asyncio.run(open_loop(url, bodies, rate, duration, seed=3))
+        r["cpu_per_1k"] = (cpu_seconds(pids) - before) / (r["requests"] * samples / 1000)
+        return r, [rss_mib(pid) for pid in pids]
+    finally:
+        for p in ([gw] if gw else []) + shards:
+            stop(p)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="256MiB")
@@ -173,42 +212,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             == 0
         )
-        doc = json.loads((root / "plan.json").read_text())
-        for s in doc["shards"]:
-            s["endpoints"] = [f"ipc://{root}/s{s['id']}.sock"]
-        (root / "plan.json").write_text(json.dumps(doc))
+        local_plan(root / "plan.json")
         manifest = read_manifest(model)
         work = Workload(manifest, seed=5)
         bodies = [orjson.dumps({"samples": work.samples(args.samples)}) for _ in range(64)]
         results, rss = {}, {}
         for mode in ("distributed", "singular"):
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            shards = []
-            if mode == "distributed":
-                for s in doc["shards"]:
-                    shards.append(
-                        start_shard(
-                            root / "plan.json", model, s["id"], s["endpoints"][0], "--preload"
-                        )
-                    )
-                for s, p in zip(doc["shards"], shards, strict=True):
-                    wait_healthy(s["endpoints"][0], p)
-            gw = start_gateway(model, port, root / "plan.json" if shards else None)
-            try:
-                asyncio.run(wait_ready(url))
-                pids = [gw.pid, *[p.pid for p in shards]]
-                before = cpu_seconds(pids)
-                r = asyncio.run(open_loop(url, bodies, args.rate, args.duration, seed=3))
-                r["cpu_per_1k"] = (cpu_seconds(pids) - before) / (
-                    r["requests"] * args.samples / 1000
-                )
-                results[mode] = r
-                rss[mode] = [rss_mib(pid) for pid in pids]
-            finally:
-                stop(gw)
-                for p in shards:
-                    stop(p)
+            plan = root / "plan.json" if mode == "distributed" else None
+            results[mode], rss[mode] = measure(model, plan, bodies, args.rate, args.duration,
+                                               args.samples)  # fmt: skip
     rows = []
     for mode, r in results.items():
         rows.append(

@@ -84,7 +84,7 @@ async def gateway(config: GatewayConfig) -> AsyncIterator[Gateway]:
         plan = read_plan(config.plan)
         plan.check(manifest)
         pooler, dense = (
-            ShardedPooler(manifest, plan, ctx, executor),
+            ShardedPooler(manifest, plan, ctx, executor, metrics),
             load_dense(config.model, manifest),
         )
     # Load the compiled kernel and run one dense forward before serving: the first requests

@@ -41,6 +41,9 @@ class GatewayMetrics:
     dense: Histogram
     batch_samples: Histogram
     inflight: Gauge
+    shard_rpc: Histogram
+    shards_contacted: Histogram
+    shard_bytes: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -70,5 +73,24 @@ class GatewayMetrics:
             ),
             inflight=Gauge(
                 "recserve_gateway_inflight_samples", "Samples queued or being scored", registry=reg
+            ),
+            shard_rpc=Histogram(
+                "recserve_gateway_shard_rpc_seconds",
+                "One lookup round trip, by shard",
+                ["shard"],
+                buckets=SECONDS,
+                registry=reg,
+            ),
+            shards_contacted=Histogram(
+                "recserve_gateway_shards_contacted",
+                "Shards a batch's lookups went to",
+                buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+                registry=reg,
+            ),
+            shard_bytes=Counter(
+                "recserve_gateway_shard_bytes",
+                "Bytes to and from shards",
+                ["direction"],
+                registry=reg,
             ),
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,6 +21,7 @@ from typing import Protocol
 import numpy as np
 import zmq.asyncio
 
+from gateway.metrics import GatewayMetrics
 from recserve.batch import Batch
 from recserve.errors import RecserveError, ShardUnavailable
 from recserve.manifest import Manifest
@@ -82,8 +84,14 @@ class ShardRequest:
 
 class ShardedPooler:
     def __init__(
-        self, manifest: Manifest, plan: Plan, ctx: zmq.asyncio.Context, executor: Executor
+        self,
+        manifest: Manifest,
+        plan: Plan,
+        ctx: zmq.asyncio.Context,
+        executor: Executor,
+        metrics: GatewayMetrics,
     ) -> None:
+        self.metrics = metrics
         self.manifest = manifest
         self.executor = executor
         self.features = list(manifest.features())
@@ -148,6 +156,7 @@ class ShardedPooler:
         loop = asyncio.get_running_loop()
         routes = await loop.run_in_executor(self.executor, self.route, batch)
         ids = list(routes)
+        self.metrics.shards_contacted.observe(len(ids))
         replies = await asyncio.gather(*(self._call(s, routes[s], deadline_ms) for s in ids))
         return await loop.run_in_executor(
             self.executor, self.merge, batch, routes, dict(zip(ids, replies, strict=True))
@@ -169,9 +178,19 @@ class ShardedPooler:
             # leaves room to fail over.
             share = now_ms() + left / (len(replicas) - r)
             try:
-                return await client.lookup(
+                start = time.perf_counter()
+                groups = await client.lookup(
                     req.parts, ids, lengths, weights=weights, deadline_ms=share
                 )
+                self.metrics.shard_rpc.labels(shard=str(shard_id)).observe(
+                    time.perf_counter() - start
+                )
+                sent = ids.nbytes + lengths.nbytes + (weights.nbytes if weights is not None else 0)
+                self.metrics.shard_bytes.labels(direction="sent").inc(sent)
+                self.metrics.shard_bytes.labels(direction="received").inc(
+                    sum(g.pooled.nbytes for g in groups)
+                )
+                return groups
             except ShardUnavailable as exc:
                 log.warning("shard %s: %s", client.name, exc.message)
                 error = exc

@@ -23,3 +23,14 @@ def test_bench_shardd_small(capsys: pytest.CaptureFixture[str]) -> None:
     for path in ("tcp", "ipc", "bare kernel"):
         assert f"{path} " in out
     assert "target: over the wire" in out
+
+
+def test_bench_e2e_small(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import bench_e2e
+
+    assert (
+        bench_e2e.main(["--size", "4MiB", "--shards", "2", "--rate", "10", "--duration", "1"]) == 0
+    )
+    out = capsys.readouterr().out
+    for mode in ("capacity", "load", "net", "singular"):
+        assert f"{mode} " in out

@@ -230,6 +230,10 @@ def test_model_health_and_metrics(deployments) -> None:
             text = await r.text()
         assert 'recserve_gateway_requests_total{route="/v1/predict",status="200"}' in text
         assert "recserve_gateway_pooling_seconds_bucket" in text
+        for shard in range(3):
+            assert f'recserve_gateway_shard_rpc_seconds_count{{shard="{shard}"}} 1.0' in text
+        assert "recserve_gateway_shards_contacted_count 1.0" in text
+        assert 'recserve_gateway_shard_bytes_total{direction="received"}' in text
 
     asyncio.run(serve(GatewayConfig(model=model, plan=plan, port=0), check))
 
