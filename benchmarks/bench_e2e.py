@@ -15,15 +15,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import orjson
-
-from benchmarks.bench_gateway import local_plan, measure
+from benchmarks.bench_gateway import local_plan, measure, prepare
 from benchmarks.common import print_table
-from recserve.artifact import read_manifest
 from recserve.cli import main as cli
 from recserve.plan import read_plan
 from recserve.planner import STRATEGIES
-from recserve.workload import Workload
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,25 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = root / "m"
-        assert (
-            cli(
-                [
-                    "synth",
-                    "--profile",
-                    "drm2",
-                    "--size",
-                    args.size,
-                    "--seed",
-                    "1",
-                    "--out",
-                    str(model),
-                ]
-            )
-            == 0
-        )
-        work = Workload(read_manifest(model), seed=5)
-        bodies = [orjson.dumps({"samples": work.samples(args.samples)}) for _ in range(64)]
+        model, bodies = prepare(root, args.size, args.samples)
         results = {}
         for strategy in STRATEGIES:
             plan = root / f"{strategy}.json"

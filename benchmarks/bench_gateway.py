@@ -130,6 +130,16 @@ async def open_loop(
     }
 
 
+def prepare(root: Path, size: str, samples: int) -> tuple[Path, list[bytes]]:
+    """A drm2 model under ``root`` and 64 pre-encoded request bodies drawn from it."""
+    model = root / "m"
+    assert (
+        cli(["synth", "--profile", "drm2", "--size", size, "--seed", "1", "--out", str(model)]) == 0
+    )
+    work = Workload(read_manifest(model), seed=5)
+    return model, [orjson.dumps({"samples": work.samples(samples)}) for _ in range(64)]
+
+
 def local_plan(plan: Path) -> dict[str, Any]:
     """Rewrite ``plan``'s endpoints to private ipc sockets beside it; returns the plan."""
     doc: dict[str, Any] = json.loads(plan.read_text())
@@ -179,47 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = root / "m"
-        assert (
-            cli(
-                [
-                    "synth",
-                    "--profile",
-                    "drm2",
-                    "--size",
-                    args.size,
-                    "--seed",
-                    "1",
-                    "--out",
-                    str(model),
-                ]
-            )
-            == 0
-        )
-        assert (
-            cli(
-                [
-                    "plan",
-                    "--model",
-                    str(model),
-                    "--shards",
-                    str(args.shards),
-                    "--strategy",
-                    args.strategy,
-                    "--out",
-                    str(root / "plan.json"),
-                ]
-            )
-            == 0
-        )
-        local_plan(root / "plan.json")
-        manifest = read_manifest(model)
-        work = Workload(manifest, seed=5)
-        bodies = [orjson.dumps({"samples": work.samples(args.samples)}) for _ in range(64)]
+        model, bodies = prepare(root, args.size, args.samples)
+        plan = root / "plan.json"
+        assert cli(["plan", "--model", str(model), "--shards", str(args.shards),
+                    "--strategy", args.strategy, "--out", str(plan)]) == 0  # fmt: skip
+        local_plan(plan)
         results, rss = {}, {}
         for mode in ("distributed", "singular"):
-            plan = root / "plan.json" if mode == "distributed" else None
-            results[mode], rss[mode] = measure(model, plan, bodies, args.rate, args.duration,
+            where = plan if mode == "distributed" else None
+            results[mode], rss[mode] = measure(model, where, bodies, args.rate, args.duration,
                                                args.samples)  # fmt: skip
     rows = []
     for mode, r in results.items():

@@ -80,6 +80,25 @@ def pop_linear_stack(state: dict[str, np.ndarray], weight_pattern: str, what: st
     return layers
 
 
+def single_dim(embs: Sequence[tuple[str, np.ndarray]], source: object) -> int:
+    """The one embedding dim all tables share (DLRM's interaction needs it)."""
+    dims = {int(v.shape[1]) for _, v in embs if v.ndim == 2}
+    if len(dims) != 1:
+        raise ImportFailed(f"{source}: tables have differing dims {sorted(dims)}")
+    return dims.pop()
+
+
+def relu_dlrm_layers(bottom: Sequence[Layer], top: Sequence[Layer]) -> DenseLayers:
+    """ReLU after every bottom layer and every top layer but the last, which ends in a
+    sigmoid: both reference implementations' MLPs (torchrec's sigmoid is appended)."""
+    return DenseLayers(
+        bottom,
+        top,
+        bottom_activations=["relu"] * len(bottom),
+        top_activations=["relu"] * (len(top) - 1) + ["sigmoid"],
+    )
+
+
 def infer_interaction(
     top_in: int,
     dim: int,

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from recserve.errors import ImportFailed
 from recserve.importers.common import (
-    DenseLayers,
     build_artifact,
     infer_interaction,
     load_state_dict,
     numbered,
     pop_linear_stack,
+    relu_dlrm_layers,
+    single_dim,
 )
 from recserve.manifest import Manifest
 
@@ -46,22 +47,14 @@ def import_dlrm(
             f"{checkpoint}: unrecognised keys {sorted(state)[:5]} (quotient-remainder or "
             "mixed-dimension embeddings are not supported)"
         )
-    dims = {v.shape[1] for _, v in embs if v.ndim == 2}
-    if len(dims) != 1:
-        raise ImportFailed(f"{checkpoint}: tables have differing dims {sorted(dims)}")
     spec = infer_interaction(
         int(top[0][0].shape[1]),
-        dims.pop(),
+        single_dim(embs, checkpoint),
         len(embs),
         kind=interaction,
         self_interaction=interaction_itself,
     )
-    dense = DenseLayers(
-        bottom,
-        top,
-        bottom_activations=["relu"] * len(bottom),
-        top_activations=["relu"] * (len(top) - 1) + ["sigmoid"],
-    )
+    dense = relu_dlrm_layers(bottom, top)
     return build_artifact(
         out,
         name=name or Path(checkpoint).stem,

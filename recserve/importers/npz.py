@@ -30,6 +30,7 @@ from recserve.importers.common import (
     infer_interaction,
     numbered,
     pop_linear_stack,
+    single_dim,
 )
 from recserve.manifest import ACTIVATIONS, ORDERS, POOLINGS, Manifest
 from recserve.schema import Doc
@@ -66,15 +67,12 @@ def import_npz(
     top = pop_linear_stack(state, r"top_(\d+)_weight", "top MLP")
     if state:
         raise ImportFailed(f"{weights}: unrecognised arrays {sorted(state)[:5]}")
-    dims = {v.shape[1] for _, v in embs if v.ndim == 2}
-    if len(dims) != 1:
-        raise ImportFailed(f"{weights}: tables have differing dims {sorted(dims)}")
     kind = doc.choice("interaction", ("dot", "cat"), None)
     order = doc.choice("interaction_order", ORDERS, "dlrm_tril")
     itself = doc.get("interaction_itself", bool, None)
     spec = infer_interaction(
         int(top[0][0].shape[1]),
-        dims.pop(),
+        single_dim(embs, weights),
         len(embs),
         kind=kind,
         self_interaction=itself,

@@ -15,11 +15,12 @@ from pathlib import Path
 
 from recserve.errors import ImportFailed
 from recserve.importers.common import (
-    DenseLayers,
     build_artifact,
     infer_interaction,
     load_state_dict,
     pop_linear_stack,
+    relu_dlrm_layers,
+    single_dim,
 )
 from recserve.manifest import Manifest
 
@@ -50,23 +51,15 @@ def import_torchrec(
     over += pop_linear_stack(state, r"over_arch\.model\.(1)\.weight", "over arch final layer")
     if state:
         raise ImportFailed(f"{checkpoint}: unrecognised keys {sorted(state)[:5]}")
-    dims = {v.shape[1] for _, v in embs if v.ndim == 2}
-    if len(dims) != 1:
-        raise ImportFailed(f"{checkpoint}: tables have differing dims {sorted(dims)}")
     spec = infer_interaction(
         int(over[0][0].shape[1]),
-        dims.pop(),
+        single_dim(embs, checkpoint),
         len(embs),
         kind="dot",
         self_interaction=False,
         order="torchrec_triu",
     )
-    dense = DenseLayers(
-        bottom,
-        over,
-        bottom_activations=["relu"] * len(bottom),
-        top_activations=["relu"] * (len(over) - 1) + ["sigmoid"],
-    )
+    dense = relu_dlrm_layers(bottom, over)
     return build_artifact(
         out,
         name=name or Path(checkpoint).stem,

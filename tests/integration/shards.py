@@ -25,16 +25,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_shard(
-    plan: Path,
-    model: Path,
-    shard: int,
-    endpoint: str,
-    *extra: str,
-    env: dict[str, str] | None = None,
-    log: Path | None = None,
-) -> subprocess.Popen:
-    cmd = [
+def shard_cmd(plan: Path, model: Path, shard: int, endpoint: str, *extra: str) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "shardd",
@@ -46,9 +38,20 @@ def start_shard(
         str(shard),
         "--bind",
         endpoint,
-        "--log-json",
         *extra,
     ]
+
+
+def start_shard(
+    plan: Path,
+    model: Path,
+    shard: int,
+    endpoint: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+) -> subprocess.Popen:
+    cmd = shard_cmd(plan, model, shard, endpoint, "--log-json", *extra)
     env = {**os.environ, **(env or {})}
     if log is None:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)

@@ -33,6 +33,7 @@ from tests.integration.shards import (
     header,
     raw,
     running,
+    shard_cmd,
     start_shard,
     stop,
     wait_healthy,
@@ -409,29 +410,11 @@ def test_two_daemons_cannot_share_an_ipc_endpoint(model_and_plan, tmp_path: Path
     endpoint = f"ipc://{tmp_path}/one.sock"
     with running(plan_path, model, 0, endpoint):
         second = subprocess.run(
-            [*start_cmd(plan_path, model, 1, endpoint)], capture_output=True, text=True, timeout=120
+            [*shard_cmd(plan_path, model, 1, endpoint)], capture_output=True, text=True, timeout=120
         )
         assert second.returncode == 2
         assert "served by another shard daemon" in second.stderr
         assert msgpack.unpackb(raw(endpoint, [header("info")])[0])["shard"] == 0
-
-
-def start_cmd(plan: Path, model: Path, shard: int, endpoint: str) -> list[str]:
-    import sys
-
-    return [
-        sys.executable,
-        "-m",
-        "shardd",
-        "--plan",
-        str(plan),
-        "--model",
-        str(model),
-        "--shard",
-        str(shard),
-        "--bind",
-        endpoint,
-    ]
 
 
 def test_plan_for_another_model_is_refused(model_and_plan, tmp_path: Path) -> None:
@@ -454,7 +437,7 @@ def test_plan_for_another_model_is_refused(model_and_plan, tmp_path: Path) -> No
         == 0
     )
     done = subprocess.run(
-        start_cmd(tmp_path / "p.json", model, 0, f"ipc://{tmp_path}/x.sock"),
+        shard_cmd(tmp_path / "p.json", model, 0, f"ipc://{tmp_path}/x.sock"),
         capture_output=True,
         text=True,
         timeout=120,
