@@ -47,6 +47,7 @@ class ApiSettings:
     default_timeout_ms: float = 1000.0
     max_timeout_ms: float = 30_000.0
     max_request_samples: int = 8192
+    max_request_ids: int = 4_000_000
     max_body_bytes: int = 64 << 20
 
 
@@ -172,16 +173,23 @@ async def read_batch(request: web.Request) -> tuple[Batch, float]:
                 )
             timeout = min(timeout, float(t))
         batch = parse_request(doc, gw.manifest)
-        if batch.size > gw.settings.max_request_samples:
-            raise TooLarge(
-                f"{batch.size} samples exceed the limit of {gw.settings.max_request_samples}",
-                field="samples",
-            )
+        check_limits(batch, gw.settings)
         return batch, timeout
 
     started = now_ms()
     batch, timeout = await loop.run_in_executor(gw.executor, parse)
     return batch, started + timeout
+
+
+def check_limits(batch: Batch, settings: ApiSettings) -> None:
+    if batch.size > settings.max_request_samples:
+        raise TooLarge(
+            f"{batch.size} samples exceed the limit of {settings.max_request_samples}",
+            field="samples",
+        )
+    ids = sum(b.ids.size for b in batch.bags.values())
+    if ids > settings.max_request_ids:
+        raise TooLarge(f"{ids} ids exceed the limit of {settings.max_request_ids}", field="sparse")
 
 
 async def predict(request: web.Request) -> web.Response:

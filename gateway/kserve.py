@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from gateway.app import GATEWAY, Gateway
+from gateway.app import GATEWAY, Gateway, check_limits
 from recserve import __version__
 from recserve.batch import Batch, batch_from_arrays
 from recserve.errors import BadRequest, RecserveError, http_status
@@ -168,7 +168,9 @@ def parse_infer(body: bytes, header_len: int | None, gw: Gateway) -> tuple[Batch
             sparse[feature] = (arr, lengths.reshape(-1))
         elif f"{feature}.values" not in tensors:
             raise BadRequest(f"{feature}.lengths has no {feature}.values", field=name)
-    return batch_from_arrays(dense, sparse, gw.manifest), timeout, binary_out
+    batch = batch_from_arrays(dense, sparse, gw.manifest)
+    check_limits(batch, gw.settings)
+    return batch, timeout, binary_out
 
 
 async def infer(request: web.Request) -> web.Response:

@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-delay-us", type=int, default=500)
     p.add_argument("--max-inflight-samples", type=int, default=32768)
     p.add_argument("--max-request-samples", type=int, default=8192)
+    p.add_argument("--max-request-ids", type=int, default=4_000_000)
     p.add_argument("--timeout-ms", type=float, default=1000.0, help="default request deadline")
     p.add_argument("--threads", type=int, default=2, help="executor threads (numpy work)")
     p.add_argument(
@@ -169,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             batching=BatchSettings(args.max_batch_samples, args.max_queue_delay_us,
                                    args.max_inflight_samples),
             api=ApiSettings(default_timeout_ms=args.timeout_ms,
-                            max_request_samples=args.max_request_samples),
+                            max_request_samples=args.max_request_samples,
+                            max_request_ids=args.max_request_ids),
             threads=args.threads, drain_timeout=args.drain_timeout, preload=args.preload,
         )  # fmt: skip
         return uvloop.run(serve(config))

@@ -25,6 +25,9 @@ PERCENTILES = (50, 90, 95, 99, 99.9)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recserve loadgen", description=__doc__.splitlines()[0])
     p.add_argument("--url", required=True, help="the gateway, e.g. http://127.0.0.1:8080")
+    p.add_argument(
+        "--model", type=Path, help="read the workload from this artifact instead of GET /v1/model"
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--qps", type=float, help="open loop: Poisson arrivals per second")
     mode.add_argument("--concurrency", type=int, help="closed loop: requests in flight")
@@ -128,8 +131,22 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def model_from_artifact(path: Path) -> dict[str, Any]:
+    """The ``GET /v1/model`` fields the workload needs, from a model artifact."""
+    from recserve.artifact import read_manifest
+
+    m = read_manifest(path)
+    return {
+        "dense_width": m.dense_width,
+        "features": [
+            {"name": f, "rows": t.rows, "net": t.net, "stats": t.stats.to_dict()}
+            for f, t in m.features()
+        ],
+    }
+
+
 async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
-    model = fetch_model(args.url)
+    model = model_from_artifact(args.model) if args.model else fetch_model(args.url)
     bodies = Bodies(
         model, samples=args.samples, candidates=args.candidates, fmt=args.format, seed=args.seed
     )

@@ -85,6 +85,8 @@ def _load(cluster: LocalCluster, report: Path, duration: float) -> dict[str, Any
             str(CANDIDATES),
             "--report",
             str(report),
+            "--plot",
+            str(report.with_suffix(".png")),
             "--quiet",
         ],
         check=True,

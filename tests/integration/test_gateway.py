@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway.app import create_app
+from gateway.app import ApiSettings, create_app
 from gateway.main import GatewayConfig, gateway
 from recserve.cli import main as cli
 from recserve.plan import read_plan
@@ -179,6 +179,12 @@ def test_ranking_form_matches_flat_samples(deployments) -> None:
             "samples[0].sparse.3[0]",
         ),
         ({"samples": [{"dense": [0.0] * 13}] * 9000}, 413, "too_large", "samples"),
+        (
+            {"samples": [{"dense": [0.0] * 13, "sparse": {"3": [1] * 1001}}]},
+            413,
+            "too_large",
+            "sparse",
+        ),
         ({"samples": [{"dense": [0.0] * 13}], "timeout_ms": -5}, 400, "bad_request", "timeout_ms"),
         (
             {
@@ -202,7 +208,12 @@ def test_bad_input_is_a_4xx_naming_the_field(deployments, body, status, kind, fi
         ok, _, _ = await post(session, url, {"samples": [{"dense": [0.0] * 13}]})
         assert ok == 200
 
-    asyncio.run(serve(GatewayConfig(model=model, plan=plan, port=0), check))
+    asyncio.run(
+        serve(
+            GatewayConfig(model=model, plan=plan, port=0, api=ApiSettings(max_request_ids=1000)),
+            check,
+        )
+    )
 
 
 def test_model_health_and_metrics(deployments) -> None:
@@ -238,23 +249,25 @@ def test_model_health_and_metrics(deployments) -> None:
     asyncio.run(serve(GatewayConfig(model=model, plan=plan, port=0), check))
 
 
-def test_kserve_v2_with_tritonclient(deployments, fixtures_dir: Path) -> None:
+@pytest.mark.parametrize("fixture", DEV_MODELS)
+def test_kserve_v2_with_tritonclient(deployments, fixtures_dir: Path, fixture: str) -> None:
     import tritonclient.http as tc
     from tritonclient.utils import InferenceServerException
 
-    model, plan = deployments["D1"]
+    model, plan = deployments[fixture]
     name = json.loads((model / "manifest.json").read_text())["name"]
-    batch = fixtures_dir / "D1" / "batch_17"
-    want = np.load(fixtures_dir / "D1" / "expected_17.npy")
+    batch = fixtures_dir / fixture / "batch_17"
+    want = np.load(fixtures_dir / fixture / "expected_17.npy")
+    n_tables = np.load(batch / "lengths.npy").shape[0]
 
     def inputs(binary: bool, extra: str | None = None) -> list[Any]:
         dense = np.load(batch / "dense.npy")
         out = [tc.InferInput("dense", list(dense.shape), "FP32")]
         out[0].set_data_from_numpy(dense, binary_data=binary)
-        for k in range(5):
+        for k in range(n_tables):
             ids = np.load(batch / f"indices_{k}.npy")
             lengths = np.load(batch / "lengths.npy")[k].astype(np.int32)
-            feature = extra if (extra and k == 4) else str(k)
+            feature = extra if (extra and k == n_tables - 1) else str(k)
             for suffix, arr, dtype in ((".values", ids, "INT64"), (".lengths", lengths, "INT32")):
                 t = tc.InferInput(feature + suffix, list(arr.shape), dtype)
                 t.set_data_from_numpy(arr, binary_data=binary)
@@ -267,7 +280,8 @@ def test_kserve_v2_with_tritonclient(deployments, fixtures_dir: Path) -> None:
             assert client.is_server_live() and client.is_server_ready()
             assert client.is_model_ready(name)
             meta = client.get_model_metadata(name)
-            assert meta["outputs"][0]["name"] == "score" and len(meta["inputs"]) == 11
+            assert meta["outputs"][0]["name"] == "score"
+            assert len(meta["inputs"]) == 1 + 2 * n_tables
             for binary in (True, False):
                 result = client.infer(
                     name,

@@ -14,10 +14,15 @@ from tests.integration.shards import free_port
 
 
 @pytest.fixture(scope="module")
-def gateway_url(tmp_path_factory: pytest.TempPathFactory):
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("lg")
     assert cli(["synth", "--profile", "drm2", "--size", "4MiB", "--out", str(root / "m")]) == 0
-    with LocalCluster(root / "m", singular=True, port=free_port()) as cluster:
+    return root / "m"
+
+
+@pytest.fixture(scope="module")
+def gateway_url(model: Path):
+    with LocalCluster(model, singular=True, port=free_port()) as cluster:
         yield cluster.url
 
 

@@ -349,16 +349,40 @@ async def burst(endpoint: str, request, count: int, after_accepted=None) -> list
 
 
 def test_overload_is_refused_at_once(model_and_plan, tmp_path: Path) -> None:
+    """One large lookup holds the only slot; lookups sent meanwhile are refused at once."""
     model, plan_path, plan = model_and_plan
     endpoint = f"ipc://{tmp_path}/busy.sock"
-    with running(plan_path, model, 0, endpoint, "--queue-limit", "3", "--kernel-threads", "1"):
-        start = time.monotonic()
-        results = asyncio.run(burst(endpoint, big_lookup(plan, 400_000), 12))
-        elapsed = time.monotonic() - start
-    ok = [r for r in results if isinstance(r, list)]
-    overloaded = [r for r in results if isinstance(r, Overloaded)]
-    assert ok and overloaded and len(ok) + len(overloaded) == 12, results
-    assert elapsed < 30
+    big = big_lookup(plan, 4_000_000)
+    small = big_lookup(plan, 1, bags=1)
+
+    async def run() -> tuple[object, list[object]]:
+        ctx = zmq.asyncio.Context()
+        client = ShardClient(endpoint, ctx)
+        try:
+            held = asyncio.ensure_future(
+                client.lookup(*big[:2], big[2], deadline_ms=now_ms() + 60_000)
+            )
+            async with asyncio.timeout(20):
+                while (await client.simple("health", now_ms() + 5000))["inflight"] < 1:
+                    await asyncio.sleep(0.001)
+            start = time.monotonic()
+            refused = await asyncio.gather(
+                *(
+                    client.lookup(*small[:2], small[2], deadline_ms=now_ms() + 60_000)
+                    for _ in range(5)
+                ),
+                return_exceptions=True,
+            )
+            assert time.monotonic() - start < 1.0
+            return await held, refused
+        finally:
+            await client.close()
+            ctx.term()
+
+    with running(plan_path, model, 0, endpoint, "--queue-limit", "1", "--kernel-threads", "1"):
+        done, refused = asyncio.run(run())
+    assert isinstance(done, list)
+    assert all(isinstance(r, Overloaded) for r in refused), refused
 
 
 def test_sigterm_finishes_lookups_in_flight(model_and_plan, tmp_path: Path) -> None:
