@@ -32,7 +32,7 @@ from gateway.batcher import Batcher
 from gateway.metrics import GatewayMetrics
 from gateway.pooler import Pooler
 from recserve.batch import Batch, parse_request
-from recserve.errors import BadRequest, RecserveError, TooLarge, http_status
+from recserve.errors import BadRequest, NotReady, RecserveError, TooLarge, http_status
 from recserve.manifest import Manifest
 from recserve.plan import Plan
 from recserve.shardclient import now_ms
@@ -154,8 +154,6 @@ async def read_batch(request: web.Request) -> tuple[Batch, float]:
     """The request's batch (parsed in the executor) and its deadline."""
     gw = request.app[GATEWAY]
     if gw.draining:
-        from recserve.errors import NotReady
-
         raise NotReady("the gateway is shutting down")
     body = await request.read()
     ctype = request.content_type

@@ -21,7 +21,7 @@ from aiohttp import web
 from gateway.app import GATEWAY, Gateway, check_limits
 from recserve import __version__
 from recserve.batch import Batch, batch_from_arrays
-from recserve.errors import BadRequest, RecserveError, http_status
+from recserve.errors import BadRequest, NotReady, RecserveError, http_status
 from recserve.shardclient import now_ms
 
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -177,8 +177,6 @@ async def infer(request: web.Request) -> web.Response:
     gw = _model(request)
     try:
         if gw.draining:
-            from recserve.errors import NotReady
-
             raise NotReady("the gateway is shutting down")
         body = await request.read()
         raw_len = request.headers.get(HEADER)

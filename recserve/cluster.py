@@ -125,10 +125,14 @@ class LocalCluster:
                             self.run_dir / f"shard{shard.id}-{r}.log",
                         )
                     )
-            endpoints = [ep for s in self.plan.shards for ep in s.endpoints]
-            for ep, proc in zip(endpoints, self.shards, strict=True):
+            names = [
+                (f"shard{s.id}-{r}", ep)
+                for s in self.plan.shards
+                for r, ep in enumerate(s.endpoints)
+            ]
+            for (name, ep), proc in zip(names, self.shards, strict=True):
                 while not _shard_healthy(ep):
-                    self._check(proc, "shard", deadline)
+                    self._check(proc, name, deadline)
         where = (
             ["--singular", "--preload"]
             if self.plan_path is None
@@ -159,7 +163,8 @@ class LocalCluster:
 
     def _check(self, proc: subprocess.Popen, what: str, deadline: float) -> None:
         if proc.poll() is not None:
-            lines = Path(proc.log).read_text(errors="replace").strip().splitlines()  # type: ignore[attr-defined]
+            log = self.run_dir / f"{what}.log"
+            lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
             last = f": {lines[-1]}" if lines else ""
             raise RecserveError(f"the {what} exited with {proc.returncode} during start-up{last}")
         if time.monotonic() > deadline:
