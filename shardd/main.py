@@ -35,6 +35,8 @@ from shardd.server import ServerSettings, ShardServer
 from shardd.store import PartStore
 
 log = logging.getLogger("shardd")
+REPLY_FLUSH_MS = 2000
+FLUSH_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -170,12 +172,18 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
                 log.warning(
                     "%d lookups still running after %.1f s; exiting", left, config.drain_timeout
                 )
+            # Keep the loop (and its socket) up a moment after the last reply: closing
+            # right after it lost a reply 1 run in 7 under load, even with a linger.
+            await asyncio.sleep(FLUSH_S)
             reader.cancel()
             if watchdog:
                 watchdog.cancel()
             await asyncio.gather(reader, *([watchdog] if watchdog else []), return_exceptions=True)
     finally:
-        sock.close(linger=0)
+        # Replies of the last lookups may still sit in ZeroMQ's queue: linger=0 would drop
+        # them (seen: a drained lookup never answered). Bounded, so a dead peer cannot hold
+        # the exit.
+        sock.close(linger=REPLY_FLUSH_MS)
         ctx.term()
         if http is not None:
             http[0].shutdown()
