@@ -124,6 +124,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         ax.plot(keys, [r["latency_ms"][k] for k in keys], marker="o", label=r["label"])
     ax.set_ylabel("latency (ms)")
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.set_title("latency percentiles (from intended send times)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
