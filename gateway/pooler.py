@@ -67,6 +67,7 @@ class ShardRequest:
     lengths: list[np.ndarray] = field(default_factory=list)
     weights: list[np.ndarray | None] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)  # feature index of each part
+    packed: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None  # set by route()
 
     def frames(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         ids = np.concatenate(self.ids).astype(np.int64, copy=False)
@@ -131,6 +132,8 @@ class ShardedPooler:
                 req.lengths.append(lengths)
                 req.weights.append(weights)
                 req.targets.append(k)
+        for req in out.values():  # packed here, in the executor, not on the loop
+            req.packed = req.frames()
         return out
 
     def merge(
@@ -165,7 +168,8 @@ class ShardedPooler:
     async def _call(
         self, shard_id: int, req: ShardRequest, deadline_ms: float
     ) -> list[PooledGroup]:
-        ids, lengths, weights = req.frames()
+        assert req.packed is not None, "route() packs every request"
+        ids, lengths, weights = req.packed
         replicas = self.clients[shard_id]
         first = next(self.turn) % len(replicas)
         error: RecserveError | None = None
