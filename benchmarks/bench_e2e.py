@@ -15,7 +15,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from benchmarks.bench_gateway import local_plan, measure, prepare
+from benchmarks.bench_gateway import measure, prepare
 from benchmarks.common import print_table
 from recserve.cli import main as cli
 from recserve.plan import read_plan
@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 == 0
             )
-            local_plan(plan)
             r, rss = measure(model, plan, bodies, args.rate, args.duration, args.samples)
             results[strategy] = (r, rss, read_plan(plan).report["shards_contacted"])
         r, rss = measure(model, None, bodies, args.rate, args.duration, args.samples)

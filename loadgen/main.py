@@ -159,6 +159,23 @@ async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     pool = bodies.pool(64)
     show = None if args.quiet else progress
     rows = []
+
+    async def open_step(rate: float, label: str) -> dict[str, Any]:
+        run = Run(bodies.samples_per_request)
+        await open_loop(
+            args.url,
+            pool,
+            bodies.content_type,
+            run,
+            rate=rate,
+            duration=args.duration,
+            seed=args.seed,
+            progress=show,
+        )
+        if show:
+            print(file=sys.stderr)  # end the progress line
+        return summary(run, label, rate)
+
     if args.concurrency:
         run = Run(bodies.samples_per_request)
         await closed_loop(
@@ -171,23 +188,12 @@ async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             progress=show,
         )
         rows.append(summary(run, f"closed x{args.concurrency}", None))
+        if show:
+            print(file=sys.stderr)  # end the progress line
     elif args.sweep:
         rate, held = 5.0, None
         while True:
-            run = Run(bodies.samples_per_request)
-            await open_loop(
-                args.url,
-                pool,
-                bodies.content_type,
-                run,
-                rate=rate,
-                duration=args.duration,
-                seed=args.seed,
-                progress=show,
-            )
-            if show:
-                print(file=sys.stderr)
-            row = summary(run, f"{rate:.0f}/s", rate)
+            row = await open_step(rate, f"{rate:.0f}/s")
             rows.append(row)
             if row["latency_ms"]["p99"] > args.slo_ms or row["errors"]:
                 break
@@ -196,20 +202,7 @@ async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append({**(held or rows[-1]), "label": label if held else "no rate held the SLO"})
     else:
         rate = args.qps or 10.0
-        run = Run(bodies.samples_per_request)
-        await open_loop(
-            args.url,
-            pool,
-            bodies.content_type,
-            run,
-            rate=rate,
-            duration=args.duration,
-            seed=args.seed,
-            progress=show,
-        )
-        rows.append(summary(run, f"open {rate:g}/s", rate))
-    if show:
-        print(file=sys.stderr)
+        rows.append(await open_step(rate, f"open {rate:g}/s"))
     return rows
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,30 @@ from recserve.planner import build
 from recserve.wire import VERSION
 
 PR_SET_PDEATHSIG = 1
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes ``pids`` have used so far."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
+def rss_mib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    return 0
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -97,6 +123,14 @@ class LocalCluster:
                 ]
             self.plan_path.write_text(json.dumps(doc))
             self.plan = read_plan(self.plan_path)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by the gateway and every shard daemon."""
+        return cpu_seconds(self.pids)
+
+    def rss_mib(self) -> list[int]:
+        """Resident memory of the gateway, then each shard daemon."""
+        return [rss_mib(pid) for pid in self.pids]
 
     @property
     def pids(self) -> list[int]:

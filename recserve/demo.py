@@ -11,15 +11,13 @@ request. Everything is torn down; the reports stay in the work directory.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from recserve.artifact import read_manifest
-from recserve.cluster import LocalCluster
+from recserve.cluster import LocalCluster, free_port
 from recserve.errors import ArtifactError
 from recserve.plan import local_endpoints
 from recserve.planner import STRATEGIES, Traffic, build, compare_table
@@ -28,28 +26,6 @@ from recserve.units import format_size
 
 PROFILE, SEED, SHARDS, STRATEGY = "drm2", 7, 4, "net"
 CANDIDATES, QPS = 32, 20.0
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / TICK
-
-
-def _rss_mib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) // 1024
-    return 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ensure_model(path: Path, size: int) -> None:
@@ -68,8 +44,7 @@ def _ensure_model(path: Path, size: int) -> None:
 
 
 def _load(cluster: LocalCluster, report: Path, duration: float) -> dict[str, Any]:
-    pids = cluster.pids
-    before = _cpu_seconds(pids)
+    before = cluster.cpu_seconds()
     subprocess.run(
         [
             sys.executable,
@@ -92,13 +67,13 @@ def _load(cluster: LocalCluster, report: Path, duration: float) -> dict[str, Any
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    cpu = _cpu_seconds(pids) - before
+    cpu = cluster.cpu_seconds() - before
     run = json.loads(report.read_text())["runs"][0]
     samples = run["ok"] * CANDIDATES
     return {
         **run,
         "cpu_per_1k": cpu / max(samples / 1000, 1e-9),
-        "rss": [_rss_mib(p) for p in pids],
+        "rss": cluster.rss_mib(),
     }
 
 
@@ -122,7 +97,7 @@ def run_demo(workdir: Path, size: int, duration: float) -> int:
     for label, singular in (("distributed", False), ("singular", True)):
         print(f"== {label}: start, then {QPS:g} ranking requests/s for {duration:g} s")
         with LocalCluster(
-            model, plan=None if singular else plan, singular=singular, port=_free_port()
+            model, plan=None if singular else plan, singular=singular, port=free_port()
         ) as cluster:
             results[label] = _load(cluster, workdir / f"loadgen-{label}.json", duration)
     contacted = plans[STRATEGY].report["shards_contacted"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,13 +15,8 @@ from typing import Any
 import msgpack
 import zmq
 
+from recserve.cluster import free_port  # noqa: F401 - the tests' import point
 from recserve.wire import VERSION
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def shard_cmd(plan: Path, model: Path, shard: int, endpoint: str, *extra: str) -> list[str]:
