@@ -124,6 +124,19 @@ def test_pool_rejects_out_of_range_ids(engine, bad, pos) -> None:
     assert info.value.position == pos and info.value.value == bad[pos]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bad", [-1, 10, 2**62, -(2**62)])
+def test_bad_id_in_a_later_bag_is_reported_not_touched(threads, bad) -> None:
+    """Bags are checked as they are pooled: earlier bags' prefetches run over the bad id
+    (prefetches never fault) and the first bad position is still named."""
+    table = np.ones((10, 64), np.float32)
+    ids = np.random.default_rng(0).integers(0, 10, 4000)
+    ids[3001] = ids[3500] = bad
+    with pytest.raises(kernels.IdOutOfRangeError) as info:
+        kernels.pool(table, ids, np.arange(0, 4000, 4), threads=threads)
+    assert info.value.position == 3001 and info.value.value == bad
+
+
 @ENGINES
 @pytest.mark.parametrize(
     "offsets, last",
