@@ -97,11 +97,36 @@ def contenders(table: np.ndarray | Int8RowwiseTable, with_numpy: bool) -> dict:
     return out
 
 
+def row_bound(table: np.ndarray, bags: int, pooling: int, args: argparse.Namespace) -> dict:
+    """M ids/s gathering one 64-byte line of each row vs whole rows, same pages and ids.
+
+    The same memory viewed as rows four times shorter, with ids scaled by four, touches
+    the same pages (the same TLB misses and page walks) but a quarter of the lines: the
+    rate no fp32 kernel can beat when the page walk of each random row is the bound.
+    """
+    dim = table.shape[1]
+    lines = table.reshape(table.shape[0] * (dim // 16), 16)
+    inputs = [workload(table.shape[0], bags, pooling, False, False, 200 + s)
+              for s in range(args.reps + 1)]  # fmt: skip
+    runs = dict(contenders(table, False))
+    runs["line"] = lambda w: kernels.pool(lines, w[0] * (dim // 16), w[1], threads=THREADS)
+    t = median_times(runs, inputs[1:], inputs[0], rounds=args.rounds)
+    n_ids = inputs[1][0].size
+    rates = {name: n_ids / v / 1e6 for name, v in t.items()}
+    rates["row"] = rates.pop("kernels.pool")
+    print(f"\nrow-bound ceiling, {table.shape[0]}-row memmap, B={bags}, L={pooling}, uniform:")
+    print_table(
+        ["gather", "M ids/s"],
+        [[name, f"{rate:.1f}"] for name, rate in rates.items()],
+    )
+    return rates
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny tables: a smoke run")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=8)
     parser.add_argument("--dir", type=Path, help="where the memmap files go (default: tmp)")
     args = parser.parse_args(argv)
     dim = 64
@@ -215,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             if not zipf:
                 int8_ratio = t["fp32"] / t["int8"]
         print_table(["dtype", "ids", "M ids/s", "GB/s", "vs fp32"], dtype_rows)
+        ceiling = row_bound(mapped, max(batches), max(poolings), args)
 
     finite = [r for r in ratios_torch if not math.isnan(r)]
     print("\ntargets (medians of this run):")
@@ -228,8 +254,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  kernels.pool vs torch, geomean over {len(finite)} shapes: {geo:.2f}x")
     low = min(ratios_numpy)
     print(
-        f"  kernels.pool vs numpy, lowest of {len(ratios_numpy)} shapes: {low:.1f}x "
+        f"  kernels.pool vs numpy, lowest of {len(ratios_numpy)} shapes: "
+        f"{math.floor(low * 10) / 10:.1f}x "
         f"(target >= 10x) {'met' if low >= 10 else 'MISSED'}"
+    )
+    print(
+        f"  row-bound ceiling on the memmap table: one 64-byte line per row runs at "
+        f"{ceiling['line']:.1f} M ids/s; whole 256-byte rows at {ceiling['row']:.1f} (ours), "
+        f"{ceiling['torch']:.1f} (torch), so no fp32 kernel can beat torch by more than "
+        f"{ceiling['line'] / ceiling['torch']:.2f}x there"
+        if ceiling and "torch" in ceiling
+        else "  row-bound ceiling: needs torch"
     )
     if int8_ratio is not None:
         print(
