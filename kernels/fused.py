@@ -290,6 +290,47 @@ def address(data):  # pragma: no cover - compiled
 CHUNK = 32  # bags per parallel work item: balance for 2 threads at B=256, one dispatch each
 
 
+@njit(inline="always")
+def pool_chunk(layout, ids, bounds, weights, weighted, out, g, n_chunks):  # pragma: no cover
+    """Pool work item ``g``: bags ``[b0, b0 + CHUNK)`` of table ``g // n_chunks``, every
+    column pass, then the mean. False when a bound or id was bad (the IR loop stopped)."""
+    n_tables = layout.shape[0]
+    n_bags = bounds.shape[1] - 1
+    dim = out.shape[2]
+    t = g // n_chunks
+    b0 = (g - t * n_chunks) * CHUNK
+    b1 = min(b0 + CHUNK, n_bags)
+    pf_end = min(max(bounds[t, n_bags], bounds[t, b1]), ids.shape[0])  # id reads stay in range
+    t_bounds = np.intp(bounds.ctypes.data) + t * (n_bags + 1) * 8
+    dst0 = np.intp(out.ctypes.data) + (b0 * n_tables + t) * dim * 4
+    col = 0
+    while col < dim:
+        rem = dim - col
+        if rem >= WIDE:
+            lanes = WIDE
+            nvec = min(rem // WIDE, MAX_WIDE)
+        elif rem >= 8:
+            lanes, nvec = 8, 1
+        elif rem >= 4:
+            lanes, nvec = 4, 1
+        else:
+            lanes, nvec = 1, rem
+        key = variant_key(layout[t, 0], weighted, lanes, nvec)
+        if not pool_bags(key, layout[t, 1], ids, t_bounds, b0, b1, pf_end, layout[t, 6],
+                         layout[t, 4], layout[t, 2], col, layout[t, 3], weights,
+                         dst0 + col * 4, n_tables * dim * 4):  # fmt: skip
+            return False
+        col += lanes * nvec
+    if layout[t, 5]:
+        for b in range(b0, b1):
+            n = bounds[t, b + 1] - bounds[t, b]
+            if n > 0:
+                inv = np.float32(1.0) / np.float32(n)
+                for d in range(dim):
+                    out[b, t, d] *= inv
+    return True
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def pool_tables_kernel(layout, ids, bounds, weights, weighted, out):  # pragma: no cover
     """``layout[t]`` = (kind, address of row 0, row bytes, scale offset, rows, mean flag,
@@ -301,47 +342,21 @@ def pool_tables_kernel(layout, ids, bounds, weights, weighted, out):  # pragma: 
     over all ids cost a third of the time with cached rows, a vectorised pass per chunk
     ~10 %). Returns False when any bag was bad; other bags may have been pooled.
     """
-    n_tables = layout.shape[0]
-    n_bags = bounds.shape[1] - 1
-    n_ids = ids.shape[0]
-    dim = out.shape[2]
-    n_chunks = (n_bags + CHUNK - 1) // CHUNK
-    out_addr = np.intp(out.ctypes.data)
-    bounds_addr = np.intp(bounds.ctypes.data)
-    stride = n_tables * dim * 4
+    n_chunks = (bounds.shape[1] - 1 + CHUNK - 1) // CHUNK
     failed = np.zeros(1, np.bool_)
-    for g in prange(n_tables * n_chunks):
-        t = g // n_chunks
-        b0 = (g - t * n_chunks) * CHUNK
-        b1 = min(b0 + CHUNK, n_bags)
-        pf_end = min(max(bounds[t, n_bags], bounds[t, b1]), n_ids)  # ids reads stay in range
-        t_bounds = bounds_addr + t * (n_bags + 1) * 8
-        dst0 = out_addr + (b0 * n_tables + t) * dim * 4
-        ok = True
-        col = 0
-        while ok and col < dim:
-            rem = dim - col
-            if rem >= WIDE:
-                lanes = WIDE
-                nvec = min(rem // WIDE, MAX_WIDE)
-            elif rem >= 8:
-                lanes, nvec = 8, 1
-            elif rem >= 4:
-                lanes, nvec = 4, 1
-            else:
-                lanes, nvec = 1, rem
-            key = variant_key(layout[t, 0], weighted, lanes, nvec)
-            ok = pool_bags(key, layout[t, 1], ids, t_bounds, b0, b1, pf_end, layout[t, 6],
-                           layout[t, 4], layout[t, 2], col, layout[t, 3], weights,
-                           dst0 + col * 4, stride)  # fmt: skip
-            col += lanes * nvec
-        if not ok:
+    for g in prange(layout.shape[0] * n_chunks):
+        if not pool_chunk(layout, ids, bounds, weights, weighted, out, g, n_chunks):
             failed[0] = True
-        elif layout[t, 5]:
-            for b in range(b0, b1):
-                n = bounds[t, b + 1] - bounds[t, b]
-                if n > 0:
-                    inv = np.float32(1.0) / np.float32(n)
-                    for d in range(dim):
-                        out[b, t, d] *= inv
     return not failed[0]
+
+
+@njit(nogil=True, cache=True)
+def pool_tables_serial(layout, ids, bounds, weights, weighted, out):  # pragma: no cover
+    """``pool_tables_kernel`` on the calling thread alone, with no OpenMP region: for small
+    calls, and for callers that run several kernels at once from their own threads (a
+    parallel region per call would make them queue for the one OpenMP team)."""
+    n_chunks = (bounds.shape[1] - 1 + CHUNK - 1) // CHUNK
+    for g in range(layout.shape[0] * n_chunks):
+        if not pool_chunk(layout, ids, bounds, weights, weighted, out, g, n_chunks):
+            return False
+    return True

@@ -189,10 +189,14 @@ def pool_packed(
     if out.size == 0:
         _explain_bad(layout, ids, bounds)
         return out
-    _use_threads(1 if ids.size < SERIAL_BELOW else (threads or default_threads()))
-    ok = _compiled().pool_tables_kernel(
-        layout, ids, bounds, _ONE if weights is None else weights, weights is not None, out
-    )
+    want = 1 if ids.size < SERIAL_BELOW else min(threads or default_threads(), MAX_THREADS)
+    compiled = _compiled()
+    if want == 1:
+        kernel = compiled.pool_tables_serial
+    else:
+        kernel = compiled.pool_tables_kernel
+        _use_threads(want)
+    ok = kernel(layout, ids, bounds, _ONE if weights is None else weights, weights is not None, out)
     if not ok:
         _explain_bad(layout, ids, bounds)
         raise KernelError("invalid ids or bounds")  # unreachable: _explain_bad raises
@@ -374,9 +378,10 @@ assert TAIL_BYTES == 8  # the kernel reads scale at row + dim and bias right aft
 
 
 def warm_up() -> float:
-    """Compile the kernel for int64 and int32 ids, or load it from numba's on-disk cache.
+    """Compile the serial and parallel kernels for int64 and int32 ids, or load them from
+    numba's on-disk cache.
 
-    Returns the seconds it took: ~5 s per id type on a first run on a machine, ~0.2 s
+    Returns the seconds it took: ~10 s per id type on a first run on a machine, ~0.3 s
     when cached. Daemons call it before reporting ready so no request pays for it.
     """
     import time
@@ -385,4 +390,6 @@ def warm_up() -> float:
     table = np.zeros((2, 4), np.float32)
     for dtype in (np.int64, np.int32):
         pool(table, np.zeros(1, dtype), np.zeros(1, np.int64))
+        if MAX_THREADS > 1:
+            pool(table, np.zeros(SERIAL_BELOW, dtype), np.zeros(1, np.int64), threads=2)
     return time.perf_counter() - start

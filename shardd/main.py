@@ -193,8 +193,9 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
 
 def default_kernel_threads() -> int:
     """Cores minus one: ZeroMQ's IO thread and the event loop need a core of their own.
-    Measured on 2 cores (2M x 64 table, 2048 x 40 lookups, 4 in flight): one kernel thread
-    served 66-73 M ids/s over the wire, two served 42-44 M ids/s."""
+    Measured on 2 cores with the client on the same box (2M x 64 table, 2048 x 40 lookups,
+    4 in flight): one kernel thread (the serial kernel, no OpenMP) served 81-98 M ids/s over
+    the wire, two served 64-66 M ids/s, and two workers of one thread each 65-72."""
     return max(1, kernels.default_threads() - 1)
 
 
