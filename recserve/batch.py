@@ -58,6 +58,29 @@ def _is_number(x: Any) -> bool:
     return type(x) is float or type(x) is int
 
 
+def _ids_array(values: list[Any], bounds: np.ndarray, n_rows: int, where: str) -> np.ndarray:
+    """One feature's ids as int64, refusing anything but JSON integers (``where`` formats
+    the field with the sample index). numpy infers the type of all the values in C, ~2x
+    faster than checking each in Python; only ids 0 and 1 need a look (``true`` and
+    ``false`` become 1 and 0 beside integers), and only odd input takes the slow path."""
+    if not values:
+        return np.zeros(0, np.int64)
+    try:
+        arr = np.array(values)
+    except (ValueError, TypeError):  # nested lists
+        arr = None
+    if arr is not None and arr.ndim == 1 and arr.dtype == np.int64:
+        suspects = np.flatnonzero((arr == 0) | (arr == 1))
+        if not any(type(values[i]) is bool for i in suspects.tolist()):
+            return arr
+    for pos, x in enumerate(values):
+        if type(x) is not int:
+            fld = where.format(int(np.searchsorted(bounds, pos, side="right")) - 1)
+            raise BadRequest(f"{fld} must be a list of integer ids", field=fld)
+    # Integers past int64: clamp to values the range check below reports.
+    return np.array([min(max(x, -1), n_rows) for x in values], dtype=np.int64)
+
+
 def parse_samples(samples: Any, manifest: Manifest, *, field: str = "samples") -> Batch:
     if not isinstance(samples, list):
         raise BadRequest(f"{field} must be a list of samples", field=field)
@@ -102,9 +125,9 @@ def parse_samples(samples: Any, manifest: Manifest, *, field: str = "samples") -
                 raise UnknownFeature(
                     f"{fwhere}: the model has no feature {feature!r}", field=fwhere
                 )
-            if not isinstance(bag, list) or not all(type(x) is int for x in bag):
+            if not isinstance(bag, list):
                 raise BadRequest(f"{fwhere} must be a list of integer ids", field=fwhere)
-            ids[feature].extend(bag)
+            ids[feature].extend(bag)  # element types are checked per feature, below
             bounds[feature][i + 1] = len(bag)
         for feature, wbag in sample_weights.items():
             wwhere = f"{where}.weights.{feature}"
@@ -138,10 +161,7 @@ def parse_samples(samples: Any, manifest: Manifest, *, field: str = "samples") -
     out = {}
     for feature, n_rows in rows.items():
         b = np.cumsum(bounds[feature], out=bounds[feature])
-        try:
-            arr = np.array(ids[feature], dtype=np.int64)
-        except OverflowError:
-            arr = np.array([min(max(x, -1), n_rows) for x in ids[feature]], dtype=np.int64)
+        arr = _ids_array(ids[feature], b, n_rows, f"{field}[{{}}].sparse.{feature}")
         bad_mask = (arr < 0) | (arr >= n_rows)
         if bad_mask.any():
             pos = int(np.flatnonzero(bad_mask)[0])

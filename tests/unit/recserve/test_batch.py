@@ -61,6 +61,37 @@ def test_errors_name_the_field(sample, error, field: str) -> None:
     assert info.value.field == field.replace("samples[0]", "samples[1]")
 
 
+GOOD = [
+    {"dense": [0, 0, 0], "sparse": {"fa": [0, 1, 2]}},
+    {"dense": [0, 0, 0], "sparse": {"fa": [1, 0]}},
+]
+
+
+@pytest.mark.parametrize(
+    "bad, error, field",
+    [
+        ([3, True], BadRequest, "samples[2].sparse.fa"),
+        ([False, 3], BadRequest, "samples[2].sparse.fa"),
+        ([3, 1.5], BadRequest, "samples[2].sparse.fa"),
+        ([3, "4"], BadRequest, "samples[2].sparse.fa"),
+        ([3, None], BadRequest, "samples[2].sparse.fa"),
+        ([3, [4]], BadRequest, "samples[2].sparse.fa"),
+        ([3, 2**63], IdOutOfRange, "samples[2].sparse.fa[1]"),
+        ([3, -(2**63) - 1], IdOutOfRange, "samples[2].sparse.fa[1]"),
+    ],
+)
+def test_bad_ids_after_good_ones_name_their_sample(bad, error, field: str) -> None:
+    with pytest.raises(error) as info:
+        parse_samples([*GOOD, {"dense": [0, 0, 0], "sparse": {"fa": bad}}], M)
+    assert info.value.field == field
+
+
+def test_ids_zero_and_one_are_integers_not_booleans() -> None:
+    batch = parse_samples(GOOD, M)
+    assert batch.bags["fa"].ids.dtype == np.int64
+    assert batch.bags["fa"].ids.tolist() == [0, 1, 2, 1, 0]
+
+
 def test_predict_cli_names_sample_and_field(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
