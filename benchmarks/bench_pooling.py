@@ -101,8 +101,9 @@ def row_bound(table: np.ndarray, bags: int, pooling: int, args: argparse.Namespa
     """M ids/s gathering one 64-byte line of each row vs whole rows, same pages and ids.
 
     The same memory viewed as rows four times shorter, with ids scaled by four, touches
-    the same pages (the same TLB misses and page walks) but a quarter of the lines: the
-    rate no fp32 kernel can beat when the page walk of each random row is the bound.
+    the same pages and makes the same random accesses but reads a quarter of the lines:
+    the rate no fp32 kernel can beat when the cost of reaching each random row (DRAM
+    latency, TLB miss and page walk), not the bytes, is the bound.
     """
     dim = table.shape[1]
     lines = table.reshape(table.shape[0] * (dim // 16), 16)

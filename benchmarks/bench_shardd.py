@@ -24,7 +24,7 @@ import zmq.asyncio
 
 import kernels
 from benchmarks.common import fmt_ratio, print_table
-from recserve.artifact import ArtifactWriter, open_table
+from recserve.artifact import ArtifactWriter, hugepage_copies, open_table
 from recserve.manifest import DenseSpec, InteractionSpec, Manifest, MLPSpec, TableSpec
 from recserve.plan import local_endpoints
 from recserve.planner import build
@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1, help="shardd --workers")
     parser.add_argument("--kernel-threads", type=int, help="shardd --kernel-threads")
+    parser.add_argument(
+        "--hugepages", action="store_true", help="shardd --hugepages; the bare kernel too"
+    )
     args = parser.parse_args(argv)
     rows = 100_000 if args.small else 2_000_000
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,9 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         plan = build(manifest, 1, "capacity", local_endpoints(1, 1))
         (root / "plan.json").write_bytes(plan.to_json())
         table = open_table(root / "m", manifest.tables[0])
+        if args.hugepages:
+            table = hugepage_copies([table])[0]
         reqs = requests(rows, args.requests)
         endpoints = {"tcp": f"tcp://127.0.0.1:{free_port()}", "ipc": f"ipc://{root}/s.sock"}
-        extra = ["--preload", "--workers", str(args.workers)]
+        extra = ["--hugepages" if args.hugepages else "--preload", "--workers", str(args.workers)]
         if args.kernel_threads:
             extra += ["--kernel-threads", str(args.kernel_threads)]
         procs = [
@@ -189,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\none shard, {rows} x {DIM} fp32, lookups of {BAGS} bags x {POOLING} ids, "
         f"{args.requests} requests x {args.rounds} rounds (medians), {args.inflight} in flight"
         f" for ids/s; shardd --workers {args.workers} --kernel-threads {same}"
+        f"{' --hugepages' if args.hugepages else ' --preload'}"
     )
     print_table(
         ["path", "p50 ms", "p99 ms", "M ids/s", f"vs kernel {same} thr", f"vs {all_cores} thr"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 import os
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
@@ -181,6 +182,63 @@ def touch(table: Table) -> None:
     if data.shape[0]:
         step = max(1, 4096 // data.strides[0])
         np.add.reduce(data[::step, 0], dtype=np.float64)
+
+
+HUGE_PAGE = 2 << 20
+
+
+def hugepage_copies(tables: Sequence[Table]) -> list[Table]:
+    """Read-only copies of ``tables`` in one arena of anonymous memory advised for
+    transparent huge pages.
+
+    A table served from the page cache sits on 4 KiB pages: every random row costs a TLB miss
+    and a page walk, which bounds lookups (see bench_pooling's row-bound section). Here one
+    TLB entry covers 2 MiB. The arena is 2 MiB-aligned and ``MADV_HUGEPAGE``, each table in
+    it 64-byte aligned (one arena, so small tables do not each take a 2 MiB page); whether
+    the kernel backs it with huge pages depends on its THP settings (``huge_page_bytes``
+    tells). It costs the tables' size in anonymous memory (the files' pages stay in the page
+    cache until reclaimed) and is not shared between processes.
+    """
+    datas = [t.data if isinstance(t, Int8RowwiseTable) else t for t in tables]
+    offsets, size = [], 0
+    for data in datas:
+        offsets.append(size)
+        size += -(-data.nbytes // 64) * 64
+    buf = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    base = -np.frombuffer(buf, np.uint8, count=1).ctypes.data % HUGE_PAGE
+    out: list[Table] = []
+    for table, data, offset in zip(tables, datas, offsets, strict=True):
+        copy = np.frombuffer(buf, data.dtype, count=data.size, offset=base + offset)
+        copy = copy.reshape(data.shape)
+        step = max(1, CHUNK_BYTES // max(1, data.strides[0]))
+        for start in range(0, data.shape[0], step):
+            copy[start : start + step] = data[start : start + step]
+        copy.flags.writeable = False
+        out.append(Int8RowwiseTable(copy) if isinstance(table, Int8RowwiseTable) else copy)
+    return out
+
+
+def huge_page_bytes(tables: Iterable[Table]) -> int:
+    """Bytes of the mappings holding ``tables`` that the kernel backs with huge pages."""
+    starts = {(t.data if isinstance(t, Int8RowwiseTable) else t).ctypes.data for t in tables}
+    total, inside = 0, False
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        head = line.split(" ", 1)[0]
+        if "-" in head and not line.startswith(("AnonHugePages", "ShmemPmdMapped")):
+            try:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+            except ValueError:
+                continue
+            inside = any(lo <= a < hi for a in starts)
+        elif inside and line.startswith("AnonHugePages:"):
+            total += int(line.split()[1]) << 10
+    return total
 
 
 def load_dense(root: Path | str, manifest: Manifest) -> DenseNet:

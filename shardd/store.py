@@ -1,23 +1,24 @@
 """The table parts one shard serves, and the pooling of a lookup over them.
 
 A part is a row range ``[row_start, row_end)`` of a table, kept as a zero-copy view of the
-memory-mapped table file. Ids arrive as global row ids; a part answers for ids in its range
-and pools with ids shifted to its view. Parts with the same bag count and dim are pooled by
-one kernel call, whose ``[bags, parts, dim]`` output is the reply frame as is.
+memory-mapped table file (or, with ``--hugepages``, a copy in huge-page memory). Ids arrive
+as global row ids; a part answers for ids in its range and pools with ids shifted to its
+view. Parts with the same bag count and dim are pooled by one kernel call, whose
+``[bags, parts, dim]`` output is the reply frame as is.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 import kernels
 from kernels import Int8RowwiseTable, Table
-from recserve.artifact import open_table, touch
+from recserve.artifact import hugepage_copies, open_table, touch
 from recserve.errors import IdOutOfRange, UnknownTable
 from recserve.manifest import Manifest, TableSpec
 from recserve.plan import ShardPlan
@@ -75,11 +76,18 @@ class PartStore:
             for p in sorted(self.parts.values(), key=lambda p: (p.spec.name, p.row_start))
         ]
 
-    def preload(self) -> float:
-        """Touch every page of every part so first lookups do not fault; returns seconds."""
+    def preload(self, *, hugepages: bool = False) -> float:
+        """Touch every page of every part so first lookups do not fault, or with
+        ``hugepages`` serve each part from a copy in huge-page memory; returns seconds."""
         start = time.perf_counter()
-        for part in self.parts.values():
-            touch(part.view)
+        if hugepages:
+            keys = list(self.parts)
+            copies = hugepage_copies([self.parts[k].view for k in keys])
+            for key, copy in zip(keys, copies, strict=True):
+                self.parts[key] = replace(self.parts[key], view=copy)
+        else:
+            for part in self.parts.values():
+                touch(part.view)
         return time.perf_counter() - start
 
     def pool(self, lookup: Lookup, threads: int | None = None) -> list[Group]:

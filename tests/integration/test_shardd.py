@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -85,14 +86,17 @@ def shards(model_and_plan, tmp_path_factory):
     model, plan_path, _ = model_and_plan
     run_dir = tmp_path_factory.mktemp("run")
     endpoints = [f"ipc://{run_dir}/s0.sock", f"tcp://127.0.0.1:{free_port()}"]
+    # Shard 1 serves copies in huge-page memory, shard 0 the memory-mapped files: every
+    # test on both shards covers both.
+    extra = [(), ("--hugepages",)]
     procs = [
-        start_shard(plan_path, model, k, ep, log=run_dir / f"s{k}.log")
+        start_shard(plan_path, model, k, ep, *extra[k], log=run_dir / f"s{k}.log")
         for k, ep in enumerate(endpoints)
     ]
     try:
         for ep, proc in zip(endpoints, procs, strict=True):
             wait_healthy(ep, proc)
-        yield endpoints, procs
+        yield endpoints, procs, run_dir
     finally:
         for proc in procs:
             stop(proc)
@@ -155,7 +159,7 @@ async def lookup(endpoint: str, parts, ids, lengths, weights=None, deadline_ms=N
 
 @pytest.mark.parametrize("weighted, dtype", [(False, np.int64), (True, np.int32)])
 def test_pooled_results_match_reference(shards, model_and_plan, weighted, dtype) -> None:
-    endpoints, _ = shards
+    endpoints, _, _ = shards
     model, _, plan = model_and_plan
     for k, endpoint in enumerate(endpoints):
         parts, ids, lengths, weights, ids_pp, len_pp, w_pp = make_lookup(
@@ -490,3 +494,11 @@ def test_info_names_the_model_and_parts(shards, model_and_plan) -> None:
     assert [(p["table"], p["row_start"], p["row_end"]) for p in info["parts"]] == [
         (p.table, p.row_start, p.row_end) for p in plan.shard(1).parts
     ]
+
+
+def test_hugepages_copy_is_logged(shards) -> None:
+    """Shard 1 runs with --hugepages (its lookups are checked above): it says how much of
+    the copy the kernel backs with 2 MiB pages (0 where THP is off)."""
+    lines = [json.loads(x) for x in (shards[2] / "s1.log").read_text().splitlines() if x]
+    copied = [x["msg"] for x in lines if "huge-page memory" in x.get("msg", "")]
+    assert copied and "backed by 2 MiB pages" in copied[0], lines

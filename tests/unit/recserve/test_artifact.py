@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recserve.artifact import ArtifactWriter, read_manifest, verify
+from kernels import Int8RowwiseTable, quantize_rows
+from recserve.artifact import (
+    ArtifactWriter,
+    huge_page_bytes,
+    hugepage_copies,
+    read_manifest,
+    verify,
+)
 from recserve.errors import ArtifactError, ChecksumMismatch, UnsupportedFormat
 from recserve.manifest import DenseSpec, InteractionSpec, Manifest, MLPSpec, TableSpec
 from recserve.model import Model
@@ -139,3 +146,21 @@ def test_writer_checks_row_count(tmp_path: Path) -> None:
     spec = tiny_manifest().tables[0]
     with pytest.raises(ArtifactError, match="9 rows written, 10 declared"):
         writer.write_table(spec, [np.zeros((9, 2), np.float32)])
+
+
+def test_hugepage_copies_are_equal_read_only_and_aligned() -> None:
+    rng = np.random.default_rng(0)
+    tables = [
+        rng.random((1000, 13), np.float32),
+        rng.random((7, 4)).astype(np.float16),
+        np.zeros((0, 8), np.float32),
+        Int8RowwiseTable(quantize_rows(rng.random((50, 16), np.float32))),
+    ]
+    copies = hugepage_copies(tables)
+    for table, copy in zip(tables, copies, strict=True):
+        assert type(copy) is type(table)
+        a = table.data if isinstance(table, Int8RowwiseTable) else table
+        b = copy.data if isinstance(copy, Int8RowwiseTable) else copy
+        assert b.dtype == a.dtype and np.array_equal(a, b)
+        assert not b.flags.writeable and b.ctypes.data % 64 == 0
+    assert 0 <= huge_page_bytes(copies) <= 4 << 20  # 2 MiB pages, where THP is on
