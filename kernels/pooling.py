@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from kernels.errors import IdOutOfRangeError, KernelError
-from kernels.quant import TAIL_BYTES, Int8RowwiseTable
+from kernels.quant import TAIL_BYTES, Int8RowwiseTable, quantize_rows
 
 Table = np.ndarray | Int8RowwiseTable
 PoolMode = Literal["sum", "mean"]
@@ -53,10 +53,9 @@ def _layout(table: Table) -> tuple[int, int, int, int, int, int, int]:
         data, kind, dim = table.data, 2, table.dim
     elif isinstance(table, np.ndarray) and table.ndim == 2:
         data, dim = table, int(table.shape[1])
-        char = table.dtype.char
-        if char == "f":
+        if table.dtype == np.float32:  # native byte order only
             kind = 0
-        elif char == "e":
+        elif table.dtype == np.float16:
             kind = 1
         else:
             raise KernelError(f"table dtype must be float32 or float16, got {table.dtype}")
@@ -189,6 +188,8 @@ def pool_packed(
     if out.size == 0:
         _explain_bad(layout, ids, bounds)
         return out
+    if threads is not None and threads < 1:
+        raise KernelError(f"threads must be >= 1, got {threads}")
     want = 1 if ids.size < SERIAL_BELOW else min(threads or default_threads(), MAX_THREADS)
     compiled = _compiled()
     if want == 1:
@@ -378,18 +379,25 @@ assert TAIL_BYTES == 8  # the kernel reads scale at row + dim and bias right aft
 
 
 def warm_up() -> float:
-    """Compile the serial and parallel kernels for int64 and int32 ids, or load them from
-    numba's on-disk cache.
+    """Compile the serial and parallel kernels for int64 and int32 ids, and the address
+    getter for writable and read-only float32 and int8 tables (memory-mapped tables are
+    read-only), or load them from numba's on-disk cache.
 
-    Returns the seconds it took: ~10 s per id type on a first run on a machine, ~0.3 s
-    when cached. Daemons call it before reporting ready so no request pays for it.
+    Returns the seconds it took: ~11 s on a first run on a machine, ~0.2 s when cached.
+    Daemons call it before reporting ready so no request pays for it.
     """
     import time
 
     start = time.perf_counter()
-    table = np.zeros((2, 4), np.float32)
+    tables: list[Table] = []
+    for writable in (True, False):
+        f32 = np.zeros((2, 4), np.float32)
+        codes = quantize_rows(f32)
+        f32.flags.writeable = codes.flags.writeable = writable
+        tables += [f32, Int8RowwiseTable(codes)]
     for dtype in (np.int64, np.int32):
-        pool(table, np.zeros(1, dtype), np.zeros(1, np.int64))
+        for table in tables:
+            pool(table, np.zeros(1, dtype), np.zeros(1, np.int64))
         if MAX_THREADS > 1:
-            pool(table, np.zeros(SERIAL_BELOW, dtype), np.zeros(1, np.int64), threads=2)
+            pool(tables[0], np.zeros(SERIAL_BELOW, dtype), np.zeros(1, np.int64), threads=2)
     return time.perf_counter() - start

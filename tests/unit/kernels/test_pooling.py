@@ -159,6 +159,10 @@ def test_pool_rejects_bad_dtypes() -> None:
         kernels.pool(np.zeros((5, 2), np.float32), np.array([1.0]), np.array([0]))
     with pytest.raises(kernels.KernelError):
         kernels.pool(np.zeros((5, 2), np.float32), np.array([1]), np.array([0]), mode="max")
+    with pytest.raises(kernels.KernelError):  # byte-swapped rows would pool as garbage
+        kernels.pool(np.zeros((5, 2), ">f4"), np.array([1]), np.array([0]))
+    with pytest.raises(kernels.KernelError):
+        kernels.pool(np.zeros((5, 2), np.float32), np.array([1]), np.array([0]), threads=0)
 
 
 def test_pool_many_mixed_dtypes_and_modes() -> None:
