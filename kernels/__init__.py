@@ -9,6 +9,7 @@ from kernels.errors import IdOutOfRangeError, KernelError
 from kernels.pooling import (
     PoolMode,
     Table,
+    TableSet,
     default_threads,
     pool,
     pool_many,
@@ -29,6 +30,7 @@ __all__ = [
     "Linear",
     "PoolMode",
     "Table",
+    "TableSet",
     "default_threads",
     "pool",
     "pool_many",

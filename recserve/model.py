@@ -27,6 +27,8 @@ class Model:
         self.manifest = manifest
         self.tables = tables
         self.dense = dense
+        self.slot = {name: i for i, name in enumerate(tables)}
+        self.tableset = kernels.TableSet(list(tables.values()))
 
     @classmethod
     def open(cls, root: Path | str, *, check: bool = False) -> Model:
@@ -65,8 +67,8 @@ class Model:
                     ]
                 )
             try:
-                pooled = kernels.pool_packed(
-                    [self.tables[features[k][1].name] for k in members],
+                pooled = self.tableset.pool(
+                    [self.slot[features[k][1].name] for k in members],
                     np.concatenate([b.ids for b in bags]),
                     np.stack([b.bounds + s for b, s in zip(bags, starts, strict=False)]),
                     weights=weights,

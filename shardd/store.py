@@ -59,6 +59,15 @@ class PartStore:
             else:
                 view = whole[p.row_start : p.row_end]
             self.parts[(p.table, p.row_start)] = Part(spec, p.row_start, p.row_end, view)
+        self._resolve()
+
+    def _resolve(self) -> None:
+        """Resolve every part once for the kernel (see ``kernels.TableSet``)."""
+        self.index = {key: i for i, key in enumerate(self.parts)}
+        parts = list(self.parts.values())
+        self.tableset = kernels.TableSet(
+            [p.view for p in parts], first_ids=[p.row_start for p in parts]
+        )
 
     @property
     def nbytes(self) -> int:
@@ -85,6 +94,7 @@ class PartStore:
             copies = hugepage_copies([self.parts[k].view for k in keys])
             for key, copy in zip(keys, copies, strict=True):
                 self.parts[key] = replace(self.parts[key], view=copy)
+            self._resolve()
         else:
             for part in self.parts.values():
                 touch(part.view)
@@ -96,16 +106,17 @@ class PartStore:
         Zero-copy: the kernel reads the request's ids (and weights) frame in place, with bag
         bounds as positions into it and each part's first row id as its id base.
         """
-        resolved = []
+        resolved, slots = [], []
         for i, req in enumerate(lookup.parts):
-            part = self.parts.get((req.table, req.row_start))
-            if part is None:
+            slot = self.index.get((req.table, req.row_start))
+            if slot is None:
                 raise UnknownTable(
                     f"this shard serves no part of table {req.table!r} starting "
                     f"at row {req.row_start}",
                     field=f"parts[{i}]",
                 )
-            resolved.append(part)
+            resolved.append(self.parts[(req.table, req.row_start)])
+            slots.append(slot)
         spans = lookup.spans()
         bounds_all = np.zeros(lookup.lengths.size + 1, np.int64)
         np.cumsum(lookup.lengths, out=bounds_all[1:])
@@ -118,14 +129,13 @@ class PartStore:
                 [bounds_all[spans[i][0] : spans[i][0] + spans[i][1] + 1] for i in members]
             )
             try:
-                pooled = kernels.pool_packed(
-                    [resolved[i].view for i in members],
+                pooled = self.tableset.pool(
+                    [slots[i] for i in members],
                     lookup.ids,
                     bounds,
                     weights=lookup.weights,
                     modes=[lookup.parts[i].mode for i in members],
                     threads=threads,
-                    first_ids=[resolved[i].row_start for i in members],
                 )
             except kernels.IdOutOfRangeError as exc:
                 raise self._explain(exc, resolved, spans) from None

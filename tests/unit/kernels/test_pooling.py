@@ -233,3 +233,41 @@ def test_pool_packed_first_ids_address_a_row_range_in_place() -> None:
         with pytest.raises(kernels.IdOutOfRangeError, match=r"outside \[40, 70\)") as info:
             kernels.pool_packed([part], np.array([45, bad]), np.array([[0, 2]]), first_ids=[40])
         assert info.value.position == 1 and info.value.first == 40
+
+
+def test_tableset_pools_subsets_like_pool_packed() -> None:
+    rng = np.random.default_rng(3)
+    tables = [
+        rng.random((30, 8), np.float32),
+        rng.random((20, 8)).astype(np.float16),
+        Int8RowwiseTable(quantize_rows(rng.random((40, 8), np.float32))),
+        rng.random((10, 4), np.float32),  # another dim: only pooled on its own
+    ]
+    firsts = [100, 0, 7, 0]
+    tset = kernels.TableSet(tables, first_ids=firsts)
+    which = [2, 0]
+    lens = np.array([3, 0, 2])
+    ids = np.concatenate([rng.integers(7, 47, 5), rng.integers(100, 130, 5)])
+    bounds = np.stack([np.concatenate([[0], np.cumsum(lens)]) + s for s in (0, 5)])
+    got = tset.pool(which, ids, bounds, modes=["mean", "sum"])
+    want = kernels.pool_packed(
+        [tables[i] for i in which],
+        ids,
+        bounds,
+        modes=["mean", "sum"],
+        first_ids=[firsts[i] for i in which],
+    )
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(
+        got[:, 1], pool_numpy(tables[0], ids[5:] - 100, bounds[1, :-1] - 5), rtol=1e-6
+    )
+    # The set's own flags are untouched by a call's modes.
+    np.testing.assert_array_equal(
+        tset.pool([0], ids[5:], bounds[1:] - 5, modes="sum")[:, 0], want[:, 1]
+    )
+    with pytest.raises(kernels.KernelError, match="differ in dim"):
+        tset.pool([0, 3], ids, bounds)
+    with pytest.raises(kernels.KernelError, match="outside a set"):
+        tset.pool([4], ids, bounds[:1])
+    with pytest.raises(kernels.IdOutOfRangeError):
+        tset.pool([0], ids, bounds[:1])  # table 0 takes ids 100-129
