@@ -148,7 +148,6 @@ class TableSet:
                 raise KernelError(f"{len(first_ids)} first_ids for {len(self.tables)} tables")
             self.layout[:, 6] = first_ids
             self.layout[:, 1] -= self.layout[:, 6] * self.layout[:, 2]  # address of row "0"
-        self.dims = self.layout[:, 5].copy()
 
     def __len__(self) -> int:
         return len(self.tables)
