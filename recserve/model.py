@@ -13,7 +13,14 @@ import numpy as np
 
 import kernels
 from kernels import DenseNet, Table
-from recserve.artifact import load_dense, open_table, read_manifest, touch, verify
+from recserve.artifact import (
+    hugepage_copies,
+    load_dense,
+    open_table,
+    read_manifest,
+    touch,
+    verify,
+)
 from recserve.batch import Batch
 from recserve.errors import IdOutOfRange
 from recserve.manifest import Manifest
@@ -40,11 +47,19 @@ class Model:
         tables = {t.name: open_table(root, t) for t in manifest.tables}
         return cls(root, manifest, tables, load_dense(root, manifest))
 
-    def preload(self) -> float:
-        """Touch every page of every table (see ``artifact.touch``); returns seconds."""
+    def preload(self, *, hugepages: bool = False) -> float:
+        """Touch every page of every table (see ``artifact.touch``), or with ``hugepages``
+        score from copies in huge-page memory (``artifact.hugepage_copies``); returns
+        seconds."""
         start = time.perf_counter()
-        for table in self.tables.values():
-            touch(table)
+        if hugepages:
+            names = list(self.tables)
+            copies = hugepage_copies([self.tables[n] for n in names])
+            self.tables = dict(zip(names, copies, strict=True))
+            self.tableset = kernels.TableSet(copies)
+        else:
+            for table in self.tables.values():
+                touch(table)
         return time.perf_counter() - start
 
     def pool(self, batch: Batch) -> np.ndarray:

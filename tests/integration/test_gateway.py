@@ -117,11 +117,16 @@ async def post(
         return r.status, parsed, r.headers
 
 
-@pytest.mark.parametrize("mode", ["singular", "sharded"])
+@pytest.mark.parametrize("mode", ["singular", "singular-hugepages", "sharded"])
 @pytest.mark.parametrize("name", DEV_MODELS)
 def test_fixture_scores_over_http(deployments, fixtures_dir: Path, name: str, mode: str) -> None:
     model, plan = deployments[name]
-    config = GatewayConfig(model=model, plan=None if mode == "singular" else plan, port=0)
+    config = GatewayConfig(
+        model=model,
+        plan=plan if mode == "sharded" else None,
+        port=0,
+        hugepages=mode == "singular-hugepages",
+    )
 
     async def check(session: aiohttp.ClientSession, url: str) -> None:
         for batch in (1, 17, 256):
