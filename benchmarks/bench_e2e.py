@@ -16,8 +16,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.bench_gateway import measure, prepare
-from benchmarks.common import print_table
-from recserve.cli import main as cli
+from benchmarks.common import print_table, run_cli
 from recserve.plan import read_plan
 from recserve.planner import STRATEGIES
 
@@ -36,22 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for strategy in STRATEGIES:
             plan = root / f"{strategy}.json"
-            assert (
-                cli(
-                    [
-                        "plan",
-                        "--model",
-                        str(model),
-                        "--shards",
-                        str(args.shards),
-                        "--strategy",
-                        strategy,
-                        "--out",
-                        str(plan),
-                    ]
-                )
-                == 0
-            )
+            run_cli(["plan", "--model", str(model), "--shards", str(args.shards),
+                     "--strategy", strategy, "--out", str(plan)])  # fmt: skip
             r, rss = measure(model, plan, bodies, args.rate, args.duration, args.samples)
             results[strategy] = (r, rss, read_plan(plan).report["shards_contacted"])
         r, rss = measure(model, None, bodies, args.rate, args.duration, args.samples)

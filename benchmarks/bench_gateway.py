@@ -19,10 +19,9 @@ from pathlib import Path
 
 import orjson
 
-from benchmarks.common import print_table
+from benchmarks.common import print_table, run_cli
 from loadgen.runner import Run, open_loop
 from recserve.artifact import read_manifest
-from recserve.cli import main as cli
 from recserve.cluster import LocalCluster, free_port
 from recserve.workload import Workload
 
@@ -30,9 +29,7 @@ from recserve.workload import Workload
 def prepare(root: Path, size: str, samples: int) -> tuple[Path, list[bytes]]:
     """A drm2 model under ``root`` and 64 pre-encoded request bodies drawn from it."""
     model = root / "m"
-    assert (
-        cli(["synth", "--profile", "drm2", "--size", size, "--seed", "1", "--out", str(model)]) == 0
-    )
+    run_cli(["synth", "--profile", "drm2", "--size", size, "--seed", "1", "--out", str(model)])
     work = Workload(read_manifest(model), seed=5)
     return model, [orjson.dumps({"samples": work.samples(samples)}) for _ in range(64)]
 
@@ -82,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         model, bodies = prepare(root, args.size, args.samples)
         plan = root / "plan.json"
-        assert cli(["plan", "--model", str(model), "--shards", str(args.shards),
-                    "--strategy", args.strategy, "--out", str(plan)]) == 0  # fmt: skip
+        run_cli(["plan", "--model", str(model), "--shards", str(args.shards),
+                 "--strategy", args.strategy, "--out", str(plan)])  # fmt: skip
         results, rss = {}, {}
         for mode in ("distributed", "singular"):
             where = plan if mode == "distributed" else None

@@ -49,6 +49,16 @@ def median_times(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def run_cli(args: Sequence[str]) -> None:
+    """Run one ``recserve`` subcommand in-process; a failure stops the benchmark (not an
+    ``assert``, which ``python -O`` would skip together with the command)."""
+    from recserve.cli import main as cli
+
+    rc = cli(list(args))
+    if rc != 0:
+        raise SystemExit(f"recserve {' '.join(args)} failed with exit code {rc}")
+
+
 def fmt_ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 

@@ -177,14 +177,10 @@ class TableSet:
             dims = set(layout[:, 5].tolist())
             if len(dims) > 1:
                 raise KernelError(f"tables differ in dim: {sorted(dims)}")
-        if isinstance(modes, str):
-            if modes not in _MEAN:
-                raise KernelError(f"modes must be 'sum' or 'mean', one or one per table: {modes!r}")
-            layout[:, 5] = _MEAN[modes]  # the kernel reads a mean flag where dim was
-        else:
-            if len(modes) != layout.shape[0] or any(m not in _MEAN for m in modes):
-                raise KernelError(f"modes must be 'sum' or 'mean', one or one per table: {modes!r}")
-            layout[:, 5] = [_MEAN[m] for m in modes]
+        names = [modes] * layout.shape[0] if isinstance(modes, str) else list(modes)
+        if len(names) != layout.shape[0] or any(m not in _MEAN for m in names):
+            raise KernelError(f"modes must be 'sum' or 'mean', one or one per table: {modes!r}")
+        layout[:, 5] = [_MEAN[m] for m in names]  # the kernel reads a mean flag where dim was
         return _pool_layout(layout, dim, ids, bounds, weights, out, threads)
 
 

@@ -231,13 +231,10 @@ def huge_page_bytes(tables: Iterable[Table]) -> int:
         return 0
     for line in lines:
         head = line.split(" ", 1)[0]
-        if "-" in head and not line.startswith(("AnonHugePages", "ShmemPmdMapped")):
-            try:
-                lo, hi = (int(x, 16) for x in head.split("-"))
-            except ValueError:
-                continue
-            inside = any(lo <= a < hi for a in starts)
-        elif inside and line.startswith("AnonHugePages:"):
+        if not head.endswith(":"):  # a mapping's header, "lo-hi perms offset dev inode path"
+            lo, _, hi = head.partition("-")
+            inside = any(int(lo, 16) <= a < int(hi, 16) for a in starts)
+        elif inside and head == "AnonHugePages:":
             total += int(line.split()[1]) << 10
     return total
 
