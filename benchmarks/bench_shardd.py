@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import zmq.asyncio
+import zmq
 
 import kernels
 from benchmarks.common import fmt_ratio, print_table
@@ -89,7 +89,7 @@ def bare(table: kernels.Table, reqs: list[np.ndarray], threads: int) -> float:
 
 
 async def over_wire(endpoint: str, reqs: list[np.ndarray], inflight: int) -> dict[str, float]:
-    ctx = zmq.asyncio.Context()
+    ctx = zmq.Context()
     client = ShardClient(endpoint, ctx)
     parts = [PartRequest("t", 0, BAGS, "sum")]
     lengths = np.full(BAGS, POOLING, np.int32)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import uvloop
-import zmq.asyncio
+import zmq
 from aiohttp import web
 from threadpoolctl import threadpool_limits
 
@@ -73,7 +73,7 @@ async def gateway(config: GatewayConfig) -> AsyncIterator[Gateway]:
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(config.threads, thread_name_prefix="gateway")
     metrics = GatewayMetrics.create()
-    ctx = zmq.asyncio.Context()
+    ctx = zmq.Context()
     plan = None
     pooler: Pooler
     if config.plan is None:

@@ -16,10 +16,10 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
-import zmq.asyncio
+import zmq
 
 from gateway.metrics import GatewayMetrics
 from recserve.batch import Batch
@@ -94,7 +94,7 @@ class ShardedPooler:
         self,
         manifest: Manifest,
         plan: Plan,
-        ctx: zmq.asyncio.Context,
+        ctx: zmq.Context[Any],
         executor: Executor,
         metrics: GatewayMetrics,
     ) -> None:

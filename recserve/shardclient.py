@@ -1,15 +1,15 @@
 """The asyncio client of one shard daemon: what the gateway uses to talk to shards.
 
-One DEALER socket per endpoint and one reader task that resolves per-request futures by id,
-so replies can never reach the wrong caller (ids are never reused). Every call is bounded by
-its deadline: a dead or stalled shard becomes ``ShardUnavailable`` naming the shard, never a
-hang. If the reader dies, every waiter gets that error at once.
+One DEALER socket per endpoint, read by the loop (``LoopSocket``): one reader callback
+resolves per-request futures by id, so replies can never reach the wrong caller (ids are
+never reused). Every call is bounded by its deadline: a dead or stalled shard becomes
+``ShardUnavailable`` naming the shard, never a hang. If the socket fails, every waiter gets
+that error at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import zmq
-import zmq.asyncio
 
 from recserve.errors import RecserveError, ShardUnavailable, error_class
+from recserve.loopsocket import LoopSocket
 from recserve.wire import PartRequest, decode_header, encode_lookup, pack_header, request
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,12 @@ def now_ms() -> float:
 
 
 class ShardClient:
-    def __init__(self, endpoint: str, ctx: zmq.asyncio.Context, *, name: str = "") -> None:
+    def __init__(self, endpoint: str, ctx: zmq.Context[Any], *, name: str = "") -> None:
+        """Connect from the running loop; ``ctx`` may be a plain or an asyncio context (the
+        socket is a plain one either way)."""
         self.endpoint = endpoint
         self.name = name or endpoint
-        self.sock = ctx.socket(zmq.DEALER)
+        self.sock: zmq.Socket[Any] = zmq.Socket(ctx, zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a connected shard
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -51,28 +53,23 @@ class ShardClient:
         self.ids = itertools.count(1)
         self.pending: dict[int, asyncio.Future[tuple[dict[str, Any], list[zmq.Frame]]]] = {}
         self.broken: RecserveError | None = None
-        self.reader = asyncio.get_running_loop().create_task(self._read())
+        self.io = LoopSocket(self.sock, self._on_reply, self._on_error)
 
-    async def _read(self) -> None:
+    def _on_reply(self, frames: list[zmq.Frame]) -> None:
         try:
-            while True:
-                frames = await self.sock.recv_multipart(copy=False)
-                try:
-                    header = decode_header(frames[0].buffer)
-                except RecserveError as exc:
-                    log.warning("dropping a malformed reply from %s: %s", self.name, exc)
-                    continue
-                fut = self.pending.pop(header["id"], None)
-                if fut is not None and not fut.done():
-                    fut.set_result((header, frames[1:]))
-        except asyncio.CancelledError:
-            self._fail(ShardUnavailable(f"shard {self.name}: client closed"))
-            raise
-        except Exception as exc:  # the socket broke: nobody will ever be answered
-            log.exception("reader of shard %s died", self.name)
-            self._fail(
-                ShardUnavailable(f"shard {self.name} ({self.endpoint}): connection failed ({exc})")
-            )
+            header = decode_header(frames[0].buffer)
+        except RecserveError as exc:
+            log.warning("dropping a malformed reply from %s: %s", self.name, exc)
+            return
+        fut = self.pending.pop(header["id"], None)
+        if fut is not None and not fut.done():
+            fut.set_result((header, frames[1:]))
+
+    def _on_error(self, exc: zmq.ZMQError) -> None:
+        log.error("socket to shard %s failed: %s", self.name, exc)
+        self._fail(
+            ShardUnavailable(f"shard {self.name} ({self.endpoint}): connection failed ({exc})")
+        )
 
     def _fail(self, exc: RecserveError) -> None:
         self.broken = exc
@@ -93,12 +90,15 @@ class ShardClient:
         budget = max(0.0, (deadline_ms - now_ms()) / 1e3)
         try:
             async with asyncio.timeout(budget):
-                await self.sock.send_multipart(frames, copy=False)
+                while not self.io.send(list(frames)):  # not connected yet, or queue full
+                    await self.io.writable()
                 header, data = await fut
         except TimeoutError:
             raise ShardUnavailable(
                 f"shard {self.name} ({self.endpoint}) did not answer within {budget * 1e3:.0f} ms"
             ) from None
+        except zmq.ZMQError as exc:
+            raise ShardUnavailable(f"shard {self.name}: {exc}") from None
         finally:
             self.pending.pop(req_id, None)
         if not header.get("ok"):
@@ -140,7 +140,6 @@ class ShardClient:
         return out
 
     async def close(self) -> None:
-        self.reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self.reader
+        self.io.close()
+        self._fail(ShardUnavailable(f"shard {self.name}: client closed"))
         self.sock.close(linger=0)

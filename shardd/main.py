@@ -21,7 +21,6 @@ from pathlib import Path
 
 import uvloop
 import zmq
-import zmq.asyncio
 
 import kernels
 from recserve import logs
@@ -154,7 +153,7 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
         http = start_http_server(
             config.metrics_port, config.metrics_addr, registry=metrics.registry
         )
-    ctx = zmq.asyncio.Context()
+    ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     settings = ServerSettings(
@@ -164,10 +163,10 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
         config.workers,
         config.kernel_threads or default_kernel_threads(),
     )
+    server = ShardServer(sock, store, manifest, settings, metrics)
     try:
         with bound(sock, endpoint) as actual:
-            server = ShardServer(sock, store, manifest, settings, metrics)
-            reader = loop.create_task(server.serve())
+            server.start()
             stop = asyncio.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
@@ -194,14 +193,14 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
             # Keep the loop (and its socket) up a moment after the last reply: closing
             # right after it lost a reply 1 run in 7 under load, even with a linger.
             await asyncio.sleep(FLUSH_S)
-            reader.cancel()
             if watchdog:
                 watchdog.cancel()
-            await asyncio.gather(reader, *([watchdog] if watchdog else []), return_exceptions=True)
+                await asyncio.gather(watchdog, return_exceptions=True)
     finally:
         # Replies of the last lookups may still sit in ZeroMQ's queue: linger=0 would drop
         # them (seen: a drained lookup never answered). Bounded, so a dead peer cannot hold
         # the exit.
+        server.close()
         sock.close(linger=REPLY_FLUSH_MS)
         ctx.term()
         if http is not None:

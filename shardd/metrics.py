@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
@@ -39,6 +39,15 @@ class ShardMetrics:
     bytes_in: Counter
     bytes_out: Counter
     queue_depth: Gauge
+    # Labelled children by (op, outcome): ``labels()`` costs a lock and a dict per call.
+    children: dict[tuple[str, str], Counter] = field(default_factory=dict)
+
+    def request(self, op: str, outcome: str) -> None:
+        """Count one answered request."""
+        child = self.children.get((op, outcome))
+        if child is None:
+            child = self.children[(op, outcome)] = self.requests.labels(op=op, outcome=outcome)
+        child.inc()
 
     @classmethod
     def create(cls) -> ShardMetrics:

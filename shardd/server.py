@@ -1,4 +1,4 @@
-"""The shard's ZeroMQ server: one ROUTER socket, one reader loop, lookups off the loop.
+"""The shard's ZeroMQ server: one ROUTER socket read by the loop, lookups off the loop.
 
 ``health``, ``info`` and ``stats`` are answered on the loop at once, even while lookups run.
 A lookup is refused at once when the shard is draining (``not_ready``), past its deadline
@@ -10,14 +10,14 @@ input becomes a typed error reply; nothing a client sends can stop the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from recserve.errors import (
     BadRequest,
@@ -26,6 +26,7 @@ from recserve.errors import (
     Overloaded,
     RecserveError,
 )
+from recserve.loopsocket import LoopSocket
 from recserve.manifest import Manifest
 from recserve.wire import decode_header, decode_lookup, error_reply, pack_header, reply
 from shardd.metrics import ShardMetrics
@@ -46,7 +47,7 @@ class ServerSettings:
 class ShardServer:
     def __init__(
         self,
-        sock: zmq.asyncio.Socket,
+        sock: zmq.Socket,
         store: PartStore,
         manifest: Manifest,
         settings: ServerSettings,
@@ -60,21 +61,25 @@ class ShardServer:
         self.pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="shardd-kernel")
         self.inflight = 0
         self.draining = False
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.io: LoopSocket | None = None
 
-    async def serve(self) -> None:
-        """Read requests until cancelled (by ``drain``)."""
-        while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            if len(frames) < 2:
-                continue  # only a routing id: nothing to answer
-            self.metrics.bytes_in.inc(sum(len(f.buffer) for f in frames[1:]))
-            try:
-                await self._dispatch(frames[0], frames[1:])
-            except Exception:  # a bug must not stop the loop
-                log.exception("dispatch failed")
+    def start(self) -> None:
+        """Serve from the running loop until ``drain``."""
+        self.loop = asyncio.get_running_loop()
+        self.io = LoopSocket(self.sock, self._on_message, self._on_error)
 
-    async def _dispatch(self, ident: zmq.Frame, body: list[zmq.Frame]) -> None:
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            return  # only a routing id: nothing to answer
+        self.metrics.bytes_in.inc(sum(len(f.buffer) for f in frames[1:]))
+        self._dispatch(frames[0], frames[1:])
+
+    def _on_error(self, exc: zmq.ZMQError) -> None:
+        log.error("the shard's socket failed: %s", exc)
+
+    def _dispatch(self, ident: zmq.Frame, body: list[zmq.Frame]) -> None:
         header: dict[str, Any] | None = None
         try:
             header = decode_header(body[0].buffer)
@@ -82,7 +87,7 @@ class ShardServer:
             if op != "lookup":
                 if len(body) > 1:
                     raise BadRequest(f"{op} takes no data frames", field="frames")
-                await self._send(ident, [pack_header(self._answer(header))], op, "ok")
+                self._send(ident, [pack_header(self._answer(header))], op, "ok")
                 return
             if self.draining:
                 raise NotReady("the shard is shutting down; retry on another replica")
@@ -93,15 +98,17 @@ class ShardServer:
                 raise Overloaded(f"{self.inflight} lookups already queued", retry_after=0.05)
         except RecserveError as exc:
             op = header.get("op", "unknown") if header else "unknown"
-            await self._send(ident, [error_reply(header, exc)], str(op), exc.kind)
+            self._send(ident, [error_reply(header, exc)], str(op), exc.kind)
             return
         self.inflight += 1
+        self.idle.clear()
         self.metrics.queue_depth.set(self.inflight)
-        task = asyncio.get_running_loop().create_task(
-            self._lookup(ident, header, body[1:], time.perf_counter())
+        started = time.perf_counter()
+        work = self.pool.submit(self._work, header, body[1:], started)
+        # The worker hands the result back to the loop, which alone touches the socket.
+        work.add_done_callback(
+            lambda done: self.loop.call_soon_threadsafe(self._finish, ident, header, done, started)
         )
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
 
     def _answer(self, header: dict[str, Any]) -> dict[str, Any]:
         m = self.manifest
@@ -130,14 +137,13 @@ class ShardServer:
             bags=_value(self.metrics.bags),
         )
 
-    async def _lookup(
-        self, ident: zmq.Frame, header: dict[str, Any], frames: list[zmq.Frame], started: float
+    def _finish(
+        self, ident: zmq.Frame, header: dict[str, Any], done: Future[Any], started: float
     ) -> None:
+        """On the loop: reply with a finished lookup's result or error."""
         outcome = "ok"
         try:
-            groups, queued, worked = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self._work, header, frames, started
-            )
+            groups, queued, worked = done.result()
             meta = [
                 {"parts": list(g.parts), "bags": g.pooled.shape[0], "dim": g.pooled.shape[2]}
                 for g in groups
@@ -151,6 +157,10 @@ class ShardServer:
         except RecserveError as exc:
             outcome = exc.kind
             out = [error_reply(header, exc)]
+        except CancelledError:  # a drain that gave up cancelled it before it ran
+            gone = NotReady("the shard shut down before this lookup ran")
+            outcome = gone.kind
+            out = [error_reply(header, gone)]
         except Exception:
             log.exception("lookup %s failed", header.get("id"))
             outcome = "internal"
@@ -158,7 +168,9 @@ class ShardServer:
         finally:
             self.inflight -= 1
             self.metrics.queue_depth.set(self.inflight)
-        await self._send(ident, out, "lookup", outcome)
+            if not self.inflight:
+                self.idle.set()
+        self._send(ident, out, "lookup", outcome)
         if outcome == "ok":
             self.metrics.latency.observe(time.perf_counter() - started)
 
@@ -177,12 +189,13 @@ class ShardServer:
         self.metrics.bags.inc(lookup.lengths.size)
         return groups, begin - started, time.perf_counter() - begin
 
-    async def _send(self, ident: zmq.Frame, frames: list[Any], op: str, outcome: str) -> None:
-        """Reply; a ROUTER never blocks here (it drops for a peer that is gone)."""
-        self.metrics.requests.labels(op=op, outcome=outcome).inc()
+    def _send(self, ident: zmq.Frame, frames: list[Any], op: str, outcome: str) -> None:
+        """Reply; a ROUTER never blocks (it drops for a peer that is gone)."""
+        self.metrics.request(op, outcome)
         self.metrics.bytes_out.inc(sum(memoryview(f).nbytes for f in frames))
+        assert self.io is not None
         try:
-            await self.sock.send_multipart([ident, *frames], copy=False)
+            self.io.send([ident, *frames])
         except zmq.ZMQError as exc:
             log.warning("reply to %s dropped: %s", op, exc)
 
@@ -190,11 +203,17 @@ class ShardServer:
         """Stop taking lookups, wait up to ``timeout`` s for those in flight; returns how
         many were still running when it gave up."""
         self.draining = True
-        pending = set(self.tasks)
-        if pending:
-            await asyncio.wait(pending, timeout=timeout)
+        if self.inflight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.idle.wait(), timeout)
+        left = self.inflight
         self.pool.shutdown(wait=False, cancel_futures=True)
-        return sum(1 for t in pending if not t.done())
+        return left
+
+    def close(self) -> None:
+        """Stop reading the socket (the caller closes it)."""
+        if self.io is not None:
+            self.io.close()
 
 
 def _value(counter: Any) -> float:

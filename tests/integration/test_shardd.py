@@ -15,7 +15,6 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-import zmq.asyncio
 
 import kernels
 from recserve.artifact import open_table, read_manifest
@@ -146,7 +145,7 @@ def reference(model: Path, parts, ids_per_part, lengths_per_part, weights_per_pa
 
 
 async def lookup(endpoint: str, parts, ids, lengths, weights=None, deadline_ms=None):
-    ctx = zmq.asyncio.Context()
+    ctx = zmq.Context()
     client = ShardClient(endpoint, ctx)
     try:
         return await client.lookup(
@@ -328,7 +327,7 @@ def big_lookup(plan: Plan, n: int, bags: int = 1000):
 async def burst(endpoint: str, request, count: int, after_accepted=None) -> list[object]:
     """``count`` concurrent lookups on one client; ``after_accepted`` runs once the shard
     reports them all in flight."""
-    ctx = zmq.asyncio.Context()
+    ctx = zmq.Context()
     client = ShardClient(endpoint, ctx)
     parts, ids, lengths = request
     tasks = [
@@ -360,7 +359,7 @@ def test_overload_is_refused_at_once(model_and_plan, tmp_path: Path) -> None:
     small = big_lookup(plan, 1, bags=1)
 
     async def run() -> tuple[object, list[object]]:
-        ctx = zmq.asyncio.Context()
+        ctx = zmq.Context()
         client = ShardClient(endpoint, ctx)
         try:
             held = asyncio.ensure_future(

@@ -1,0 +1,117 @@
+"""A ZeroMQ socket driven by the running asyncio loop without per-message futures.
+
+pyzmq's ``zmq.asyncio`` wraps every send and receive in a future and re-arms the loop's
+reader each time; on a 2-core box that machinery cost the shard's loop and its client about
+as much CPU as moving the bytes (measured on one shard: 0.3 ms of loop CPU per 2048-bag
+lookup). Here the loop calls ``on_message`` for every message as soon as the socket has
+some, and ``send`` never waits: a ROUTER drops for a peer that is gone, a DEALER says
+``False`` and the caller may ``await writable()``.
+
+ZeroMQ's file descriptor is edge-triggered: it only says that the socket's events may have
+changed. So every callback, and every send, ends by reading ``EVENTS`` and draining what is
+there; a long burst is drained ``BATCH`` messages at a time so other callbacks interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, cast
+
+import zmq
+
+log = logging.getLogger(__name__)
+BATCH = 64
+
+
+class LoopSocket:
+    """``sock`` (a plain ``zmq.Socket``) read by the running loop; one reader, no futures."""
+
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        on_message: Callable[[list[zmq.Frame]], None],
+        on_error: Callable[[zmq.ZMQError], None] | None = None,
+    ) -> None:
+        self.sock = sock
+        self.on_message = on_message
+        self.on_error = on_error
+        self.loop = asyncio.get_running_loop()
+        self.fd = cast(int, sock.getsockopt(zmq.FD))
+        self.writers: list[asyncio.Future[None]] = []
+        self.scheduled = False
+        self.closed = False
+        self.loop.add_reader(self.fd, self._events)
+        self.loop.call_soon(self._events)  # messages may have arrived before the reader
+
+    def send(self, frames: list[Any]) -> bool:
+        """Queue ``frames`` at once (zero-copy for large buffers); ``False`` if the socket
+        cannot take them now (a DEALER with no connected peer or a full queue)."""
+        if self.closed:
+            raise zmq.ZMQError(zmq.ENOTSOCK, "socket closed")
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
+        finally:
+            self._after_op()
+
+    async def writable(self) -> None:
+        """Wait until a send may succeed; the caller bounds this with its deadline."""
+        fut = self.loop.create_future()
+        self.writers.append(fut)
+        self._after_op()
+        try:
+            await fut
+        finally:
+            if fut in self.writers:
+                self.writers.remove(fut)
+
+    def close(self) -> None:
+        """Stop reading; the caller closes the socket."""
+        if not self.closed:
+            self.closed = True
+            self.loop.remove_reader(self.fd)
+            for fut in self.writers:
+                if not fut.done():
+                    fut.set_exception(zmq.ZMQError(zmq.ENOTSOCK, "socket closed"))
+            self.writers.clear()
+
+    def _after_op(self) -> None:
+        # Any operation may consume the descriptor's edge while events remain: look again
+        # on the next loop turn (once, however many operations this turn made).
+        if not self.scheduled and not self.closed:
+            self.scheduled = True
+            self.loop.call_soon(self._events)
+
+    def _events(self) -> None:
+        self.scheduled = False
+        if self.closed:
+            return
+        events = cast(int, self.sock.getsockopt(zmq.EVENTS))
+        if events & zmq.POLLOUT and self.writers:
+            writers, self.writers = self.writers, []
+            for fut in writers:
+                if not fut.done():
+                    fut.set_result(None)
+        if not events & zmq.POLLIN:
+            return
+        for _ in range(BATCH):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:  # the socket broke: nothing more will arrive
+                self.close()
+                if self.on_error is not None:
+                    self.on_error(exc)
+                return
+            try:
+                self.on_message(frames)
+            except Exception:  # a bug in one message's handling must not stop the reader
+                log.exception("handling a message failed")
+            if self.closed:
+                return
+        self._after_op()  # more may be waiting: let other callbacks run first
