@@ -105,10 +105,16 @@ class ShardServer:
         self.metrics.queue_depth.set(self.inflight)
         started = time.perf_counter()
         work = self.pool.submit(self._work, header, body[1:], started)
-        # The worker hands the result back to the loop, which alone touches the socket.
-        work.add_done_callback(
-            lambda done: self.loop.call_soon_threadsafe(self._finish, ident, header, done, started)
-        )
+        work.add_done_callback(lambda done: self._hand_back(ident, header, done, started))
+
+    def _hand_back(
+        self, ident: zmq.Frame, header: dict[str, Any], done: Future[Any], started: float
+    ) -> None:
+        """In the worker: pass the result to the loop, which alone touches the socket."""
+        try:
+            self.loop.call_soon_threadsafe(self._finish, ident, header, done, started)
+        except RuntimeError:  # the loop is gone: a drain gave up on this lookup
+            log.warning("lookup %s finished after shutdown; not answered", header.get("id"))
 
     def _answer(self, header: dict[str, Any]) -> dict[str, Any]:
         m = self.manifest
