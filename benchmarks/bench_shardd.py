@@ -6,9 +6,10 @@ requests in flight from one client. The bare kernel pools the same requests in t
 process, with the daemon's kernel thread count (the target: what the daemon and the wire
 cost over the work itself) and on all cores. The client, the daemon and the kernel share
 the machine's cores, as a gateway and a shard on one box would: on 2 cores the daemon
-pools on one thread and the client and ZeroMQ take the other core.
+pools on one thread and the client and ZeroMQ take the other core. Rounds alternate the
+paths, and each round's wire rate is compared with the bare kernel's of the same round.
 
-    python -m benchmarks.bench_shardd [--small] [--requests N] [--inflight N]
+    python -m benchmarks.bench_shardd [--small] [--requests N] [--rounds N] [--inflight N]
 """
 
 from __future__ import annotations
@@ -88,7 +89,10 @@ def bare(table: kernels.Table, reqs: list[np.ndarray], threads: int) -> float:
     return len(reqs) * BAGS * POOLING / (time.perf_counter() - start)
 
 
-async def over_wire(endpoint: str, reqs: list[np.ndarray], inflight: int) -> dict[str, float]:
+async def over_wire(
+    endpoint: str, reqs: list[np.ndarray], inflight: int
+) -> tuple[list[float], float]:
+    """Round-trip ms of each request sent alone, then ids/s with ``inflight`` in flight."""
     ctx = zmq.Context()
     client = ShardClient(endpoint, ctx)
     parts = [PartRequest("t", 0, BAGS, "sum")]
@@ -115,16 +119,15 @@ async def over_wire(endpoint: str, reqs: list[np.ndarray], inflight: int) -> dic
     finally:
         await client.close()
         ctx.term()
-    ms = np.array(latencies) * 1e3
-    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "rate": rate}
+    return [t * 1e3 for t in latencies], rate
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a 100k-row table: smoke run")
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=60, help="per round")
     parser.add_argument("--inflight", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--workers", type=int, default=1, help="shardd --workers")
     parser.add_argument("--kernel-threads", type=int, help="shardd --kernel-threads")
     parser.add_argument(
@@ -148,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         procs = [
             start_shard(root / "plan.json", root / "m", 0, ep, *extra) for ep in endpoints.values()
         ]
-        runs: dict[str, list[dict[str, float]]] = {t: [] for t in endpoints}
+        latency: dict[str, list[float]] = {t: [] for t in endpoints}
+        rates: dict[str, list[float]] = {t: [] for t in endpoints}
         same = args.kernel_threads or default_kernel_threads()
         bare_rates: dict[int, list[float]] = {same: [], kernels.default_threads(): []}
         try:
@@ -156,28 +160,34 @@ def main(argv: list[str] | None = None) -> int:
                 wait_healthy(ep, proc)
             # Rounds alternate the paths so drift on a shared machine hits all of them.
             for _ in range(args.rounds):
-                for threads, rates in bare_rates.items():
-                    rates.append(bare(table, reqs, threads))
+                for threads, done in bare_rates.items():
+                    done.append(bare(table, reqs, threads))
                 for transport, ep in endpoints.items():
-                    runs[transport].append(asyncio.run(over_wire(ep, reqs, args.inflight)))
+                    ms, rate = asyncio.run(over_wire(ep, reqs, args.inflight))
+                    latency[transport] += ms
+                    rates[transport].append(rate)
         finally:
             for proc in procs:
                 stop(proc)
-        kernel = {n: float(np.median(r)) for n, r in bare_rates.items()}
-        results = {
-            t: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for t, rs in runs.items()
-        }
     all_cores = kernels.default_threads()
+    kernel = {n: float(np.median(r)) for n, r in bare_rates.items()}
+    # Memory speed on a shared host drifts by several times within seconds: each round's
+    # wire rate is divided by the bare kernel's rate of the same round, then the median.
+    vs = {
+        (t, n): float(np.median(np.array(rates[t]) / np.array(bare_rates[n])))
+        for t in endpoints
+        for n in kernel
+    }
     rows_out = [
         [
             t,
-            f"{r['p50']:.2f}",
-            f"{r['p99']:.2f}",
-            f"{r['rate'] / 1e6:.1f}",
-            f"{r['rate'] / kernel[same]:.2f}x",
-            f"{r['rate'] / kernel[all_cores]:.2f}x",
+            f"{np.percentile(latency[t], 50):.2f}",
+            f"{np.percentile(latency[t], 99):.2f}",
+            f"{np.median(rates[t]) / 1e6:.1f}",
+            f"{vs[(t, same)]:.2f}x",
+            f"{vs[(t, all_cores)]:.2f}x",
         ]
-        for t, r in results.items()
+        for t in endpoints
     ]
     for n in sorted(kernel):
         rows_out.append(
@@ -192,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"\none shard, {rows} x {DIM} fp32, lookups of {BAGS} bags x {POOLING} ids, "
-        f"{args.requests} requests x {args.rounds} rounds (medians), {args.inflight} in flight"
+        f"{args.requests} requests x {args.rounds} rounds, {args.inflight} in flight"
         f" for ids/s; shardd --workers {args.workers} --kernel-threads {same}"
         f"{' --hugepages' if args.hugepages else ' --preload'}"
     )
@@ -200,13 +210,13 @@ def main(argv: list[str] | None = None) -> int:
         ["path", "p50 ms", "p99 ms", "M ids/s", f"vs kernel {same} thr", f"vs {all_cores} thr"],
         rows_out,
     )
-    worst = min(r["rate"] for r in results.values())
+    worst = min(vs[(t, same)] for t in endpoints)
     print(
         f"\ntarget: over the wire >= 0.7x the bare kernel on the daemon's {same} kernel "
-        f"thread(s): {worst / kernel[same]:.2f}x "
-        f"{'met' if worst >= 0.7 * kernel[same] else 'MISSED'}"
-        f"; against the kernel on all {all_cores} cores, which the daemon shares with its "
-        f"client here: {worst / kernel[all_cores]:.2f}x"
+        f"thread(s), median of per-round ratios, worse transport: {worst:.2f}x "
+        f"{'met' if worst >= 0.7 else 'MISSED'}; against the kernel on all {all_cores} "
+        f"cores, which the daemon shares with its client here: "
+        f"{min(vs[(t, all_cores)] for t in endpoints):.2f}x"
     )
     return 0
 
