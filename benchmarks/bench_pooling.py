@@ -4,7 +4,9 @@ Tables: 2M x 64 fp32 in RAM (huge pages where numpy gets them) and 10M x 64 as a
 (as shards serve them); batches of 256 and 2048 bags; pooling 20 and 80, fixed or variable
 (uniform 0..2L); ids uniform or Zipf(1.05). Then fp16 and int8 row-wise copies of the 10M
 table against fp32. Both compiled contenders use 2 threads. Every repetition draws fresh ids,
-so rows are not warm from the previous call.
+so rows are not warm from the previous call. Contenders run in rotating blocks, and ratios
+are medians of per-round ratios: memory speed on a shared host drifts by several times
+within seconds.
 
     python -m benchmarks.bench_pooling [--small] [--rounds N] [--reps N] [--dir DIR]
 """
@@ -13,16 +15,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import tempfile
-import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 import kernels
-from benchmarks.common import fmt_ratio, median_times, print_table
+from benchmarks.common import median_ratio, print_table, round_times
 from kernels import Int8RowwiseTable
 from recserve.workload import scatter, zipf_ranks
 
@@ -99,13 +102,18 @@ def contenders(table: np.ndarray | Int8RowwiseTable, with_numpy: bool) -> dict:
     return out
 
 
-def row_bound(table: np.ndarray, bags: int, pooling: int, args: argparse.Namespace) -> dict:
-    """M ids/s gathering one 64-byte line of each row vs whole rows, same pages and ids.
+def row_bound(
+    table: np.ndarray, bags: int, pooling: int, args: argparse.Namespace
+) -> dict[str, float]:
+    """Two ceilings on the memmap table, measured in the same rounds as torch and ours.
 
-    The same memory viewed as rows four times shorter, with ids scaled by four, touches
-    the same pages and makes the same random accesses but reads a quarter of the lines:
-    the rate no fp32 kernel can beat when the cost of reaching each random row (DRAM
-    latency, TLB miss and page walk), not the bytes, is the bound.
+    ``line``: the same memory viewed as rows four times shorter, with ids scaled by four,
+    touches the same pages and makes the same random accesses but reads a quarter of the
+    lines: the rate no fp32 kernel can beat when reaching each random row (DRAM latency,
+    TLB miss and page walk), not the bytes, is the bound. ``stream``: the whole table read
+    in order on ``THREADS`` threads (BLAS dot over 4 MiB blocks), the machine's sequential
+    read bandwidth in rows: random whole-row gathers move the same bytes without the
+    streaming help, so no fp32 kernel passes it either.
     """
     dim = table.shape[1]
     lines = table.reshape(table.shape[0] * (dim // 16), 16)
@@ -113,23 +121,29 @@ def row_bound(table: np.ndarray, bags: int, pooling: int, args: argparse.Namespa
               for s in range(args.reps + 1)]  # fmt: skip
     runs = dict(contenders(table, False))
     runs["line"] = lambda w: kernels.pool(lines, w[0] * (dim // 16), w[1], threads=THREADS)
-    t = median_times(runs, inputs[1:], inputs[0], rounds=args.rounds)
+    with ThreadPoolExecutor(THREADS) as pool:
+        runs["stream"], streamed = streamer(table, pool)
+        t = round_times(runs, inputs[1:], inputs[0], rounds=args.rounds, slow={"stream": 1})
     n_ids = inputs[1][0].size
-    rates = {name: n_ids / v / 1e6 for name, v in t.items()}
+    per_call = {name: n_ids for name in t} | {"stream": streamed}
+    rates = {name: per_call[name] / statistics.median(v) / 1e6 for name, v in t.items()}
     rates["row"] = rates.pop("kernels.pool")
-    rates["stream"] = stream_rows(table, args.rounds)
-    print(f"\nrow-bound ceiling, {table.shape[0]}-row memmap, B={bags}, L={pooling}, uniform:")
+    print(f"\nceilings, {table.shape[0]}-row memmap, B={bags}, L={pooling}, uniform:")
     print_table(
         ["gather", "M ids/s"],
         [[name, f"{rate:.1f}"] for name, rate in rates.items()],
     )
+    if "torch" in t:
+        rates["line_vs_torch"] = median_ratio(t["torch"], t["line"])
+        # 1.2x torch in ids/s as a share of the streamed rows/s, round by round.
+        rates["need_vs_stream"] = statistics.median(
+            1.2 * (n_ids / a) / (streamed / b) for a, b in zip(t["torch"], t["stream"], strict=True)
+        )
     return rates
 
 
-def stream_rows(table: np.ndarray, rounds: int) -> float:
-    """M rows/s reading the whole table in order on ``THREADS`` threads (BLAS dot over
-    4 MiB blocks): the machine's sequential read bandwidth in rows. Random whole-row
-    gathers move the same bytes with no streaming help, so no fp32 kernel passes this."""
+def streamer(table: np.ndarray, pool: ThreadPoolExecutor) -> tuple[Callable[[object], None], int]:
+    """A contender reading ``table`` in order on ``THREADS`` threads, and the rows it reads."""
     flat = table.reshape(-1)
     block = 1 << 20
     ones = np.ones(block, table.dtype)
@@ -139,19 +153,16 @@ def stream_rows(table: np.ndarray, rounds: int) -> float:
         return sum(float(np.dot(flat[b * block : (b + 1) * block], ones))
                    for b in range(k, blocks, THREADS))  # fmt: skip
 
-    times = []
-    with ThreadPoolExecutor(THREADS) as pool:
-        for _ in range(rounds + 1):
-            start = time.perf_counter()
-            list(pool.map(part, range(THREADS)))
-            times.append(time.perf_counter() - start)
-    return blocks * block / table.shape[1] / float(np.median(times[1:])) / 1e6
+    def read_all(_: object) -> None:
+        list(pool.map(part, range(THREADS)))
+
+    return read_all, blocks * block // table.shape[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny tables: a smoke run")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reps", type=int, default=8)
     parser.add_argument("--dir", type=Path, help="where the memmap files go (default: tmp)")
     args = parser.parse_args(argv)
@@ -182,18 +193,22 @@ def main(argv: list[str] | None = None) -> int:
                                 workload(table.shape[0], bags, pooling, variable, zipf, seed)
                                 for seed in range(args.reps + 1)
                             ]
-                            t = median_times(
+                            t = round_times(
                                 contenders(table, True),
                                 inputs[1:],
                                 inputs[0],
                                 rounds=args.rounds,
-                                slow={"numpy": 2},
+                                slow={"numpy": 1},
                             )
                             n_ids = np.mean([w[0].size for w in inputs[1:]])
-                            rate = {k: n_ids / v / 1e6 for k, v in t.items()}
+                            rate = {k: n_ids / statistics.median(v) / 1e6 for k, v in t.items()}
                             ours = rate["kernels.pool"]
-                            vs_torch = ours / rate["torch"] if "torch" in rate else math.nan
-                            vs_numpy = ours / rate["numpy"]
+                            vs_torch = (
+                                median_ratio(t["torch"], t["kernels.pool"])
+                                if "torch" in t
+                                else math.nan
+                            )
+                            vs_numpy = median_ratio(t["numpy"], t["kernels.pool"])
                             ratios_torch.append(vs_torch)
                             ratios_numpy.append(vs_numpy)
                             if (
@@ -250,21 +265,22 @@ def main(argv: list[str] | None = None) -> int:
             ]
             runs = {name: pooler(tab) for name, tab in
                     (("fp32", mapped), ("fp16", half), ("int8", int8))}  # fmt: skip
-            t = median_times(runs, inputs[1:], inputs[0], rounds=args.rounds)
+            t = round_times(runs, inputs[1:], inputs[0], rounds=args.rounds)
             n_ids = inputs[1][0].size
             for name in runs:
                 bytes_per_row = {"fp32": 4 * dim, "fp16": 2 * dim, "int8": dim + 8}[name]
+                secs = statistics.median(t[name])
                 dtype_rows.append(
                     [
                         name,
                         "zipf" if zipf else "unif",
-                        f"{n_ids / t[name] / 1e6:.1f}",
-                        f"{n_ids * bytes_per_row / t[name] / 1e9:.2f}",
-                        fmt_ratio(t["fp32"], t[name]),
+                        f"{n_ids / secs / 1e6:.1f}",
+                        f"{n_ids * bytes_per_row / secs / 1e9:.2f}",
+                        f"{median_ratio(t['fp32'], t[name]):.2f}x",
                     ]
                 )
             if not zipf:
-                int8_ratio = t["fp32"] / t["int8"]
+                int8_ratio = median_ratio(t["fp32"], t["int8"])
         print_table(["dtype", "ids", "M ids/s", "GB/s", "vs fp32"], dtype_rows)
         ceiling = row_bound(mapped, max(batches), max(poolings), args)
 
@@ -284,21 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{math.floor(low * 10) / 10:.1f}x "
         f"(target >= 10x) {'met' if low >= 10 else 'MISSED'}"
     )
-    print(
-        f"  row-bound ceiling on the memmap table: one 64-byte line per row runs at "
-        f"{ceiling['line']:.1f} M ids/s; whole 256-byte rows at {ceiling['row']:.1f} (ours), "
-        f"{ceiling['torch']:.1f} (torch), so no fp32 kernel can beat torch by more than "
-        f"{ceiling['line'] / ceiling['torch']:.2f}x there"
-        if ceiling and "torch" in ceiling
-        else "  row-bound ceiling: needs torch"
-    )
-    if ceiling and "torch" in ceiling:
-        need = 1.2 * ceiling["torch"]
+    if "line_vs_torch" in ceiling:
         print(
-            f"  bandwidth ceiling on the memmap table: the same rows streamed in order run at "
-            f"{ceiling['stream']:.1f} M rows/s ({ceiling['stream'] * dim * 4 / 1e3:.1f} GB/s); "
-            f"1.2x torch needs {need:.1f} M ids/s of random whole rows, "
-            f"{need / ceiling['stream']:.0%} of that"
+            f"  ceilings on the memmap table (ratios round by round): one 64-byte line per "
+            f"row runs {ceiling['line_vs_torch']:.2f}x torch's whole rows, so no fp32 kernel "
+            f"beats torch by more there; the rows streamed in order run at "
+            f"{ceiling['stream']:.1f} M rows/s ({ceiling['stream'] * dim * 4 / 1e3:.1f} GB/s) "
+            f"and 1.2x torch would need {ceiling['need_vs_stream']:.0%} of that from random "
+            f"whole rows"
         )
     if int8_ratio is not None:
         print(

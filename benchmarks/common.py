@@ -18,35 +18,42 @@ from typing import Any
 WARM_S = 0.05
 
 
-def median_times(
+def round_times(
     contenders: dict[str, Callable[[Any], object]],
     inputs: Sequence[Any],
     warmup: Any,
     *,
     rounds: int = 3,
     slow: dict[str, int] | None = None,
-) -> dict[str, float]:
-    """Median seconds per call of each contender over ``inputs``, in rotating blocks.
+) -> dict[str, list[float]]:
+    """Median seconds per call of each contender in each round, contenders in rotating
+    blocks. Memory speed on a shared host drifts by several times within seconds, so
+    compare contenders round by round (``median_ratio``), not across the whole run.
 
-    Contenders named in ``slow`` run in the first round only, on that many inputs.
+    Contenders named in ``slow`` run on that many inputs a round.
     """
     slow = slow or {}
     times: dict[str, list[float]] = {name: [] for name in contenders}
     names = list(contenders)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            if name in slow and r > 0:
-                continue
             fn = contenders[name]
             deadline = time.perf_counter() + WARM_S
             fn(warmup)
             while time.perf_counter() < deadline:
                 fn(warmup)
+            calls = []
             for item in inputs[: slow.get(name, len(inputs))]:
                 start = time.perf_counter()
                 fn(item)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                calls.append(time.perf_counter() - start)
+            times[name].append(statistics.median(calls))
+    return times
+
+
+def median_ratio(slower: Sequence[float], faster: Sequence[float]) -> float:
+    """Median over rounds of ``slower[r] / faster[r]`` (how many times faster)."""
+    return statistics.median(a / b for a, b in zip(slower, faster, strict=True))
 
 
 def run_cli(args: Sequence[str]) -> None:

@@ -10,7 +10,7 @@ from benchmarks import bench_pooling, bench_shardd
 def test_bench_pooling_small(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_pooling.main(["--small", "--reps", "1", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
-    assert "vs torch" in out and "int8 vs fp32" in out
+    assert "vs torch" in out and "int8 vs fp32" in out and "ceilings on the memmap" in out
     rows = [line.split() for line in out.splitlines()]
     shapes = [r for r in rows if len(r) == 12 and r[1] in ("RAM", "mmap")]
     # --small: one batch size and pooling, fixed/variable lengths x uniform/Zipf ids, 2 tables
