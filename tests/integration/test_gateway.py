@@ -416,7 +416,9 @@ def test_overload_is_429_and_deadline_is_504(deployments) -> None:
     asyncio.run(serve(config, check))
 
 
-def test_dead_shard_is_503_naming_it_within_the_deadline(deployments, tmp_path: Path) -> None:
+def test_dead_shard_is_503_naming_it_within_the_deadline_then_recovers(
+    deployments, tmp_path: Path
+) -> None:
     model, plan_path = deployments["D3"]
     doc = json.loads(plan_path.read_text())
     for s in doc["shards"]:
@@ -430,7 +432,7 @@ def test_dead_shard_is_503_naming_it_within_the_deadline(deployments, tmp_path: 
         sample = {"dense": [0.1] * 13, "sparse": {"0": [1], "1": [3], "2": [5]}}
 
         async def check(session: aiohttp.ClientSession, url: str) -> None:
-            status, _, _ = await post(session, url, {"samples": [sample]})
+            status, before, _ = await post(session, url, {"samples": [sample]})
             assert status == 200
             procs[1].kill()
             procs[1].wait()
@@ -446,6 +448,23 @@ def test_dead_shard_is_503_naming_it_within_the_deadline(deployments, tmp_path: 
                 while True:
                     async with session.get(url + "/v2/health/ready") as r:
                         if r.status == 503:
+                            break
+                    await asyncio.sleep(0.2)
+            # The shard comes back on the same endpoint: the client reconnects by itself.
+            endpoint = doc["shards"][1]["endpoints"][0]
+            procs[1] = start_shard(plan, model, 1, endpoint)
+            await asyncio.get_running_loop().run_in_executor(None, wait_healthy, endpoint, procs[1])
+            async with asyncio.timeout(15):
+                while True:
+                    status, body, _ = await post(session, url, {"samples": [sample]})
+                    if status == 200:
+                        assert body["scores"] == before["scores"]
+                        break
+                    assert status == 503, body
+                    await asyncio.sleep(0.2)
+                while True:
+                    async with session.get(url + "/v2/health/ready") as r:
+                        if r.status == 200:
                             break
                     await asyncio.sleep(0.2)
 
