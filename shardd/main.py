@@ -52,6 +52,7 @@ class ShardConfig:
     queue_limit: int = 64
     workers: int = 1
     kernel_threads: int | None = None
+    inline_ids: int = 4096
     drain_timeout: float = 10.0
 
     def __post_init__(self) -> None:
@@ -61,6 +62,8 @@ class ShardConfig:
             raise ConfigError("--queue-limit and --workers must be >= 1")
         if self.kernel_threads is not None and self.kernel_threads < 1:
             raise ConfigError("--kernel-threads must be >= 1")
+        if self.inline_ids < 0:
+            raise ConfigError("--inline-ids must be >= 0")
         if self.drain_timeout < 0:
             raise ConfigError("--drain-timeout must be >= 0")
 
@@ -86,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kernel-threads", type=int, help="threads per lookup (default: cores - 1, at least 1)"
     )
+    p.add_argument(
+        "--inline-ids",
+        type=int,
+        default=4096,
+        help="pool lookups of at most N ids on the event loop instead of a worker, when the "
+        "parts are resident (--preload or --hugepages); 0: always a worker",
+    )
     p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds on shutdown")
     p.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -101,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bind=args.bind, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
             preload=args.preload, hugepages=args.hugepages, queue_limit=args.queue_limit,
             workers=args.workers,
-            kernel_threads=args.kernel_threads, drain_timeout=args.drain_timeout,
+            kernel_threads=args.kernel_threads, inline_ids=args.inline_ids,
+            drain_timeout=args.drain_timeout,
         )  # fmt: skip
         return uvloop.run(run(config))
     except RecserveError as exc:
@@ -162,6 +173,8 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
         config.queue_limit,
         config.workers,
         config.kernel_threads or default_kernel_threads(),
+        # A page fault on a lazily mapped part would stall the loop on the disk.
+        config.inline_ids if config.preload or config.hugepages else 0,
     )
     server = ShardServer(sock, store, manifest, settings, metrics)
     try:
@@ -172,13 +185,15 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
                 loop.add_signal_handler(sig, stop.set)
             watchdog = loop.create_task(_watchdog(notifier)) if notifier.watchdog_s else None
             log.info(
-                "shard %d replica %d serving %d parts (%d MiB) on %s; kernel ready in %.2f s",
+                "shard %d replica %d serving %d parts (%d MiB) on %s; kernel ready in %.2f s; "
+                "lookups of up to %d ids pooled on the loop",
                 config.shard,
                 config.replica,
                 len(store.parts),
                 store.nbytes >> 20,
                 actual,
                 warm,
+                settings.inline_ids,
                 extra={"endpoint": actual, "shard": config.shard},
             )
             notifier.ready(f"serving {len(store.parts)} parts on {actual}")

@@ -39,6 +39,7 @@ class ShardMetrics:
     bytes_in: Counter
     bytes_out: Counter
     queue_depth: Gauge
+    inline: Counter
     # Labelled children by (op, outcome): ``labels()`` costs a lock and a dict per call.
     children: dict[tuple[str, str], Counter] = field(default_factory=dict)
 
@@ -73,5 +74,10 @@ class ShardMetrics:
             bytes_out=Counter("recserve_shard_sent_bytes", "Bytes sent", registry=reg),
             queue_depth=Gauge(
                 "recserve_shard_queue_depth", "Lookups queued or running", registry=reg
+            ),
+            inline=Counter(
+                "recserve_shard_inline_lookups",
+                "Lookups small enough to be pooled on the event loop",
+                registry=reg,
             ),
         )

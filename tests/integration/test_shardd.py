@@ -174,6 +174,36 @@ def test_pooled_results_match_reference(shards, model_and_plan, weighted, dtype)
         assert seen == set(range(len(parts)))
 
 
+async def stats(endpoint: str) -> dict:
+    ctx = zmq.Context()
+    client = ShardClient(endpoint, ctx)
+    try:
+        return await client.simple("stats", now_ms() + 5000)
+    finally:
+        await client.close()
+        ctx.term()
+
+
+def test_small_lookups_on_resident_parts_run_on_the_loop(shards, model_and_plan) -> None:
+    """Shard 1 (--hugepages) pools lookups of up to --inline-ids ids on its loop and larger
+    ones on a worker; shard 0 maps its parts lazily, so every lookup goes to a worker (a page
+    fault must not stall the loop). Both paths give the reference's values."""
+    endpoints, _, _ = shards
+    model, _, plan = model_and_plan
+    for k, endpoint in enumerate(endpoints):
+        for bags in (9, 2000):  # a few dozen ids, then well over the default 4096
+            before = asyncio.run(stats(endpoint))["inline"]
+            parts, ids, lengths, _, ids_pp, len_pp, w_pp = make_lookup(plan, k, 7, bags=bags)
+            groups = asyncio.run(lookup(endpoint, parts, ids, lengths))
+            want = reference(model, parts, ids_pp, len_pp, w_pp, False)
+            for g in groups:
+                for j, i in enumerate(g.parts):
+                    np.testing.assert_allclose(g.pooled[:, j, :], want[i], rtol=1e-5, atol=1e-5)
+            inline = asyncio.run(stats(endpoint))["inline"] - before
+            assert inline == (1 if k == 1 and ids.size <= 4096 else 0), (k, ids.size)
+            assert (ids.size <= 4096) == (bags == 9)
+
+
 def expect_error(endpoint: str, frames, kind: str) -> None:
     reply = msgpack.unpackb(raw(endpoint, frames)[0])
     assert reply["ok"] is False and reply["error"]["kind"] == kind, reply
