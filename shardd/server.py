@@ -118,7 +118,7 @@ class ShardServer:
             # of latency per lookup on 2 cores), so small lookups stay on the loop.
             done: Future[Any] = Future()
             try:
-                done.set_result(self._work(header, body[1:], started))
+                done.set_result(self._work(header, body[1:], started, threads=1))
             except Exception as exc:
                 done.set_exception(exc)
             self.metrics.inline.inc()
@@ -202,16 +202,21 @@ class ShardServer:
             self.metrics.latency.observe(time.perf_counter() - started)
 
     def _work(
-        self, header: dict[str, Any], frames: list[zmq.Frame], started: float
+        self,
+        header: dict[str, Any],
+        frames: list[zmq.Frame],
+        started: float,
+        threads: int | None = None,
     ) -> tuple[list[Group], float, float]:
-        """Runs in the worker pool: the CPU-heavy part of a lookup. Returns the groups, the
-        seconds the lookup waited for a worker and the seconds it took."""
+        """The CPU-heavy part of a lookup, in a worker (or inline on the loop, on one thread:
+        no OpenMP team shared with the workers). Returns the groups, the seconds the lookup
+        waited for a worker and the seconds it took."""
         begin = time.perf_counter()
         deadline = header.get("deadline_ms")
         if deadline is not None and time.time() * 1e3 >= deadline:
             raise DeadlineExceeded("the deadline passed while the lookup was queued")
         lookup = decode_lookup(header, [f.buffer for f in frames])
-        groups = self.store.pool(lookup, self.settings.kernel_threads)
+        groups = self.store.pool(lookup, threads or self.settings.kernel_threads)
         self.metrics.ids.inc(lookup.ids.size)
         self.metrics.bags.inc(lookup.lengths.size)
         return groups, begin - started, time.perf_counter() - begin
