@@ -3,8 +3,10 @@
 ``health``, ``info`` and ``stats`` are answered on the loop at once, even while lookups run.
 A lookup is refused at once when the shard is draining (``not_ready``), past its deadline
 (``deadline_exceeded``) or already holds ``queue_limit`` lookups (``overloaded``); otherwise
-it is decoded and pooled in the worker pool, which checks the deadline again first. Any bad
-input becomes a typed error reply; nothing a client sends can stop the loop.
+it is decoded and pooled in the worker pool, which checks the deadline again first, or,
+when it carries at most ``inline_ids`` ids (resident parts only), right on the loop: that
+costs less than the hand-off. Any bad input becomes a typed error reply; nothing a client
+sends can stop the loop.
 """
 
 from __future__ import annotations
