@@ -207,10 +207,9 @@ async def predict(request: web.Request) -> web.Response:
 async def embeddings(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     batch, deadline = await read_batch(request)
-    pooled = await gw.pooler.pool(batch, deadline)
     names = [f for f, _ in gw.manifest.features()]
 
-    def document() -> dict[str, Any]:  # B x F x dim Python floats: not on the loop
+    def document(pooled: np.ndarray) -> dict[str, Any]:  # B x F x dim floats: not on the loop
         return {
             "embeddings": {
                 f: np.ascontiguousarray(pooled[:, k, :]).tolist() for k, f in enumerate(names)
@@ -219,7 +218,10 @@ async def embeddings(request: web.Request) -> web.Response:
             "version": gw.manifest.version,
         }
 
-    doc = await asyncio.get_running_loop().run_in_executor(gw.executor, document)
+    prepared = await asyncio.get_running_loop().run_in_executor(
+        gw.executor, gw.pooler.prepare, batch
+    )
+    doc = await gw.pooler.pool(batch, prepared, deadline, document)
     return encode(doc, request)
 
 

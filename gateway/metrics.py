@@ -65,7 +65,9 @@ class GatewayMetrics:
             ),
             latency=stage("request", "End-to-end request latency"),
             queue_wait=stage("queue_wait", "Time a request waited for its batch"),
-            assembly=stage("batch_assembly", "Merging requests into a batch"),
+            assembly=stage(
+                "batch_assembly", "Merging requests into a batch and routing it to shards"
+            ),
             pooling=stage("pooling", "Embedding lookups (all shards, or in-process)"),
             dense=stage("dense", "Dense MLP of a batch"),
             batch_samples=Histogram(
