@@ -172,16 +172,23 @@ class TableSet:
             raise KernelError(f"which {which!r} is outside a set of {len(self)} tables") from None
         if layout.ndim != 2 or layout.shape[0] == 0:
             raise KernelError("which must name at least one table of the set")
-        dim = int(layout[0, 5])
-        if layout.shape[0] > 1:
-            dims = set(layout[:, 5].tolist())
-            if len(dims) > 1:
-                raise KernelError(f"tables differ in dim: {sorted(dims)}")
-        names = [modes] * layout.shape[0] if isinstance(modes, str) else list(modes)
-        if len(names) != layout.shape[0] or any(m not in _MEAN for m in names):
-            raise KernelError(f"modes must be 'sum' or 'mean', one or one per table: {modes!r}")
-        layout[:, 5] = [_MEAN[m] for m in names]  # the kernel reads a mean flag where dim was
+        dim = _set_modes(layout, modes)
         return _pool_layout(layout, dim, ids, bounds, weights, out, threads)
+
+
+def _set_modes(layout: np.ndarray, modes: Sequence[str] | str) -> int:
+    """Check that the tables of ``layout`` share a dim and ``modes`` is one mode or one per
+    table, then write the kernel's mean flags where the dim was; returns the dim."""
+    dim = int(layout[0, 5])
+    if layout.shape[0] > 1:
+        dims = set(layout[:, 5].tolist())
+        if len(dims) > 1:
+            raise KernelError(f"tables differ in dim: {sorted(dims)}")
+    names = [modes] * layout.shape[0] if isinstance(modes, str) else list(modes)
+    if len(names) != layout.shape[0] or any(m not in _MEAN for m in names):
+        raise KernelError(f"modes must be 'sum' or 'mean', one or one per table: {modes!r}")
+    layout[:, 5] = [_MEAN[m] for m in names]
+    return dim
 
 
 def pool_packed(
@@ -363,12 +370,9 @@ def pool(
                 f"out must be C-contiguous float32 {(n_bags, dim)}, got {out.dtype} {out.shape}"
             )
         packed_out = out.reshape(n_bags, 1, dim)
-    if mode not in _MEAN:
-        raise KernelError(f"mode must be 'sum' or 'mean', got {mode!r}")
     # One table: its layout row directly (a TableSet costs ~2.5 us more a call).
     layout = np.array([_layout(table)], np.int64)
-    dim = int(layout[0, 5])
-    layout[0, 5] = _MEAN[mode]  # the kernel reads a mean flag where dim was
+    dim = _set_modes(layout, mode)
     result = _pool_layout(layout, dim, ids, bounds.reshape(1, -1), weights, packed_out, threads)
     return result.reshape(n_bags, dim)
 
