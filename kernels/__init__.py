@@ -7,6 +7,7 @@ gateway, the shard daemon, offline tools and benchmarks.
 from kernels.dense import ACTIVATIONS, DenseNet, Interaction, Linear, sigmoid
 from kernels.errors import IdOutOfRangeError, KernelError
 from kernels.pooling import (
+    PoolCall,
     PoolMode,
     Table,
     TableSet,
@@ -28,6 +29,7 @@ __all__ = [
     "Interaction",
     "KernelError",
     "Linear",
+    "PoolCall",
     "PoolMode",
     "Table",
     "TableSet",

@@ -165,6 +165,23 @@ class TableSet:
     ) -> np.ndarray:
         """Pool tables ``which`` (indices into the set) as ``pool_packed`` does: float32
         ``[B, len(which), dim]``; ``bounds[j]`` delimits the bags of table ``which[j]``."""
+        return self.prepare(
+            which, ids, bounds, weights=weights, modes=modes, out=out, threads=threads
+        ).run()
+
+    def prepare(
+        self,
+        which: Sequence[int] | np.ndarray,
+        ids: np.ndarray,
+        bounds: np.ndarray,
+        *,
+        weights: np.ndarray | None = None,
+        modes: Sequence[str] | str = "sum",
+        out: np.ndarray | None = None,
+        threads: int | None = None,
+    ) -> PoolCall:
+        """``pool``'s checks and output allocation, without running it: ``run()`` the
+        result (on any thread) to pool."""
         # numpy reductions cost ~1 us each: checks here stay in take() and Python sets.
         try:
             layout = self.layout.take(which, axis=0)  # a copy: the mean flags are this call's
@@ -173,7 +190,7 @@ class TableSet:
         if layout.ndim != 2 or layout.shape[0] == 0:
             raise KernelError("which must name at least one table of the set")
         dim = _set_modes(layout, modes)
-        return _pool_layout(layout, dim, ids, bounds, weights, out, threads)
+        return _prepare(layout, dim, ids, bounds, weights, out, threads)
 
 
 def _set_modes(layout: np.ndarray, modes: Sequence[str] | str) -> int:
@@ -217,7 +234,50 @@ def pool_packed(
     )
 
 
-def _pool_layout(
+class PoolCall:
+    """A checked pooling call, ready to run: ``TableSet.prepare``'s result.
+
+    Preparing (checks, output allocation, kernel choice) and running are split so a server
+    can prepare on one thread and run on another: the thread that runs it does nothing but
+    the compiled loop.
+    """
+
+    __slots__ = ("bounds", "ids", "kernel", "layout", "out", "threads", "weighted", "weights")
+
+    def __init__(
+        self,
+        kernel: Any,
+        layout: np.ndarray,
+        ids: np.ndarray,
+        bounds: np.ndarray,
+        weights: np.ndarray | None,
+        out: np.ndarray,
+        threads: int,
+    ) -> None:
+        self.kernel = kernel  # None: nothing to pool (no bags or no dims)
+        self.layout = layout
+        self.ids = ids
+        self.bounds = bounds
+        self.weighted = weights is not None
+        self.weights = _ONE if weights is None else weights
+        self.out = out
+        self.threads = threads
+
+    def run(self) -> np.ndarray:
+        """Pool into ``out`` and return it; raises ``IdOutOfRangeError`` on a bad id."""
+        if self.kernel is None:
+            return self.out
+        if self.threads > 1:
+            _use_threads(self.threads)  # numba's thread count is per calling thread
+        if not self.kernel(
+            self.layout, self.ids, self.bounds, self.weights, self.weighted, self.out
+        ):
+            _explain_bad(self.layout, self.ids, self.bounds)
+            raise KernelError("invalid ids or bounds")  # unreachable: _explain_bad raises
+        return self.out
+
+
+def _prepare(
     layout: np.ndarray,
     dim: int,
     ids: np.ndarray,
@@ -225,7 +285,7 @@ def _pool_layout(
     weights: np.ndarray | None,
     out: np.ndarray | None,
     threads: int | None,
-) -> np.ndarray:
+) -> PoolCall:
     n_tables = layout.shape[0]
     ids = _ids_for_kernel(ids)
     if not (
@@ -244,23 +304,15 @@ def _pool_layout(
         or not out.flags.c_contiguous
     ):
         raise KernelError(f"out must be C-contiguous float32 {(n_bags, n_tables, dim)}")
-    if out.size == 0:
-        _explain_bad(layout, ids, bounds)
-        return out
     if threads is not None and threads < 1:
         raise KernelError(f"threads must be >= 1, got {threads}")
+    if out.size == 0:
+        _explain_bad(layout, ids, bounds)
+        return PoolCall(None, layout, ids, bounds, weights, out, 1)
     want = 1 if ids.size < SERIAL_BELOW else min(threads or default_threads(), MAX_THREADS)
     compiled = _compiled()
-    if want == 1:
-        kernel = compiled.pool_tables_serial
-    else:
-        kernel = compiled.pool_tables_kernel
-        _use_threads(want)
-    ok = kernel(layout, ids, bounds, _ONE if weights is None else weights, weights is not None, out)
-    if not ok:
-        _explain_bad(layout, ids, bounds)
-        raise KernelError("invalid ids or bounds")  # unreachable: _explain_bad raises
-    return out
+    kernel = compiled.pool_tables_serial if want == 1 else compiled.pool_tables_kernel
+    return PoolCall(kernel, layout, ids, bounds, weights, out, want)
 
 
 _THREADS = threading.local()
@@ -373,7 +425,7 @@ def pool(
     # One table: its layout row directly (a TableSet costs ~2.5 us more a call).
     layout = np.array([_layout(table)], np.int64)
     dim = _set_modes(layout, mode)
-    result = _pool_layout(layout, dim, ids, bounds.reshape(1, -1), weights, packed_out, threads)
+    result = _prepare(layout, dim, ids, bounds.reshape(1, -1), weights, packed_out, threads).run()
     return result.reshape(n_bags, dim)
 
 

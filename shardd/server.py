@@ -3,10 +3,12 @@
 ``health``, ``info`` and ``stats`` are answered on the loop at once, even while lookups run.
 A lookup is refused at once when the shard is draining (``not_ready``), past its deadline
 (``deadline_exceeded``) or already holds ``queue_limit`` lookups (``overloaded``); otherwise
-it is decoded and pooled in the worker pool, which checks the deadline again first, or,
-when it carries at most ``inline_ids`` ids (resident parts only), right on the loop: that
-costs less than the hand-off. Any bad input becomes a typed error reply; nothing a client
-sends can stop the loop.
+the loop decodes and checks it and prepares its kernel calls, so bad input is answered at
+once, and a worker only runs the compiled loop (after checking the deadline again): a
+worker's caches are cold after each lookup it pools, so the Python it runs costs it several
+times what it costs the loop. A lookup of at most ``inline_ids`` ids (resident parts only)
+is pooled right on the loop: that costs less than the hand-off. Any bad input becomes a
+typed error reply; nothing a client sends can stop the loop.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from recserve.errors import (
 from recserve.loopsocket import LoopSocket
 from recserve.manifest import Manifest
 from recserve.wire import (
-    ID_DTYPES,
     decode_header,
     decode_lookup,
     error_reply,
@@ -39,7 +40,7 @@ from recserve.wire import (
     reply,
 )
 from shardd.metrics import ShardMetrics
-from shardd.store import Group, PartStore
+from shardd.store import Group, Job, PartStore
 
 log = logging.getLogger(__name__)
 
@@ -106,35 +107,43 @@ class ShardServer:
                 raise DeadlineExceeded("the request arrived after its deadline")
             if self.inflight >= self.settings.queue_limit:
                 raise Overloaded(f"{self.inflight} lookups already queued", retry_after=0.05)
+            lookup = decode_lookup(header, [f.buffer for f in body[1:]])
+            inline = lookup.ids.size <= self.settings.inline_ids
+            job = self.store.prepare(lookup, 1 if inline else self.settings.kernel_threads)
         except RecserveError as exc:
             op = header.get("op", "unknown") if header else "unknown"
             self._send(ident, [error_reply(header, exc)], str(op), exc.kind)
+            return
+        except Exception:
+            log.exception("preparing lookup %s failed", header.get("id") if header else None)
+            internal = RecserveError("internal error; see the shard's log")
+            self._send(ident, [error_reply(header, internal)], "lookup", internal.kind)
             return
         self.inflight += 1
         self.idle.clear()
         self.metrics.queue_depth.set(self.inflight)
         started = time.perf_counter()
-        if _id_count(header, body) <= self.settings.inline_ids:
+        if inline:
             # Pooling a few thousand resident rows takes tens of microseconds, less than
             # handing the lookup to a worker and back (measured: 0.13 ms of CPU and 0.15 ms
             # of latency per lookup on 2 cores), so small lookups stay on the loop.
             done: Future[Any] = Future()
             try:
-                done.set_result(self._work(header, body[1:], started, threads=1))
+                done.set_result(self._work(header, job, started))
             except Exception as exc:
                 done.set_exception(exc)
             self.metrics.inline.inc()
-            self._finish(ident, header, done, started)
+            self._finish(ident, header, job, done, started)
             return
-        work = self.pool.submit(self._work, header, body[1:], started)
-        work.add_done_callback(lambda done: self._hand_back(ident, header, done, started))
+        work = self.pool.submit(self._work, header, job, started)
+        work.add_done_callback(lambda done: self._hand_back(ident, header, job, done, started))
 
     def _hand_back(
-        self, ident: zmq.Frame, header: dict[str, Any], done: Future[Any], started: float
+        self, ident: zmq.Frame, header: dict[str, Any], job: Job, done: Future[Any], started: float
     ) -> None:
         """In the worker: pass the result to the loop, which alone touches the socket."""
         try:
-            self.loop.call_soon_threadsafe(self._finish, ident, header, done, started)
+            self.loop.call_soon_threadsafe(self._finish, ident, header, job, done, started)
         except RuntimeError:  # the loop is gone: a drain gave up on this lookup
             log.warning("lookup %s finished after shutdown; not answered", header.get("id"))
 
@@ -167,12 +176,14 @@ class ShardServer:
         )
 
     def _finish(
-        self, ident: zmq.Frame, header: dict[str, Any], done: Future[Any], started: float
+        self, ident: zmq.Frame, header: dict[str, Any], job: Job, done: Future[Any], started: float
     ) -> None:
         """On the loop: reply with a finished lookup's result or error."""
         outcome = "ok"
         try:
             groups, queued, worked = done.result()
+            self.metrics.ids.inc(job.ids)
+            self.metrics.bags.inc(job.bags)
             meta = [
                 {"parts": list(g.parts), "bags": g.pooled.shape[0], "dim": g.pooled.shape[2]}
                 for g in groups
@@ -204,23 +215,16 @@ class ShardServer:
             self.metrics.latency.observe(time.perf_counter() - started)
 
     def _work(
-        self,
-        header: dict[str, Any],
-        frames: list[zmq.Frame],
-        started: float,
-        threads: int | None = None,
+        self, header: dict[str, Any], job: Job, started: float
     ) -> tuple[list[Group], float, float]:
-        """The CPU-heavy part of a lookup, in a worker (or inline on the loop, on one thread:
-        no OpenMP team shared with the workers). Returns the groups, the seconds the lookup
-        waited for a worker and the seconds it took."""
+        """The CPU-heavy part of a lookup, in a worker (or inline on the loop, prepared for
+        one thread: no OpenMP team shared with the workers). Returns the groups, the seconds
+        the lookup waited for a worker and the seconds it took."""
         begin = time.perf_counter()
         deadline = header.get("deadline_ms")
         if deadline is not None and time.time() * 1e3 >= deadline:
             raise DeadlineExceeded("the deadline passed while the lookup was queued")
-        lookup = decode_lookup(header, [f.buffer for f in frames])
-        groups = self.store.pool(lookup, threads or self.settings.kernel_threads)
-        self.metrics.ids.inc(lookup.ids.size)
-        self.metrics.bags.inc(lookup.lengths.size)
+        groups = job.run()
         return groups, begin - started, time.perf_counter() - begin
 
     def _send(self, ident: zmq.Frame, frames: list[Any], op: str, outcome: str) -> None:
@@ -248,15 +252,6 @@ class ShardServer:
         """Stop reading the socket (the caller closes it)."""
         if self.io is not None:
             self.io.close()
-
-
-def _id_count(header: dict[str, Any], body: list[zmq.Frame]) -> int:
-    """The ids a lookup carries, from its frame size; malformed lookups count as huge (the
-    worker path reports what is wrong with them)."""
-    dtype = ID_DTYPES.get(str(header.get("id_dtype")))
-    if dtype is None or len(body) < 2:
-        return 1 << 62
-    return len(body[1].buffer) // dtype.itemsize
 
 
 def _value(counter: Any) -> float:

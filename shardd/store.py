@@ -101,7 +101,12 @@ class PartStore:
         return time.perf_counter() - start
 
     def pool(self, lookup: Lookup, threads: int | None = None) -> list[Group]:
-        """Pool every part of ``lookup``; ids outside a part's rows are a typed error.
+        """Pool every part of ``lookup``; ids outside a part's rows are a typed error."""
+        return self.prepare(lookup, threads).run()
+
+    def prepare(self, lookup: Lookup, threads: int | None = None) -> Job:
+        """Resolve ``lookup``'s parts and check and size its kernel calls without running
+        them (the server does this on its loop; a worker then only runs ``Job.run``).
 
         Zero-copy: the kernel reads the request's ids (and weights) frame in place, with bag
         bounds as positions into it and each part's first row id as its id base.
@@ -123,13 +128,13 @@ class PartStore:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (part, req) in enumerate(zip(resolved, lookup.parts, strict=True)):
             groups.setdefault((req.bags, part.spec.dim), []).append(i)
-        out = []
+        calls = []
         for members in groups.values():
             bounds = np.stack(
                 [bounds_all[spans[i][0] : spans[i][0] + spans[i][1] + 1] for i in members]
             )
             try:
-                pooled = self.tableset.pool(
+                call = self.tableset.prepare(
                     [slots[i] for i in members],
                     lookup.ids,
                     bounds,
@@ -137,21 +142,48 @@ class PartStore:
                     modes=[lookup.parts[i].mode for i in members],
                     threads=threads,
                 )
-            except kernels.IdOutOfRangeError as exc:
-                raise self._explain(exc, resolved, spans) from None
-            out.append(Group(tuple(members), pooled))
-        return out
+            except kernels.IdOutOfRangeError as exc:  # found while checking an empty output
+                raise _explain(exc, resolved, spans) from None
+            calls.append((tuple(members), call))
+        return Job(calls, resolved, spans, int(lookup.ids.size), int(lookup.lengths.size))
 
-    @staticmethod
-    def _explain(
-        exc: kernels.IdOutOfRangeError, resolved: list[Part], spans: list[tuple[int, int, int, int]]
-    ) -> IdOutOfRange:
-        for i, (_, _, first_id, n_ids) in enumerate(spans):
-            if first_id <= exc.position < first_id + n_ids:
-                part = resolved[i]
-                return IdOutOfRange(
-                    f"id {exc.value} of table {part.spec.name} is outside the rows this part "
-                    f"serves, [{part.row_start}, {part.row_end})",
-                    field=f"parts[{i}]",
-                )
-        return IdOutOfRange(str(exc))
+
+class Job:
+    """A prepared lookup: one kernel call per group of parts."""
+
+    __slots__ = ("bags", "calls", "ids", "resolved", "spans")
+
+    def __init__(
+        self,
+        calls: list[tuple[tuple[int, ...], kernels.PoolCall]],
+        resolved: list[Part],
+        spans: list[tuple[int, int, int, int]],
+        ids: int,
+        bags: int,
+    ) -> None:
+        self.calls = calls
+        self.resolved = resolved
+        self.spans = spans
+        self.ids = ids
+        self.bags = bags
+
+    def run(self) -> list[Group]:
+        """Run the kernel calls; an id outside its part's rows raises ``IdOutOfRange``."""
+        try:
+            return [Group(members, call.run()) for members, call in self.calls]
+        except kernels.IdOutOfRangeError as exc:
+            raise _explain(exc, self.resolved, self.spans) from None
+
+
+def _explain(
+    exc: kernels.IdOutOfRangeError, resolved: list[Part], spans: list[tuple[int, int, int, int]]
+) -> IdOutOfRange:
+    for i, (_, _, first_id, n_ids) in enumerate(spans):
+        if first_id <= exc.position < first_id + n_ids:
+            part = resolved[i]
+            return IdOutOfRange(
+                f"id {exc.value} of table {part.spec.name} is outside the rows this part "
+                f"serves, [{part.row_start}, {part.row_end})",
+                field=f"parts[{i}]",
+            )
+    return IdOutOfRange(str(exc))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +272,26 @@ def test_tableset_pools_subsets_like_pool_packed() -> None:
         tset.pool([4], ids, bounds[:1])
     with pytest.raises(kernels.IdOutOfRangeError):
         tset.pool([0], ids, bounds[:1])  # table 0 takes ids 100-129
+
+
+def test_a_prepared_call_checks_at_once_and_runs_on_another_thread() -> None:
+    rng = np.random.default_rng(4)
+    table = rng.random((50, 16), np.float32)
+    tset = kernels.TableSet([table], first_ids=[10])
+    lens = np.full(600, 5)  # 3000 ids: the parallel kernel when asked for 2 threads
+    ids = rng.integers(10, 60, int(lens.sum()))
+    bounds = np.concatenate([[0], np.cumsum(lens)]).reshape(1, -1)
+    call = tset.prepare([0], ids, bounds, modes="mean", threads=2)
+    with ThreadPoolExecutor(1) as worker:
+        got = worker.submit(call.run).result()
+    np.testing.assert_allclose(
+        got[:, 0], slow_pool(table, ids - 10, lens, mode="mean"), rtol=1e-5, atol=1e-6
+    )
+    # Shape and mode errors surface when preparing; ids are checked as the kernel reads them.
+    with pytest.raises(kernels.KernelError, match="bounds must be"):
+        tset.prepare([0], ids, bounds[:, :-1].ravel())
+    with pytest.raises(kernels.KernelError, match="modes must be"):
+        tset.prepare([0], ids, bounds, modes="max")
+    bad = tset.prepare([0], ids - 10, bounds)
+    with pytest.raises(kernels.IdOutOfRangeError):
+        bad.run()
