@@ -28,6 +28,7 @@ from recserve.artifact import huge_page_bytes, read_manifest
 from recserve.errors import ConfigError, RecserveError
 from recserve.plan import read_plan
 from recserve.systemd import Notifier
+from shardd.cpus import parse_cpus, pin_process, split
 from shardd.endpoint import bound
 from shardd.metrics import ShardMetrics
 from shardd.server import ServerSettings, ShardServer
@@ -53,6 +54,7 @@ class ShardConfig:
     workers: int = 1
     kernel_threads: int | None = None
     inline_ids: int = 4096
+    kernel_cpus: frozenset[int] | None = None
     drain_timeout: float = 10.0
 
     def __post_init__(self) -> None:
@@ -66,6 +68,16 @@ class ShardConfig:
             raise ConfigError("--inline-ids must be >= 0")
         if self.drain_timeout < 0:
             raise ConfigError("--drain-timeout must be >= 0")
+        if self.kernel_cpus is not None and not self.kernel_cpus:
+            raise ConfigError("--kernel-cpus names no CPU")
+
+    @property
+    def threads_per_lookup(self) -> int:
+        if self.kernel_threads:
+            return self.kernel_threads
+        if self.kernel_cpus:
+            return max(1, len(self.kernel_cpus) // self.workers)
+        return default_kernel_threads()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-limit", type=int, default=64, help="lookups queued or running")
     p.add_argument("--workers", type=int, default=1, help="threads running lookups")
     p.add_argument(
-        "--kernel-threads", type=int, help="threads per lookup (default: cores - 1, at least 1)"
+        "--kernel-threads",
+        type=int,
+        help="threads per lookup (default: the --kernel-cpus per worker, else cores - 1, "
+        "at least 1)",
+    )
+    p.add_argument(
+        "--kernel-cpus",
+        help="run the workers only on these CPUs (a list like 3 or 2-3) and the event loop, "
+        "ZeroMQ and /metrics only on the others; default: not pinned",
     )
     p.add_argument(
         "--inline-ids",
@@ -112,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             preload=args.preload, hugepages=args.hugepages, queue_limit=args.queue_limit,
             workers=args.workers,
             kernel_threads=args.kernel_threads, inline_ids=args.inline_ids,
+            kernel_cpus=None if args.kernel_cpus is None else parse_cpus(args.kernel_cpus),
             drain_timeout=args.drain_timeout,
         )  # fmt: skip
         return uvloop.run(run(config))
@@ -123,6 +144,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
     notifier = notifier or Notifier()
+    if config.kernel_cpus:
+        # Before the executor, ZeroMQ and /metrics start threads: they inherit the mask.
+        rest = split(config.kernel_cpus)
+        pin_process(rest)
+        log.info(
+            "kernel workers pinned to CPUs %s; the loop, ZeroMQ and /metrics to %s",
+            sorted(config.kernel_cpus),
+            sorted(rest),
+        )
     manifest = read_manifest(config.model)
     plan = read_plan(config.plan)
     plan.check(manifest)
@@ -172,9 +202,10 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
         config.replica,
         config.queue_limit,
         config.workers,
-        config.kernel_threads or default_kernel_threads(),
+        config.threads_per_lookup,
         # A page fault on a lazily mapped part would stall the loop on the disk.
         config.inline_ids if config.preload or config.hugepages else 0,
+        config.kernel_cpus,
     )
     server = ShardServer(sock, store, manifest, settings, metrics)
     try:

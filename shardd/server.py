@@ -39,6 +39,7 @@ from recserve.wire import (
     pack_header,
     reply,
 )
+from shardd.cpus import pin
 from shardd.metrics import ShardMetrics
 from shardd.store import Group, Job, PartStore
 
@@ -53,6 +54,7 @@ class ServerSettings:
     workers: int = 1
     kernel_threads: int | None = None
     inline_ids: int = 0  # lookups of at most this many ids are pooled on the loop
+    kernel_cpus: frozenset[int] | None = None  # the workers' CPUs; None: not pinned
 
 
 class ShardServer:
@@ -69,12 +71,18 @@ class ShardServer:
         self.manifest = manifest
         self.settings = settings
         self.metrics = metrics
-        self.pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="shardd-kernel")
+        self.pool = ThreadPoolExecutor(
+            settings.workers, thread_name_prefix="shardd-kernel", initializer=self._start_worker
+        )
         self.inflight = 0
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
         self.io: LoopSocket | None = None
+
+    def _start_worker(self) -> None:
+        if self.settings.kernel_cpus is not None:
+            pin(self.settings.kernel_cpus)
 
     def start(self) -> None:
         """Serve from the running loop until ``drain``."""
@@ -159,6 +167,7 @@ class ShardServer:
                 model={"name": m.name, "version": m.version, "digest": m.digest()},
                 parts=self.store.describe(),
                 bytes=self.store.nbytes,
+                kernel_cpus=sorted(self.settings.kernel_cpus or ()),
             )
         counts: dict[str, float] = {}
         for metric in self.metrics.requests.collect():

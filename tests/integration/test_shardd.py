@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from recserve.errors import (
 from recserve.plan import Plan, read_plan
 from recserve.shardclient import ShardClient, now_ms
 from recserve.wire import PartRequest, encode_lookup
+from shardd.cpus import parse_cpus
 from tests.integration.shards import (
     free_port,
     header,
@@ -531,3 +533,45 @@ def test_hugepages_copy_is_logged(shards) -> None:
     lines = [json.loads(x) for x in (shards[2] / "s1.log").read_text().splitlines() if x]
     copied = [x["msg"] for x in lines if "huge-page memory" in x.get("msg", "")]
     assert copied and "backed by 2 MiB pages" in copied[0], lines
+
+
+def cpus_of(tid_path: Path) -> frozenset[int]:
+    for line in (tid_path / "status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return parse_cpus(line.split(":", 1)[1])
+    raise AssertionError(f"no Cpus_allowed_list in {tid_path}/status")
+
+
+def test_kernel_cpus_keep_the_workers_apart(model_and_plan, tmp_path: Path) -> None:
+    """With --kernel-cpus the worker pools on those CPUs only and every other thread of
+    the daemon (loop, ZeroMQ, /metrics) runs on the rest; results stay right."""
+    model, plan_path, plan = model_and_plan
+    allowed = frozenset(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    kernel = frozenset({max(allowed)})
+    endpoint = f"ipc://{tmp_path}/pinned.sock"
+    flags = ("--kernel-cpus", str(max(allowed)), "--metrics-port", str(free_port()))
+    with running(plan_path, model, 0, endpoint, *flags) as proc:
+        parts, ids, lengths, _, ids_pp, len_pp, w_pp = make_lookup(plan, 0, 11, bags=2000)
+        groups = asyncio.run(lookup(endpoint, parts, ids, lengths))
+        want = reference(model, parts, ids_pp, len_pp, w_pp, False)
+        for g in groups:
+            for j, i in enumerate(g.parts):
+                np.testing.assert_allclose(g.pooled[:, j, :], want[i], rtol=1e-5, atol=1e-5)
+        masks = {int(t.name): cpus_of(t) for t in Path(f"/proc/{proc.pid}/task").iterdir()}
+        info = msgpack.unpackb(raw(endpoint, [header("info")])[0])
+    assert info["kernel_cpus"] == sorted(kernel)
+    assert masks[proc.pid] == allowed - kernel
+    assert set(masks.values()) == {kernel, allowed - kernel}, masks
+    assert sum(m == kernel for m in masks.values()) == 1  # the one worker
+
+
+@pytest.mark.parametrize("cpus", ["all", "x", "9999"])
+def test_bad_kernel_cpus_are_refused(model_and_plan, tmp_path: Path, cpus: str) -> None:
+    model, plan_path, _ = model_and_plan
+    if cpus == "all":
+        cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    cmd = shard_cmd(plan_path, model, 0, f"ipc://{tmp_path}/x.sock", "--kernel-cpus", cpus)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--kernel-cpus" in done.stderr, done.stderr
