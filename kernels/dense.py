@@ -15,6 +15,7 @@ All three output ``[x, interactions]`` (``cat`` outputs the concatenation itself
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -74,18 +75,20 @@ def mlp(layers: Sequence[Linear], x: np.ndarray) -> np.ndarray:
     return x
 
 
+@functools.lru_cache(maxsize=64)
 def pair_indices(n: int, order: InteractionOrder, self_interaction: bool) -> tuple[np.ndarray, ...]:
-    """Row/column indices of the pairwise dots kept by ``order`` for ``n`` stacked vectors."""
+    """Row/column indices of the pairwise dots kept by ``order`` for ``n`` stacked vectors,
+    in row order; cached (read-only), as every batch of a model asks for the same ones."""
     if order == "dlrm_tril":
-        pairs = [(i, j) for i in range(n) for j in range(i + int(self_interaction))]
+        rows, cols = np.tril_indices(n, k=0 if self_interaction else -1)
     elif order == "torchrec_triu":
         if self_interaction:
             raise KernelError("torchrec_triu interaction has no self-interaction variant")
-        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        rows, cols = np.triu_indices(n, k=1)
     else:
         raise KernelError(f"unknown interaction order {order!r}")
-    rows = np.array([p[0] for p in pairs], dtype=np.intp)
-    cols = np.array([p[1] for p in pairs], dtype=np.intp)
+    for a in (rows, cols):
+        a.flags.writeable = False
     return rows, cols
 
 

@@ -52,13 +52,37 @@ def test_bags_and_weights() -> None:
         ),
         ({"dense": [1, 2, 3], "extra": 1}, BadRequest, "samples[0].extra"),
         ("nope", BadRequest, "samples[0]"),
+        ({"sparse": {"fa": [1]}}, BadRequest, "samples[0].dense"),
+        ({"dense": None}, BadRequest, "samples[0].dense"),
+        # Features after the first: ids of all features are checked as one array.
+        ({"dense": [1, 2, 3], "sparse": {"fb": [1, 7]}}, IdOutOfRange, "samples[0].sparse.fb[1]"),
+        (
+            {"dense": [1, 2, 3], "sparse": {"fc": [6, 6, 0, -2], "fa": [9]}},
+            IdOutOfRange,
+            "samples[0].sparse.fc[3]",
+        ),
+        ({"dense": [1, 2, 3], "sparse": {"fc": [0, "1"]}}, BadRequest, "samples[0].sparse.fc"),
     ],
 )
 def test_errors_name_the_field(sample, error, field: str) -> None:
-    good = {"dense": [0, 0, 0]}
+    good = {"dense": [0, 0, 0], "sparse": {"fa": [9, 0], "fb": [6], "fc": [1]}}
     with pytest.raises(error) as info:
         parse_samples([good, sample], M)
     assert info.value.field == field.replace("samples[0]", "samples[1]")
+    with pytest.raises(error) as info:  # the same mistake in the first sample
+        parse_samples([sample, good], M)
+    assert info.value.field == field
+
+
+def test_samples_may_share_one_dense_list() -> None:
+    """A ranking request's candidates share the context's dense list: checked once, used
+    by every sample; another list is checked again."""
+    dense = [1, 2, 3]
+    batch = parse_samples([{"dense": dense}, {"dense": dense}, {"dense": [4, 5, 6]}], M)
+    np.testing.assert_array_equal(batch.dense, [[1, 2, 3], [1, 2, 3], [4, 5, 6]])
+    with pytest.raises(BadRequest) as info:
+        parse_samples([{"dense": dense}, {"dense": dense}, {"dense": [4, 5, None]}], M)
+    assert info.value.field == "samples[2].dense"
 
 
 GOOD = [
