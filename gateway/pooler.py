@@ -139,6 +139,10 @@ class ShardedPooler:
         for s in plan.shards:
             for p in s.parts:
                 self.parts.setdefault(p.table, []).append((s.id, p))
+        # Features whose table is split by rows: their parts are summed in merge().
+        self.split = {
+            k for k, (_, spec) in enumerate(self.features) if len(self.parts[spec.name]) > 1
+        }
         self.turn = itertools.count()
 
     def route(self, batch: Batch) -> dict[int, ShardRequest]:
@@ -175,21 +179,46 @@ class ShardedPooler:
     def merge(
         self, batch: Batch, routes: dict[int, ShardRequest], replies: dict[int, list[PooledGroup]]
     ) -> np.ndarray:
+        """The shards' pooled groups as ``[B, features, dim]``: a table served whole is
+        written straight from its group (a group of such tables in one assignment), row
+        splits are summed first."""
         dim = self.manifest.embedding_dim
-        acc = [np.zeros((batch.bags[f].n_bags, dim), np.float32) for f, _ in self.features]
+        out = np.empty((batch.size, len(self.features), dim), np.float32)
+        acc: dict[int, np.ndarray] = {}  # split features' partial sums
         for shard_id, groups in replies.items():
             targets = routes[shard_id].targets
             for g in groups:
-                for j, i in enumerate(g.parts):
-                    acc[targets[i]] += g.pooled[:, j, :]
-        out = np.empty((batch.size, len(self.features), dim), np.float32)
-        for k, (feature, spec) in enumerate(self.features):
-            bags = batch.bags[feature]
-            if spec.pooling == "mean" and len(self.parts[spec.name]) > 1:
+                ks = [targets[i] for i in g.parts]
+                if not self.split.intersection(ks):
+                    rows = g.pooled.shape[0]
+                    if rows == 1 or (  # one bag each: every sample uses it
+                        rows == batch.size
+                        and all(batch.bags[self.features[k][0]].index is None for k in ks)
+                    ):
+                        out[:, ks, :] = g.pooled
+                        continue
+                for j, k in enumerate(ks):
+                    if k in self.split:
+                        if k in acc:
+                            acc[k] += g.pooled[:, j, :]
+                        else:
+                            acc[k] = g.pooled[:, j, :].copy()
+                    else:
+                        self._put(out, batch, k, g.pooled[:, j, :])
+        for k in self.split:
+            bags = batch.bags[self.features[k][0]]
+            total = acc.get(k)
+            if total is None:  # no shard holds a part of it (cannot happen with a valid plan)
+                total = np.zeros((bags.n_bags, dim), np.float32)
+            if self.features[k][1].pooling == "mean":
                 n = bags.lengths()
-                np.divide(acc[k], n[:, None], out=acc[k], where=n[:, None] > 0)
-            out[:, k, :] = acc[k] if bags.index is None else acc[k][bags.index]
+                np.divide(total, n[:, None], out=total, where=n[:, None] > 0)
+            self._put(out, batch, k, total)
         return out
+
+    def _put(self, out: np.ndarray, batch: Batch, k: int, pooled: np.ndarray) -> None:
+        index = batch.bags[self.features[k][0]].index
+        out[:, k, :] = pooled if index is None else pooled[index]
 
     def prepare(self, batch: Batch) -> dict[int, ShardRequest]:
         return self.route(batch)
