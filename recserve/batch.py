@@ -38,7 +38,7 @@ class Bags:
         return int(self.bounds.size - 1)
 
     def lengths(self) -> np.ndarray:
-        return np.diff(self.bounds)
+        return self.bounds[1:] - self.bounds[:-1]  # np.diff costs ~4x as much a call
 
 
 @dataclass(frozen=True)

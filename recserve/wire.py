@@ -36,6 +36,7 @@ MODES = ("sum", "mean")
 MAX_HEADER = 1 << 20
 MAX_FRAME = 512 << 20
 MAX_PARTS = 4096
+_PART_KEYS = frozenset({"table", "row_start", "bags", "mode"})
 
 Buffer = (
     Any  # bytes, memoryview, numpy array or zmq.Frame buffer: anything with the buffer protocol
@@ -154,7 +155,7 @@ def decode_lookup(header: dict[str, Any], frames: Sequence[Buffer]) -> Lookup:
         raise BadRequest(f"parts must be a list of 1..{MAX_PARTS} parts", field="parts")
     parts = []
     for i, p in enumerate(parts_raw):
-        if not isinstance(p, dict) or set(p) != {"table", "row_start", "bags", "mode"}:
+        if not isinstance(p, dict) or p.keys() != _PART_KEYS:
             raise BadRequest(
                 f"parts[{i}] needs exactly table, row_start, bags, mode", field=f"parts[{i}]"
             )

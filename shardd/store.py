@@ -65,6 +65,7 @@ class PartStore:
         """Resolve every part once for the kernel (see ``kernels.TableSet``)."""
         self.index = {key: i for i, key in enumerate(self.parts)}
         parts = list(self.parts.values())
+        self.dims = [p.spec.dim for p in parts]
         self.tableset = kernels.TableSet(
             [p.view for p in parts], first_ids=[p.row_start for p in parts]
         )
@@ -111,7 +112,7 @@ class PartStore:
         Zero-copy: the kernel reads the request's ids (and weights) frame in place, with bag
         bounds as positions into it and each part's first row id as its id base.
         """
-        resolved, slots = [], []
+        slots = []
         for i, req in enumerate(lookup.parts):
             slot = self.index.get((req.table, req.row_start))
             if slot is None:
@@ -120,59 +121,58 @@ class PartStore:
                     f"at row {req.row_start}",
                     field=f"parts[{i}]",
                 )
-            resolved.append(self.parts[(req.table, req.row_start)])
             slots.append(slot)
-        spans = lookup.spans()
+        bags = [req.bags for req in lookup.parts]
+        first_bag = np.zeros(len(bags) + 1, np.int64)  # part i's bags: lengths[first_bag[i]:]
+        np.cumsum(bags, out=first_bag[1:])
         bounds_all = np.zeros(lookup.lengths.size + 1, np.int64)
         np.cumsum(lookup.lengths, out=bounds_all[1:])
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, (part, req) in enumerate(zip(resolved, lookup.parts, strict=True)):
-            groups.setdefault((req.bags, part.spec.dim), []).append(i)
+        for i, slot in enumerate(slots):
+            groups.setdefault((bags[i], self.dims[slot]), []).append(i)
+        resolved = [self.parts[(r.table, r.row_start)] for r in lookup.parts]
         calls = []
-        for members in groups.values():
-            bounds = np.stack(
-                [bounds_all[spans[i][0] : spans[i][0] + spans[i][1] + 1] for i in members]
-            )
+        for (n_bags, _), members in groups.items():
+            # Row j: part members[j]'s B + 1 bag bounds, positions into the ids frame.
+            at = first_bag[members][:, None] + np.arange(n_bags + 1)
             try:
                 call = self.tableset.prepare(
                     [slots[i] for i in members],
                     lookup.ids,
-                    bounds,
+                    bounds_all[at],
                     weights=lookup.weights,
                     modes=[lookup.parts[i].mode for i in members],
                     threads=threads,
                 )
             except kernels.IdOutOfRangeError as exc:  # found while checking an empty output
-                raise _explain(exc, resolved, spans) from None
+                raise _explain(exc, resolved, lookup.spans()) from None
             calls.append((tuple(members), call))
-        return Job(calls, resolved, spans, int(lookup.ids.size), int(lookup.lengths.size))
+        return Job(calls, resolved, lookup)
 
 
 class Job:
     """A prepared lookup: one kernel call per group of parts."""
 
-    __slots__ = ("bags", "calls", "ids", "resolved", "spans")
+    __slots__ = ("bags", "calls", "ids", "lookup", "resolved")
 
     def __init__(
         self,
         calls: list[tuple[tuple[int, ...], kernels.PoolCall]],
         resolved: list[Part],
-        spans: list[tuple[int, int, int, int]],
-        ids: int,
-        bags: int,
+        lookup: Lookup,
     ) -> None:
         self.calls = calls
         self.resolved = resolved
-        self.spans = spans
-        self.ids = ids
-        self.bags = bags
+        self.lookup = lookup
+        self.ids = int(lookup.ids.size)
+        self.bags = int(lookup.lengths.size)
 
     def run(self) -> list[Group]:
         """Run the kernel calls; an id outside its part's rows raises ``IdOutOfRange``."""
         try:
             return [Group(members, call.run()) for members, call in self.calls]
         except kernels.IdOutOfRangeError as exc:
-            raise _explain(exc, self.resolved, self.spans) from None
+            raise _explain(exc, self.resolved, self.lookup.spans()) from None
 
 
 def _explain(
