@@ -39,6 +39,7 @@ from recserve.errors import ConfigError, RecserveError
 from recserve.manifest import Manifest
 from recserve.model import Model
 from recserve.plan import read_plan
+from recserve.runtime import freeze_startup_heap
 from recserve.shardclient import now_ms
 from recserve.systemd import Notifier
 
@@ -224,6 +225,8 @@ async def serve(config: GatewayConfig, notifier: Notifier | None = None) -> int:
             config.port,
             "singular" if gw.plan is None else f"{len(gw.plan.shards)} shards",
         )
+        frozen = freeze_startup_heap()
+        log.debug("%d start-up objects exempt from garbage collection", frozen)
         notifier.ready(f"http://{config.host}:{config.port}")
         await stop.wait()
         notifier.stopping()

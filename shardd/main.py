@@ -27,6 +27,7 @@ from recserve import logs
 from recserve.artifact import huge_page_bytes, read_manifest
 from recserve.errors import ConfigError, RecserveError
 from recserve.plan import read_plan
+from recserve.runtime import freeze_startup_heap
 from recserve.systemd import Notifier
 from shardd.cpus import parse_cpus, pin_process, split
 from shardd.endpoint import bound
@@ -227,6 +228,8 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
                 settings.inline_ids,
                 extra={"endpoint": actual, "shard": config.shard},
             )
+            frozen = freeze_startup_heap()
+            log.debug("%d start-up objects exempt from garbage collection", frozen)
             notifier.ready(f"serving {len(store.parts)} parts on {actual}")
             await stop.wait()
             log.info("draining: no new lookups, %d in flight", server.inflight)
