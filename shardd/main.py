@@ -54,7 +54,7 @@ class ShardConfig:
     queue_limit: int = 64
     workers: int = 1
     kernel_threads: int | None = None
-    inline_ids: int = 4096
+    inline_ids: int = 16384
     kernel_cpus: frozenset[int] | None = None
     drain_timeout: float = 10.0
 
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--inline-ids",
         type=int,
-        default=4096,
+        default=16384,
         help="pool lookups of at most N ids on the event loop instead of a worker, when the "
         "parts are resident (--preload or --hugepages); 0: always a worker",
     )

@@ -193,7 +193,7 @@ def test_small_lookups_on_resident_parts_run_on_the_loop(shards, model_and_plan)
     endpoints, _, _ = shards
     model, _, plan = model_and_plan
     for k, endpoint in enumerate(endpoints):
-        for bags in (9, 2000):  # a few dozen ids, then well over the default 4096
+        for bags in (9, 8000):  # a few dozen ids, then well over the default 16384
             before = asyncio.run(stats(endpoint))["inline"]
             parts, ids, lengths, _, ids_pp, len_pp, w_pp = make_lookup(plan, k, 7, bags=bags)
             groups = asyncio.run(lookup(endpoint, parts, ids, lengths))
@@ -202,8 +202,8 @@ def test_small_lookups_on_resident_parts_run_on_the_loop(shards, model_and_plan)
                 for j, i in enumerate(g.parts):
                     np.testing.assert_allclose(g.pooled[:, j, :], want[i], rtol=1e-5, atol=1e-5)
             inline = asyncio.run(stats(endpoint))["inline"] - before
-            assert inline == (1 if k == 1 and ids.size <= 4096 else 0), (k, ids.size)
-            assert (ids.size <= 4096) == (bags == 9)
+            assert inline == (1 if k == 1 and ids.size <= 16384 else 0), (k, ids.size)
+            assert (ids.size <= 16384) == (bags == 9)
 
 
 def expect_error(endpoint: str, frames, kind: str) -> None:
