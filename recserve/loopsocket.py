@@ -90,18 +90,21 @@ class LoopSocket:
         self.scheduled = False
         if self.closed:
             return
-        events = cast(int, self.sock.getsockopt(zmq.EVENTS))
-        if events & zmq.POLLOUT and self.writers:
-            writers, self.writers = self.writers, []
-            for fut in writers:
-                if not fut.done():
-                    fut.set_result(None)
-        if not events & zmq.POLLIN:
-            return
         for _ in range(BATCH):
+            # EVENTS, not a receive raising Again, says when the queue is empty (1.5 us
+            # against 3.4 us for the failed receive, whose exception showed up in the
+            # shard loop's profile), and reading it last leaves the descriptor armed.
+            events = cast(int, self.sock.getsockopt(zmq.EVENTS))
+            if events & zmq.POLLOUT and self.writers:
+                writers, self.writers = self.writers, []
+                for fut in writers:
+                    if not fut.done():
+                        fut.set_result(None)
+            if not events & zmq.POLLIN:
+                return
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            except zmq.Again:  # EVENTS said otherwise; look again on the next edge
                 return
             except zmq.ZMQError as exc:  # the socket broke: nothing more will arrive
                 self.close()
