@@ -543,15 +543,24 @@ def cpus_of(tid_path: Path) -> frozenset[int]:
 
 
 def test_kernel_cpus_keep_the_workers_apart(model_and_plan, tmp_path: Path) -> None:
-    """With --kernel-cpus the worker pools on those CPUs only and every other thread of
-    the daemon (loop, ZeroMQ, /metrics) runs on the rest; results stay right."""
+    """With --kernel-cpus the worker (and its OpenMP team) pools on those CPUs only and
+    every other thread of the daemon (loop, ZeroMQ, /metrics, OpenBLAS) runs on the rest;
+    results stay right."""
     model, plan_path, plan = model_and_plan
     allowed = frozenset(os.sched_getaffinity(0))
     if len(allowed) < 2:
         pytest.skip("needs two CPUs")
     kernel = frozenset({max(allowed)})
     endpoint = f"ipc://{tmp_path}/pinned.sock"
-    flags = ("--kernel-cpus", str(max(allowed)), "--metrics-port", str(free_port()))
+    # Two threads a lookup: the worker's OpenMP team must land on the kernel CPU too.
+    flags = (
+        "--kernel-cpus",
+        str(max(allowed)),
+        "--kernel-threads",
+        "2",
+        "--metrics-port",
+        str(free_port()),
+    )
     with running(plan_path, model, 0, endpoint, *flags) as proc:
         parts, ids, lengths, _, ids_pp, len_pp, w_pp = make_lookup(plan, 0, 11, bags=2000)
         groups = asyncio.run(lookup(endpoint, parts, ids, lengths))
@@ -564,7 +573,7 @@ def test_kernel_cpus_keep_the_workers_apart(model_and_plan, tmp_path: Path) -> N
     assert info["kernel_cpus"] == sorted(kernel)
     assert masks[proc.pid] == allowed - kernel
     assert set(masks.values()) == {kernel, allowed - kernel}, masks
-    assert sum(m == kernel for m in masks.values()) == 1  # the one worker
+    assert sum(m == kernel for m in masks.values()) == 2  # the worker and its team's thread
 
 
 @pytest.mark.parametrize("cpus", ["all", "x", "9999"])
