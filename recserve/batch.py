@@ -173,9 +173,8 @@ def parse_samples(samples: Any, manifest: Manifest, *, field: str = "samples") -
     dense_arr = dense64.astype(np.float32)
     # Every feature's ids in one array, checked by a handful of numpy calls: per feature
     # they cost ~15 us each, most of a ranking request's parse on a 64-feature model.
-    bounds = np.cumsum(
-        np.array(counts, np.int64).reshape(len(rows), -1), axis=1
-    )  # row k: feature k
+    counts_arr = np.array(counts, np.int64).reshape(len(rows), len(samples) + 1)
+    bounds = np.cumsum(counts_arr, axis=1)  # row k: feature k's bag bounds
     starts = np.zeros(len(rows) + 1, np.int64)
     np.cumsum(bounds[:, -1], out=starts[1:])
     names = list(rows)
