@@ -3,33 +3,35 @@
 Every message is a multipart: frame 0 is a msgpack header, the following frames are raw
 little-endian numpy buffers sent and received without copies. No pickle anywhere.
 
-Request header: ``{"v": 1, "op": OP, "id": int, "deadline_ms": float | None, ...}`` where
+Request header: ``{"v": 2, "op": OP, "id": int, "deadline_ms": float | None, ...}`` where
 ``deadline_ms`` is absolute Unix time in milliseconds (hosts are assumed NTP-synchronised).
 
-``lookup`` adds ``parts``: ``[{"table", "row_start", "bags", "mode"}]`` (a part is addressed
-by the table and the first row the shard serves of it; ``mode`` is ``sum`` or ``mean``),
-``id_dtype`` (``"<i8"`` or ``"<i4"``) and ``weighted``; its frames are the ids of all parts
-concatenated (global row ids), the int32 bag lengths of all parts concatenated, and with
-``weighted`` float32 weights, one per id.
+``lookup`` adds ``parts``, one list per field: ``{"table": [str], "row_start": [int],
+"bags": [int], "mode": [str]}``, entry ``i`` of each describing part ``i`` (a part is
+addressed by the table and the first row the shard serves of it; ``mode`` is ``sum`` or
+``mean``), ``id_dtype`` (``"<i8"`` or ``"<i4"``) and ``weighted``; its frames are the ids of
+all parts concatenated (global row ids), the int32 bag lengths of all parts concatenated,
+and with ``weighted`` float32 weights, one per id. Version 1 sent a map per part: a shard
+decoding 44 of them cold spent 0.2-0.3 ms on the header alone (version 2: four lists).
 
 Replies echo ``v``, ``op`` and ``id`` with ``"ok": true`` or ``"ok": false, "error":
-{"kind", "message"}``. A ``lookup`` reply lists ``groups``: ``{"parts": [indices], "bags",
+{"kind", "message", "field"?}``. A ``lookup`` reply lists ``groups``: ``{"parts": [indices], "bags",
 "dim"}``, one float32 frame ``[bags, len(parts), dim]`` each (parts with equal bag count and
 dim are pooled by one kernel call and shipped as it wrote them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
 
 from recserve.errors import BadRequest, RecserveError, TooLarge, UnknownOp, UnsupportedVersion
 
-VERSION = 1
+VERSION = 2
 OPS = ("lookup", "info", "health", "stats")
 ID_DTYPES: dict[str, np.dtype[Any]] = {"<i8": np.dtype("<i8"), "<i4": np.dtype("<i4")}
 MODES = ("sum", "mean")
@@ -43,20 +45,14 @@ Buffer = (
 )
 
 
-@dataclass(frozen=True)
-class PartRequest:
+class PartRequest(NamedTuple):
+    """One part of a lookup (a tuple: a shard builds dozens per lookup, at half the cost of
+    a frozen dataclass)."""
+
     table: str
     row_start: int
     bags: int
     mode: str = "sum"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "table": self.table,
-            "row_start": self.row_start,
-            "bags": self.bags,
-            "mode": self.mode,
-        }
 
 
 @dataclass(frozen=True)
@@ -106,7 +102,12 @@ def encode_lookup(
                 "lookup",
                 req_id,
                 deadline_ms,
-                parts=[p.to_dict() for p in parts],
+                parts={
+                    "table": [p.table for p in parts],
+                    "row_start": [p.row_start for p in parts],
+                    "bags": [p.bags for p in parts],
+                    "mode": [p.mode for p in parts],
+                },
                 id_dtype=ids.dtype.str,
                 weighted=weights is not None,
             )
@@ -150,27 +151,25 @@ def decode_header(frame: Buffer) -> dict[str, Any]:
 
 def decode_lookup(header: dict[str, Any], frames: Sequence[Buffer]) -> Lookup:
     """The arrays of a lookup, as views of ``frames`` (no copies), after checking them."""
-    parts_raw = header.get("parts")
-    if not isinstance(parts_raw, list) or not parts_raw or len(parts_raw) > MAX_PARTS:
-        raise BadRequest(f"parts must be a list of 1..{MAX_PARTS} parts", field="parts")
-    parts = []
-    for i, p in enumerate(parts_raw):
-        if not isinstance(p, dict) or p.keys() != _PART_KEYS:
-            raise BadRequest(
-                f"parts[{i}] needs exactly table, row_start, bags, mode", field=f"parts[{i}]"
-            )
-        if (
-            not isinstance(p["table"], str)
-            or type(p["row_start"]) is not int
-            or type(p["bags"]) is not int
-            or p["bags"] < 0
-            or p["row_start"] < 0
-            or p["mode"] not in MODES
-        ):
-            raise BadRequest(
-                f"parts[{i}] has a bad table, row_start, bags or mode", field=f"parts[{i}]"
-            )
-        parts.append(PartRequest(p["table"], p["row_start"], p["bags"], p["mode"]))
+    cols = header.get("parts")
+    if not isinstance(cols, dict) or cols.keys() != _PART_KEYS:
+        raise BadRequest(
+            "parts must be a map of table, row_start, bags and mode lists", field="parts"
+        )
+    tables, starts, bags, modes = cols["table"], cols["row_start"], cols["bags"], cols["mode"]
+    n = len(tables) if isinstance(tables, list) else 0
+    if not 1 <= n <= MAX_PARTS or not all(
+        isinstance(c, list) and len(c) == n for c in (starts, bags, modes)
+    ):
+        raise BadRequest(
+            f"parts must list 1..{MAX_PARTS} parts, every field as long as table",
+            field="parts",
+        )
+    _check_column("table", tables, lambda t: type(t) is str)
+    _check_column("row_start", starts, _natural)
+    _check_column("bags", bags, _natural)
+    _check_column("mode", modes, lambda m: type(m) is str and m in MODES)
+    parts = list(map(PartRequest, tables, starts, bags, modes))
     dtype = ID_DTYPES.get(str(header.get("id_dtype")))
     if dtype is None:
         raise BadRequest(f"id_dtype must be one of {', '.join(ID_DTYPES)}", field="id_dtype")
@@ -202,6 +201,16 @@ def decode_lookup(header: dict[str, Any], frames: Sequence[Buffer]) -> Lookup:
     return Lookup(tuple(parts), ids, lengths, weights)
 
 
+def _natural(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _check_column(name: str, values: list[Any], ok: Callable[[Any], bool]) -> None:
+    if not all(map(ok, values)):
+        i = next(i for i, x in enumerate(values) if not ok(x))
+        raise BadRequest(f"parts.{name}[{i}] is not a valid {name}", field=f"parts.{name}[{i}]")
+
+
 def _array(frame: Buffer, dtype: np.dtype, name: str) -> np.ndarray:
     buf = memoryview(frame).cast("B") if not isinstance(frame, np.ndarray) else frame
     size = buf.nbytes
@@ -226,6 +235,6 @@ def error_reply(header: dict[str, Any] | None, exc: RecserveError) -> bytes:
             "op": header.get("op"),
             "id": header.get("id"),
             "ok": False,
-            "error": {"kind": exc.kind, "message": exc.message},
+            "error": exc.to_dict(),  # kind, message and, when known, the field
         }
     )

@@ -28,7 +28,7 @@ from recserve.errors import (
 )
 from recserve.plan import Plan, read_plan
 from recserve.shardclient import ShardClient, now_ms
-from recserve.wire import PartRequest, encode_lookup
+from recserve.wire import VERSION, PartRequest, encode_lookup
 from shardd.cpus import parse_cpus
 from tests.integration.shards import (
     free_port,
@@ -233,6 +233,16 @@ def test_errors_are_typed_and_the_daemon_keeps_serving(shards, model_and_plan) -
     expect_error(endpoint, [good[0], good[1]], "bad_request")  # missing lengths
     expect_error(endpoint, [good[0], good[1], np.array([2], "<i4")], "bad_request")
     expect_error(endpoint, [good[0], b"\x01\x02\x03", good[2]], "bad_request")
+    for parts, field in (
+        ({**hdr["parts"], "bags": [-1]}, "parts.bags[0]"),
+        ({**hdr["parts"], "mode": ["max"]}, "parts.mode[0]"),
+        ({**hdr["parts"], "row_start": [0, 0]}, "parts"),
+        ([hdr["parts"]], "parts"),
+    ):
+        reply = msgpack.unpackb(
+            raw(endpoint, [msgpack.packb({**hdr, "parts": parts}), *good[1:]])[0]
+        )
+        assert reply["error"]["kind"] == "bad_request" and reply["error"]["field"] == field, reply
     unknown = encode_lookup(
         1, now_ms() + 10_000, [PartRequest(part.table, 7777777, 1)], np.array([1]), np.array([1])
     )
@@ -297,11 +307,18 @@ def test_fuzz_then_a_correct_lookup(shards, model_and_plan) -> None:
             elif choice == 3:  # truncated frames
                 frames = [f[: int(rng.integers(0, len(f) + 1))] for f in good_bytes]
             elif choice == 4:  # random msgpack structures as header
+                bags = int(rng.integers(-5, 5))
                 value = {
-                    "v": 1,
+                    "v": VERSION,
                     "op": "lookup",
                     "id": int(rng.integers(0, 9)),
-                    "parts": [{"table": "x", "bags": int(rng.integers(-5, 5))}],
+                    "parts": [
+                        {"table": ["x"], "row_start": [0], "bags": [bags], "mode": ["sum"]},
+                        {"table": "x", "bags": [bags]},
+                        {"table": ["x"], "row_start": [0, 1], "bags": [bags], "mode": ["sum"]},
+                        {"table": [1], "row_start": [0], "bags": [bags], "mode": [["sum"]]},
+                        [{"table": "x", "bags": bags}],
+                    ][int(rng.integers(0, 5))],
                     "id_dtype": ["<i8", "<i4", 3, None][int(rng.integers(0, 4))],
                     "weighted": [True, False, "no"][int(rng.integers(0, 3))],
                 }
