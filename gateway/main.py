@@ -61,8 +61,13 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         b = self.batching
-        if b.max_batch_samples < 1 or b.max_queue_delay_us < 0 or b.max_inflight_samples < 1:
-            raise ConfigError("batch sizes must be >= 1 and the queue delay >= 0")
+        if (
+            b.max_batch_samples < 1
+            or b.max_queue_delay_us < 0
+            or b.max_inflight_samples < 1
+            or b.max_concurrent_batches < 1
+        ):
+            raise ConfigError("batch sizes and counts must be >= 1 and the queue delay >= 0")
         if self.api.default_timeout_ms <= 0 or self.threads < 1:
             raise ConfigError("--timeout-ms and --threads must be positive")
 
@@ -149,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-samples", type=int, default=1024)
     p.add_argument("--max-queue-delay-us", type=int, default=500)
     p.add_argument("--max-inflight-samples", type=int, default=32768)
+    p.add_argument(
+        "--max-concurrent-batches",
+        type=int,
+        default=BatchSettings.max_concurrent_batches,
+        help="batches pooled and scored at once; the next waits (and grows) in the queue",
+    )
     p.add_argument("--max-request-samples", type=int, default=8192)
     p.add_argument("--max-request-ids", type=int, default=4_000_000)
     p.add_argument("--timeout-ms", type=float, default=1000.0, help="default request deadline")
@@ -188,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model=args.model, plan=None if args.singular else args.plan, host=args.host,
             port=args.port,
             batching=BatchSettings(args.max_batch_samples, args.max_queue_delay_us,
-                                   args.max_inflight_samples),
+                                   args.max_inflight_samples, args.max_concurrent_batches),
             api=ApiSettings(default_timeout_ms=args.timeout_ms,
                             max_request_samples=args.max_request_samples,
                             max_request_ids=args.max_request_ids),

@@ -557,3 +557,11 @@ def test_gateway_process_drains_on_sigterm(deployments, tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_batch_limits_are_checked_at_start(tmp_path: Path, capsys) -> None:
+    from gateway.main import main
+
+    for flag, value in (("--max-concurrent-batches", "0"), ("--max-batch-samples", "0")):
+        code = main(["--model", str(tmp_path), "--singular", flag, value])
+        assert code == 2 and "must be >= 1" in capsys.readouterr().err
