@@ -149,9 +149,8 @@ class ShardedPooler:
         out: dict[int, ShardRequest] = {}
         for k, (feature, spec) in enumerate(self.features):
             bags = batch.bags[feature]
-            parts = self.parts[spec.name]
-            split = len(parts) > 1
-            for shard_id, part in parts:
+            split = k in self.split
+            for shard_id, part in self.parts[spec.name]:
                 if split:
                     mask = (bags.ids >= part.row_start) & (bags.ids < part.row_end)
                     seen = np.zeros(bags.ids.size + 1, np.int64)

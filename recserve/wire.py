@@ -66,14 +66,13 @@ class Lookup:
 
     def spans(self) -> list[tuple[int, int, int, int]]:
         """Per part: (first length index, bag count, first id, id count)."""
-        out, bag, pos = [], 0, 0
+        out, bag = [], 0
         bounds = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
         for part in self.parts:
             first = int(bounds[bag])
             n = int(bounds[bag + part.bags]) - first
             out.append((bag, part.bags, first, n))
             bag += part.bags
-            pos += n
         return out
 
 

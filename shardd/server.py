@@ -110,8 +110,7 @@ class ShardServer:
                 return
             if self.draining:
                 raise NotReady("the shard is shutting down; retry on another replica")
-            deadline = header.get("deadline_ms")
-            if deadline is not None and time.time() * 1e3 >= deadline:
+            if _past_deadline(header):
                 raise DeadlineExceeded("the request arrived after its deadline")
             if self.inflight >= self.settings.queue_limit:
                 raise Overloaded(f"{self.inflight} lookups already queued", retry_after=0.05)
@@ -230,8 +229,7 @@ class ShardServer:
         one thread: no OpenMP team shared with the workers). Returns the groups, the seconds
         the lookup waited for a worker and the seconds it took."""
         begin = time.perf_counter()
-        deadline = header.get("deadline_ms")
-        if deadline is not None and time.time() * 1e3 >= deadline:
+        if _past_deadline(header):
             raise DeadlineExceeded("the deadline passed while the lookup was queued")
         groups = job.run()
         return groups, begin - started, time.perf_counter() - begin
@@ -261,6 +259,11 @@ class ShardServer:
         """Stop reading the socket (the caller closes it)."""
         if self.io is not None:
             self.io.close()
+
+
+def _past_deadline(header: dict[str, Any]) -> bool:
+    deadline = header.get("deadline_ms")
+    return deadline is not None and time.time() * 1e3 >= deadline
 
 
 def _value(counter: Any) -> float:

@@ -64,10 +64,9 @@ class PartStore:
     def _resolve(self) -> None:
         """Resolve every part once for the kernel (see ``kernels.TableSet``)."""
         self.index = {key: i for i, key in enumerate(self.parts)}
-        parts = list(self.parts.values())
-        self.dims = [p.spec.dim for p in parts]
+        self.by_slot = list(self.parts.values())
         self.tableset = kernels.TableSet(
-            [p.view for p in parts], first_ids=[p.row_start for p in parts]
+            [p.view for p in self.by_slot], first_ids=[p.row_start for p in self.by_slot]
         )
 
     @property
@@ -112,7 +111,7 @@ class PartStore:
         Zero-copy: the kernel reads the request's ids (and weights) frame in place, with bag
         bounds as positions into it and each part's first row id as its id base.
         """
-        slots = []
+        slots, resolved = [], []
         for i, req in enumerate(lookup.parts):
             slot = self.index.get((req.table, req.row_start))
             if slot is None:
@@ -122,15 +121,15 @@ class PartStore:
                     field=f"parts[{i}]",
                 )
             slots.append(slot)
+            resolved.append(self.by_slot[slot])
         bags = [req.bags for req in lookup.parts]
         first_bag = np.zeros(len(bags) + 1, np.int64)  # part i's bags: lengths[first_bag[i]:]
         np.cumsum(bags, out=first_bag[1:])
         bounds_all = np.zeros(lookup.lengths.size + 1, np.int64)
         np.cumsum(lookup.lengths, out=bounds_all[1:])
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, slot in enumerate(slots):
-            groups.setdefault((bags[i], self.dims[slot]), []).append(i)
-        resolved = [self.parts[(r.table, r.row_start)] for r in lookup.parts]
+        for i, part in enumerate(resolved):
+            groups.setdefault((bags[i], part.spec.dim), []).append(i)
         calls = []
         for (n_bags, _), members in groups.items():
             # Row j: part members[j]'s B + 1 bag bounds, positions into the ids frame.
