@@ -17,8 +17,8 @@ from pathlib import Path
 
 from benchmarks.bench_gateway import measure, prepare
 from benchmarks.common import print_table, run_cli
-from recserve.plan import read_plan
-from recserve.planner import STRATEGIES
+from recserve.contracts.plan import read_plan
+from recserve.planning import STRATEGIES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,9 +26,9 @@ import orjson
 
 from benchmarks.common import print_table, run_cli
 from loadgen.runner import Run, open_loop
-from recserve.artifact import read_manifest
-from recserve.cluster import LocalCluster, free_port
-from recserve.workload import Workload
+from recserve.contracts.manifest import read_manifest
+from recserve.local.cluster import LocalCluster, free_port
+from recserve.model.workload import Workload
 
 
 def prepare(root: Path, size: str, samples: int) -> tuple[Path, list[bytes]]:

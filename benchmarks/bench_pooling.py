@@ -27,7 +27,7 @@ import numpy as np
 import kernels
 from benchmarks.common import median_ratio, print_table, round_times
 from kernels import Int8RowwiseTable
-from recserve.workload import scatter, zipf_ranks
+from recserve.model.workload import scatter, zipf_ranks
 
 THREADS = 2
 ZIPF = 1.05

@@ -31,12 +31,13 @@ import zmq
 
 import kernels
 from benchmarks.common import fmt_ratio, print_table
-from recserve.artifact import ArtifactWriter, hugepage_copies, open_table
-from recserve.manifest import DenseSpec, InteractionSpec, Manifest, MLPSpec, TableSpec
-from recserve.plan import local_endpoints
-from recserve.planner import build
-from recserve.shardclient import ShardClient, now_ms
-from recserve.wire import PartRequest
+from recserve.contracts.manifest import DenseSpec, InteractionSpec, Manifest, MLPSpec, TableSpec
+from recserve.contracts.plan import local_endpoints
+from recserve.model.artifact import ArtifactWriter, hugepage_copies, open_table
+from recserve.planning import build
+from recserve.rpc.client import ShardClient
+from recserve.rpc.deadline import Deadline
+from recserve.rpc.wire import PartRequest
 from shardd.cpus import pin_process
 from shardd.main import default_kernel_threads
 from tests.integration.shards import free_port, start_shard, stop, wait_healthy
@@ -55,7 +56,7 @@ def write_model(root: Path, rows: int) -> Manifest:
         DenseSpec(
             MLPSpec((4, DIM), ("relu",)),
             inter,
-            MLPSpec((inter.kernel().output_width(DIM, 1), 1), ("sigmoid",)),
+            MLPSpec((inter.output_width(DIM, 1), 1), ("sigmoid",)),
         ),
     )
     writer = ArtifactWriter(root, overwrite=True)
@@ -107,7 +108,7 @@ async def over_wire(
 
     async def one(ids: np.ndarray) -> float:
         start = time.perf_counter()
-        groups = await client.lookup(parts, ids, lengths, deadline_ms=now_ms() + 30_000)
+        groups = await client.lookup(parts, ids, lengths, deadline=Deadline.after(30_000))
         assert groups[0].pooled.shape == (BAGS, 1, DIM)
         return time.perf_counter() - start
 

@@ -1,25 +1,22 @@
-"""The gateway's HTTP API (aiohttp).
+"""The gateway's HTTP API (aiohttp): the v1 routes, and KServe v2 mounted as a sub-app.
 
 - ``POST /v1/predict``: ``{"samples": [...]}`` or ``{"context": ..., "candidates": [...]}``,
   JSON or msgpack by ``Content-Type``; the reply uses ``Accept`` (default: the request's type).
   Returns ``{"scores": [...], "model": ..., "version": ...}``.
 - ``POST /v1/embeddings``: the same input; pooled vectors per feature per sample.
-- ``GET /v1/model``; ``GET /v2/health/live``, ``GET /v2/health/ready``; ``GET /metrics``.
+- ``GET /v1/model``; ``GET /metrics``; ``/v2/...`` (``gateway.kserve``).
 
-Errors are ``{"error": {"kind", "message", "field"}}`` with the status of their kind
-(``recserve.errors.http_status``), and ``Retry-After`` on 429 and 503. Parsing and all
-numpy work run in the executor, never on the event loop.
+v1 errors are ``{"error": {"kind", "message", "field"}}`` with the status of their kind and
+``Retry-After`` on 429 and 503 (``gateway.state``). Parsing and all numpy work run in the
+executor, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgpack
@@ -28,63 +25,17 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.batcher import Batcher
-from gateway.metrics import GatewayMetrics
-from gateway.pooler import Pooler
-from recserve.batch import Batch, parse_request
-from recserve.errors import BadRequest, NotReady, RecserveError, TooLarge, http_status
-from recserve.manifest import Manifest
-from recserve.plan import Plan
-from recserve.shardclient import now_ms
+from gateway import kserve
+from gateway.config import GatewayConfig
+from gateway.lifetime import running
+from gateway.requests import decode_body, parse_request
+from gateway.state import GATEWAY, status_and_headers
+from recserve.contracts.batch import Batch
+from recserve.contracts.errors import RecserveError, TooLarge
+from recserve.contracts.http import JSON, MSGPACK, MSGPACK_TYPES, feature_list
+from recserve.rpc.deadline import Deadline
 
 log = logging.getLogger(__name__)
-JSON, MSGPACK = "application/json", "application/msgpack"
-MSGPACK_TYPES = {MSGPACK, "application/x-msgpack"}
-
-
-@dataclass(frozen=True)
-class ApiSettings:
-    default_timeout_ms: float = 1000.0
-    max_timeout_ms: float = 30_000.0
-    max_request_samples: int = 8192
-    max_request_ids: int = 4_000_000
-    max_body_bytes: int = 64 << 20
-
-
-@dataclass
-class Gateway:
-    manifest: Manifest
-    plan: Plan | None
-    pooler: Pooler
-    batcher: Batcher
-    executor: Executor
-    metrics: GatewayMetrics
-    settings: ApiSettings
-    ready: bool = False
-    draining: bool = False
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-
-GATEWAY = web.AppKey("gateway", Gateway)
-
-
-def decode(body: bytes, content_type: str) -> Any:
-    try:
-        if content_type in MSGPACK_TYPES:
-            return msgpack.unpackb(
-                body, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0
-            )
-        return orjson.loads(body)
-    except (
-        orjson.JSONDecodeError,
-        ValueError,
-        msgpack.ExtraData,
-        msgpack.FormatError,
-        msgpack.StackError,
-        TypeError,
-    ) as exc:
-        kind = "msgpack" if content_type in MSGPACK_TYPES else "JSON"
-        raise BadRequest(f"the body is not valid {kind}: {exc}", field="body") from None
 
 
 def encode(
@@ -113,10 +64,7 @@ def encode(
 
 
 def error_response(exc: RecserveError, request: web.Request) -> web.Response:
-    status = http_status(exc)
-    headers = {}
-    if status in (429, 503):
-        headers["Retry-After"] = str(max(1, math.ceil(getattr(exc, "retry_after", 1.0))))
+    status, headers = status_and_headers(exc)
     return encode({"error": exc.to_dict()}, request, status, headers)
 
 
@@ -124,13 +72,12 @@ def error_response(exc: RecserveError, request: web.Request) -> web.Response:
 async def errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    gw = request.app[GATEWAY]
+    """Counts and times every request (KServe's too); answers v1 errors in the v1 shape
+    (the KServe sub-app answers its own before they reach here)."""
+    gw = request.config_dict[GATEWAY]
     start = time.perf_counter()
-    route = (
-        request.match_info.route.resource.canonical
-        if request.match_info.route.resource
-        else "unknown"
-    )
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource else "unknown"
     try:
         response = await handler(request)
     except RecserveError as exc:
@@ -145,53 +92,31 @@ async def errors(
         log.exception("%s %s failed", request.method, request.path)
         response = error_response(RecserveError("internal error; see the gateway log"), request)
     gw.metrics.requests.labels(route=route, status=str(response.status)).inc()
-    if route.startswith("/v1/"):
+    if route.startswith(("/v1/", "/v2/models")):
         gw.metrics.latency.observe(time.perf_counter() - start)
     return response
 
 
-async def read_batch(request: web.Request) -> tuple[Batch, float]:
+async def read_batch(request: web.Request) -> tuple[Batch, Deadline]:
     """The request's batch (parsed in the executor) and its deadline."""
-    gw = request.app[GATEWAY]
-    if gw.draining:
-        raise NotReady("the gateway is shutting down")
+    gw = request.config_dict[GATEWAY]
+    gw.admit()
     body = await request.read()
     ctype = request.content_type
-    loop = asyncio.get_running_loop()
 
-    def parse() -> tuple[Batch, float]:
-        doc = decode(body, ctype)
-        timeout = gw.settings.default_timeout_ms
-        if isinstance(doc, dict) and "timeout_ms" in doc:
-            t = doc["timeout_ms"]
-            if type(t) not in (int, float) or not 0 < t <= gw.settings.max_timeout_ms:
-                raise BadRequest(
-                    f"timeout_ms must be a number in (0, {gw.settings.max_timeout_ms:.0f}]",
-                    field="timeout_ms",
-                )
-            timeout = min(timeout, float(t))
-        batch = parse_request(doc, gw.manifest)
-        check_limits(batch, gw.settings)
-        return batch, timeout
+    def parse() -> tuple[Batch, Deadline]:
+        doc = decode_body(body, ctype)
+        asked = doc.get("timeout_ms") if isinstance(doc, dict) else None
+        deadline = gw.deadline(asked, "timeout_ms")
+        batch = parse_request(doc, gw.manifest, gw.limits)
+        gw.check_limits(batch)
+        return batch, deadline
 
-    started = now_ms()
-    batch, timeout = await loop.run_in_executor(gw.executor, parse)
-    return batch, started + timeout
-
-
-def check_limits(batch: Batch, settings: ApiSettings) -> None:
-    if batch.size > settings.max_request_samples:
-        raise TooLarge(
-            f"{batch.size} samples exceed the limit of {settings.max_request_samples}",
-            field="samples",
-        )
-    ids = sum(b.ids.size for b in batch.bags.values())
-    if ids > settings.max_request_ids:
-        raise TooLarge(f"{ids} ids exceed the limit of {settings.max_request_ids}", field="sparse")
+    return await asyncio.get_running_loop().run_in_executor(gw.executor, parse)
 
 
 async def predict(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
+    gw = request.config_dict[GATEWAY]
     batch, deadline = await read_batch(request)
     scores = await gw.batcher.score(batch, deadline)
     return encode(
@@ -205,7 +130,7 @@ async def predict(request: web.Request) -> web.Response:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
+    gw = request.config_dict[GATEWAY]
     batch, deadline = await read_batch(request)
     names = [f for f, _ in gw.manifest.features()]
 
@@ -226,21 +151,8 @@ async def embeddings(request: web.Request) -> web.Response:
 
 
 async def model_info(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
+    gw = request.config_dict[GATEWAY]
     m = gw.manifest
-    features = [
-        {
-            "name": f,
-            "table": t.name,
-            "dim": t.dim,
-            "rows": t.rows,
-            "pooling": t.pooling,
-            "net": t.net,
-            "dtype": t.dtype,
-            "stats": t.stats.to_dict(),
-        }
-        for f, t in m.features()
-    ]
     plan = (
         {"mode": "singular"}
         if gw.plan is None
@@ -257,38 +169,32 @@ async def model_info(request: web.Request) -> web.Response:
             "version": m.version,
             "digest": m.digest(),
             "dense_width": m.dense_width,
-            "features": features,
+            "features": feature_list(m),
             "plan": plan,
         },
         request,
     )
 
 
-async def live(request: web.Request) -> web.Response:
-    return encode({"live": True}, request)
-
-
-async def ready(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    ok = gw.ready and not gw.draining
-    return encode({"ready": ok}, request, 200 if ok else 503, None if ok else {"Retry-After": "1"})
-
-
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[GATEWAY].metrics.registry)
+    body = generate_latest(request.config_dict[GATEWAY].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_app(gateway: Gateway) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=gateway.settings.max_body_bytes)
-    app[GATEWAY] = gateway
+def create_app(config: GatewayConfig) -> web.Application:
+    """The whole HTTP app; its state (``app[GATEWAY]``) is built when the app starts and torn
+    down when it stops (``cleanup_ctx``)."""
+    app = web.Application(middlewares=[errors], client_max_size=config.api.max_body_bytes)
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        async with running(config) as gw:
+            app[GATEWAY] = gw
+            yield
+
+    app.cleanup_ctx.append(lifetime)
     app.router.add_post("/v1/predict", predict)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/model", model_info)
-    app.router.add_get("/v2/health/live", live)
-    app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/metrics", metrics)
-    from gateway import kserve  # it builds on this module
-
-    kserve.add_routes(app)
+    app.add_subapp("/v2", kserve.create_app())
     return app

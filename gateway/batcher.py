@@ -2,10 +2,16 @@
 
 A request waits at most ``max_queue_delay_us`` for company, and a batch holds at most
 ``max_batch_samples`` (a larger request is a batch of its own). Admission is bounded: more
-than ``max_inflight_samples`` queued or running is refused at once with ``Overloaded``.
-Each request keeps its own deadline: one that expires while queued is answered
-``deadline_exceeded`` and dropped from its batch. Up to ``max_concurrent_batches`` batches run
-at once, so a batch's shard lookups overlap the previous batch's dense MLP.
+than ``max_inflight_samples`` queued or running is refused at once with ``Overloaded``; a
+request's samples count until it leaves the queue or its batch ends, so a request that gave
+up still holds its place while it is queued, and a stall cannot grow the queue past the
+bound. Each request keeps its own deadline: one that expires while queued is answered
+``deadline_exceeded`` and dropped from its batch. Up to ``max_concurrent_batches`` batches
+run at once, so a batch's shard lookups overlap the previous batch's dense MLP.
+
+Every request's future is resolved exactly once, on one path: scores, or the error of its
+batch. An unexpected error in a batch of several requests is not blamed on all of them:
+each is scored again alone, so only the request that causes it fails.
 """
 
 from __future__ import annotations
@@ -20,34 +26,33 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gateway.config import BatchSettings
 from gateway.metrics import GatewayMetrics
 from gateway.pooler import Pooler
-from recserve.batch import Batch, merge
-from recserve.errors import BadRequest, DeadlineExceeded, NotReady, Overloaded, RecserveError
-from recserve.shardclient import now_ms
+from gateway.requests import merge
+from recserve.contracts.batch import Batch
+from recserve.contracts.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    NotReady,
+    Overloaded,
+    RecserveError,
+)
+from recserve.rpc.deadline import Deadline
 
 log = logging.getLogger(__name__)
 
 
-def lookup_deadline(deadline_ms: float) -> float:
+def lookup_deadline(deadline: Deadline) -> Deadline:
     """The deadline for a batch's lookups: a little before the requests', so a silent shard
     is reported (503, naming it) before the requests themselves time out (504)."""
-    budget = deadline_ms - now_ms()
-    return deadline_ms - min(20.0, 0.2 * max(budget, 0.0))
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    max_batch_samples: int = 1024
-    max_queue_delay_us: int = 500
-    max_inflight_samples: int = 32768
-    max_concurrent_batches: int = 2
+    return deadline.sooner(min(20.0, 0.2 * max(deadline.left_ms(), 0.0)))
 
 
 @dataclass
 class Pending:
     batch: Batch
-    deadline_ms: float
+    deadline: Deadline
     future: asyncio.Future[np.ndarray]
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -73,120 +78,143 @@ class Batcher:
         self.closed = False
         self.tasks: set[asyncio.Task[None]] = set()
 
-    async def score(self, batch: Batch, deadline_ms: float) -> np.ndarray:
+    async def score(self, batch: Batch, deadline: Deadline) -> np.ndarray:
         if self.closed:
             raise NotReady("the gateway is shutting down")
         if self.inflight_samples + batch.size > self.settings.max_inflight_samples:
             raise Overloaded(
                 f"{self.inflight_samples} samples are already queued or running", retry_after=0.1
             )
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self.inflight_samples += batch.size
-        self.metrics.inflight.set(self.inflight_samples)
-        self.queue.append(Pending(batch, deadline_ms, future))
+        pending = Pending(batch, deadline, asyncio.get_running_loop().create_future())
+        self._count(batch.size)
+        self.queue.append(pending)
         self.wakeup.set()
         try:
-            async with asyncio.timeout(max(0.0, (deadline_ms - now_ms()) / 1e3)):
-                return await asyncio.shield(future)
+            async with asyncio.timeout(deadline.left_s()):
+                return await asyncio.shield(pending.future)
         except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed before it was scored") from None
-        finally:
-            self.inflight_samples -= batch.size
-            self.metrics.inflight.set(self.inflight_samples)
+
+    def _count(self, samples: int) -> None:
+        self.inflight_samples += samples
+        self.metrics.inflight.set(self.inflight_samples)
 
     async def run(self) -> None:
-        """Form batches until cancelled."""
-        delay = self.settings.max_queue_delay_us / 1e6
-        while True:
-            while not self.queue:
-                self.wakeup.clear()
-                await self.wakeup.wait()
-            first = self.queue[0]
-            while self._queued() < self.settings.max_batch_samples:
-                left = first.enqueued + delay - time.perf_counter()
-                if left <= 0:
-                    break
-                self.wakeup.clear()
-                try:
-                    async with asyncio.timeout(left):
-                        await self.wakeup.wait()
-                except TimeoutError:
-                    break
-            items = [self.queue.popleft()]
-            size = items[0].batch.size
-            while self.queue and size + self.queue[0].batch.size <= self.settings.max_batch_samples:
-                size += self.queue[0].batch.size
-                items.append(self.queue.popleft())
-            await self.slots.acquire()
-            task = asyncio.get_running_loop().create_task(self._process(items))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+        """Form batches until cancelled; then fail whatever is still queued."""
+        try:
+            while True:
+                items = await self._next_batch()
+                await self.slots.acquire()
+                task = asyncio.get_running_loop().create_task(self._process(items))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+        finally:
+            gone = NotReady("the gateway stopped before this request was scored")
+            while self.queue:
+                pending = self.queue.popleft()
+                self._resolve([pending], gone)
+                self._count(-pending.batch.size)
 
-    def _queued(self) -> int:
-        return sum(p.batch.size for p in self.queue)
+    async def _next_batch(self) -> list[Pending]:
+        delay = self.settings.max_queue_delay_us / 1e6
+        while not self.queue:
+            self.wakeup.clear()
+            await self.wakeup.wait()
+        first = self.queue[0]
+        while sum(p.batch.size for p in self.queue) < self.settings.max_batch_samples:
+            left = first.enqueued + delay - time.perf_counter()
+            if left <= 0:
+                break
+            self.wakeup.clear()
+            try:
+                async with asyncio.timeout(left):
+                    await self.wakeup.wait()
+            except TimeoutError:
+                break
+        items = [self.queue.popleft()]
+        size = items[0].batch.size
+        while self.queue and size + self.queue[0].batch.size <= self.settings.max_batch_samples:
+            size += self.queue[0].batch.size
+            items.append(self.queue.popleft())
+        return items
 
     async def _process(self, items: list[Pending]) -> None:
+        live = []
         try:
-            now = now_ms()
-            live = []
             for p in items:
                 self.metrics.queue_wait.observe(time.perf_counter() - p.enqueued)
                 if p.future.done():
                     continue  # its caller gave up
-                if p.deadline_ms <= now:
-                    p.future.set_exception(DeadlineExceeded("expired while queued"))
+                if p.deadline.expired():
+                    self._resolve([p], DeadlineExceeded("expired while queued"))
                 else:
                     live.append(p)
-            if not live:
-                return
-            loop = asyncio.get_running_loop()
-            start = time.perf_counter()
-            batch, prepared = await loop.run_in_executor(
-                self.executor, self._assemble, [p.batch for p in live]
-            )
-            self.metrics.batch_samples.observe(batch.size)
-            self.metrics.assembly.observe(time.perf_counter() - start)
-            deadline = min(p.deadline_ms for p in live)
-            try:
-                start = time.perf_counter()
-                scores, dense_s = await self.pooler.pool(
-                    batch,
-                    prepared,
-                    lookup_deadline(deadline),
-                    lambda pooled: self._dense(batch, pooled),
-                )
-                self.metrics.pooling.observe(time.perf_counter() - start - dense_s)
-                self.metrics.dense.observe(dense_s)
-            except RecserveError as exc:
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                return
-            except Exception as exc:
-                log.exception("a batch of %d samples failed", batch.size)
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(RecserveError(f"internal error: {exc}"))
-                return
-            offset = 0
-            for p in live:
-                mine = scores[offset : offset + p.batch.size]
-                offset += p.batch.size
-                if p.future.done():
-                    continue
-                if np.isnan(mine).any():
-                    bad = int(np.flatnonzero(np.isnan(mine))[0])
-                    p.future.set_exception(
-                        BadRequest(
-                            f"samples[{bad}]: the model's output is not a number for these dense "
-                            "values (they overflow it)",
-                            field=f"samples[{bad}].dense",
-                        )
-                    )
-                else:
-                    p.future.set_result(mine)
+            if live:
+                await self._score(live)
+        except Exception as exc:  # the one error path: every request not yet answered
+            self._resolve(live, exc)
         finally:
+            self._count(-sum(p.batch.size for p in items))
             self.slots.release()
+
+    async def _score(self, live: list[Pending]) -> None:
+        try:
+            scores = await self._run([p.batch for p in live], min(p.deadline for p in live))
+        except RecserveError:
+            raise  # a shard, a deadline or overload: it concerns the whole batch
+        except Exception:
+            if len(live) == 1:
+                raise
+            log.exception("a batch of %d requests failed; scoring each alone", len(live))
+            for p in live:  # the batch's error belongs to one request: find it
+                try:
+                    self._deliver([p], await self._run([p.batch], p.deadline))
+                except Exception as exc:
+                    self._resolve([p], exc)
+            return
+        self._deliver(live, scores)
+
+    async def _run(self, batches: list[Batch], deadline: Deadline) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        batch, prepared = await loop.run_in_executor(self.executor, self._assemble, batches)
+        self.metrics.batch_samples.observe(batch.size)
+        self.metrics.assembly.observe(time.perf_counter() - start)
+        start = time.perf_counter()
+        scores, dense_s = await self.pooler.pool(
+            batch, prepared, lookup_deadline(deadline), lambda pooled: self._dense(batch, pooled)
+        )
+        self.metrics.pooling.observe(time.perf_counter() - start - dense_s)
+        self.metrics.dense.observe(dense_s)
+        return scores
+
+    def _deliver(self, live: list[Pending], scores: np.ndarray) -> None:
+        offset = 0
+        for p in live:
+            mine = scores[offset : offset + p.batch.size]
+            offset += p.batch.size
+            nan = np.flatnonzero(np.isnan(mine))
+            if nan.size:
+                bad = int(nan[0])
+                self._resolve(
+                    [p],
+                    BadRequest(
+                        f"samples[{bad}]: the model's output is not a number for these dense "
+                        "values (they overflow it)",
+                        field=f"samples[{bad}].dense",
+                    ),
+                )
+            elif not p.future.done():
+                p.future.set_result(mine)
+
+    @staticmethod
+    def _resolve(items: list[Pending], exc: BaseException) -> None:
+        if not isinstance(exc, RecserveError):
+            log.error("scoring failed", exc_info=exc)
+            exc = RecserveError(f"internal error: {exc}")
+        for p in items:
+            if not p.future.done():
+                p.future.set_exception(exc)
 
     def _assemble(self, batches: list[Batch]) -> tuple[Batch, object]:
         """In the executor: one batch of the requests, prepared for the pooler (the sharded

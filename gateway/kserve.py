@@ -6,23 +6,30 @@ feature, ``<feature>.values`` (INT64 or INT32, all ids) and ``<feature>.lengths`
 as JSON ``data`` or in the binary tensor extension (a JSON header of
 ``Inference-Header-Content-Length`` bytes followed by raw little-endian tensors); outputs
 are binary when the request asks. The request parameter ``timeout`` (microseconds) shortens
-the deadline. Errors use the protocol's ``{"error": "<message>"}``.
+the deadline. Errors use the protocol's ``{"error": "<message>"}``, from this sub-app's own
+middleware; admission, deadlines, limits and Retry-After are ``gateway.state``'s, as for v1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 import orjson
 from aiohttp import web
 
-from gateway.app import GATEWAY, Gateway, check_limits
+from gateway.requests import batch_from_arrays
+from gateway.state import GATEWAY, Gateway, status_and_headers
 from recserve import __version__
-from recserve.batch import Batch, batch_from_arrays
-from recserve.errors import BadRequest, NotReady, RecserveError, http_status
-from recserve.shardclient import now_ms
+from recserve.contracts.batch import Batch
+from recserve.contracts.errors import BadRequest, RecserveError, TooLarge
+from recserve.rpc.deadline import Deadline
+
+log = logging.getLogger(__name__)
 
 DTYPES: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"),
@@ -35,26 +42,37 @@ HEADER = "Inference-Header-Content-Length"
 
 def v2_error(exc: RecserveError) -> web.Response:
     field = f" (field {exc.field})" if exc.field else ""
-    status = http_status(exc)
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    status, headers = status_and_headers(exc)
     return web.json_response(
         {"error": f"{exc.kind}: {exc.message}{field}"}, status=status, headers=headers
     )
 
 
+@web.middleware
+async def errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error of a KServe route in the protocol's shape."""
+    try:
+        return await handler(request)
+    except RecserveError as exc:
+        return v2_error(exc)
+    except web.HTTPRequestEntityTooLarge:
+        return v2_error(TooLarge("the body is larger than the gateway accepts", field="body"))
+    except web.HTTPException as exc:
+        return web.json_response({"error": exc.text or exc.reason}, status=exc.status)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return v2_error(RecserveError("internal error; see the gateway log"))
+
+
 def _model(request: web.Request) -> Gateway:
-    gw = request.app[GATEWAY]
+    gw = request.config_dict[GATEWAY]
     if request.match_info["model"] != gw.manifest.name:
-        raise web.HTTPNotFound(
-            text=orjson.dumps({"error": f"unknown model {request.match_info['model']!r}"}).decode(),
-            content_type="application/json",
-        )
+        raise web.HTTPNotFound(text=f"unknown model {request.match_info['model']!r}")
     version = request.match_info.get("version")
     if version is not None and version != gw.manifest.version:
-        raise web.HTTPNotFound(
-            text=orjson.dumps({"error": f"unknown version {version!r}"}).decode(),
-            content_type="application/json",
-        )
+        raise web.HTTPNotFound(text=f"unknown version {version!r}")
     return gw
 
 
@@ -84,12 +102,27 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 async def model_ready(request: web.Request) -> web.Response:
     gw = _model(request)
-    ok = gw.ready and not gw.draining
-    return web.json_response({"name": gw.manifest.name, "ready": ok}, status=200 if ok else 503)
+    return _readiness({"name": gw.manifest.name, "ready": gw.serving})
 
 
-def parse_infer(body: bytes, header_len: int | None, gw: Gateway) -> tuple[Batch, float, bool]:
-    """(batch, timeout ms, binary output wanted) from an infer request."""
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"live": True})
+
+
+async def ready(request: web.Request) -> web.Response:
+    return _readiness({"ready": request.config_dict[GATEWAY].serving})
+
+
+def _readiness(doc: dict[str, Any]) -> web.Response:
+    ok = doc["ready"]
+    return web.json_response(doc, status=200 if ok else 503, headers=None if ok else RETRY)
+
+
+RETRY = {"Retry-After": "1"}
+
+
+def parse_infer(body: bytes, header_len: int | None, gw: Gateway) -> tuple[Batch, Deadline, bool]:
+    """(batch, deadline, binary output wanted) from an infer request."""
     head = body if header_len is None else body[:header_len]
     try:
         doc = orjson.loads(head)
@@ -100,14 +133,10 @@ def parse_infer(body: bytes, header_len: int | None, gw: Gateway) -> tuple[Batch
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise BadRequest("parameters must be an object", field="parameters")
-    timeout = gw.settings.default_timeout_ms
-    if "timeout" in params:
-        t = params["timeout"]
-        if type(t) not in (int, float) or t <= 0:
-            raise BadRequest(
-                "timeout must be a positive number of microseconds", field="parameters.timeout"
-            )
-        timeout = min(timeout, t / 1e3)
+    asked = params.get("timeout")  # microseconds
+    if asked is not None and type(asked) in (int, float):
+        asked = asked / 1e3
+    deadline = gw.deadline(asked, "parameters.timeout")
     binary_out = bool(params.get("binary_data_output"))
     for out in doc.get("outputs") or []:
         if isinstance(out, dict) and (out.get("parameters") or {}).get("binary_data"):
@@ -124,7 +153,9 @@ def parse_infer(body: bytes, header_len: int | None, gw: Gateway) -> tuple[Batch
             raise BadRequest(f"{name}: datatype must be one of {', '.join(DTYPES)}", field=name)
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise BadRequest(f"{name}: shape must be a list of sizes", field=name)
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)  # Python integers: no wrap-around on huge shapes
+        if count * dtype.itemsize > len(body):
+            raise BadRequest(f"{name}: shape {shape} is larger than the body", field=name)
         size = (t.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             if type(size) is not int or size != count * dtype.itemsize or offset + size > len(body):
@@ -168,28 +199,23 @@ def parse_infer(body: bytes, header_len: int | None, gw: Gateway) -> tuple[Batch
             sparse[feature] = (arr, lengths.reshape(-1))
         elif f"{feature}.values" not in tensors:
             raise BadRequest(f"{feature}.lengths has no {feature}.values", field=name)
-    batch = batch_from_arrays(dense, sparse, gw.manifest)
-    check_limits(batch, gw.settings)
-    return batch, timeout, binary_out
+    batch = batch_from_arrays(dense, sparse, gw.manifest, gw.limits)
+    gw.check_limits(batch)
+    return batch, deadline, binary_out
 
 
 async def infer(request: web.Request) -> web.Response:
     gw = _model(request)
-    try:
-        if gw.draining:
-            raise NotReady("the gateway is shutting down")
-        body = await request.read()
-        raw_len = request.headers.get(HEADER)
-        header_len = int(raw_len) if raw_len and raw_len.isdigit() else None
-        if header_len is not None and header_len > len(body):
-            raise BadRequest(f"{HEADER} exceeds the body", field=HEADER)
-        started = now_ms()
-        batch, timeout, binary = await asyncio.get_running_loop().run_in_executor(
-            gw.executor, parse_infer, body, header_len, gw
-        )
-        scores = await gw.batcher.score(batch, started + timeout)
-    except RecserveError as exc:
-        return v2_error(exc)
+    gw.admit()
+    body = await request.read()
+    raw_len = request.headers.get(HEADER)
+    header_len = int(raw_len) if raw_len and raw_len.isdigit() else None
+    if header_len is not None and header_len > len(body):
+        raise BadRequest(f"{HEADER} exceeds the body", field=HEADER)
+    batch, deadline, binary = await asyncio.get_running_loop().run_in_executor(
+        gw.executor, parse_infer, body, header_len, gw
+    )
+    scores = await gw.batcher.score(batch, deadline)
     out = np.ascontiguousarray(scores, dtype="<f4").reshape(-1, 1)
     meta: dict[str, Any] = {"model_name": gw.manifest.name, "model_version": gw.manifest.version}
     if binary:
@@ -218,11 +244,16 @@ async def infer(request: web.Request) -> web.Response:
     return web.json_response(meta)
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/v2", server_metadata)
-    app.router.add_get("/v2/models/{model}", model_metadata)
-    app.router.add_get("/v2/models/{model}/versions/{version}", model_metadata)
-    app.router.add_get("/v2/models/{model}/ready", model_ready)
-    app.router.add_get("/v2/models/{model}/versions/{version}/ready", model_ready)
-    app.router.add_post("/v2/models/{model}/infer", infer)
-    app.router.add_post("/v2/models/{model}/versions/{version}/infer", infer)
+def create_app() -> web.Application:
+    """The KServe v2 routes, mounted by the main app under ``/v2``."""
+    app = web.Application(middlewares=[errors])
+    app.router.add_get("", server_metadata)
+    app.router.add_get("/health/live", live)
+    app.router.add_get("/health/ready", ready)
+    app.router.add_get("/models/{model}", model_metadata)
+    app.router.add_get("/models/{model}/versions/{version}", model_metadata)
+    app.router.add_get("/models/{model}/ready", model_ready)
+    app.router.add_get("/models/{model}/versions/{version}/ready", model_ready)
+    app.router.add_post("/models/{model}/infer", infer)
+    app.router.add_post("/models/{model}/versions/{version}/infer", infer)
+    return app

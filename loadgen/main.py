@@ -18,7 +18,7 @@ from typing import Any
 
 from loadgen.runner import Run, closed_loop, open_loop
 from loadgen.workload import Bodies
-from recserve.runtime import freeze_startup_heap
+from recserve.runtime.heap import freeze_startup_heap
 
 PERCENTILES = (50, 90, 95, 99, 99.9)
 
@@ -140,16 +140,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
 
 def model_from_artifact(path: Path) -> dict[str, Any]:
     """The ``GET /v1/model`` fields the workload needs, from a model artifact."""
-    from recserve.artifact import read_manifest
+    from recserve.contracts.http import feature_list
+    from recserve.contracts.manifest import read_manifest
 
     m = read_manifest(path)
-    return {
-        "dense_width": m.dense_width,
-        "features": [
-            {"name": f, "rows": t.rows, "net": t.net, "stats": t.stats.to_dict()}
-            for f, t in m.features()
-        ],
-    }
+    return {"dense_width": m.dense_width, "features": feature_list(m)}
 
 
 async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:

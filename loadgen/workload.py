@@ -1,7 +1,8 @@
 """Request bodies drawn from a served model's description (``GET /v1/model``).
 
 Flat requests carry ``samples`` samples; ranking requests carry one context (the ``user``
-net's features, looked up once) and ``candidates`` candidates (every other feature).
+net's features, looked up once) and ``candidates`` candidates (every other feature). Ids and
+bag lengths are drawn as ``recserve.model.workload`` draws them for in-process batches.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import msgpack
 import numpy as np
 import orjson
 
-from recserve.workload import DEFAULT_POOLING, DEFAULT_ZIPF, scatter, zipf_ranks
+from recserve.model.workload import TableTraffic
 
 CONTEXT_NET = "user"
 
@@ -21,26 +22,19 @@ CONTEXT_NET = "user"
 @dataclass(frozen=True)
 class Feature:
     name: str
-    rows: int
     net: str
-    zipf: float
-    pooling: float
+    traffic: TableTraffic
 
 
 def features_of(model: dict[str, Any]) -> list[Feature]:
-    out = []
-    for f in model["features"]:
-        stats = f.get("stats") or {}
-        out.append(
-            Feature(
-                f["name"],
-                int(f["rows"]),
-                f.get("net", "default"),
-                float(stats.get("zipf", DEFAULT_ZIPF)),
-                float(stats.get("pooling_factor", DEFAULT_POOLING)),
-            )
+    return [
+        Feature(
+            f["name"],
+            f.get("net", "default"),
+            TableTraffic.from_stats(int(f["rows"]), f.get("stats") or {}),
         )
-    return out
+        for f in model["features"]
+    ]
 
 
 class Bodies:
@@ -63,8 +57,8 @@ class Bodies:
         return "application/msgpack" if self.fmt == "msgpack" else "application/json"
 
     def _bag(self, f: Feature) -> list[int]:
-        n = int(self.rng.poisson(f.pooling))
-        return scatter(zipf_ranks(self.rng, n, f.rows, f.zipf), f.rows).tolist()
+        ids, _ = f.traffic.bags(self.rng, 1)
+        return ids.tolist()
 
     def _dense(self) -> list[float]:
         return self.rng.standard_normal(self.dense_width).astype(float).tolist()

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from recserve.errors import ConfigError, RecserveError
+from recserve.contracts.errors import ConfigError, RecserveError
 
 log = logging.getLogger("recserve")
 
@@ -28,7 +28,7 @@ def _names(value: str) -> list[str]:
 
 
 def _size(value: str) -> int:
-    from recserve.units import parse_size
+    from recserve.contracts.units import parse_size
 
     try:
         return parse_size(value)
@@ -152,7 +152,7 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from recserve import importers
+    from recserve.model import importers
 
     if args.source == "npz":
         manifest = importers.import_npz(args.weights, args.arch, args.out, overwrite=args.overwrite)
@@ -183,8 +183,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from recserve.model import Model
-    from recserve.offline import predict, read_samples, scores_document
+    from recserve.local.offline import predict, read_samples, scores_document
+    from recserve.model.scorer import Model
 
     model = Model.open(args.model)
     scores = predict(model, read_samples(args.input))
@@ -197,8 +197,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from recserve.synth import synthesize
-    from recserve.units import format_size
+    from recserve.contracts.units import format_size
+    from recserve.model.synth import synthesize
 
     m = synthesize(args.profile, args.size, args.out, seed=args.seed, overwrite=args.overwrite)
     nets = sorted({t.net for t in m.tables})
@@ -210,7 +210,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from recserve.quantize import quantize_model
+    from recserve.model.quantize import quantize_model
 
     _, report = quantize_model(
         args.model, args.dtype, args.out, overwrite=args.overwrite, samples=args.samples
@@ -222,15 +222,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from recserve.demo import run_demo
+    from recserve.local.demo import run_demo
 
     return run_demo(args.workdir, args.size, args.duration)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from recserve.artifact import read_manifest
-    from recserve.plan import Plan, local_endpoints, read_hosts
-    from recserve.planner import STRATEGIES, Traffic, build, compare_table, read_access_stats
+    from recserve.contracts.manifest import read_manifest
+    from recserve.contracts.plan import Plan, local_endpoints, read_hosts
+    from recserve.planning import STRATEGIES, Traffic, build, compare_table, read_access_stats
 
     manifest = read_manifest(args.model)
     if args.replicas < 1 or args.samples < 1:
@@ -271,7 +271,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from recserve.cluster import run_up
+    from recserve.local.cluster import run_up
 
     return run_up(
         args.model,
@@ -284,7 +284,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from recserve.artifact import read_manifest, verify
+    from recserve.contracts.manifest import read_manifest
+    from recserve.model.artifact import verify
 
     manifest = read_manifest(args.model)
     verify(args.model, manifest)
@@ -293,7 +294,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from recserve.artifact import read_manifest
+    from recserve.contracts.manifest import read_manifest
 
     m = read_manifest(args.model)
     print(f"{m.name} version {m.version}  digest {m.digest()[:12]}  dense width {m.dense_width}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from recserve.errors import ConfigError
+from recserve.contracts.errors import ConfigError
 
 
 def parse_cpus(text: str) -> frozenset[int]:

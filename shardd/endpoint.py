@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import zmq
 
-from recserve.errors import ConfigError
+from recserve.contracts.errors import ConfigError
 
 
 @contextlib.contextmanager

@@ -23,12 +23,13 @@ import uvloop
 import zmq
 
 import kernels
-from recserve import logs
-from recserve.artifact import huge_page_bytes, read_manifest
-from recserve.errors import ConfigError, RecserveError
-from recserve.plan import read_plan
-from recserve.runtime import freeze_startup_heap
-from recserve.systemd import Notifier
+from recserve.contracts.errors import ConfigError, RecserveError
+from recserve.contracts.manifest import read_manifest
+from recserve.contracts.plan import read_plan
+from recserve.model.artifact import huge_page_bytes
+from recserve.runtime import logs
+from recserve.runtime.heap import freeze_startup_heap
+from recserve.runtime.systemd import Notifier
 from shardd.cpus import parse_cpus, pin_process, split
 from shardd.endpoint import bound
 from shardd.metrics import ShardMetrics

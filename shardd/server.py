@@ -23,16 +23,17 @@ from typing import Any
 
 import zmq
 
-from recserve.errors import (
+from recserve.contracts.errors import (
     BadRequest,
     DeadlineExceeded,
     NotReady,
     Overloaded,
     RecserveError,
 )
-from recserve.loopsocket import LoopSocket
-from recserve.manifest import Manifest
-from recserve.wire import (
+from recserve.contracts.manifest import Manifest
+from recserve.rpc.deadline import Deadline
+from recserve.rpc.loopsocket import LoopSocket
+from recserve.rpc.wire import (
     decode_header,
     decode_lookup,
     error_reply,
@@ -262,8 +263,8 @@ class ShardServer:
 
 
 def _past_deadline(header: dict[str, Any]) -> bool:
-    deadline = header.get("deadline_ms")
-    return deadline is not None and time.time() * 1e3 >= deadline
+    deadline = Deadline.from_wire(header.get("deadline_ms"))
+    return deadline is not None and deadline.expired()
 
 
 def _value(counter: Any) -> float:

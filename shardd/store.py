@@ -18,11 +18,11 @@ import numpy as np
 
 import kernels
 from kernels import Int8RowwiseTable, Table
-from recserve.artifact import hugepage_copies, open_table, touch
-from recserve.errors import IdOutOfRange, UnknownTable
-from recserve.manifest import Manifest, TableSpec
-from recserve.plan import ShardPlan
-from recserve.wire import Lookup
+from recserve.contracts.errors import IdOutOfRange, UnknownTable
+from recserve.contracts.manifest import Manifest, TableSpec
+from recserve.contracts.plan import ShardPlan
+from recserve.model.artifact import hugepage_copies, open_table, touch
+from recserve.rpc.wire import Lookup
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: paths to the reference models in ../shared/fixtures."""
+"""Shared fixtures: the reference models under tests/fixtures (a copy of shared/'s), so a
+fresh clone tests on its own."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(
-    os.environ.get("RECSERVE_FIXTURES", ROOT.parent / "shared" / "fixtures" / "dlrm_dev")
-)
+FIXTURES = Path(os.environ.get("RECSERVE_FIXTURES", ROOT / "tests" / "fixtures" / "dlrm_dev"))
 DEV_MODELS = ("D1", "D2", "D3", "D4_torchrec")
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import msgpack
 import zmq
 
-from recserve.cluster import free_port  # noqa: F401 - the tests' import point
-from recserve.wire import VERSION
+from recserve.local.cluster import free_port  # noqa: F401 - the tests' import point
+from recserve.rpc.wire import VERSION
 
 
 def shard_cmd(plan: Path, model: Path, shard: int, endpoint: str, *extra: str) -> list[str]:

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway.app import ApiSettings, create_app
-from gateway.main import GatewayConfig, gateway
+from gateway.app import create_app
+from gateway.config import ApiSettings, BatchSettings, GatewayConfig
 from recserve.cli import main as cli
-from recserve.plan import read_plan
+from recserve.contracts.plan import read_plan
 from tests.conftest import DEV_MODELS
 from tests.integration.shards import start_shard, stop, wait_healthy
 
@@ -83,21 +83,20 @@ def deployments(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 async def serve(
     config: GatewayConfig, fn: Callable[[aiohttp.ClientSession, str], Awaitable[Any]]
 ) -> Any:
-    async with gateway(config) as gw:
-        server = TestServer(create_app(gw))
-        await server.start_server()
-        try:
-            async with aiohttp.ClientSession() as session:
-                url = str(server.make_url(""))
-                async with asyncio.timeout(20):
-                    while True:
-                        async with session.get(url + "/v2/health/ready") as r:
-                            if r.status == 200:
-                                break
-                        await asyncio.sleep(0.05)
-                return await fn(session, url)
-        finally:
-            await server.close()
+    server = TestServer(create_app(config))
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = str(server.make_url(""))
+            async with asyncio.timeout(20):
+                while True:
+                    async with session.get(url + "/v2/health/ready") as r:
+                        if r.status == 200:
+                            break
+                    await asyncio.sleep(0.05)
+            return await fn(session, url)
+    finally:
+        await server.close()
 
 
 async def post(
@@ -391,7 +390,6 @@ def test_fuzz_never_a_5xx_then_a_correct_answer(deployments, fixtures_dir: Path)
 
 def test_overload_is_429_and_deadline_is_504(deployments) -> None:
     model, _ = deployments["D3"]
-    from gateway.batcher import BatchSettings
 
     config = GatewayConfig(
         model=model,
@@ -475,8 +473,8 @@ def test_dead_shard_is_503_naming_it_within_the_deadline_then_recovers(
 
 
 def test_weighted_samples_match_offline_scoring(deployments) -> None:
-    from recserve.model import Model
-    from recserve.offline import predict as offline
+    from recserve.local.offline import predict as offline
+    from recserve.model.scorer import Model
 
     model, plan = deployments["D2"]
     rng = np.random.default_rng(9)

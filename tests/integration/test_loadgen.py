@@ -9,7 +9,7 @@ import pytest
 
 from loadgen.main import main as loadgen
 from recserve.cli import main as cli
-from recserve.cluster import LocalCluster
+from recserve.local.cluster import LocalCluster
 from tests.integration.shards import free_port
 
 

@@ -18,17 +18,19 @@ import pytest
 import zmq
 
 import kernels
-from recserve.artifact import open_table, read_manifest
 from recserve.cli import main as cli
-from recserve.errors import (
+from recserve.contracts.errors import (
     IdOutOfRange,
     Overloaded,
     RecserveError,
     UnknownTable,
 )
-from recserve.plan import Plan, read_plan
-from recserve.shardclient import ShardClient, now_ms
-from recserve.wire import VERSION, PartRequest, encode_lookup
+from recserve.contracts.manifest import read_manifest
+from recserve.contracts.plan import Plan, read_plan
+from recserve.model.artifact import open_table
+from recserve.rpc.client import ShardClient
+from recserve.rpc.deadline import Deadline, now_ms
+from recserve.rpc.wire import VERSION, PartRequest, encode_lookup
 from shardd.cpus import parse_cpus
 from tests.integration.shards import (
     free_port,
@@ -151,7 +153,11 @@ async def lookup(endpoint: str, parts, ids, lengths, weights=None, deadline_ms=N
     client = ShardClient(endpoint, ctx)
     try:
         return await client.lookup(
-            parts, ids, lengths, weights=weights, deadline_ms=deadline_ms or now_ms() + 10_000
+            parts,
+            ids,
+            lengths,
+            weights=weights,
+            deadline=Deadline(deadline_ms or now_ms() + 10_000),
         )
     finally:
         await client.close()
@@ -180,7 +186,7 @@ async def stats(endpoint: str) -> dict:
     ctx = zmq.Context()
     client = ShardClient(endpoint, ctx)
     try:
-        return await client.simple("stats", now_ms() + 5000)
+        return await client.simple("stats", Deadline.after(5000))
     finally:
         await client.close()
         ctx.term()
@@ -380,14 +386,14 @@ async def burst(endpoint: str, request, count: int, after_accepted=None) -> list
     client = ShardClient(endpoint, ctx)
     parts, ids, lengths = request
     tasks = [
-        asyncio.ensure_future(client.lookup(parts, ids, lengths, deadline_ms=now_ms() + 60_000))
+        asyncio.ensure_future(client.lookup(parts, ids, lengths, deadline=Deadline.after(60_000)))
         for _ in range(count)
     ]
     if after_accepted is not None:
         # Once the shard holds every lookup (done or in flight) and some are still running.
         async with asyncio.timeout(20):
             while True:
-                stats = await client.simple("stats", now_ms() + 5000)
+                stats = await client.simple("stats", Deadline.after(5000))
                 received = stats["requests"].get("lookup:ok", 0) + stats["inflight"]
                 if received >= count:
                     assert stats["inflight"] >= 1, "every lookup finished before SIGTERM"
@@ -412,15 +418,15 @@ def test_overload_is_refused_at_once(model_and_plan, tmp_path: Path) -> None:
         client = ShardClient(endpoint, ctx)
         try:
             held = asyncio.ensure_future(
-                client.lookup(*big[:2], big[2], deadline_ms=now_ms() + 60_000)
+                client.lookup(*big[:2], big[2], deadline=Deadline.after(60_000))
             )
             async with asyncio.timeout(20):
-                while (await client.simple("health", now_ms() + 5000))["inflight"] < 1:
+                while (await client.simple("health", Deadline.after(5000)))["inflight"] < 1:
                     await asyncio.sleep(0.001)
             start = time.monotonic()
             refused = await asyncio.gather(
                 *(
-                    client.lookup(*small[:2], small[2], deadline_ms=now_ms() + 60_000)
+                    client.lookup(*small[:2], small[2], deadline=Deadline.after(60_000))
                     for _ in range(5)
                 ),
                 return_exceptions=True,

@@ -7,25 +7,22 @@ pooled) by rows; batches are flat, ranking (shared context bags) and merged rank
 
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 
-from gateway.metrics import GatewayMetrics
-from gateway.pooler import ShardedPooler
-from recserve.artifact import ArtifactWriter
-from recserve.batch import Batch, merge, parse_request
-from recserve.manifest import DenseSpec, InteractionSpec, Manifest, MLPSpec, TableSpec
-from recserve.model import Model
-from recserve.plan import Plan, local_endpoints
-from recserve.planner import build
-from recserve.shardclient import PooledGroup
-from recserve.wire import decode_header, decode_lookup, encode_lookup
+from gateway.requests import merge, parse_request
+from gateway.routing import Merger, Router
+from recserve.contracts.batch import Batch
+from recserve.contracts.manifest import Manifest, TableSpec
+from recserve.contracts.plan import Plan, local_endpoints
+from recserve.model.scorer import Model
+from recserve.planning import build
+from recserve.rpc.client import PooledGroup
+from recserve.rpc.wire import decode_header, decode_lookup, encode_lookup
 from shardd.store import PartStore
+from tests.models import manifest_of, write_random
 
 DIM = 4
 TABLES = (
@@ -39,32 +36,7 @@ TABLES = (
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest, Plan]:
     root = tmp_path_factory.mktemp("merge")
-    n = sum(len(t.features) for t in TABLES)
-    inter = InteractionSpec("dot")
-    manifest = Manifest(
-        "merge",
-        "1",
-        2,
-        TABLES,
-        DenseSpec(
-            MLPSpec((2, DIM), ("relu",)),
-            inter,
-            MLPSpec((inter.kernel().output_width(DIM, n), 1), ("sigmoid",)),
-        ),
-    )
-    writer = ArtifactWriter(root)
-    rng = np.random.default_rng(0)
-    for t in TABLES:
-        writer.write_table_array(t, rng.standard_normal((t.rows, t.dim)).astype(np.float32))
-    writer.write_dense(
-        {
-            "bottom.0.weight": rng.random((DIM, 2)),
-            "bottom.0.bias": np.zeros(DIM),
-            "top.0.weight": rng.random((1, manifest.dense.top.sizes[0])),
-            "top.0.bias": np.zeros(1),
-        }
-    )
-    manifest = writer.finish(manifest)
+    manifest = write_random(root, manifest_of(TABLES, 2, name="merge"))
     # A shard's memory just over the even share: the big table must be split by rows.
     total = sum(t.rows * t.row_bytes for t in TABLES)
     plan = build(manifest, 3, "capacity", local_endpoints(3, 1), shard_memory=total / 2.5)
@@ -114,24 +86,17 @@ def test_merged_shard_replies_equal_the_singular_pooling(setup) -> None:
     stores = {s.id: PartStore(root, manifest, s) for s in plan.shards}
     model = Model.open(root)
 
-    async def run() -> None:
-        ctx = zmq.Context()
-        pooler = ShardedPooler(manifest, plan, ctx, ThreadPoolExecutor(1), GatewayMetrics.create())
-        try:
-            for batch in batches(manifest):
-                routes = pooler.route(batch)
-                replies = {}
-                for shard_id, req in routes.items():
-                    assert req.packed is not None
-                    frames = encode_lookup(1, None, req.parts, *req.packed)
-                    lookup = decode_lookup(decode_header(frames[0]), frames[1:])
-                    replies[shard_id] = [
-                        PooledGroup(g.parts, g.pooled) for g in stores[shard_id].pool(lookup)
-                    ]
-                got = pooler.merge(batch, routes, replies)
-                np.testing.assert_allclose(got, model.pool(batch), rtol=1e-5, atol=1e-6)
-        finally:
-            await pooler.close()
-            ctx.term()
-
-    asyncio.run(run())
+    router = Router(manifest, plan)
+    merger = Merger(manifest, router)
+    for batch in batches(manifest):
+        routes = router.route(batch)
+        replies = {}
+        for shard_id, req in routes.items():
+            assert req.packed is not None
+            frames = encode_lookup(1, None, req.parts, *req.packed)
+            lookup = decode_lookup(decode_header(frames[0]), frames[1:])
+            replies[shard_id] = [
+                PooledGroup(g.parts, g.pooled) for g in stores[shard_id].pool(lookup)
+            ]
+        got = merger.merge(batch, routes, replies)
+        np.testing.assert_allclose(got, model.pool(batch), rtol=1e-5, atol=1e-6)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gateway.pooler import ShardRequest
-from recserve.wire import PartRequest
+from gateway.routing import ShardRequest
+from recserve.rpc.wire import PartRequest
 
 
 def request(narrow: bool) -> ShardRequest:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from recserve.errors import ConfigError
+from recserve.contracts.errors import ConfigError
 from shardd.cpus import parse_cpus, split
 
 

@@ -1,0 +1,74 @@
+"""The gateway's configuration: one frozen schema, validated once, from which ``main`` also
+generates the command line (``recserve.runtime.config``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recserve.contracts.errors import ConfigError
+from recserve.runtime.config import option
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    max_batch_samples: int = option(1024, "samples in one batch (a larger request is its own)")
+    max_queue_delay_us: int = option(500, "how long a request waits for company")
+    max_inflight_samples: int = option(
+        32768, "samples queued or being scored; more are refused with 429"
+    )
+    max_concurrent_batches: int = option(
+        2, "batches pooled and scored at once; the next waits (and grows) in the queue"
+    )
+
+    def __post_init__(self) -> None:
+        if (
+            self.max_batch_samples < 1
+            or self.max_queue_delay_us < 0
+            or self.max_inflight_samples < 1
+            or self.max_concurrent_batches < 1
+        ):
+            raise ConfigError("batch sizes and counts must be >= 1 and the queue delay >= 0")
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    timeout_ms: float = option(
+        1000.0, "a request's deadline; a request may ask for a shorter one, never a longer"
+    )
+    max_request_samples: int = option(8192, "samples in one request (413 above)")
+    max_request_ids: int = option(4_000_000, "ids in one request (413 above)")
+    max_body_bytes: int = option(64 << 20, "bytes of one request body (413 above)")
+
+    def __post_init__(self) -> None:
+        if not self.timeout_ms > 0:
+            raise ConfigError("--timeout-ms must be positive")
+        if min(self.max_request_samples, self.max_request_ids, self.max_body_bytes) < 1:
+            raise ConfigError("request limits must be >= 1")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    model: Path = option(help="the model artifact directory")
+    plan: Path | None = None  # None: --singular (main declares the two as exclusive)
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8080, "port to listen on (0: any free port)")
+    batching: BatchSettings = field(default_factory=BatchSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    threads: int = option(2, "executor threads (parsing, routing, merging, dense MLP)")
+    blas_threads: int = option(
+        1, "BLAS threads per dense MLP (1: batches run side by side instead)"
+    )
+    drain_timeout: float = option(10.0, "seconds to finish requests on SIGTERM")
+    preload: bool = option(False, "with --singular: touch every table page before serving")
+    hugepages: bool = option(
+        False,
+        "with --singular: score from copies of the tables in huge-page memory (fewer TLB "
+        "misses; costs the tables' size in anonymous memory)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.threads < 1 or self.blas_threads < 1:
+            raise ConfigError("--threads and --blas-threads must be >= 1")
+        if self.drain_timeout < 0:
+            raise ConfigError("--drain-timeout must be >= 0")

@@ -1,0 +1,105 @@
+"""A running gateway's lifetimes: executor, ZeroMQ context, pooler, batcher and background
+tasks, opened in order and closed in reverse by one async context manager, which the app's
+``cleanup_ctx`` enters (``gateway.app.create_app``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import zmq
+
+import kernels
+from gateway.batcher import Batcher
+from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
+from gateway.pooler import LocalPooler, Pooler, ShardedPooler
+from gateway.state import Gateway
+from kernels import DenseNet
+from recserve.contracts.manifest import Manifest, read_manifest
+from recserve.contracts.plan import read_plan
+from recserve.model.artifact import huge_page_bytes, load_dense
+from recserve.model.scorer import Model
+from recserve.rpc.deadline import Deadline
+
+log = logging.getLogger("gateway")
+
+
+@contextlib.asynccontextmanager
+async def running(config: GatewayConfig) -> AsyncIterator[Gateway]:
+    manifest = read_manifest(config.model)
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(config.threads, thread_name_prefix="gateway")
+    metrics = GatewayMetrics.create()
+    ctx = zmq.Context()
+    plan = None
+    pooler: Pooler
+    try:
+        if config.plan is None:
+            model = await loop.run_in_executor(executor, _open_model, config)
+            pooler, dense = LocalPooler(model, executor), model.dense
+        else:
+            plan = read_plan(config.plan)
+            plan.check(manifest)
+            pooler = ShardedPooler(manifest, plan, ctx, executor, metrics)
+            dense = load_dense(config.model, manifest)
+        # Load the compiled kernel and run one dense forward before serving: the first
+        # requests must not pay for them (they decided the P99 of short runs).
+        await loop.run_in_executor(executor, _warm_up, dense, manifest)
+        batcher = Batcher(pooler, dense.forward, config.batching, executor, metrics)
+        gw = Gateway(config, manifest, plan, pooler, batcher, executor, metrics)
+        gw.tasks.append(loop.create_task(batcher.run()))
+        gw.tasks.append(loop.create_task(_readiness(gw)))
+        try:
+            yield gw
+        finally:
+            for task in gw.tasks:
+                task.cancel()
+            await asyncio.gather(*gw.tasks, return_exceptions=True)
+            await pooler.close()
+    finally:
+        ctx.term()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _open_model(config: GatewayConfig) -> Model:
+    model = Model.open(config.model)
+    mib = model.manifest.table_bytes >> 20
+    if config.hugepages:
+        seconds = model.preload(hugepages=True)
+        log.info(
+            "copied %d MiB of tables into huge-page memory in %.1f s: %d MiB backed by 2 MiB pages",
+            mib,
+            seconds,
+            huge_page_bytes(model.tables.values()) >> 20,
+        )
+    elif config.preload:
+        seconds = model.preload()
+        log.info("preloaded %d MiB of tables in %.1f s", mib, seconds)
+    return model
+
+
+def _warm_up(dense: DenseNet, manifest: Manifest) -> None:
+    kernels.warm_up()
+    features = sum(1 for _ in manifest.features())
+    dense.forward(
+        np.zeros((8, manifest.dense_width), np.float32),
+        np.zeros((8, features, manifest.embedding_dim), np.float32),
+    )
+
+
+async def _readiness(gw: Gateway) -> None:
+    """Ready once every shard replica answers; then keep checking every few seconds."""
+    while True:
+        missing = await gw.pooler.probe(Deadline.after(1000))
+        if gw.ready != (not missing):
+            if missing:
+                log.info("not ready: no answer from %s", ", ".join(missing))
+            else:
+                log.info("ready")
+        gw.ready = not missing
+        await asyncio.sleep(0.1 if not gw.ready else 2.0)

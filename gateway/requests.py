@@ -1,0 +1,180 @@
+"""Request bodies to batches: the v1 forms (JSON or msgpack) and KServe's columnar tensors.
+
+Everything here runs in the executor and checks limits before it allocates per sample or
+per id, so a small body cannot make the gateway build something large.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+import orjson
+
+from recserve.contracts.batch import Bags, Batch, concat_weights
+from recserve.contracts.errors import BadRequest, IdOutOfRange, TooLarge, UnknownFeature
+from recserve.contracts.http import MSGPACK_TYPES
+from recserve.contracts.manifest import Manifest
+from recserve.contracts.samples import F32_MAX, Limits, parse_samples
+
+
+def decode_body(body: bytes, content_type: str) -> Any:
+    try:
+        if content_type in MSGPACK_TYPES:
+            return msgpack.unpackb(
+                body, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0
+            )
+        return orjson.loads(body)
+    except (
+        orjson.JSONDecodeError,
+        ValueError,
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+        TypeError,
+    ) as exc:
+        kind = "msgpack" if content_type in MSGPACK_TYPES else "JSON"
+        raise BadRequest(f"the body is not valid {kind}: {exc}", field="body") from None
+
+
+def parse_request(body: Any, manifest: Manifest, limits: Limits = Limits()) -> Batch:
+    """The v1 request forms: ``{"samples": [...]}``, or the ranking form
+    ``{"context": {"dense": [...], "sparse": {...}}, "candidates": [{"sparse": {...}}]}``
+    where every candidate shares the context's dense values and sparse bags."""
+    if not isinstance(body, dict):
+        raise BadRequest(
+            "the body must be an object with samples, or context and candidates", field="body"
+        )
+    if "samples" in body:
+        extra = sorted(set(body) - {"samples", "timeout_ms"})
+        if extra:
+            raise BadRequest(f"unknown field {extra[0]!r}", field=extra[0])
+        return parse_samples(body["samples"], manifest, limits=limits)
+    extra = sorted(set(body) - {"context", "candidates", "timeout_ms"})
+    if extra or "context" not in body or "candidates" not in body:
+        field = extra[0] if extra else "samples"
+        raise BadRequest("the body needs samples, or context and candidates", field=field)
+    context, candidates = body["context"], body["candidates"]
+    if not isinstance(context, dict):
+        raise BadRequest("context must be an object", field="context")
+    if not isinstance(candidates, list) or not candidates:
+        raise BadRequest("candidates must be a non-empty list", field="candidates")
+    shared = context.get("sparse", {})
+    if not isinstance(shared, dict):
+        raise BadRequest("context.sparse must be an object", field="context.sparse")
+    try:
+        ctx = parse_samples([context], manifest, field="context", limits=limits)
+    except BadRequest as exc:
+        raise _rename(exc, "context[0]", "context") from None
+    for i, cand in enumerate(candidates[: limits.max_samples]):
+        both = isinstance(cand, dict) and sorted(set(cand.get("sparse") or {}) & set(shared))
+        if both:
+            raise BadRequest(
+                f"feature {both[0]!r} is in both the context and the candidate",
+                field=f"candidates[{i}].sparse.{both[0]}",
+            )
+    per = parse_samples(
+        candidates, manifest, field="candidates", limits=limits, dense=context["dense"]
+    )
+    k = len(candidates)
+    bags = {}
+    for feature in per.bags:
+        if feature in shared or feature in (context.get("weights") or {}):
+            b = ctx.bags[feature]
+            bags[feature] = Bags(b.ids, b.bounds, b.weights, np.zeros(k, np.intp))
+        else:
+            bags[feature] = per.bags[feature]
+    return Batch(per.dense, bags)
+
+
+def _rename(exc: BadRequest, old: str, new: str) -> BadRequest:
+    field = exc.field.replace(old, new, 1) if exc.field else exc.field
+    return type(exc)(exc.message.replace(old, new), field=field)
+
+
+def merge(batches: list[Batch]) -> Batch:
+    """Several requests' batches as one (the dynamic batcher's merge)."""
+    if len(batches) == 1:
+        return batches[0]
+    dense = np.concatenate([b.dense for b in batches])
+    bags = {}
+    for feature in batches[0].bags:
+        parts = [b.bags[feature] for b in batches]
+        bounds = [parts[0].bounds]
+        index = []
+        id_base = bag_base = 0
+        for i, (p, b) in enumerate(zip(parts, batches, strict=True)):
+            if i:
+                bounds.append(p.bounds[1:] + id_base)
+            index.append((np.arange(b.size) if p.index is None else p.index) + bag_base)
+            id_base += p.ids.size
+            bag_base += p.n_bags
+        shared = any(p.index is not None for p in parts)
+        bags[feature] = Bags(
+            np.concatenate([p.ids for p in parts]),
+            np.concatenate(bounds),
+            concat_weights([p.weights for p in parts], [p.ids.size for p in parts]),
+            np.concatenate(index).astype(np.intp) if shared else None,
+        )
+    return Batch(dense, bags)
+
+
+def batch_from_arrays(
+    dense: np.ndarray,
+    sparse: dict[str, tuple[np.ndarray, np.ndarray]],
+    manifest: Manifest,
+    limits: Limits = Limits(),
+) -> Batch:
+    """A batch from columnar arrays (KServe v2 tensors): ``dense`` ``[B, width]``, per feature
+    ``(values, lengths)`` with ``lengths`` ``[B]``. The same checks as ``parse_samples``."""
+    rows = {f: t.rows for f, t in manifest.features()}
+    if dense.ndim != 2 or dense.shape[1] != manifest.dense_width:
+        raise BadRequest(
+            f"dense must be [B, {manifest.dense_width}], got {list(dense.shape)}", field="dense"
+        )
+    size = dense.shape[0]
+    if size == 0:
+        raise BadRequest("the batch is empty", field="dense")
+    if size > limits.max_samples:
+        raise TooLarge(f"{size} samples exceed the limit of {limits.max_samples}", field="dense")
+    unknown = sorted(set(sparse) - set(rows))
+    if unknown:
+        raise UnknownFeature(f"the model has no feature {unknown[0]!r}", field=unknown[0])
+    total = sum(values.size for values, _ in sparse.values())
+    if total > limits.max_ids:
+        raise TooLarge(f"{total} ids exceed the limit of {limits.max_ids}", field="sparse")
+    dense64 = dense.astype(np.float64)
+    if not (np.abs(dense64) <= F32_MAX).all():
+        raise BadRequest("dense holds NaN or Infinity", field="dense")
+    bags = {}
+    for feature in rows:
+        if feature not in sparse:
+            bags[feature] = Bags(np.zeros(0, np.int64), np.zeros(size + 1, np.int64))
+            continue
+        values, lengths = sparse[feature]
+        ids = values.astype(np.int64, copy=False).reshape(-1)
+        # Each length at most the ids sent, so their int64 sum cannot wrap around.
+        if lengths.shape != (size,) or (
+            lengths.size and (int(lengths.min()) < 0 or int(lengths.max()) > ids.size)
+        ):
+            raise BadRequest(
+                f"{feature}.lengths must be {size} counts in [0, {ids.size}]",
+                field=f"{feature}.lengths",
+            )
+        bounds = np.zeros(size + 1, np.int64)
+        np.cumsum(lengths, out=bounds[1:])
+        if ids.size != int(bounds[-1]):
+            raise BadRequest(
+                f"{feature}.values has {ids.size} ids, its lengths add up to {int(bounds[-1])}",
+                field=f"{feature}.values",
+            )
+        bad = (ids < 0) | (ids >= rows[feature])
+        if bad.any():
+            pos = int(np.flatnonzero(bad)[0])
+            raise IdOutOfRange(
+                f"{feature}.values[{pos}]: id {int(ids[pos])} is outside [0, {rows[feature]})",
+                field=f"{feature}.values[{pos}]",
+            )
+        bags[feature] = Bags(ids, bounds)
+    return Batch(dense64.astype(np.float32), bags)

@@ -1,0 +1,86 @@
+"""What every HTTP protocol of the gateway shares: its running state and the rules of a
+request's life (admission while draining, deadline, size limits, Retry-After), so the v1 API
+and KServe v2 apply them identically."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from gateway.batcher import Batcher
+from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
+from gateway.pooler import Pooler
+from recserve.contracts.batch import Batch
+from recserve.contracts.errors import BadRequest, NotReady, RecserveError, TooLarge, http_status
+from recserve.contracts.manifest import Manifest
+from recserve.contracts.plan import Plan
+from recserve.contracts.samples import Limits
+from recserve.rpc.deadline import Deadline
+
+
+@dataclass
+class Gateway:
+    config: GatewayConfig
+    manifest: Manifest
+    plan: Plan | None
+    pooler: Pooler
+    batcher: Batcher
+    executor: Executor
+    metrics: GatewayMetrics
+    ready: bool = False
+    draining: bool = False
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def limits(self) -> Limits:
+        api = self.config.api
+        return Limits(api.max_request_samples, api.max_request_ids)
+
+    @property
+    def serving(self) -> bool:
+        """Ready for traffic: every shard answers and no drain has begun."""
+        return self.ready and not self.draining
+
+    def admit(self) -> None:
+        """Refuse a new request while draining."""
+        if self.draining:
+            raise NotReady("the gateway is shutting down")
+
+    def deadline(self, requested_ms: Any, field: str) -> Deadline:
+        """The request's deadline: ``--timeout-ms`` from now, or the shorter one it asked
+        for (``requested_ms`` None: it asked for none)."""
+        timeout = self.config.api.timeout_ms
+        if requested_ms is not None:
+            if type(requested_ms) not in (int, float) or not 0 < requested_ms < math.inf:
+                raise BadRequest(f"{field} must be a positive number", field=field)
+            timeout = min(timeout, float(requested_ms))
+        return Deadline.after(timeout)
+
+    def check_limits(self, batch: Batch) -> None:
+        api = self.config.api
+        if batch.size > api.max_request_samples:
+            raise TooLarge(
+                f"{batch.size} samples exceed the limit of {api.max_request_samples}",
+                field="samples",
+            )
+        ids = sum(b.ids.size for b in batch.bags.values())
+        if ids > api.max_request_ids:
+            raise TooLarge(f"{ids} ids exceed the limit of {api.max_request_ids}", field="sparse")
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def status_and_headers(exc: RecserveError) -> tuple[int, dict[str, str]]:
+    """The HTTP status of an error, with ``Retry-After`` on 429 and 503."""
+    status = http_status(exc)
+    headers = {}
+    if status in (429, 503):
+        headers["Retry-After"] = str(max(1, math.ceil(getattr(exc, "retry_after", 1.0))))
+    return status, headers

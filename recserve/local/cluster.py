@@ -1,0 +1,267 @@
+"""``recserve up``: a local cluster (shard daemons + gateway) as child processes.
+
+The daemons run as ``python -m shardd`` / ``python -m gateway`` children (recserve never
+imports them). Shards listen on ipc sockets in a private run directory. Every child gets a
+parent-death signal, so even a killed ``up`` leaves no orphans; a normal stop sends SIGTERM
+to the gateway, then the shards, waits, and removes the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+import msgpack
+import zmq
+
+from recserve.contracts.errors import RecserveError
+from recserve.contracts.manifest import read_manifest
+from recserve.contracts.plan import read_plan
+from recserve.planning import build
+from recserve.rpc.wire import VERSION
+
+PR_SET_PDEATHSIG = 1
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes ``pids`` have used so far."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
+def rss_mib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+
+
+def _shard_healthy(endpoint: str) -> bool:
+    sock: zmq.Socket[bytes]
+    with zmq.Context.instance().socket(zmq.DEALER) as sock:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        sock.send(msgpack.packb({"v": VERSION, "op": "health", "id": 1, "deadline_ms": None}))
+        if not sock.poll(500):
+            return False
+        return bool(msgpack.unpackb(sock.recv()).get("ready"))
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        model: Path,
+        *,
+        plan: Path | None = None,
+        shards: int = 4,
+        strategy: str = "net",
+        port: int = 8080,
+        singular: bool = False,
+        gateway_args: tuple[str, ...] = (),
+    ) -> None:
+        self.model = Path(model)
+        self.run_dir = Path(tempfile.mkdtemp(prefix="recserve-"))
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.singular = singular
+        self.gateway_args = gateway_args
+        self.plan_path: Path | None = None
+        self.shards: list[subprocess.Popen] = []
+        self.gateway: subprocess.Popen | None = None
+        if not singular:
+            self.plan_path = self.run_dir / "plan.json"
+            if plan is not None:
+                doc = json.loads(Path(plan).read_text())
+            else:
+                manifest = read_manifest(self.model)
+                doc = json.loads(
+                    build(manifest, shards, strategy, [("tcp://127.0.0.1:1",)] * shards).to_json()
+                )
+            for s in doc["shards"]:  # private ipc endpoints, one per replica
+                s["endpoints"] = [
+                    f"ipc://{self.run_dir}/shard{s['id']}-{r}.sock"
+                    for r in range(len(s["endpoints"]))
+                ]
+            self.plan_path.write_text(json.dumps(doc))
+            self.plan = read_plan(self.plan_path)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by the gateway and every shard daemon."""
+        return cpu_seconds(self.pids)
+
+    def rss_mib(self) -> list[int]:
+        """Resident memory of the gateway, then each shard daemon."""
+        return [rss_mib(pid) for pid in self.pids]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in ([self.gateway] if self.gateway else []) + self.shards]
+
+    def start(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        if self.plan_path is not None:
+            for shard in self.plan.shards:
+                for r, _ in enumerate(shard.endpoints):
+                    self.shards.append(
+                        _spawn(
+                            [
+                                "-m",
+                                "shardd",
+                                "--plan",
+                                str(self.plan_path),
+                                "--model",
+                                str(self.model),
+                                "--shard",
+                                str(shard.id),
+                                "--replica",
+                                str(r),
+                                "--preload",
+                            ],
+                            self.run_dir / f"shard{shard.id}-{r}.log",
+                        )
+                    )
+            names = [
+                (f"shard{s.id}-{r}", ep)
+                for s in self.plan.shards
+                for r, ep in enumerate(s.endpoints)
+            ]
+            for (name, ep), proc in zip(names, self.shards, strict=True):
+                while not _shard_healthy(ep):
+                    self._check(proc, name, deadline)
+        where = (
+            ["--singular", "--preload"]
+            if self.plan_path is None
+            else ["--plan", str(self.plan_path)]
+        )
+        self.gateway = _spawn(
+            [
+                "-m",
+                "gateway",
+                "--model",
+                str(self.model),
+                *where,
+                "--port",
+                str(self.port),
+                *self.gateway_args,
+            ],
+            self.run_dir / "gateway.log",
+        )
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/v2/health/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            self._check(self.gateway, "gateway", deadline)
+            time.sleep(0.1)
+
+    def _check(self, proc: subprocess.Popen, what: str, deadline: float) -> None:
+        if proc.poll() is not None:
+            log = self.run_dir / f"{what}.log"
+            lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+            last = f": {lines[-1]}" if lines else ""
+            raise RecserveError(f"the {what} exited with {proc.returncode} during start-up{last}")
+        if time.monotonic() > deadline:
+            raise RecserveError(f"the {what} was not ready in time (logs in {self.run_dir})")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for group in ([self.gateway] if self.gateway else [], self.shards):
+            for p in group:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in group:
+                try:
+                    p.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def run_up(
+    model: Path, *, plan: Path | None, shards: int, strategy: str, port: int, singular: bool
+) -> int:
+    """The ``recserve up`` command: start, print the endpoints, wait for Ctrl-C/SIGTERM."""
+    cluster = LocalCluster(
+        model, plan=plan, shards=shards, strategy=strategy, port=port, singular=singular
+    )
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with cluster:
+            print(f"gateway: {cluster.url}  (POST /v1/predict, GET /v1/model, /metrics)")
+            if not singular:
+                for shard in cluster.plan.shards:
+                    print(
+                        f"shard {shard.id}: {', '.join(shard.endpoints)} ({len(shard.parts)} parts)"
+                    )
+            print(f"logs: {cluster.run_dir}; Ctrl-C stops everything", flush=True)
+            while not stop and all(
+                p.poll() is None for p in [cluster.gateway, *cluster.shards] if p
+            ):
+                time.sleep(0.2)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0

@@ -1,0 +1,170 @@
+"""The asyncio client of one shard daemon: what the gateway uses to talk to shards.
+
+One DEALER socket per endpoint, read by the loop (``LoopSocket``): one reader callback
+resolves per-request futures by id, so replies can never reach the wrong caller (ids are
+never reused). Every call is bounded by its deadline: a dead or stalled shard becomes
+``ShardUnavailable`` naming the shard, never a hang. If the socket fails, every waiter gets
+that error at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from recserve.contracts.errors import RecserveError, ShardUnavailable, remote_error
+from recserve.rpc.deadline import Deadline
+from recserve.rpc.loopsocket import LoopSocket
+from recserve.rpc.wire import PartRequest, decode_header, encode_lookup, pack_header, request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PooledGroup:
+    parts: tuple[int, ...]  # indices into the request's parts
+    pooled: np.ndarray  # float32 [bags, len(parts), dim], a view of the received frame
+
+
+class ShardClient:
+    def __init__(self, endpoint: str, ctx: zmq.Context[Any], *, name: str = "") -> None:
+        """Connect from the running loop; ``ctx`` may be a plain or an asyncio context (the
+        socket is a plain one either way)."""
+        self.endpoint = endpoint
+        self.name = name or endpoint
+        self.sock: zmq.Socket[Any] = zmq.Socket(ctx, zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a connected shard
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        self.sock.setsockopt(zmq.SNDHWM, 1000)
+        self.sock.connect(endpoint)
+        self.ids = itertools.count(1)
+        self.pending: dict[int, asyncio.Future[tuple[dict[str, Any], list[zmq.Frame]]]] = {}
+        self.broken: RecserveError | None = None
+        self.io = LoopSocket(self.sock, self._on_reply, self._on_error)
+
+    def _on_reply(self, frames: list[zmq.Frame]) -> None:
+        try:
+            header = decode_header(frames[0].buffer)
+        except RecserveError as exc:
+            log.warning("dropping a malformed reply from %s: %s", self.name, exc)
+            return
+        fut = self.pending.pop(header["id"], None)
+        if fut is not None and not fut.done():
+            fut.set_result((header, frames[1:]))
+
+    def _on_error(self, exc: zmq.ZMQError) -> None:
+        log.error("socket to shard %s failed: %s", self.name, exc)
+        self._fail(
+            ShardUnavailable(f"shard {self.name} ({self.endpoint}): connection failed ({exc})")
+        )
+
+    def _fail(self, exc: RecserveError) -> None:
+        self.broken = exc
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self.pending.clear()
+
+    async def call(
+        self, frames: Sequence[Any], req_id: int, deadline: Deadline
+    ) -> tuple[dict[str, Any], list[zmq.Frame]]:
+        if self.broken is not None:
+            raise self.broken
+        fut: asyncio.Future[tuple[dict[str, Any], list[zmq.Frame]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.pending[req_id] = fut
+        budget = deadline.left_s()
+        try:
+            async with asyncio.timeout(budget):
+                while not self.io.send(list(frames)):  # not connected yet, or queue full
+                    await self.io.writable()
+                header, data = await fut
+        except TimeoutError:
+            raise ShardUnavailable(
+                f"shard {self.name} ({self.endpoint}) did not answer within {budget * 1e3:.0f} ms"
+            ) from None
+        except zmq.ZMQError as exc:
+            raise ShardUnavailable(f"shard {self.name}: {exc}") from None
+        finally:
+            self.pending.pop(req_id, None)
+        if not header.get("ok"):
+            err = header.get("error")
+            err = err if isinstance(err, dict) else {}
+            raise remote_error(
+                str(err.get("kind", "internal")),
+                f"shard {self.name}: {err.get('message', '')}",
+                err.get("field") if isinstance(err.get("field"), str) else None,
+            )
+        return header, data
+
+    async def simple(self, op: str, deadline: Deadline) -> dict[str, Any]:
+        req_id = next(self.ids)
+        header, _ = await self.call(
+            [pack_header(request(op, req_id, deadline.at_ms))], req_id, deadline
+        )
+        return header
+
+    async def lookup(
+        self,
+        parts: Sequence[PartRequest],
+        ids: np.ndarray,
+        lengths: np.ndarray,
+        *,
+        deadline: Deadline,
+        weights: np.ndarray | None = None,
+        dim: int | None = None,
+    ) -> list[PooledGroup]:
+        """Pooled groups of ``parts``; a reply that does not answer exactly these parts
+        (each once, with its bag count, and ``dim`` wide when given) is the shard's failure,
+        ``ShardUnavailable``, which may fail over, never a crash of the caller."""
+        req_id = next(self.ids)
+        frames = encode_lookup(req_id, deadline.at_ms, parts, ids, lengths, weights)
+        header, data = await self.call(frames, req_id, deadline)
+        try:
+            return _groups(header.get("groups"), data, parts, dim)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ShardUnavailable(f"shard {self.name}: malformed lookup reply ({exc})") from None
+
+    async def close(self) -> None:
+        self.io.close()
+        self._fail(ShardUnavailable(f"shard {self.name}: client closed"))
+        self.sock.close(linger=0)
+
+
+def _groups(
+    groups: Any, data: list[zmq.Frame], parts: Sequence[PartRequest], dim: int | None
+) -> list[PooledGroup]:
+    if not isinstance(groups, list) or len(groups) != len(data):
+        raise ValueError("groups do not match the frames")
+    seen = [False] * len(parts)
+    out = []
+    for g, frame in zip(groups, data, strict=True):
+        idx = tuple(g["parts"])
+        bags, width = g["bags"], g["dim"]
+        if type(bags) is not int or type(width) is not int or width < 1:
+            raise ValueError("bags and dim must be integers")
+        if dim is not None and width != dim:
+            raise ValueError(f"dim {width}, expected {dim}")
+        for i in idx:
+            if type(i) is not int or not 0 <= i < len(parts) or seen[i]:
+                raise ValueError(f"part {i!r} is unknown or answered twice")
+            if parts[i].bags != bags:
+                raise ValueError(f"part {i} has {parts[i].bags} bags, not {bags}")
+            seen[i] = True
+        arr = np.frombuffer(frame.buffer, dtype="<f4")
+        if arr.size != bags * len(idx) * width:
+            raise ValueError(f"frame of {arr.size} floats for {(bags, len(idx), width)}")
+        out.append(PooledGroup(idx, arr.reshape(bags, len(idx), width)))
+    if not all(seen):
+        raise ValueError(f"part {seen.index(False)} was not answered")
+    return out

@@ -1,0 +1,245 @@
+"""The ZeroMQ wire protocol between the gateway and the shard daemons: the one definition.
+
+Every message is a multipart: frame 0 is a msgpack header, the following frames are raw
+little-endian numpy buffers sent and received without copies. No pickle anywhere.
+
+Request header: ``{"v": 2, "op": OP, "id": int, "deadline_ms": float | None, ...}`` where
+``deadline_ms`` is absolute Unix time in milliseconds (hosts are assumed NTP-synchronised).
+
+``lookup`` adds ``parts``, one list per field: ``{"table": [str], "row_start": [int],
+"bags": [int], "mode": [str]}``, entry ``i`` of each describing part ``i`` (a part is
+addressed by the table and the first row the shard serves of it; ``mode`` is ``sum`` or
+``mean``), ``id_dtype`` (``"<i8"`` or ``"<i4"``) and ``weighted``; its frames are the ids of
+all parts concatenated (global row ids), the int32 bag lengths of all parts concatenated,
+and with ``weighted`` float32 weights, one per id. Version 1 sent a map per part: a shard
+decoding 44 of them cold spent 0.2-0.3 ms on the header alone (version 2: four lists).
+
+Replies echo ``v``, ``op`` and ``id`` with ``"ok": true`` or ``"ok": false, "error":
+{"kind", "message", "field"?}``. A ``lookup`` reply lists ``groups``: ``{"parts": [indices], "bags",
+"dim"}``, one float32 frame ``[bags, len(parts), dim]`` each (parts with equal bag count and
+dim are pooled by one kernel call and shipped as it wrote them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import msgpack
+import numpy as np
+
+from recserve.contracts.errors import (
+    BadRequest,
+    RecserveError,
+    TooLarge,
+    UnknownOp,
+    UnsupportedVersion,
+)
+
+VERSION = 2
+OPS = ("lookup", "info", "health", "stats")
+ID_DTYPES: dict[str, np.dtype[Any]] = {"<i8": np.dtype("<i8"), "<i4": np.dtype("<i4")}
+MODES = ("sum", "mean")
+MAX_HEADER = 1 << 20
+MAX_FRAME = 512 << 20
+MAX_PARTS = 4096
+_PART_KEYS = frozenset({"table", "row_start", "bags", "mode"})
+
+Buffer = (
+    Any  # bytes, memoryview, numpy array or zmq.Frame buffer: anything with the buffer protocol
+)
+
+
+class PartRequest(NamedTuple):
+    """One part of a lookup (a tuple: a shard builds dozens per lookup, at half the cost of
+    a frozen dataclass)."""
+
+    table: str
+    row_start: int
+    bags: int
+    mode: str = "sum"
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """A decoded lookup request; arrays are read-only views of the received frames."""
+
+    parts: tuple[PartRequest, ...]
+    ids: np.ndarray
+    lengths: np.ndarray  # int32, sum of bags entries
+    weights: np.ndarray | None
+
+    def spans(self) -> list[tuple[int, int, int, int]]:
+        """Per part: (first length index, bag count, first id, id count)."""
+        out, bag = [], 0
+        bounds = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
+        for part in self.parts:
+            first = int(bounds[bag])
+            n = int(bounds[bag + part.bags]) - first
+            out.append((bag, part.bags, first, n))
+            bag += part.bags
+        return out
+
+
+def pack_header(header: dict[str, Any]) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def request(op: str, req_id: int, deadline_ms: float | None, **fields: Any) -> dict[str, Any]:
+    return {"v": VERSION, "op": op, "id": req_id, "deadline_ms": deadline_ms, **fields}
+
+
+def encode_lookup(
+    req_id: int,
+    deadline_ms: float | None,
+    parts: Sequence[PartRequest],
+    ids: np.ndarray,
+    lengths: np.ndarray,
+    weights: np.ndarray | None = None,
+) -> list[Buffer]:
+    ids = np.ascontiguousarray(ids)
+    if ids.dtype.str not in ID_DTYPES:
+        ids = ids.astype("<i8")
+    frames: list[Buffer] = [
+        pack_header(
+            request(
+                "lookup",
+                req_id,
+                deadline_ms,
+                parts={
+                    "table": [p.table for p in parts],
+                    "row_start": [p.row_start for p in parts],
+                    "bags": [p.bags for p in parts],
+                    "mode": [p.mode for p in parts],
+                },
+                id_dtype=ids.dtype.str,
+                weighted=weights is not None,
+            )
+        ),
+        ids,
+        np.ascontiguousarray(lengths, dtype="<i4"),
+    ]
+    if weights is not None:
+        frames.append(np.ascontiguousarray(weights, dtype="<f4"))
+    return frames
+
+
+def decode_header(frame: Buffer) -> dict[str, Any]:
+    """A request or reply header, checked for shape; raises ``BadRequest`` kinds."""
+    raw = memoryview(frame).cast("B") if not isinstance(frame, bytes) else frame
+    if len(raw) > MAX_HEADER:
+        raise TooLarge(f"header of {len(raw)} bytes exceeds {MAX_HEADER}", field="header")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise BadRequest(
+            f"header is not valid msgpack ({type(exc).__name__})", field="header"
+        ) from None
+    if not isinstance(header, dict):
+        raise BadRequest("header must be a map", field="header")
+    if header.get("v") != VERSION:
+        raise UnsupportedVersion(
+            f"protocol version {header.get('v')!r} is not supported (this side speaks {VERSION})",
+            field="v",
+        )
+    if header.get("op") not in OPS:
+        raise UnknownOp(f"unknown op {header.get('op')!r} (known: {', '.join(OPS)})", field="op")
+    req_id = header.get("id")
+    if type(req_id) is not int:
+        raise BadRequest("id must be an integer", field="id")
+    deadline = header.get("deadline_ms")
+    if deadline is not None and type(deadline) not in (int, float):
+        raise BadRequest("deadline_ms must be a number or null", field="deadline_ms")
+    return header
+
+
+def decode_lookup(header: dict[str, Any], frames: Sequence[Buffer]) -> Lookup:
+    """The arrays of a lookup, as views of ``frames`` (no copies), after checking them."""
+    cols = header.get("parts")
+    if not isinstance(cols, dict) or cols.keys() != _PART_KEYS:
+        raise BadRequest(
+            "parts must be a map of table, row_start, bags and mode lists", field="parts"
+        )
+    tables, starts, bags, modes = cols["table"], cols["row_start"], cols["bags"], cols["mode"]
+    n = len(tables) if isinstance(tables, list) else 0
+    if not 1 <= n <= MAX_PARTS or not all(
+        isinstance(c, list) and len(c) == n for c in (starts, bags, modes)
+    ):
+        raise BadRequest(
+            f"parts must list 1..{MAX_PARTS} parts, every field as long as table",
+            field="parts",
+        )
+    _check_column("table", tables, lambda t: type(t) is str)
+    _check_column("row_start", starts, _natural)
+    _check_column("bags", bags, _natural)
+    _check_column("mode", modes, lambda m: type(m) is str and m in MODES)
+    parts = list(map(PartRequest, tables, starts, bags, modes))
+    dtype = ID_DTYPES.get(str(header.get("id_dtype")))
+    if dtype is None:
+        raise BadRequest(f"id_dtype must be one of {', '.join(ID_DTYPES)}", field="id_dtype")
+    weighted = header.get("weighted")
+    if not isinstance(weighted, bool):
+        raise BadRequest("weighted must be a boolean", field="weighted")
+    want = 3 if weighted else 2
+    if len(frames) != want:
+        raise BadRequest(f"a lookup needs {want} data frames, got {len(frames)}", field="frames")
+    ids = _array(frames[0], dtype, "ids")
+    lengths = _array(frames[1], np.dtype("<i4"), "lengths")
+    n_bags = sum(p.bags for p in parts)
+    if lengths.size != n_bags:
+        raise BadRequest(f"{lengths.size} bag lengths for {n_bags} bags", field="lengths")
+    if lengths.size and int(lengths.min()) < 0:
+        raise BadRequest("bag lengths must not be negative", field="lengths")
+    if int(lengths.sum(dtype=np.int64)) != ids.size:
+        raise BadRequest(
+            f"bag lengths add up to {int(lengths.sum())}, not to the {ids.size} ids sent",
+            field="lengths",
+        )
+    weights = None
+    if weighted:
+        weights = _array(frames[2], np.dtype("<f4"), "weights")
+        if weights.size != ids.size:
+            raise BadRequest(f"{weights.size} weights for {ids.size} ids", field="weights")
+        if not np.isfinite(weights).all():
+            raise BadRequest("weights must be finite", field="weights")
+    return Lookup(tuple(parts), ids, lengths, weights)
+
+
+def _natural(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _check_column(name: str, values: list[Any], ok: Callable[[Any], bool]) -> None:
+    if not all(map(ok, values)):
+        i = next(i for i, x in enumerate(values) if not ok(x))
+        raise BadRequest(f"parts.{name}[{i}] is not a valid {name}", field=f"parts.{name}[{i}]")
+
+
+def _array(frame: Buffer, dtype: np.dtype, name: str) -> np.ndarray:
+    buf = memoryview(frame).cast("B") if not isinstance(frame, np.ndarray) else frame
+    size = buf.nbytes
+    if size > MAX_FRAME:
+        raise TooLarge(f"{name} frame of {size} bytes exceeds {MAX_FRAME}", field=name)
+    if size % dtype.itemsize:
+        raise BadRequest(
+            f"{name} frame of {size} bytes is not a whole number of {dtype} values", field=name
+        )
+    return np.frombuffer(buf, dtype=dtype)
+
+
+def reply(header: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {"v": VERSION, "op": header.get("op"), "id": header.get("id"), "ok": True, **fields}
+
+
+def error_reply(header: dict[str, Any] | None, exc: RecserveError) -> bytes:
+    header = header or {}
+    return pack_header(
+        {
+            "v": VERSION,
+            "op": header.get("op"),
+            "id": header.get("id"),
+            "ok": False,
+            "error": exc.to_dict(),  # kind, message and, when known, the field
+        }
+    )
