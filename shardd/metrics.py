@@ -42,6 +42,9 @@ class ShardMetrics:
     inline: Counter
     # Labelled children by (op, outcome): ``labels()`` costs a lock and a dict per call.
     children: dict[tuple[str, str], Counter] = field(default_factory=dict)
+    # The same counts as plain numbers, for the ``stats`` op (never read back from Prometheus).
+    counts: dict[str, int] = field(default_factory=dict)
+    totals: dict[str, int] = field(default_factory=lambda: {"ids": 0, "bags": 0, "inline": 0})
 
     def request(self, op: str, outcome: str) -> None:
         """Count one answered request."""
@@ -49,6 +52,18 @@ class ShardMetrics:
         if child is None:
             child = self.children[(op, outcome)] = self.requests.labels(op=op, outcome=outcome)
         child.inc()
+        key = f"{op}:{outcome}"
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def pooled(self, ids: int, bags: int, *, inline: bool) -> None:
+        """Count one lookup's work."""
+        self.ids.inc(ids)
+        self.bags.inc(bags)
+        self.totals["ids"] += ids
+        self.totals["bags"] += bags
+        if inline:
+            self.inline.inc()
+            self.totals["inline"] += 1
 
     @classmethod
     def create(cls) -> ShardMetrics:

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,49 @@ class ServerSettings:
     kernel_threads: int | None = None
     inline_ids: int = 0  # lookups of at most this many ids are pooled on the loop
     kernel_cpus: frozenset[int] | None = None  # the workers' CPUs; None: not pinned
+
+
+class Call:
+    """One accepted lookup, from the loop to a worker (or inline) and back: the kernel's
+    groups or the error, and where its time went."""
+
+    __slots__ = (
+        "error",
+        "groups",
+        "header",
+        "ident",
+        "inline",
+        "job",
+        "queued",
+        "started",
+        "worked",
+    )
+
+    def __init__(self, ident: zmq.Frame, header: dict[str, Any], job: Job, inline: bool) -> None:
+        self.ident = ident
+        self.header = header
+        self.job = job
+        self.inline = inline
+        self.started = time.perf_counter()
+        self.groups: list[Group] = []
+        self.error: RecserveError | None = None
+        self.queued = self.worked = 0.0
+
+    def run(self) -> None:
+        """The CPU-heavy part, in a worker (or inline on the loop, prepared for one thread:
+        no OpenMP team shared with the workers). Never raises: the error is the result."""
+        begin = time.perf_counter()
+        self.queued = begin - self.started
+        try:
+            if _past_deadline(self.header):
+                raise DeadlineExceeded("the deadline passed while the lookup was queued")
+            self.groups = self.job.run()
+        except RecserveError as exc:
+            self.error = exc
+        except Exception:
+            log.exception("lookup %s failed", self.header.get("id"))
+            self.error = RecserveError("internal error; see the shard's log")
+        self.worked = time.perf_counter() - begin
 
 
 class ShardServer:
@@ -118,42 +161,58 @@ class ShardServer:
             lookup = decode_lookup(header, [f.buffer for f in body[1:]])
             inline = lookup.ids.size <= self.settings.inline_ids
             job = self.store.prepare(lookup, 1 if inline else self.settings.kernel_threads)
-        except RecserveError as exc:
+        except Exception as exc:
+            if not isinstance(exc, RecserveError):
+                log.exception("preparing lookup %s failed", header and header.get("id"))
+                exc = RecserveError("internal error; see the shard's log")
             op = header.get("op", "unknown") if header else "unknown"
             self._send(ident, [error_reply(header, exc)], str(op), exc.kind)
             return
-        except Exception:
-            log.exception("preparing lookup %s failed", header.get("id") if header else None)
-            internal = RecserveError("internal error; see the shard's log")
-            self._send(ident, [error_reply(header, internal)], "lookup", internal.kind)
-            return
+        call = Call(ident, header, job, inline)
         self.inflight += 1
         self.idle.clear()
         self.metrics.queue_depth.set(self.inflight)
-        started = time.perf_counter()
         if inline:
             # Pooling up to ~16k resident rows takes 0.1-0.3 ms, little more than handing
             # the lookup to a worker and back (0.13 ms of CPU, and 0.15 ms of latency with
             # the worker awake, more when it sleeps), so such lookups stay on the loop.
-            done: Future[Any] = Future()
-            try:
-                done.set_result(self._work(header, job, started))
-            except Exception as exc:
-                done.set_exception(exc)
-            self.metrics.inline.inc()
-            self._finish(ident, header, job, done, started)
-            return
-        work = self.pool.submit(self._work, header, job, started)
-        work.add_done_callback(lambda done: self._hand_back(ident, header, job, done, started))
+            call.run()
+            self._complete(call)
+        else:
+            self.pool.submit(call.run).add_done_callback(lambda f: self._hand_back(call, f))
 
-    def _hand_back(
-        self, ident: zmq.Frame, header: dict[str, Any], job: Job, done: Future[Any], started: float
-    ) -> None:
-        """In the worker: pass the result to the loop, which alone touches the socket."""
+    def _hand_back(self, call: Call, done: Future[None]) -> None:
+        """In the worker (or wherever a cancelled future calls back): pass the lookup to
+        the loop, which alone touches the socket."""
+        if done.cancelled():  # a drain that gave up cancelled it before it ran
+            call.error = NotReady("the shard shut down before this lookup ran")
         try:
-            self.loop.call_soon_threadsafe(self._finish, ident, header, job, done, started)
+            self.loop.call_soon_threadsafe(self._complete, call)
         except RuntimeError:  # the loop is gone: a drain gave up on this lookup
-            log.warning("lookup %s finished after shutdown; not answered", header.get("id"))
+            log.warning("lookup %s finished after shutdown; not answered", call.header.get("id"))
+
+    def _complete(self, call: Call) -> None:
+        """On the loop, the one completion path of every accepted lookup: reply, count."""
+        self.inflight -= 1
+        self.metrics.queue_depth.set(self.inflight)
+        if not self.inflight:
+            self.idle.set()
+        if call.error is not None:
+            self._send(
+                call.ident, [error_reply(call.header, call.error)], "lookup", call.error.kind
+            )
+            return
+        job = call.job
+        self.metrics.pooled(job.ids, job.bags, inline=call.inline)
+        meta = [
+            {"parts": list(g.parts), "bags": g.pooled.shape[0], "dim": g.pooled.shape[2]}
+            for g in call.groups
+        ]
+        # Where the time went, for the gateway's per-stage metrics.
+        timing = {"queue_ms": round(call.queued * 1e3, 3), "work_ms": round(call.worked * 1e3, 3)}
+        frames = [pack_header(reply(call.header, groups=meta, **timing))]
+        self._send(call.ident, [*frames, *[g.pooled for g in call.groups]], "lookup", "ok")
+        self.metrics.latency.observe(time.perf_counter() - call.started)
 
     def _answer(self, header: dict[str, Any]) -> dict[str, Any]:
         m = self.manifest
@@ -169,71 +228,12 @@ class ShardServer:
                 bytes=self.store.nbytes,
                 kernel_cpus=sorted(self.settings.kernel_cpus or ()),
             )
-        counts: dict[str, float] = {}
-        for metric in self.metrics.requests.collect():
-            for sample in metric.samples:
-                if sample.name.endswith("_total"):
-                    key = f"{sample.labels['op']}:{sample.labels['outcome']}"
-                    counts[key] = sample.value
         return reply(
             header,
-            requests=counts,
+            requests=dict(self.metrics.counts),
             inflight=self.inflight,
-            inline=_value(self.metrics.inline),
-            ids=_value(self.metrics.ids),
-            bags=_value(self.metrics.bags),
+            **self.metrics.totals,
         )
-
-    def _finish(
-        self, ident: zmq.Frame, header: dict[str, Any], job: Job, done: Future[Any], started: float
-    ) -> None:
-        """On the loop: reply with a finished lookup's result or error."""
-        outcome = "ok"
-        try:
-            groups, queued, worked = done.result()
-            self.metrics.ids.inc(job.ids)
-            self.metrics.bags.inc(job.bags)
-            meta = [
-                {"parts": list(g.parts), "bags": g.pooled.shape[0], "dim": g.pooled.shape[2]}
-                for g in groups
-            ]
-            # Where the time went, for the gateway's per-stage metrics.
-            timing = {"queue_ms": round(queued * 1e3, 3), "work_ms": round(worked * 1e3, 3)}
-            out: list[Any] = [
-                pack_header(reply(header, groups=meta, **timing)),
-                *[g.pooled for g in groups],
-            ]
-        except RecserveError as exc:
-            outcome = exc.kind
-            out = [error_reply(header, exc)]
-        except CancelledError:  # a drain that gave up cancelled it before it ran
-            gone = NotReady("the shard shut down before this lookup ran")
-            outcome = gone.kind
-            out = [error_reply(header, gone)]
-        except Exception:
-            log.exception("lookup %s failed", header.get("id"))
-            outcome = "internal"
-            out = [error_reply(header, RecserveError("internal error; see the shard's log"))]
-        finally:
-            self.inflight -= 1
-            self.metrics.queue_depth.set(self.inflight)
-            if not self.inflight:
-                self.idle.set()
-        self._send(ident, out, "lookup", outcome)
-        if outcome == "ok":
-            self.metrics.latency.observe(time.perf_counter() - started)
-
-    def _work(
-        self, header: dict[str, Any], job: Job, started: float
-    ) -> tuple[list[Group], float, float]:
-        """The CPU-heavy part of a lookup, in a worker (or inline on the loop, prepared for
-        one thread: no OpenMP team shared with the workers). Returns the groups, the seconds
-        the lookup waited for a worker and the seconds it took."""
-        begin = time.perf_counter()
-        if _past_deadline(header):
-            raise DeadlineExceeded("the deadline passed while the lookup was queued")
-        groups = job.run()
-        return groups, begin - started, time.perf_counter() - begin
 
     def _send(self, ident: zmq.Frame, frames: list[Any], op: str, outcome: str) -> None:
         """Reply; a ROUTER never blocks (it drops for a peer that is gone)."""
@@ -265,11 +265,3 @@ class ShardServer:
 def _past_deadline(header: dict[str, Any]) -> bool:
     deadline = Deadline.from_wire(header.get("deadline_ms"))
     return deadline is not None and deadline.expired()
-
-
-def _value(counter: Any) -> float:
-    for metric in counter.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_total"):
-                return float(sample.value)
-    return 0.0

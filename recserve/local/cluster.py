@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -24,14 +23,12 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-import msgpack
-import zmq
-
 from recserve.contracts.errors import RecserveError
 from recserve.contracts.manifest import read_manifest
 from recserve.contracts.plan import read_plan
+from recserve.local.argv import gateway_argv, shardd_argv
 from recserve.planning import build
-from recserve.rpc.wire import VERSION
+from recserve.rpc.probe import ready
 
 PR_SET_PDEATHSIG = 1
 TICK = os.sysconf("SC_CLK_TCK")
@@ -65,25 +62,11 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+def _spawn(argv: list[str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            argv, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
         )
-
-
-def _shard_healthy(endpoint: str) -> bool:
-    sock: zmq.Socket[bytes]
-    with zmq.Context.instance().socket(zmq.DEALER) as sock:
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
-        sock.send(msgpack.packb({"v": VERSION, "op": "health", "id": 1, "deadline_ms": None}))
-        if not sock.poll(500):
-            return False
-        return bool(msgpack.unpackb(sock.recv()).get("ready"))
 
 
 class LocalCluster:
@@ -141,50 +124,21 @@ class LocalCluster:
         if self.plan_path is not None:
             for shard in self.plan.shards:
                 for r, _ in enumerate(shard.endpoints):
-                    self.shards.append(
-                        _spawn(
-                            [
-                                "-m",
-                                "shardd",
-                                "--plan",
-                                str(self.plan_path),
-                                "--model",
-                                str(self.model),
-                                "--shard",
-                                str(shard.id),
-                                "--replica",
-                                str(r),
-                                "--preload",
-                            ],
-                            self.run_dir / f"shard{shard.id}-{r}.log",
-                        )
-                    )
+                    argv = shardd_argv(self.plan_path, self.model, shard.id, "--preload", replica=r)
+                    self.shards.append(_spawn(argv, self.run_dir / f"shard{shard.id}-{r}.log"))
             names = [
                 (f"shard{s.id}-{r}", ep)
                 for s in self.plan.shards
                 for r, ep in enumerate(s.endpoints)
             ]
             for (name, ep), proc in zip(names, self.shards, strict=True):
-                while not _shard_healthy(ep):
+                while not ready(ep):
                     self._check(proc, name, deadline)
-        where = (
-            ["--singular", "--preload"]
-            if self.plan_path is None
-            else ["--plan", str(self.plan_path)]
+        extra = ["--preload"] if self.plan_path is None else []
+        argv = gateway_argv(
+            self.model, *extra, *self.gateway_args, plan=self.plan_path, port=self.port
         )
-        self.gateway = _spawn(
-            [
-                "-m",
-                "gateway",
-                "--model",
-                str(self.model),
-                *where,
-                "--port",
-                str(self.port),
-                *self.gateway_args,
-            ],
-            self.run_dir / "gateway.log",
-        )
+        self.gateway = _spawn(argv, self.run_dir / "gateway.log")
         while True:
             try:
                 with urllib.request.urlopen(self.url + "/v2/health/ready", timeout=1) as r:

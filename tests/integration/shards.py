@@ -6,34 +6,22 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import zmq
 
+from recserve.local.argv import shardd_argv
 from recserve.local.cluster import free_port  # noqa: F401 - the tests' import point
-from recserve.rpc.wire import VERSION
+from recserve.rpc.deadline import Deadline
+from recserve.rpc.probe import ready
+from recserve.rpc.wire import pack_header, request
 
 
 def shard_cmd(plan: Path, model: Path, shard: int, endpoint: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "shardd",
-        "--plan",
-        str(plan),
-        "--model",
-        str(model),
-        "--shard",
-        str(shard),
-        "--bind",
-        endpoint,
-        *extra,
-    ]
+    return shardd_argv(plan, model, shard, *extra, bind=endpoint)
 
 
 def start_shard(
@@ -66,9 +54,7 @@ def raw(endpoint: str, frames: Sequence[Any], timeout: float = 5.0) -> list[byte
 
 
 def header(op: str, req_id: int = 1, **fields: Any) -> bytes:
-    return msgpack.packb(
-        {"v": VERSION, "op": op, "id": req_id, "deadline_ms": time.time() * 1e3 + 10_000, **fields}
-    )
+    return pack_header(request(op, req_id, Deadline.after(10_000).at_ms, **fields))
 
 
 def wait_healthy(endpoint: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -76,10 +62,8 @@ def wait_healthy(endpoint: str, proc: subprocess.Popen, timeout: float = 60.0) -
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise RuntimeError(f"shard daemon exited with {proc.returncode}")
-        with contextlib.suppress(TimeoutError):
-            reply = msgpack.unpackb(raw(endpoint, [header("health")], timeout=0.5)[0])
-            if reply.get("ok") and reply.get("ready"):
-                return
+        if ready(endpoint):
+            return
     raise TimeoutError(f"{endpoint} not healthy after {timeout} s")
 
 

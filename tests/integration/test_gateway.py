@@ -19,6 +19,7 @@ from gateway.app import create_app
 from gateway.config import ApiSettings, BatchSettings, GatewayConfig
 from recserve.cli import main as cli
 from recserve.contracts.plan import read_plan
+from recserve.local.argv import gateway_argv
 from tests.conftest import DEV_MODELS
 from tests.integration.shards import start_shard, stop, wait_healthy
 
@@ -502,7 +503,6 @@ def test_weighted_samples_match_offline_scoring(deployments) -> None:
 def test_gateway_process_drains_on_sigterm(deployments, tmp_path: Path) -> None:
     import signal
     import subprocess
-    import sys
     import urllib.error
     import urllib.request
 
@@ -511,18 +511,7 @@ def test_gateway_process_drains_on_sigterm(deployments, tmp_path: Path) -> None:
     model, _ = deployments["D1"]
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "--model",
-            str(model),
-            "--singular",
-            "--port",
-            str(port),
-            "--max-queue-delay-us",
-            "200000",
-        ],
+        gateway_argv(model, "--max-queue-delay-us", "200000", port=port),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
