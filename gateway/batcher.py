@@ -100,7 +100,9 @@ class Batcher:
         self.metrics.inflight.set(self.inflight_samples)
 
     async def run(self) -> None:
-        """Form batches until cancelled; then fail whatever is still queued."""
+        """Form batches until cancelled; then fail whatever is still queued (or was taken
+        from the queue for a batch that never started)."""
+        items: list[Pending] = []
         try:
             while True:
                 items = await self._next_batch()
@@ -108,12 +110,12 @@ class Batcher:
                 task = asyncio.get_running_loop().create_task(self._process(items))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
+                items = []
         finally:
-            gone = NotReady("the gateway stopped before this request was scored")
-            while self.queue:
-                pending = self.queue.popleft()
-                self._resolve([pending], gone)
-                self._count(-pending.batch.size)
+            left = [*items, *self.queue]
+            self.queue.clear()
+            self._resolve(left, NotReady("the gateway stopped before this request was scored"))
+            self._count(-sum(p.batch.size for p in left))
 
     async def _next_batch(self) -> list[Pending]:
         delay = self.settings.max_queue_delay_us / 1e6

@@ -6,6 +6,7 @@ gateway, the shard daemon, offline tools and benchmarks.
 
 from kernels.dense import ACTIVATIONS, DenseNet, Interaction, Linear, sigmoid
 from kernels.errors import IdOutOfRangeError, KernelError
+from kernels.layout import table_shape
 from kernels.pooling import (
     PoolCall,
     PoolMode,
@@ -14,12 +15,11 @@ from kernels.pooling import (
     default_threads,
     pool,
     pool_many,
-    pool_numpy,
     pool_packed,
-    table_shape,
     warm_up,
 )
 from kernels.quant import Int8RowwiseTable, quantize_rows
+from kernels.reference import pool_numpy
 
 __all__ = [
     "ACTIVATIONS",

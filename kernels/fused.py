@@ -40,6 +40,16 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from kernels.layout import (
+    ADDRESS,
+    FIRST_ID,
+    KIND,
+    MEAN,
+    ROW_BYTES,
+    ROWS,
+    SCALE_OFFSET,
+)
+
 PREFETCH = 64  # ids ahead: 64 measured best of 8-128 on the 10M-row memmap table
 LINE = 64
 ELEM_BYTES = {"f32": 4, "f16": 2, "i8": 1}
@@ -315,13 +325,14 @@ def pool_chunk(layout, ids, bounds, weights, weighted, out, g, n_chunks):  # pra
             lanes, nvec = 4, 1
         else:
             lanes, nvec = 1, rem
-        key = variant_key(layout[t, 0], weighted, lanes, nvec)
-        if not pool_bags(key, layout[t, 1], ids, t_bounds, b0, b1, pf_end, layout[t, 6],
-                         layout[t, 4], layout[t, 2], col, layout[t, 3], weights,
-                         dst0 + col * 4, n_tables * dim * 4):  # fmt: skip
+        key = variant_key(layout[t, KIND], weighted, lanes, nvec)
+        if not pool_bags(key, layout[t, ADDRESS], ids, t_bounds, b0, b1, pf_end,
+                         layout[t, FIRST_ID], layout[t, ROWS], layout[t, ROW_BYTES], col,
+                         layout[t, SCALE_OFFSET], weights, dst0 + col * 4,
+                         n_tables * dim * 4):  # fmt: skip
             return False
         col += lanes * nvec
-    if layout[t, 5]:
+    if layout[t, MEAN]:
         for b in range(b0, b1):
             n = bounds[t, b + 1] - bounds[t, b]
             if n > 0:
@@ -333,9 +344,9 @@ def pool_chunk(layout, ids, bounds, weights, weighted, out, g, n_chunks):  # pra
 
 @njit(parallel=True, nogil=True, cache=True)
 def pool_tables_kernel(layout, ids, bounds, weights, weighted, out):  # pragma: no cover
-    """``layout[t]`` = (kind, address of row 0, row bytes, scale offset, rows, mean flag,
-    first id). Ids of table ``t`` are in ``[first id, first id + rows)``; the address is that
-    of the row id 0 would have, so the IR loop addresses rows by id with no subtraction.
+    """``layout[t]``: table ``t``'s columns (``kernels.layout``). Its ids are in
+    ``[FIRST_ID, FIRST_ID + ROWS)``; ``ADDRESS`` is that of the row id 0 would have, so the IR
+    loop addresses rows by id with no subtraction.
 
     Work items are chunks of ``CHUNK`` bags of one table, table-major. Bounds and ids are
     checked in the IR loop as they are read, before the row is touched (a serial pre-pass

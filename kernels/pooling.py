@@ -22,98 +22,31 @@ import numba
 import numpy as np
 
 from kernels.errors import IdOutOfRangeError, KernelError
+from kernels.layout import (
+    ADDRESS,
+    COLUMNS,
+    FIRST_ID,
+    ROW_BYTES,
+    ROWS,
+    Table,
+    bag_bounds,
+    check_ids,
+    check_weights,
+    set_modes,
+    table_layout,
+    table_shape,
+)
 from kernels.quant import TAIL_BYTES, Int8RowwiseTable, quantize_rows
 
-Table = np.ndarray | Int8RowwiseTable
 PoolMode = Literal["sum", "mean"]
 SERIAL_BELOW = 2048  # ids per call under which one thread beats waking the pool
 _ONE = np.ones(1, np.float32)
-_MEAN = {"sum": False, "mean": True}
 MAX_THREADS: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
 
 
 def default_threads() -> int:
     """Cores this process may run on, capped by numba's pool size."""
     return max(1, min(len(os.sched_getaffinity(0)), MAX_THREADS))
-
-
-def table_shape(table: Table) -> tuple[int, int]:
-    if isinstance(table, Int8RowwiseTable):
-        return table.shape
-    if not isinstance(table, np.ndarray) or table.ndim != 2:
-        raise KernelError("table must be a 2-D numpy array or an Int8RowwiseTable")
-    if table.dtype not in (np.float32, np.float16):
-        raise KernelError(f"table dtype must be float32 or float16, got {table.dtype}")
-    return int(table.shape[0]), int(table.shape[1])
-
-
-def _layout(table: Table) -> tuple[int, int, int, int, int, int, int]:
-    """(kind code, base address, row bytes, scale offset, rows, dim, 0) of a table."""
-    if isinstance(table, Int8RowwiseTable):
-        data, kind, dim = table.data, 2, table.dim
-    elif isinstance(table, np.ndarray) and table.ndim == 2:
-        data, dim = table, int(table.shape[1])
-        if table.dtype == np.float32:  # native byte order only
-            kind = 0
-        elif table.dtype == np.float16:
-            kind = 1
-        else:
-            raise KernelError(f"table dtype must be float32 or float16, got {table.dtype}")
-    else:
-        raise KernelError("table must be a 2-D numpy array or an Int8RowwiseTable")
-    if not data.flags.c_contiguous:
-        raise KernelError("table rows must be C-contiguous")
-    rows = int(data.shape[0])
-    if not rows:
-        return kind, 0, 0, 0, 0, dim, 0
-    # numpy's own address getters cost 1-2 us a call; the compiled one 0.2-0.7 us, but numba
-    # has no float16 arrays.
-    addr = data.ctypes.data if kind == 1 else _compiled().address(data)
-    return kind, addr, data.strides[0], dim if kind == 2 else 0, rows, dim, 0
-
-
-def bag_bounds(offsets: np.ndarray, n_ids: int, *, include_last_offset: bool) -> np.ndarray:
-    """Offsets as ``B + 1`` int64 bounds ending at ``n_ids``, after checking them."""
-    offsets = np.asarray(offsets)
-    if offsets.ndim != 1 or offsets.dtype.kind not in "iu":
-        raise KernelError("offsets must be a 1-D integer array")
-    if include_last_offset:
-        if offsets.size == 0:
-            raise KernelError("offsets with include_last_offset needs at least one entry")
-        if int(offsets[-1]) != n_ids:
-            raise KernelError(f"last offset {int(offsets[-1])} must equal len(ids) {n_ids}")
-        bounds = offsets.astype(np.int64, copy=False)
-    else:
-        bounds = np.empty(offsets.size + 1, dtype=np.int64)
-        bounds[:-1] = offsets
-        bounds[-1] = n_ids
-    if bounds.size > 1:
-        if int(bounds[0]) != 0:
-            raise KernelError(f"first offset must be 0, got {int(bounds[0])}")
-        if np.any(np.diff(bounds) < 0):
-            raise KernelError("offsets must be non-decreasing and not exceed len(ids)")
-    return bounds
-
-
-def check_ids(ids: np.ndarray, rows: int, *, base: int = 0, first: int = 0) -> np.ndarray:
-    """Ids as a 1-D int array, all in ``[first, first + rows)``; raises naming the first bad
-    position (``base`` + its index)."""
-    ids = np.asarray(ids)
-    if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        raise KernelError("ids must be a 1-D integer array")
-    if ids.size and (int(ids.min()) < first or int(ids.max()) >= first + rows):
-        pos = int(np.flatnonzero((ids < first) | (ids >= first + rows))[0])
-        raise IdOutOfRangeError(base + pos, int(ids[pos]), rows, first)
-    return ids
-
-
-def _check_weights(weights: np.ndarray | None, n: int) -> np.ndarray | None:
-    if weights is None:
-        return None
-    weights = np.ascontiguousarray(weights, dtype=np.float32)
-    if weights.shape != (n,):
-        raise KernelError(f"weights shape {weights.shape} != ids shape {(n,)}")
-    return weights
 
 
 def _ids_for_kernel(ids: np.ndarray) -> np.ndarray:
@@ -142,12 +75,14 @@ class TableSet:
 
     def __init__(self, tables: Sequence[Table], first_ids: Sequence[int] | None = None) -> None:
         self.tables = list(tables)
-        self.layout = np.array([_layout(t) for t in self.tables], np.int64).reshape(-1, 7)
+        self.layout = np.array(
+            [table_layout(t, _compiled().address) for t in self.tables], np.int64
+        ).reshape(-1, COLUMNS)
         if first_ids is not None:
             if len(first_ids) != len(self.tables):
                 raise KernelError(f"{len(first_ids)} first_ids for {len(self.tables)} tables")
-            self.layout[:, 6] = first_ids
-            self.layout[:, 1] -= self.layout[:, 6] * self.layout[:, 2]  # address of row "0"
+            self.layout[:, FIRST_ID] = first_ids
+            self.layout[:, ADDRESS] -= self.layout[:, FIRST_ID] * self.layout[:, ROW_BYTES]
 
     def __len__(self) -> int:
         return len(self.tables)
@@ -189,23 +124,8 @@ class TableSet:
             raise KernelError(f"which {which!r} is outside a set of {len(self)} tables") from None
         if layout.ndim != 2 or layout.shape[0] == 0:
             raise KernelError("which must name at least one table of the set")
-        dim = _set_modes(layout, modes)
+        dim = set_modes(layout, modes)
         return _prepare(layout, dim, ids, bounds, weights, out, threads)
-
-
-def _set_modes(layout: np.ndarray, modes: Sequence[str] | str) -> int:
-    """Check that the tables of ``layout`` share a dim and ``modes`` is one mode or one per
-    table, then write the kernel's mean flags where the dim was; returns the dim."""
-    dim = int(layout[0, 5])
-    if layout.shape[0] > 1:
-        dims = set(layout[:, 5].tolist())
-        if len(dims) > 1:
-            raise KernelError(f"tables differ in dim: {sorted(dims)}")
-    names = [modes] * layout.shape[0] if isinstance(modes, str) else list(modes)
-    if len(names) != layout.shape[0] or any(m not in _MEAN for m in names):
-        raise KernelError(f"modes must be 'sum' or 'mean', one or one per table: {modes!r}")
-    layout[:, 5] = [_MEAN[m] for m in names]
-    return dim
 
 
 def pool_packed(
@@ -294,7 +214,7 @@ def _prepare(
         bounds = np.ascontiguousarray(bounds, dtype=np.int64)
     if bounds.ndim != 2 or bounds.shape[0] != n_tables or bounds.shape[1] < 1:
         raise KernelError(f"bounds must be [{n_tables}, B + 1], got {bounds.shape}")
-    weights = _check_weights(weights, ids.size)
+    weights = check_weights(weights, ids.size)
     n_bags = bounds.shape[1] - 1
     if out is None:
         out = np.empty((n_bags, n_tables, dim), np.float32)
@@ -333,8 +253,8 @@ def _explain_bad(layout: np.ndarray, ids: np.ndarray, bounds: np.ndarray) -> Non
     ):
         raise KernelError("bounds must be non-decreasing positions within ids")
     for t in range(layout.shape[0]):
-        lo, hi, first = int(bounds[t, 0]), int(bounds[t, -1]), int(layout[t, 6])
-        check_ids(ids[lo:hi], int(layout[t, 4]), base=lo, first=first)
+        lo, hi, first = int(bounds[t, 0]), int(bounds[t, -1]), int(layout[t, FIRST_ID])
+        check_ids(ids[lo:hi], int(layout[t, ROWS]), base=lo, first=first)
 
 
 _FUSED: Any = None
@@ -412,7 +332,7 @@ def pool(
     ``weights`` scales each id's row; ``mean`` divides by the bag's id count.
     """
     ids = _ids_for_kernel(ids)
-    bounds = _bounds(offsets, ids.size, include_last_offset)
+    bounds = bag_bounds(offsets, ids.size, include_last_offset=include_last_offset, ordered=False)
     n_bags = bounds.size - 1
     packed_out = None
     if out is not None:
@@ -423,68 +343,10 @@ def pool(
             )
         packed_out = out.reshape(n_bags, 1, dim)
     # One table: its layout row directly (a TableSet costs ~2.5 us more a call).
-    layout = np.array([_layout(table)], np.int64)
-    dim = _set_modes(layout, mode)
+    layout = np.array([table_layout(table, _compiled().address)], np.int64)
+    dim = set_modes(layout, mode)
     result = _prepare(layout, dim, ids, bounds.reshape(1, -1), weights, packed_out, threads).run()
     return result.reshape(n_bags, dim)
-
-
-def _bounds(offsets: np.ndarray, n_ids: int, include_last_offset: bool) -> np.ndarray:
-    """Bag bounds with only O(1) checks; the kernel checks the rest as it reads them."""
-    if not isinstance(offsets, np.ndarray):
-        offsets = np.asarray(offsets)
-    if offsets.ndim != 1 or offsets.dtype.kind not in "iu":
-        raise KernelError("offsets must be a 1-D integer array")
-    if include_last_offset:
-        if offsets.size == 0 or int(offsets[-1]) != n_ids:
-            raise KernelError(
-                f"with include_last_offset the last offset must equal len(ids) {n_ids}"
-            )
-        bounds = offsets.astype(np.int64, copy=False)
-    else:
-        bounds = np.empty(offsets.size + 1, np.int64)
-        bounds[:-1] = offsets
-        bounds[-1] = n_ids
-    if bounds.size > 1 and int(bounds[0]) != 0:
-        raise KernelError(f"first offset must be 0, got {int(bounds[0])}")
-    return bounds
-
-
-def gather_rows(table: Table, ids: np.ndarray) -> np.ndarray:
-    """Float32 copies of the rows ``ids`` (already validated)."""
-    if isinstance(table, Int8RowwiseTable):
-        return table.dequantize(ids)
-    return np.asarray(table[ids], dtype=np.float32)
-
-
-def pool_numpy(
-    table: Table,
-    ids: np.ndarray,
-    offsets: np.ndarray,
-    *,
-    weights: np.ndarray | None = None,
-    mode: PoolMode = "sum",
-    include_last_offset: bool = False,
-) -> np.ndarray:
-    """``pool`` in plain numpy (fancy indexing + ``reduceat``): the reference baseline."""
-    rows, dim = table_shape(table)
-    ids = check_ids(ids, rows)
-    bounds = bag_bounds(offsets, ids.size, include_last_offset=include_last_offset)
-    if mode not in ("sum", "mean"):
-        raise KernelError(f"mode must be 'sum' or 'mean', got {mode!r}")
-    weights = _check_weights(weights, ids.size)
-    out = np.zeros((bounds.size - 1, dim), dtype=np.float32)
-    if ids.size == 0 or out.shape[0] == 0:
-        return out
-    gathered = gather_rows(table, ids)
-    if weights is not None:
-        gathered *= weights[:, None]
-    lengths = np.diff(bounds)
-    nonempty = lengths > 0
-    out[nonempty] = np.add.reduceat(gathered, bounds[:-1][nonempty], axis=0)
-    if mode == "mean":
-        out[nonempty] /= lengths[nonempty, None].astype(np.float32)
-    return out
 
 
 assert TAIL_BYTES == 8  # the kernel reads scale at row + dim and bias right after it

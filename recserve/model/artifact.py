@@ -134,13 +134,20 @@ class ArtifactWriter:
         return final
 
 
+def dense_key(part: str, index: int, what: str) -> str:
+    """The ``dense.npz`` name of layer ``index`` of ``part`` (bottom, top): its ``weight``
+    ``[out, in]`` or ``bias``."""
+    return f"{part}.{index}.{what}"
+
+
 def dense_weights(
-    net_layers: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    bottom: Sequence[tuple[np.ndarray, np.ndarray]], top: Sequence[tuple[np.ndarray, np.ndarray]]
 ) -> dict[str, np.ndarray]:
-    """``[(prefix.i, W, b)]`` to the flat ``dense.npz`` naming."""
+    """``(weight, bias)`` layers of the two MLPs in ``dense.npz``'s naming."""
     out = {}
-    for key, w, b in net_layers:
-        out[f"{key}.weight"], out[f"{key}.bias"] = w, b
+    for part, layers in (("bottom", bottom), ("top", top)):
+        for i, (w, b) in enumerate(layers):
+            out[dense_key(part, i, "weight")], out[dense_key(part, i, "bias")] = w, b
     return out
 
 
@@ -248,7 +255,8 @@ def load_dense(root: Path | str, manifest: Manifest) -> DenseNet:
         out = []
         for i, act in enumerate(acts):
             key = f"{part}.{i}"
-            w, b = weights.get(f"{key}.weight"), weights.get(f"{key}.bias")
+            w = weights.get(dense_key(part, i, "weight"))
+            b = weights.get(dense_key(part, i, "bias"))
             if w is None or b is None:
                 raise ArtifactError(f"lacks {key}.weight or {key}.bias", path=str(path))
             if w.shape != (sizes[i + 1], sizes[i]) or b.shape != (sizes[i + 1],):

@@ -40,7 +40,12 @@ from recserve.contracts.manifest import (
     MLPSpec,
     TableSpec,
 )
-from recserve.model.artifact import ArtifactWriter, chunk_rows, interaction_kernel
+from recserve.model.artifact import (
+    ArtifactWriter,
+    chunk_rows,
+    dense_weights,
+    interaction_kernel,
+)
 from recserve.model.workload import Workload
 
 MIN_ROWS = 16
@@ -209,11 +214,9 @@ def synthesize(
     top = init_layers(dense_rng, top_sizes, [*top_acts[:-1], "none"])
     net = DenseNet(tuple(bottom), interaction_kernel(inter), tuple(top))
     top[-1] = calibrate(net, picker.pooled())
-    weights = {}
-    for part, layers in (("bottom", bottom), ("top", top)):
-        for i, layer in enumerate(layers):
-            weights[f"{part}.{i}.weight"], weights[f"{part}.{i}.bias"] = layer.weight, layer.bias
-    writer.write_dense(weights)
+    writer.write_dense(
+        dense_weights([(x.weight, x.bias) for x in bottom], [(x.weight, x.bias) for x in top])
+    )
     return writer.finish(manifest)
 
 

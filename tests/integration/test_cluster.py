@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -74,6 +76,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "m"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigint", "sigkill"])
 def test_up_leaves_no_processes_or_files(model: Path, how: str) -> None:
     proc = start_up(model, free_port())
@@ -99,3 +102,16 @@ def test_up_leaves_no_processes_or_files(model: Path, how: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's main command, on a small model: real shard daemons, gateway, loadgen."""
+    before = set(Path(tempfile.gettempdir()).glob("recserve-*"))
+    assert cli(["demo", "--workdir", str(tmp_path), "--size", "8MiB", "--duration", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "distributed" in out and "singular" in out and "shards contacted" in out
+    report = json.loads((tmp_path / "demo-report.json").read_text())
+    for mode in ("distributed", "singular"):
+        assert report["results"][mode]["ok"] > 0 and not report["results"][mode]["errors"]
+    assert set(Path(tempfile.gettempdir()).glob("recserve-*")) == before  # run dirs removed

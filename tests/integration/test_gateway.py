@@ -337,6 +337,7 @@ def mutate(value: Any, rng: np.random.Generator) -> Any:
     return junk[int(rng.integers(len(junk)))]
 
 
+@pytest.mark.slow
 def test_fuzz_never_a_5xx_then_a_correct_answer(deployments, fixtures_dir: Path) -> None:
     model, _ = deployments["D1"]
     samples = json.loads((fixtures_dir / "D1" / "batch_17" / "request.json").read_text())

@@ -284,6 +284,7 @@ def test_errors_are_typed_and_the_daemon_keeps_serving(shards, model_and_plan) -
         asyncio.run(lookup(endpoint, [PartRequest("nope", 0, 1)], np.array([0]), np.array([1])))
 
 
+@pytest.mark.slow
 def test_fuzz_then_a_correct_lookup(shards, model_and_plan) -> None:
     endpoint, proc = shards[0][0], shards[1][0]
     model, _, plan = model_and_plan

@@ -6,7 +6,6 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -18,7 +17,7 @@ from recserve.contracts.manifest import (
     MLPSpec,
     TableSpec,
 )
-from recserve.model.artifact import ArtifactWriter
+from recserve.model.artifact import ArtifactWriter, dense_weights
 
 Layer = tuple[np.ndarray, np.ndarray]  # (weight [out, in], bias [out])
 
@@ -180,11 +179,7 @@ def build_artifact(
     writer = ArtifactWriter(out, overwrite=overwrite)
     for spec, (_, values) in zip(specs, tables, strict=True):
         writer.write_table_array(spec, values.astype(np.float32, copy=False))
-    weights: dict[str, Any] = {}
-    for part, layers in (("bottom", dense.bottom), ("top", dense.top)):
-        for i, (w, b) in enumerate(layers):
-            weights[f"{part}.{i}.weight"], weights[f"{part}.{i}.bias"] = w, b
-    writer.write_dense(weights)
+    writer.write_dense(dense_weights(dense.bottom, dense.top))
     return writer.finish(manifest)
 
 

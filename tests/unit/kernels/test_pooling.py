@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import kernels
 from kernels import Int8RowwiseTable, quantize_rows
-from kernels.pooling import SERIAL_BELOW, pool_numpy
+from kernels.pooling import SERIAL_BELOW
+from kernels.reference import pool_numpy
 
 ENGINES = pytest.mark.parametrize("engine", [kernels.pool, pool_numpy], ids=["numba", "numpy"])
 

@@ -1,0 +1,145 @@
+"""The batcher alone, over an in-process pooler: batching, admission, and errors that reach
+only the requests they belong to."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway.batcher import Batcher
+from gateway.config import BatchSettings
+from gateway.metrics import GatewayMetrics
+from recserve.contracts.batch import Bags, Batch
+from recserve.contracts.errors import DeadlineExceeded, NotReady, Overloaded
+from recserve.rpc.deadline import Deadline
+
+POISON = 666.0  # a dense value the fake pooler fails on, as a routing bug would
+
+
+def batch(n: int, value: float = 1.0) -> Batch:
+    ids = np.arange(n, dtype=np.int64)
+    return Batch(np.full((n, 2), value, np.float32), {"f": Bags(ids, np.arange(n + 1))})
+
+
+class FakePooler:
+    """Pools each sample to its dense values; ``gate`` holds pooling until set."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    def prepare(self, b: Batch) -> None:
+        if (b.dense == POISON).any():
+            raise ValueError("cannot route this batch")
+        self.sizes.append(b.size)
+
+    async def pool(self, b: Batch, prepared: Any, deadline: Deadline, finish: Any) -> Any:
+        await self.gate.wait()
+        return finish(b.dense[:, None, :])
+
+    async def probe(self, deadline: Deadline) -> list[str]:
+        return []
+
+    async def close(self) -> None:
+        return None
+
+
+def dense_sum(dense: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+    return dense.sum(axis=1) + pooled.sum(axis=(1, 2))
+
+
+async def with_batcher(settings: BatchSettings, fn: Any) -> Any:
+    pooler = FakePooler()
+    executor = ThreadPoolExecutor(2)
+    batcher = Batcher(pooler, dense_sum, settings, executor, GatewayMetrics.create())
+    runner = asyncio.get_running_loop().create_task(batcher.run())
+    try:
+        return await fn(batcher, pooler)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        executor.shutdown()
+
+
+def test_concurrent_requests_share_a_batch_and_get_their_own_scores() -> None:
+    async def check(batcher: Batcher, pooler: FakePooler) -> None:
+        results = await asyncio.gather(
+            *(batcher.score(batch(n, float(n)), Deadline.after(5000)) for n in (1, 2, 3))
+        )
+        for n, scores in zip((1, 2, 3), results, strict=True):
+            np.testing.assert_allclose(scores, [4.0 * n] * n)
+        assert pooler.sizes == [6]
+        assert batcher.inflight_samples == 0
+
+    asyncio.run(with_batcher(BatchSettings(max_queue_delay_us=50_000), check))
+
+
+def test_an_error_in_a_merged_batch_fails_only_its_request() -> None:
+    async def check(batcher: Batcher, pooler: FakePooler) -> None:
+        good, bad, other = await asyncio.gather(
+            batcher.score(batch(2), Deadline.after(5000)),
+            batcher.score(batch(1, POISON), Deadline.after(5000)),
+            batcher.score(batch(3), Deadline.after(5000)),
+            return_exceptions=True,
+        )
+        np.testing.assert_allclose(good, [4.0, 4.0])
+        np.testing.assert_allclose(other, [4.0] * 3)
+        assert type(bad).__name__ == "RecserveError" and "cannot route" in str(bad)
+        assert batcher.inflight_samples == 0
+
+    asyncio.run(with_batcher(BatchSettings(max_queue_delay_us=50_000), check))
+
+
+def test_a_request_that_timed_out_in_the_queue_still_holds_its_samples() -> None:
+    """Under a stall the queue stays bounded by max_inflight_samples: a request that gave
+    up is counted until it leaves the queue."""
+    settings = BatchSettings(
+        max_batch_samples=4, max_queue_delay_us=0, max_inflight_samples=8, max_concurrent_batches=1
+    )
+
+    async def check(batcher: Batcher, pooler: FakePooler) -> None:
+        pooler.gate.clear()  # the first batch stalls in its lookups
+        first = asyncio.ensure_future(batcher.score(batch(4), Deadline.after(5000)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.score(batch(4), Deadline.after(50))
+        assert batcher.inflight_samples == 8  # the stalled batch and the queued request
+        with pytest.raises(Overloaded):
+            await batcher.score(batch(1), Deadline.after(5000))
+        pooler.gate.set()
+        np.testing.assert_allclose(await first, [4.0] * 4)
+        for _ in range(100):
+            if batcher.inflight_samples == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert batcher.inflight_samples == 0
+        np.testing.assert_allclose(await batcher.score(batch(1), Deadline.after(5000)), [4.0])
+
+    asyncio.run(with_batcher(settings, check))
+
+
+def test_stopping_fails_queued_requests_at_once() -> None:
+    settings = BatchSettings(max_batch_samples=1, max_queue_delay_us=0, max_concurrent_batches=1)
+
+    async def check() -> None:
+        pooler = FakePooler()
+        pooler.gate.clear()
+        executor = ThreadPoolExecutor(1)
+        batcher = Batcher(pooler, dense_sum, settings, executor, GatewayMetrics.create())
+        runner = asyncio.get_running_loop().create_task(batcher.run())
+        stalled = asyncio.ensure_future(batcher.score(batch(1), Deadline.after(30_000)))
+        queued = asyncio.ensure_future(batcher.score(batch(1), Deadline.after(30_000)))
+        await asyncio.sleep(0.05)
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        with pytest.raises(NotReady):
+            await asyncio.wait_for(queued, 1.0)  # not after its 30 s deadline
+        stalled.cancel()
+        executor.shutdown()
+
+    asyncio.run(check())
