@@ -1,6 +1,7 @@
-"""The one place that builds a daemon's command line, for everything that spawns daemons
-(``recserve up``, the demo, benchmarks, tests). recserve never imports the daemons: they run
-as ``python -m shardd`` / ``python -m gateway`` children of the same interpreter."""
+"""The one place that builds the command line of a daemon (or of the load generator), for
+everything that spawns them (``recserve up``, the demo, benchmarks, tests). recserve never
+imports the daemons: they run as ``python -m shardd`` / ``python -m gateway`` children of
+the same interpreter."""
 
 from __future__ import annotations
 
@@ -33,3 +34,7 @@ def gateway_argv(
     where = ["--singular"] if plan is None else ["--plan", str(plan)]
     argv = [sys.executable, "-m", "gateway", "--model", str(model), *where]
     return [*argv, "--host", host, "--port", str(port), *extra]
+
+
+def loadgen_argv(url: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "loadgen", "--url", url, *extra]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from recserve.contracts.errors import ArtifactError
 from recserve.contracts.manifest import read_manifest
 from recserve.contracts.plan import local_endpoints
 from recserve.contracts.units import format_size
+from recserve.local.argv import loadgen_argv
 from recserve.local.cluster import LocalCluster, free_port
 from recserve.model.synth import synthesize
 from recserve.planning import STRATEGIES, Traffic, build, compare_table
@@ -46,11 +46,7 @@ def _ensure_model(path: Path, size: int) -> None:
 def _load(cluster: LocalCluster, report: Path, duration: float) -> dict[str, Any]:
     before = cluster.cpu_seconds()
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadgen",
-            "--url",
+        loadgen_argv(
             cluster.url,
             "--qps",
             str(QPS),
@@ -63,7 +59,7 @@ def _load(cluster: LocalCluster, report: Path, duration: float) -> dict[str, Any
             "--plot",
             str(report.with_suffix(".png")),
             "--quiet",
-        ],
+        ),
         check=True,
         stdout=subprocess.DEVNULL,
     )
