@@ -28,6 +28,7 @@ from recserve.contracts.manifest import read_manifest
 from recserve.contracts.plan import read_plan
 from recserve.model.artifact import huge_page_bytes
 from recserve.runtime import logs
+from recserve.runtime.config import add_arguments, from_args, option
 from recserve.runtime.heap import freeze_startup_heap
 from recserve.runtime.systemd import Notifier
 from shardd.cpus import parse_cpus, pin_process, split
@@ -43,21 +44,38 @@ FLUSH_S = 0.2
 
 @dataclass(frozen=True)
 class ShardConfig:
-    plan: Path
-    model: Path
-    shard: int
-    replica: int = 0
-    bind: str | None = None
-    metrics_port: int | None = None
-    metrics_addr: str = "127.0.0.1"
-    preload: bool = False
-    hugepages: bool = False
-    queue_limit: int = 64
-    workers: int = 1
-    kernel_threads: int | None = None
-    inline_ids: int = 16384
-    kernel_cpus: frozenset[int] | None = None
-    drain_timeout: float = 10.0
+    plan: Path = option(help="the sharding plan (plan.json)")
+    model: Path = option(help="the model artifact directory")
+    shard: int = option(help="the shard of the plan to serve")
+    replica: int = option(0, "which of the shard's endpoints (replicas) to bind")
+    bind: str | None = option(None, "endpoint to bind instead of the plan's")
+    metrics_port: int | None = option(None, "serve Prometheus /metrics on this port")
+    metrics_addr: str = option("127.0.0.1", "address for /metrics")
+    preload: bool = option(False, "touch every page before serving")
+    hugepages: bool = option(
+        False,
+        "copy the parts into memory backed by transparent huge pages before serving (fewer "
+        "TLB misses on random lookups; costs the parts' size in anonymous memory)",
+    )
+    queue_limit: int = option(64, "lookups queued or running; more are refused")
+    workers: int = option(1, "threads running lookups")
+    kernel_threads: int | None = option(
+        None,
+        "threads per lookup (default: the --kernel-cpus per worker, else cores - 1, at least 1)",
+    )
+    inline_ids: int = option(
+        16384,
+        "pool lookups of at most N ids on the event loop instead of a worker, when the parts "
+        "are resident (--preload or --hugepages); 0: always a worker",
+    )
+    kernel_cpus: frozenset[int] | None = option(
+        None,
+        "run the workers only on these CPUs (a list like 3 or 2-3) and the event loop, ZeroMQ "
+        "and /metrics only on the others; default: not pinned",
+        parse=parse_cpus,
+        metavar="LIST",
+    )
+    drain_timeout: float = option(10.0, "seconds to finish lookups on SIGTERM")
 
     def __post_init__(self) -> None:
         if self.shard < 0 or self.replica < 0:
@@ -84,41 +102,7 @@ class ShardConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recserve shardd", description=__doc__.splitlines()[0])
-    p.add_argument("--plan", required=True, type=Path)
-    p.add_argument("--model", required=True, type=Path, help="the model artifact directory")
-    p.add_argument("--shard", required=True, type=int)
-    p.add_argument("--replica", type=int, default=0)
-    p.add_argument("--bind", help="endpoint to bind instead of the plan's")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
-    p.add_argument("--metrics-addr", default="127.0.0.1", help="address for /metrics")
-    p.add_argument("--preload", action="store_true", help="touch every page before serving")
-    p.add_argument(
-        "--hugepages",
-        action="store_true",
-        help="copy the parts into memory backed by transparent huge pages before serving "
-        "(fewer TLB misses on random lookups; costs the parts' size in anonymous memory)",
-    )
-    p.add_argument("--queue-limit", type=int, default=64, help="lookups queued or running")
-    p.add_argument("--workers", type=int, default=1, help="threads running lookups")
-    p.add_argument(
-        "--kernel-threads",
-        type=int,
-        help="threads per lookup (default: the --kernel-cpus per worker, else cores - 1, "
-        "at least 1)",
-    )
-    p.add_argument(
-        "--kernel-cpus",
-        help="run the workers only on these CPUs (a list like 3 or 2-3) and the event loop, "
-        "ZeroMQ and /metrics only on the others; default: not pinned",
-    )
-    p.add_argument(
-        "--inline-ids",
-        type=int,
-        default=16384,
-        help="pool lookups of at most N ids on the event loop instead of a worker, when the "
-        "parts are resident (--preload or --hugepages); 0: always a worker",
-    )
-    p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds on shutdown")
+    add_arguments(p, ShardConfig)
     p.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -128,16 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(logging.DEBUG if args.verbose else logging.INFO, json=args.log_json)
     try:
-        config = ShardConfig(
-            plan=args.plan, model=args.model, shard=args.shard, replica=args.replica,
-            bind=args.bind, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
-            preload=args.preload, hugepages=args.hugepages, queue_limit=args.queue_limit,
-            workers=args.workers,
-            kernel_threads=args.kernel_threads, inline_ids=args.inline_ids,
-            kernel_cpus=None if args.kernel_cpus is None else parse_cpus(args.kernel_cpus),
-            drain_timeout=args.drain_timeout,
-        )  # fmt: skip
-        return uvloop.run(run(config))
+        return uvloop.run(run(from_args(ShardConfig, args)))
     except RecserveError as exc:
         log.error("shardd cannot start: %s", exc.message)
         print(f"recserve shardd: error: {exc.message}", file=sys.stderr)
