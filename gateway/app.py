@@ -36,6 +36,14 @@ from recserve.contracts.http import JSON, MSGPACK, MSGPACK_TYPES, feature_list
 from recserve.rpc.deadline import Deadline
 
 log = logging.getLogger(__name__)
+CLIENT_GONE = "499"  # nginx's status for a request whose client closed the connection
+
+
+def wants_msgpack(request: web.Request) -> bool:
+    accept = request.headers.get("Accept", "")
+    return any(t in accept for t in MSGPACK_TYPES) or (
+        (not accept or accept == "*/*") and request.content_type in MSGPACK_TYPES
+    )
 
 
 def encode(
@@ -44,11 +52,7 @@ def encode(
     status: int = 200,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    accept = request.headers.get("Accept", "")
-    want_msgpack = any(t in accept for t in MSGPACK_TYPES) or (
-        (not accept or accept == "*/*") and request.content_type in MSGPACK_TYPES
-    )
-    if want_msgpack:
+    if wants_msgpack(request):
         return web.Response(
             body=msgpack.packb(doc, use_bin_type=True),
             status=status,
@@ -80,6 +84,10 @@ async def errors(
     route = resource.canonical if resource else "unknown"
     try:
         response = await handler(request)
+    except ConnectionResetError:  # the client went away mid-request: nobody to answer
+        gw.metrics.requests.labels(route=route, status=CLIENT_GONE).inc()
+        log.debug("%s %s: the client disconnected", request.method, request.path)
+        return web.Response(status=int(CLIENT_GONE))
     except RecserveError as exc:
         response = error_response(exc, request)
     except web.HTTPRequestEntityTooLarge:
@@ -100,8 +108,7 @@ async def errors(
 async def read_batch(request: web.Request) -> tuple[Batch, Deadline]:
     """The request's batch (parsed in the executor) and its deadline."""
     gw = request.config_dict[GATEWAY]
-    gw.admit()
-    body = await request.read()
+    body = await gw.read_body(request)
     ctype = request.content_type
 
     def parse() -> tuple[Batch, Deadline]:
@@ -130,23 +137,38 @@ async def predict(request: web.Request) -> web.Response:
 
 
 async def embeddings(request: web.Request) -> web.Response:
+    """Pooled vectors: admitted like a batch (in-flight samples and a batch slot), and no
+    larger than ``--max-embedding-floats``, which a small ranking body could otherwise
+    multiply into hundreds of MB."""
     gw = request.config_dict[GATEWAY]
+    if not gw.config.api.enable_embeddings:
+        raise web.HTTPNotFound(reason="/v1/embeddings is not enabled (--enable-embeddings)")
     batch, deadline = await read_batch(request)
     names = [f for f, _ in gw.manifest.features()]
+    floats = batch.size * len(names) * gw.manifest.embedding_dim
+    limit = gw.config.api.max_embedding_floats
+    if floats > limit:
+        raise TooLarge(
+            f"the reply would hold {floats} floats, more than the limit of {limit}",
+            field="samples",
+        )
+    lists = wants_msgpack(request)  # orjson writes numpy arrays itself; msgpack needs lists
 
     def document(pooled: np.ndarray) -> dict[str, Any]:  # B x F x dim floats: not on the loop
+        columns = (np.ascontiguousarray(pooled[:, k, :]) for k in range(len(names)))
         return {
             "embeddings": {
-                f: np.ascontiguousarray(pooled[:, k, :]).tolist() for k, f in enumerate(names)
+                f: c.tolist() if lists else c for f, c in zip(names, columns, strict=True)
             },
             "model": gw.manifest.name,
             "version": gw.manifest.version,
         }
 
-    prepared = await asyncio.get_running_loop().run_in_executor(
-        gw.executor, gw.pooler.prepare, batch
-    )
-    doc = await gw.pooler.pool(batch, prepared, deadline, document)
+    async with gw.batcher.admitted(batch.size, deadline):
+        prepared = await asyncio.get_running_loop().run_in_executor(
+            gw.executor, gw.pooler.prepare, batch
+        )
+        doc = await gw.pooler.pool(batch, prepared, deadline, document)
     return encode(doc, request)
 
 

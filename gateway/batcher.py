@@ -17,10 +17,11 @@ each is scored again alone, so only the request that causes it fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -79,12 +80,7 @@ class Batcher:
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def score(self, batch: Batch, deadline: Deadline) -> np.ndarray:
-        if self.closed:
-            raise NotReady("the gateway is shutting down")
-        if self.inflight_samples + batch.size > self.settings.max_inflight_samples:
-            raise Overloaded(
-                f"{self.inflight_samples} samples are already queued or running", retry_after=0.1
-            )
+        self._admit(batch.size)
         pending = Pending(batch, deadline, asyncio.get_running_loop().create_future())
         self._count(batch.size)
         self.queue.append(pending)
@@ -94,6 +90,33 @@ class Batcher:
                 return await asyncio.shield(pending.future)
         except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed before it was scored") from None
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, samples: int, deadline: Deadline) -> AsyncIterator[None]:
+        """Admission for work outside the batches (``/v1/embeddings``): its samples count
+        against ``max_inflight_samples`` and it takes one of the concurrent-batch slots."""
+        self._admit(samples)
+        self._count(samples)
+        try:
+            try:
+                async with asyncio.timeout(deadline.left_s()):
+                    await self.slots.acquire()
+            except TimeoutError:
+                raise DeadlineExceeded("no batch slot before the request's deadline") from None
+            try:
+                yield
+            finally:
+                self.slots.release()
+        finally:
+            self._count(-samples)
+
+    def _admit(self, samples: int) -> None:
+        if self.closed:
+            raise NotReady("the gateway is shutting down")
+        if self.inflight_samples + samples > self.settings.max_inflight_samples:
+            raise Overloaded(
+                f"{self.inflight_samples} samples are already queued or running", retry_after=0.1
+            )
 
     def _count(self, samples: int) -> None:
         self.inflight_samples += samples

@@ -39,12 +39,21 @@ class ApiSettings:
     max_request_samples: int = option(8192, "samples in one request (413 above)")
     max_request_ids: int = option(4_000_000, "ids in one request (413 above)")
     max_body_bytes: int = option(64 << 20, "bytes of one request body (413 above)")
+    body_timeout_s: float = option(10.0, "seconds a client may take to send its body (408)")
+    enable_embeddings: bool = option(
+        False, "serve POST /v1/embeddings (it returns the tables' learned values: opt in)"
+    )
+    max_embedding_floats: int = option(
+        1 << 22, "floats in one /v1/embeddings reply, samples x features x dim (413 above)"
+    )
 
     def __post_init__(self) -> None:
         if not self.timeout_ms > 0:
             raise ConfigError("--timeout-ms must be positive")
         if min(self.max_request_samples, self.max_request_ids, self.max_body_bytes) < 1:
             raise ConfigError("request limits must be >= 1")
+        if not self.body_timeout_s > 0:
+            raise ConfigError("--body-timeout-s must be positive")
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,8 @@ async def errors(
         return v2_error(TooLarge("the body is larger than the gateway accepts", field="body"))
     except web.HTTPException as exc:
         return web.json_response({"error": exc.text or exc.reason}, status=exc.status)
+    except ConnectionResetError:
+        raise  # the client is gone: the main app counts it
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return v2_error(RecserveError("internal error; see the gateway log"))
@@ -206,8 +208,7 @@ def parse_infer(body: bytes, header_len: int | None, gw: Gateway) -> tuple[Batch
 
 async def infer(request: web.Request) -> web.Response:
     gw = _model(request)
-    gw.admit()
-    body = await request.read()
+    body = await gw.read_body(request)
     raw_len = request.headers.get(HEADER)
     header_len = int(raw_len) if raw_len and raw_len.isdigit() else None
     if header_len is not None and header_len > len(body):

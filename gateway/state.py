@@ -17,7 +17,15 @@ from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.pooler import Pooler
 from recserve.contracts.batch import Batch
-from recserve.contracts.errors import BadRequest, NotReady, RecserveError, TooLarge, http_status
+from recserve.contracts.errors import (
+    BadRequest,
+    NotReady,
+    RecserveError,
+    RequestTimeout,
+    TooLarge,
+    UnsupportedEncoding,
+    http_status,
+)
 from recserve.contracts.manifest import Manifest
 from recserve.contracts.plan import Plan
 from recserve.contracts.samples import Limits
@@ -51,6 +59,26 @@ class Gateway:
         """Refuse a new request while draining."""
         if self.draining:
             raise NotReady("the gateway is shutting down")
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The request's body, uncompressed only (aiohttp would inflate a gzip body before
+        any limit applies), read within ``--body-timeout-s`` (a client that stalls mid-body
+        gets 408 instead of holding a connection and a handler forever)."""
+        self.admit()
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise UnsupportedEncoding(
+                f"Content-Encoding {encoding} is not accepted; send the body uncompressed",
+                field="Content-Encoding",
+            )
+        try:
+            async with asyncio.timeout(self.config.api.body_timeout_s):
+                return await request.read()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the body did not arrive within {self.config.api.body_timeout_s:g} s",
+                field="body",
+            ) from None
 
     def deadline(self, requested_ms: Any, field: str) -> Deadline:
         """The request's deadline: ``--timeout-ms`` from now, or the shorter one it asked

@@ -21,7 +21,7 @@ from kernels import Int8RowwiseTable, Table
 from recserve.contracts.errors import IdOutOfRange, UnknownTable
 from recserve.contracts.manifest import Manifest, TableSpec
 from recserve.contracts.plan import ShardPlan
-from recserve.model.artifact import hugepage_copies, open_table, touch
+from recserve.model.artifact import file_size, hugepage_copies, open_table, touch
 from recserve.rpc.wire import Lookup
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class PartStore:
         for p in shard.parts:
             spec = manifest.table(p.table)
             if p.table not in tables:
-                tables[p.table] = open_table(root, spec)
+                tables[p.table] = open_table(root, spec, file_size(manifest, spec))
             whole = tables[p.table]
             if isinstance(whole, Int8RowwiseTable):
                 view: Table = Int8RowwiseTable(whole.data[p.row_start : p.row_end])

@@ -59,6 +59,18 @@ class UnknownOp(BadRequest):
     kind = "unknown_op"
 
 
+class UnsupportedEncoding(BadRequest):
+    """A compressed body: refused rather than inflated past the body limit."""
+
+    kind = "unsupported_encoding"
+
+
+class RequestTimeout(BadRequest):
+    """The client did not send its request in time."""
+
+    kind = "request_timeout"
+
+
 # --- the service cannot answer (now) ------------------------------------------------------------
 
 
@@ -136,6 +148,8 @@ HTTP_STATUS: dict[str, int] = {
     "too_large": 413,
     "unsupported_version": 400,
     "unknown_op": 400,
+    "unsupported_encoding": 415,
+    "request_timeout": 408,
     "overloaded": 429,
     "deadline_exceeded": 504,
     "shard_unavailable": 503,

@@ -30,7 +30,7 @@ POOLINGS = ("sum", "mean")
 INTERACTIONS = ("dot", "cat")
 ORDERS = ("dlrm_tril", "torchrec_triu")
 ACTIVATIONS = ("relu", "sigmoid", "none")  # kernels.dense applies them; a test checks both agree
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # fullmatch: no trailing newline
 INT8_TAIL = 8  # float32 scale + bias per row, FBGEMM's fused layout
 
 
@@ -209,7 +209,7 @@ class Manifest:
         feats: set[str] = set()
         for i, t in enumerate(self.tables):
             where = f"tables[{i}]"
-            if not NAME_RE.match(t.name) or t.name in names:
+            if not NAME_RE.fullmatch(t.name) or t.name in names:
                 raise bad(f"table name {t.name!r} is invalid or repeated", f"{where}.name")
             names.add(t.name)
             if t.rows < 1 or t.dim < 1:
@@ -252,6 +252,16 @@ class Manifest:
             )
         if self.dense.top.sizes[-1] != 1:
             raise bad("top MLP must end in one output", "dense.top.sizes")
+        if self.files and set(self.files) != self.expected_files():
+            odd = sorted(set(self.files) ^ self.expected_files())[0]
+            raise bad(
+                f"lists {odd!r}: files must be exactly the tables' files and {DENSE_FILE}",
+                "files",
+            )
+
+    def expected_files(self) -> set[str]:
+        """The artifact's files, relative to its directory: nothing else is ever read."""
+        return {t.file for t in self.tables} | {DENSE_FILE}
 
 
 def parse_manifest(raw: bytes, path: str = MANIFEST) -> Manifest:

@@ -78,7 +78,7 @@ def parse_samples(
     bounds = _bounds(got, len(names), len(samples))
     ids = _ids(got, names, rows, bounds, field)
     starts = np.zeros(len(names) + 1, np.int64)
-    np.cumsum(bounds[:, -1], out=starts[1:])
+    np.cumsum([b[-1] for b in bounds], out=starts[1:])
     out = {}
     for k, feature in enumerate(names):
         out[feature] = Bags(
@@ -174,23 +174,31 @@ def _dense_array(rows: list[Any], field: str, size: int) -> np.ndarray:
     return np.repeat(out, size, axis=0) if len(rows) != size else out
 
 
-def _bounds(got: _Collected, features: int, size: int) -> np.ndarray:
-    """``[features, size + 1]`` bag bounds: row ``k`` is feature ``k``'s."""
-    counts = np.zeros((features, size + 1), np.int64)
+def _bounds(got: _Collected, features: int, size: int) -> list[np.ndarray]:
+    """Each feature's ``size + 1`` bag bounds. Features no sample names share one read-only
+    array of zeros, so a body of many empty samples costs one array, not one per feature."""
+    zeros = np.zeros(size + 1, np.int64)
+    zeros.flags.writeable = False
+    out = [zeros] * features
     if got.bags:
         k, i, n = np.array(got.bags, np.int64).T
-        counts[k, i + 1] = n
-    return np.cumsum(counts, axis=1)
+        present, row = np.unique(k, return_inverse=True)
+        counts = np.zeros((present.size, size + 1), np.int64)
+        counts[row, i + 1] = n
+        for j, bounds in zip(present.tolist(), np.cumsum(counts, axis=1), strict=True):
+            out[j] = bounds
+    return out
 
 
 def _ids(
-    got: _Collected, names: list[str], rows: np.ndarray, bounds: np.ndarray, field: str
+    got: _Collected, names: list[str], rows: np.ndarray, bounds: list[np.ndarray], field: str
 ) -> np.ndarray:
     """Every feature's ids as one int64 array, checked by a handful of numpy calls (per
     feature they cost ~15 us each, most of a ranking request's parse on a 64-feature
     model)."""
+    totals = np.array([b[-1] for b in bounds], np.int64)
     starts = np.zeros(len(names) + 1, np.int64)
-    np.cumsum(bounds[:, -1], out=starts[1:])
+    np.cumsum(totals, out=starts[1:])
     flat: list[Any] = []
     for bag_ids in got.ids:
         flat += bag_ids
@@ -199,10 +207,10 @@ def _ids(
         k = int(np.searchsorted(starts, pos, side="right")) - 1
         at = pos - int(starts[k])
         sample = int(np.searchsorted(bounds[k], at, side="right")) - 1
-        return f"{field}[{sample}].sparse.{names[k]}", at - int(bounds[k, sample])
+        return f"{field}[{sample}].sparse.{names[k]}", at - int(bounds[k][sample])
 
     arr = _ids_array(flat, locate)
-    limits = np.repeat(rows, bounds[:, -1])
+    limits = np.repeat(rows, totals)
     bad = (arr < 0) | (arr >= limits)
     if bad.any():
         pos = int(np.flatnonzero(bad)[0])

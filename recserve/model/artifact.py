@@ -154,8 +154,11 @@ def dense_weights(
 # --- reading --------------------------------------------------------------------------------
 
 
-def open_table(root: Path | str, spec: TableSpec) -> Table:
-    """Memory-map one table after checking its header against the manifest."""
+def open_table(root: Path | str, spec: TableSpec, size: int | None = None) -> Table:
+    """Memory-map one table after checking its header against the manifest, and its size
+    against ``size`` (the manifest's record of the file) when given: a table is mapped
+    shared, so a file truncated under a running daemon would kill it with SIGBUS. An
+    artifact directory is immutable once served; a changed one is refused here."""
     path = Path(root) / spec.file
     try:
         array = np.load(path, mmap_mode="r")
@@ -167,6 +170,12 @@ def open_table(root: Path | str, spec: TableSpec) -> Table:
     if array.dtype != dtype or array.shape != (spec.rows, width) or not array.flags.c_contiguous:
         raise ArtifactError(
             f"holds {array.dtype} {array.shape}, manifest says {dtype} {(spec.rows, width)}",
+            path=str(path),
+        )
+    if size is not None and path.stat().st_size != size:
+        raise ArtifactError(
+            f"is {path.stat().st_size} bytes, the manifest says {size}: the artifact was "
+            "changed after export (deploy a new directory instead)",
             path=str(path),
         )
     return Int8RowwiseTable(array) if spec.dtype == "int8" else array
@@ -278,9 +287,16 @@ def load_dense(root: Path | str, manifest: Manifest) -> DenseNet:
 def verify(root: Path | str, manifest: Manifest, files: Iterable[str] | None = None) -> None:
     """Check sizes and sha256 of ``files`` (default: all) against the manifest."""
     root = Path(root)
+    missing = manifest.expected_files() - set(manifest.files)
+    if missing:
+        raise ArtifactError("has no checksum in the manifest", path=str(root / min(missing)))
     for rel in sorted(files if files is not None else manifest.files):
         entry = manifest.files.get(rel)
         path = root / rel
+        if rel not in manifest.expected_files() or not path.resolve().is_relative_to(
+            root.resolve()
+        ):
+            raise ArtifactError("is not a file of this artifact", path=str(path))
         if entry is None:
             raise ArtifactError("has no checksum in the manifest", path=str(path))
         digest = hashlib.sha256()
@@ -294,3 +310,9 @@ def verify(root: Path | str, manifest: Manifest, files: Iterable[str] | None = N
             raise ChecksumMismatch(
                 "checksum mismatch: the file is damaged or was changed after export", path=str(path)
             )
+
+
+def file_size(manifest: Manifest, spec: TableSpec) -> int | None:
+    """The size the manifest records for a table's file (None while one is being built)."""
+    entry = manifest.files.get(spec.file)
+    return None if entry is None else entry.bytes

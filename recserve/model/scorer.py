@@ -17,6 +17,7 @@ from recserve.contracts.batch import Batch, concat_weights
 from recserve.contracts.errors import IdOutOfRange
 from recserve.contracts.manifest import Manifest, read_manifest
 from recserve.model.artifact import (
+    file_size,
     hugepage_copies,
     load_dense,
     open_table,
@@ -43,7 +44,7 @@ class Model:
         manifest = read_manifest(root)
         if check:
             verify(root, manifest)
-        tables = {t.name: open_table(root, t) for t in manifest.tables}
+        tables = {t.name: open_table(root, t, file_size(manifest, t)) for t in manifest.tables}
         return cls(root, manifest, tables, load_dense(root, manifest))
 
     def preload(self, *, hugepages: bool = False) -> float:

@@ -11,7 +11,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from gateway.config import GatewayConfig
+from gateway.config import ApiSettings, GatewayConfig
 from tests.conftest import DEV_MODELS
 from tests.integration.gateway.helpers import post, serve
 
@@ -62,7 +62,8 @@ def test_ranking_form_matches_flat_samples(deployments) -> None:
         s3, emb, _ = await post(session, url, {"samples": flat[:3]}, path="/v1/embeddings")
         assert s3 == 200 and len(emb["embeddings"]["3"]) == 3
 
-    asyncio.run(serve(GatewayConfig(model=model, plan=plan, port=0), check))
+    config = GatewayConfig(model=model, plan=plan, port=0, api=ApiSettings(enable_embeddings=True))
+    asyncio.run(serve(config, check))
 
 
 @pytest.mark.parametrize("fixture", DEV_MODELS)
