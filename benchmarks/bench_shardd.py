@@ -13,6 +13,8 @@ to them, as a process sharing a shard's host should (systemd's ``CPUAffinity=``)
 a gateway on another host does; on 2 cores the kernel thread then has one core and the
 client, the loop and ZeroMQ the other. A third daemon ("tcp, shared cores") runs without
 ``--kernel-cpus`` and its client anywhere: the scheduler mixes everything on all cores.
+A fourth ("tcp, CURVE") is the tcp daemon with ``--curve-keys``: encryption and client
+authentication, compared with plaintext tcp round by round (target >= 0.85x).
 
     python -m benchmarks.bench_shardd [--small] [--requests N] [--rounds N] [--inflight N]
 """
@@ -36,13 +38,17 @@ from recserve.contracts.plan import local_endpoints
 from recserve.model.artifact import ArtifactWriter, hugepage_copies, open_table
 from recserve.planning import build
 from recserve.rpc.client import ShardClient
+from recserve.rpc.curve import CurveKeys, keygen
 from recserve.rpc.deadline import Deadline
+from recserve.rpc.probe import ready
 from recserve.rpc.wire import PartRequest
 from shardd.cpus import pin_process
 from shardd.main import default_kernel_threads
-from tests.integration.shards import free_port, start_shard, stop, wait_healthy
+from tests.integration.shards import free_port, start_shard, stop
 
 DIM, BAGS, POOLING = 64, 2048, 40
+
+CURVE = "tcp, CURVE"
 
 
 def write_model(root: Path, rows: int) -> Manifest:
@@ -98,11 +104,11 @@ def bare(table: kernels.Table, reqs: list[np.ndarray], threads: int) -> float:
 
 
 async def over_wire(
-    endpoint: str, reqs: list[np.ndarray], inflight: int
+    endpoint: str, reqs: list[np.ndarray], inflight: int, keys: CurveKeys | None = None
 ) -> tuple[list[float], float]:
     """Round-trip ms of each request sent alone, then ids/s with ``inflight`` in flight."""
     ctx = zmq.Context()
-    client = ShardClient(endpoint, ctx)
+    client = ShardClient(endpoint, ctx, keys=keys)
     parts = [PartRequest("t", 0, BAGS, "sum")]
     lengths = np.full(BAGS, POOLING, np.int32)
 
@@ -159,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         paths = {
             "tcp": (f"tcp://127.0.0.1:{free_port()}", client_cpus),
             "ipc": (f"ipc://{root}/s.sock", client_cpus),
+            CURVE: (f"tcp://127.0.0.1:{free_port()}", client_cpus),
         }
+        keygen(root / "keys")
+        keys = CurveKeys.for_client(root / "keys")
         if client_cpus is not None:
             paths["tcp, shared cores"] = (f"tcp://127.0.0.1:{free_port()}", None)
         extra = ["--hugepages" if args.hugepages else "--preload", "--workers", str(args.workers)]
@@ -173,16 +182,18 @@ def main(argv: list[str] | None = None) -> int:
                 ep,
                 *extra,
                 *(["--kernel-cpus", str(kernel_cpu)] if cpus is not None else []),
+                *(["--curve-keys", str(root / "keys")] if path == CURVE else []),
             )
-            for ep, cpus in paths.values()
+            for path, (ep, cpus) in paths.items()
         ]
         latency: dict[str, list[float]] = {t: [] for t in paths}
         rates: dict[str, list[float]] = {t: [] for t in paths}
         same = args.kernel_threads or default_kernel_threads()
         bare_rates: dict[int, list[float]] = {same: [], kernels.default_threads(): []}
         try:
-            for (ep, _), proc in zip(paths.values(), procs, strict=True):
-                wait_healthy(ep, proc)
+            for (path, (ep, _)), proc in zip(paths.items(), procs, strict=True):
+                while not ready(ep, keys=keys if path == CURVE else None):
+                    assert proc.poll() is None, f"the {path} daemon exited"
             # Rounds alternate the paths so drift on a shared machine hits all of them.
             for _ in range(args.rounds):
                 for threads, done in bare_rates.items():
@@ -190,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                 for path, (ep, cpus) in paths.items():
                     pin_process(cpus or allowed)
                     try:
-                        ms, rate = asyncio.run(over_wire(ep, reqs, args.inflight))
+                        ms, rate = asyncio.run(
+                            over_wire(ep, reqs, args.inflight, keys if path == CURVE else None)
+                        )
                     finally:
                         pin_process(allowed)
                     latency[path] += ms
@@ -248,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         f"thread(s), median of per-round ratios, worse transport{pinned}: {worst:.2f}x "
         f"{'met' if worst >= 0.7 else 'MISSED'}; against the kernel on all {all_cores} "
         f"cores: {min(vs[(t, all_cores)] for t in headline):.2f}x"
+    )
+    curve = float(np.median(np.array(rates[CURVE]) / np.array(rates["tcp"])))
+    print(
+        f"CURVE (encrypted, authenticated) against plaintext tcp, median of per-round ratios: "
+        f"{curve:.2f}x, target >= 0.85x {'met' if curve >= 0.85 else 'MISSED'}"
     )
     if "tcp, shared cores" in paths:
         print(

@@ -69,6 +69,12 @@ class GatewayConfig:
         1, "BLAS threads per dense MLP (1: batches run side by side instead)"
     )
     drain_timeout: float = option(10.0, "seconds to finish requests on SIGTERM")
+    curve_keys: Path | None = option(
+        None,
+        "CURVE keys directory (recserve keygen): talk to the shards encrypted, as a known "
+        "client (client.key_secret, server.key)",
+        metavar="DIR",
+    )
     preload: bool = option(False, "with --singular: touch every table page before serving")
     hugepages: bool = option(
         False,

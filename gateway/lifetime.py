@@ -24,6 +24,7 @@ from recserve.contracts.manifest import Manifest, read_manifest
 from recserve.contracts.plan import read_plan
 from recserve.model.artifact import huge_page_bytes, load_dense
 from recserve.model.scorer import Model
+from recserve.rpc.curve import CurveKeys
 from recserve.rpc.deadline import Deadline
 
 log = logging.getLogger("gateway")
@@ -45,7 +46,8 @@ async def running(config: GatewayConfig) -> AsyncIterator[Gateway]:
         else:
             plan = read_plan(config.plan)
             plan.check(manifest)
-            pooler = ShardedPooler(manifest, plan, ctx, executor, metrics)
+            keys = CurveKeys.for_client(config.curve_keys) if config.curve_keys else None
+            pooler = ShardedPooler(manifest, plan, ctx, executor, metrics, keys)
             dense = load_dense(config.model, manifest)
         # Load the compiled kernel and run one dense forward before serving: the first
         # requests must not pay for them (they decided the P99 of short runs).

@@ -26,6 +26,7 @@ from recserve.contracts.batch import Batch
 from recserve.contracts.manifest import Manifest
 from recserve.contracts.plan import Plan
 from recserve.model.scorer import Model
+from recserve.rpc.curve import CurveKeys
 from recserve.rpc.deadline import Deadline
 
 T = TypeVar("T")
@@ -79,13 +80,14 @@ class ShardedPooler:
         ctx: zmq.Context[Any],
         executor: Executor,
         metrics: GatewayMetrics,
+        keys: CurveKeys | None = None,
     ) -> None:
         self.metrics = metrics
         self.executor = executor
         self.dim = manifest.embedding_dim
         self.router = Router(manifest, plan)
         self.merger = Merger(manifest, self.router)
-        self.replicas = {s.id: ReplicaSet(s, ctx, metrics) for s in plan.shards}
+        self.replicas = {s.id: ReplicaSet(s, ctx, metrics, keys) for s in plan.shards}
 
     def prepare(self, batch: Batch) -> dict[int, ShardRequest]:
         return self.router.route(batch)

@@ -16,6 +16,7 @@ from gateway.metrics import GatewayMetrics
 from recserve.contracts.errors import RecserveError, ShardUnavailable
 from recserve.contracts.plan import ShardPlan
 from recserve.rpc.client import PooledGroup, ShardClient
+from recserve.rpc.curve import CurveKeys
 from recserve.rpc.deadline import Deadline, now_ms
 from recserve.rpc.wire import PartRequest
 
@@ -27,10 +28,17 @@ RETRYABLE = frozenset({"shard_unavailable", "not_ready", "overloaded"})
 
 
 class ReplicaSet:
-    def __init__(self, shard: ShardPlan, ctx: zmq.Context[Any], metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        shard: ShardPlan,
+        ctx: zmq.Context[Any],
+        metrics: GatewayMetrics,
+        keys: CurveKeys | None = None,
+    ) -> None:
         self.id = shard.id
         self.clients = [
-            ShardClient(ep, ctx, name=f"{shard.id}/{r}") for r, ep in enumerate(shard.endpoints)
+            ShardClient(ep, ctx, name=f"{shard.id}/{r}", keys=keys)
+            for r, ep in enumerate(shard.endpoints)
         ]
         self.metrics = metrics
         self.rpc = metrics.shard_rpc.labels(shard=str(shard.id))

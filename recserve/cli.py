@@ -142,6 +142,10 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--strategy", default="net", choices=("capacity", "load", "net", "auto"))
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--curve-keys", type=Path, help="CURVE between gateway and shards (keygen)")
+
+    p = sub.add_parser("keygen", help="write CURVE key pairs for shards and gateways")
+    p.add_argument("--out", required=True, type=Path)
 
     p = sub.add_parser("verify", help="check every file of an artifact against its checksums")
     p.add_argument("--model", required=True, type=Path)
@@ -280,7 +284,20 @@ def cmd_up(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         port=args.port,
         singular=args.singular,
+        curve_keys=args.curve_keys,
     )
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from recserve.rpc.curve import keygen
+
+    for path in keygen(args.out):
+        print(f"wrote {path}")
+    print(
+        "shards need server.key_secret and client.key; gateways client.key_secret and "
+        "server.key (pass the directory as --curve-keys)"
+    )
+    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -316,6 +333,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "plan": cmd_plan,
     "up": cmd_up,
+    "keygen": cmd_keygen,
     "verify": cmd_verify,
     "info": cmd_info,
 }

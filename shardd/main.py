@@ -27,6 +27,8 @@ from recserve.contracts.errors import ConfigError, RecserveError
 from recserve.contracts.manifest import read_manifest
 from recserve.contracts.plan import read_plan
 from recserve.model.artifact import huge_page_bytes
+from recserve.rpc.curve import CurveKeys
+from recserve.rpc.wire import MAX_FRAME
 from recserve.runtime import logs
 from recserve.runtime.config import add_arguments, from_args, option
 from recserve.runtime.heap import freeze_startup_heap
@@ -76,6 +78,18 @@ class ShardConfig:
         metavar="LIST",
     )
     drain_timeout: float = option(10.0, "seconds to finish lookups on SIGTERM")
+    max_message_bytes: int = option(
+        MAX_FRAME, "largest frame a client may send; a larger one disconnects it"
+    )
+    max_reply_bytes: int = option(
+        MAX_FRAME, "largest reply one lookup may ask for (bags x parts x dim x 4): too_large"
+    )
+    curve_keys: Path | None = option(
+        None,
+        "CURVE keys directory (recserve keygen): encrypt the channel and serve only clients "
+        "whose public key (*.key) is there",
+        metavar="DIR",
+    )
 
     def __post_init__(self) -> None:
         if self.shard < 0 or self.replica < 0:
@@ -88,6 +102,8 @@ class ShardConfig:
             raise ConfigError("--inline-ids must be >= 0")
         if self.drain_timeout < 0:
             raise ConfigError("--drain-timeout must be >= 0")
+        if self.max_message_bytes < 1024 or self.max_reply_bytes < 4:
+            raise ConfigError("--max-message-bytes must be >= 1024, --max-reply-bytes >= 4")
         if self.kernel_cpus is not None and not self.kernel_cpus:
             raise ConfigError("--kernel-cpus names no CPU")
 
@@ -171,9 +187,14 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
         http = start_http_server(
             config.metrics_port, config.metrics_addr, registry=metrics.registry
         )
+    keys = CurveKeys.for_server(config.curve_keys) if config.curve_keys else None
     ctx = zmq.Context()
+    auth = keys.authenticator(ctx) if keys is not None else None
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)  # larger: the peer is dropped
+    if keys is not None:
+        keys.secure_server(sock)
     settings = ServerSettings(
         config.shard,
         config.replica,
@@ -183,6 +204,7 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
         # A page fault on a lazily mapped part would stall the loop on the disk.
         config.inline_ids if config.preload or config.hugepages else 0,
         config.kernel_cpus,
+        config.max_reply_bytes // 4,
     )
     server = ShardServer(sock, store, manifest, settings, metrics)
     try:
@@ -194,7 +216,7 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
             watchdog = loop.create_task(_watchdog(notifier)) if notifier.watchdog_s else None
             log.info(
                 "shard %d replica %d serving %d parts (%d MiB) on %s; kernel ready in %.2f s; "
-                "lookups of up to %d ids pooled on the loop",
+                "lookups of up to %d ids pooled on the loop; %s",
                 config.shard,
                 config.replica,
                 len(store.parts),
@@ -202,6 +224,7 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
                 actual,
                 warm,
                 settings.inline_ids,
+                "CURVE, known clients only" if keys else "plaintext, any client",
                 extra={"endpoint": actual, "shard": config.shard},
             )
             frozen = freeze_startup_heap()
@@ -227,6 +250,8 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
         # the exit.
         server.close()
         sock.close(linger=REPLY_FLUSH_MS)
+        if auth is not None:
+            auth.stop()
         ctx.term()
         if http is not None:
             http[0].shutdown()

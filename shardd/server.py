@@ -34,6 +34,7 @@ from recserve.contracts.manifest import Manifest
 from recserve.rpc.deadline import Deadline
 from recserve.rpc.loopsocket import LoopSocket
 from recserve.rpc.wire import (
+    MAX_REPLY_FLOATS,
     decode_header,
     decode_lookup,
     error_reply,
@@ -45,6 +46,7 @@ from shardd.metrics import ShardMetrics
 from shardd.store import Group, Job, PartStore
 
 log = logging.getLogger(__name__)
+INLINE_FLOATS = 1 << 20  # pooled floats (4 MiB) a lookup pooled on the loop may write
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ServerSettings:
     kernel_threads: int | None = None
     inline_ids: int = 0  # lookups of at most this many ids are pooled on the loop
     kernel_cpus: frozenset[int] | None = None  # the workers' CPUs; None: not pinned
+    max_reply_floats: int = MAX_REPLY_FLOATS  # pooled floats one lookup may ask for
 
 
 class Call:
@@ -159,8 +162,13 @@ class ShardServer:
             if self.inflight >= self.settings.queue_limit:
                 raise Overloaded(f"{self.inflight} lookups already queued", retry_after=0.05)
             lookup = decode_lookup(header, [f.buffer for f in body[1:]])
-            inline = lookup.ids.size <= self.settings.inline_ids
-            job = self.store.prepare(lookup, 1 if inline else self.settings.kernel_threads)
+            # Inline only when small in ids and in output: bags x widest dim bounds it.
+            inline = (
+                lookup.ids.size <= self.settings.inline_ids
+                and lookup.lengths.size * self.store.max_dim <= INLINE_FLOATS
+            )
+            threads = 1 if inline else self.settings.kernel_threads
+            job = self.store.prepare(lookup, threads, self.settings.max_reply_floats)
         except Exception as exc:
             if not isinstance(exc, RecserveError):
                 log.exception("preparing lookup %s failed", header and header.get("id"))

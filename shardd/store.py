@@ -18,11 +18,11 @@ import numpy as np
 
 import kernels
 from kernels import Int8RowwiseTable, Table
-from recserve.contracts.errors import IdOutOfRange, UnknownTable
+from recserve.contracts.errors import IdOutOfRange, TooLarge, UnknownTable
 from recserve.contracts.manifest import Manifest, TableSpec
 from recserve.contracts.plan import ShardPlan
 from recserve.model.artifact import file_size, hugepage_copies, open_table, touch
-from recserve.rpc.wire import Lookup
+from recserve.rpc.wire import MAX_REPLY_FLOATS, Lookup
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class PartStore:
         """Resolve every part once for the kernel (see ``kernels.TableSet``)."""
         self.index = {key: i for i, key in enumerate(self.parts)}
         self.by_slot = list(self.parts.values())
+        self.max_dim = max((p.spec.dim for p in self.by_slot), default=0)
         self.tableset = kernels.TableSet(
             [p.view for p in self.by_slot], first_ids=[p.row_start for p in self.by_slot]
         )
@@ -104,7 +105,9 @@ class PartStore:
         """Pool every part of ``lookup``; ids outside a part's rows are a typed error."""
         return self.prepare(lookup, threads).run()
 
-    def prepare(self, lookup: Lookup, threads: int | None = None) -> Job:
+    def prepare(
+        self, lookup: Lookup, threads: int | None = None, max_floats: int = MAX_REPLY_FLOATS
+    ) -> Job:
         """Resolve ``lookup``'s parts and check and size its kernel calls without running
         them (the server does this on its loop; a worker then only runs ``Job.run``).
 
@@ -123,6 +126,12 @@ class PartStore:
             slots.append(slot)
             resolved.append(self.by_slot[slot])
         bags = [req.bags for req in lookup.parts]
+        floats = sum(b * p.spec.dim for b, p in zip(bags, resolved, strict=True))
+        if floats > max_floats:
+            raise TooLarge(
+                f"the lookup asks for {floats} pooled floats, more than {max_floats} (split it)",
+                field="parts.bags",
+            )
         first_bag = np.zeros(len(bags) + 1, np.int64)  # part i's bags: lengths[first_bag[i]:]
         np.cumsum(bags, out=first_bag[1:])
         bounds_all = np.zeros(lookup.lengths.size + 1, np.int64)

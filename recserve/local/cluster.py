@@ -28,6 +28,7 @@ from recserve.contracts.manifest import read_manifest
 from recserve.contracts.plan import read_plan
 from recserve.local.argv import gateway_argv, shardd_argv
 from recserve.planning import build
+from recserve.rpc.curve import CurveKeys
 from recserve.rpc.probe import ready
 
 PR_SET_PDEATHSIG = 1
@@ -80,8 +81,11 @@ class LocalCluster:
         port: int = 8080,
         singular: bool = False,
         gateway_args: tuple[str, ...] = (),
+        curve_keys: Path | None = None,
     ) -> None:
         self.model = Path(model)
+        self.curve = ["--curve-keys", str(curve_keys)] if curve_keys else []
+        self.keys = CurveKeys.for_client(curve_keys) if curve_keys else None
         self.run_dir = Path(tempfile.mkdtemp(prefix="recserve-"))
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -124,7 +128,9 @@ class LocalCluster:
         if self.plan_path is not None:
             for shard in self.plan.shards:
                 for r, _ in enumerate(shard.endpoints):
-                    argv = shardd_argv(self.plan_path, self.model, shard.id, "--preload", replica=r)
+                    argv = shardd_argv(
+                        self.plan_path, self.model, shard.id, "--preload", *self.curve, replica=r
+                    )
                     self.shards.append(_spawn(argv, self.run_dir / f"shard{shard.id}-{r}.log"))
             names = [
                 (f"shard{s.id}-{r}", ep)
@@ -132,11 +138,16 @@ class LocalCluster:
                 for r, ep in enumerate(s.endpoints)
             ]
             for (name, ep), proc in zip(names, self.shards, strict=True):
-                while not ready(ep):
+                while not ready(ep, keys=self.keys):
                     self._check(proc, name, deadline)
         extra = ["--preload"] if self.plan_path is None else []
         argv = gateway_argv(
-            self.model, *extra, *self.gateway_args, plan=self.plan_path, port=self.port
+            self.model,
+            *extra,
+            *self.curve,
+            *self.gateway_args,
+            plan=self.plan_path,
+            port=self.port,
         )
         self.gateway = _spawn(argv, self.run_dir / "gateway.log")
         while True:
@@ -189,11 +200,24 @@ class LocalCluster:
 
 
 def run_up(
-    model: Path, *, plan: Path | None, shards: int, strategy: str, port: int, singular: bool
+    model: Path,
+    *,
+    plan: Path | None,
+    shards: int,
+    strategy: str,
+    port: int,
+    singular: bool,
+    curve_keys: Path | None = None,
 ) -> int:
     """The ``recserve up`` command: start, print the endpoints, wait for Ctrl-C/SIGTERM."""
     cluster = LocalCluster(
-        model, plan=plan, shards=shards, strategy=strategy, port=port, singular=singular
+        model,
+        plan=plan,
+        shards=shards,
+        strategy=strategy,
+        port=port,
+        singular=singular,
+        curve_keys=curve_keys,
     )
     stop = False
 

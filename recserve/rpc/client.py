@@ -20,9 +20,17 @@ import numpy as np
 import zmq
 
 from recserve.contracts.errors import RecserveError, ShardUnavailable, remote_error
+from recserve.rpc.curve import CurveKeys
 from recserve.rpc.deadline import Deadline
 from recserve.rpc.loopsocket import LoopSocket
-from recserve.rpc.wire import PartRequest, decode_header, encode_lookup, pack_header, request
+from recserve.rpc.wire import (
+    MAX_FRAME,
+    PartRequest,
+    decode_header,
+    encode_lookup,
+    pack_header,
+    request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +42,16 @@ class PooledGroup:
 
 
 class ShardClient:
-    def __init__(self, endpoint: str, ctx: zmq.Context[Any], *, name: str = "") -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        ctx: zmq.Context[Any],
+        *,
+        name: str = "",
+        keys: CurveKeys | None = None,
+    ) -> None:
         """Connect from the running loop; ``ctx`` may be a plain or an asyncio context (the
-        socket is a plain one either way)."""
+        socket is a plain one either way). With ``keys`` the connection is CURVE."""
         self.endpoint = endpoint
         self.name = name or endpoint
         self.sock: zmq.Socket[Any] = zmq.Socket(ctx, zmq.DEALER)
@@ -45,6 +60,9 @@ class ShardClient:
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         self.sock.setsockopt(zmq.SNDHWM, 1000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)  # a shard cannot make us take more
+        if keys is not None:
+            keys.secure_client(self.sock)
         self.sock.connect(endpoint)
         self.ids = itertools.count(1)
         self.pending: dict[int, asyncio.Future[tuple[dict[str, Any], list[zmq.Frame]]]] = {}

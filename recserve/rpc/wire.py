@@ -42,7 +42,8 @@ OPS = ("lookup", "info", "health", "stats")
 ID_DTYPES: dict[str, np.dtype[Any]] = {"<i8": np.dtype("<i8"), "<i4": np.dtype("<i4")}
 MODES = ("sum", "mean")
 MAX_HEADER = 1 << 20
-MAX_FRAME = 512 << 20
+MAX_FRAME = 256 << 20  # also each side's ZMQ MAXMSGSIZE: a larger frame drops the peer
+MAX_REPLY_FLOATS = MAX_FRAME // 4  # pooled floats one lookup may ask for (too_large above)
 MAX_PARTS = 4096
 _PART_KEYS = frozenset({"table", "row_start", "bags", "mode"})
 
