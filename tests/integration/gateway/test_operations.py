@@ -13,6 +13,7 @@ from gateway.config import GatewayConfig
 from recserve.local.argv import gateway_argv
 from tests.integration.gateway.helpers import post, serve
 from tests.integration.shards import start_shard, stop, wait_healthy
+from tests.promtool import check_metrics
 
 
 def test_model_health_and_metrics(deployments) -> None:
@@ -44,6 +45,7 @@ def test_model_health_and_metrics(deployments) -> None:
             assert f'recserve_gateway_shard_rpc_seconds_count{{shard="{shard}"}} 1.0' in text
         assert "recserve_gateway_shards_contacted_count 1.0" in text
         assert 'recserve_gateway_shard_bytes_total{direction="received"}' in text
+        check_metrics(text)
 
     asyncio.run(serve(GatewayConfig(model=model, plan=plan, port=0), check))
 

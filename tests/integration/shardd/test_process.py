@@ -33,6 +33,7 @@ from tests.integration.shards import (
     stop,
     wait_healthy,
 )
+from tests.promtool import check_metrics
 
 
 def test_sigterm_finishes_lookups_in_flight(model_and_plan, tmp_path: Path) -> None:
@@ -130,6 +131,7 @@ def test_metrics_endpoint(model_and_plan, tmp_path: Path) -> None:
     assert 'recserve_shard_requests_total{op="health",outcome="ok"}' in text
     assert "process_resident_memory_bytes" in text
     assert "recserve_shard_lookup_seconds_bucket" in text
+    check_metrics(text)
 
 
 def test_kernel_cpus_keep_the_workers_apart(model_and_plan, tmp_path: Path) -> None:
