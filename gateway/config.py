@@ -40,6 +40,10 @@ class ApiSettings:
     max_request_ids: int = option(4_000_000, "ids in one request (413 above)")
     max_body_bytes: int = option(64 << 20, "bytes of one request body (413 above)")
     body_timeout_s: float = option(10.0, "seconds a client may take to send its body (408)")
+    header_timeout_s: float = option(
+        15.0, "seconds a connection may stay without a complete request (then it is closed)"
+    )
+    max_connections: int = option(4096, "open connections; more get 503 and are closed")
     enable_embeddings: bool = option(
         False, "serve POST /v1/embeddings (it returns the tables' learned values: opt in)"
     )
@@ -52,8 +56,10 @@ class ApiSettings:
             raise ConfigError("--timeout-ms must be positive")
         if min(self.max_request_samples, self.max_request_ids, self.max_body_bytes) < 1:
             raise ConfigError("request limits must be >= 1")
-        if not self.body_timeout_s > 0:
-            raise ConfigError("--body-timeout-s must be positive")
+        if not self.body_timeout_s > 0 or not self.header_timeout_s > 0:
+            raise ConfigError("--body-timeout-s and --header-timeout-s must be positive")
+        if self.max_connections < 1:
+            raise ConfigError("--max-connections must be >= 1")
 
 
 @dataclass(frozen=True)

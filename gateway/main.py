@@ -23,6 +23,7 @@ from threadpoolctl import threadpool_limits
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from gateway.listener import listen
 from gateway.state import GATEWAY
 from recserve.contracts.errors import ConfigError, RecserveError
 from recserve.runtime import logs
@@ -62,17 +63,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def serve(config: GatewayConfig, notifier: Notifier | None = None) -> int:
     notifier = notifier or Notifier()
     app = create_app(config)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        # aiohttp arms this timer when a connection opens and closes a connection that is
+        # idle or still sending its headers when it fires: the header deadline.
+        keepalive_timeout=config.api.header_timeout_s,
+        shutdown_timeout=config.drain_timeout,
+    )
     await runner.setup()  # builds the gateway's state (cleanup_ctx)
+    server = None
     try:
-        site = web.TCPSite(runner, config.host, config.port)
+        gw = app[GATEWAY]
         try:
-            await site.start()
+            server = await listen(
+                runner, config.host, config.port, config.api.max_connections, gw.metrics
+            )
         except OSError as exc:
             raise ConfigError(
                 f"cannot listen on {config.host}:{config.port}: {exc.strerror}"
             ) from None
-        gw = app[GATEWAY]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -92,6 +102,8 @@ async def serve(config: GatewayConfig, notifier: Notifier | None = None) -> int:
         gw.draining = True
         await gw.batcher.drain(config.drain_timeout)
     finally:
+        if server is not None:
+            server.close()
         await runner.cleanup()
     return 0
 

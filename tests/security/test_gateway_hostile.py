@@ -9,6 +9,7 @@ import asyncio
 import gzip
 import json
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -28,6 +29,7 @@ from recserve.local.argv import gateway_argv
 from recserve.local.cluster import free_port
 
 FIXTURE = "D1"
+MAX_CONNECTIONS = 8
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,12 @@ def gateway(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     log = root / "gateway.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            gateway_argv(model, "--body-timeout-s", "1", "--log-json", port=port),
+            gateway_argv(
+                model,
+                *("--body-timeout-s", "1", "--header-timeout-s", "1"),
+                *("--max-connections", str(MAX_CONNECTIONS), "--log-json"),
+                port=port,
+            ),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -191,3 +198,57 @@ def test_embeddings_are_off_unless_enabled(gateway, fixtures_dir: Path) -> None:
         urllib.request.urlopen(req, timeout=5)
     assert info.value.code == 404
     info.value.close()
+
+
+def test_headers_that_never_end_are_cut_off(gateway) -> None:
+    url, _, _ = gateway
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")  # and no more
+        start = time.monotonic()
+        assert sock.recv(4096) == b""  # closed by the gateway
+        assert time.monotonic() - start < 5
+
+
+def test_connections_past_the_limit_get_503(gateway) -> None:
+    url, _, _ = gateway
+    port = int(url.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+    try:
+        time.sleep(0.2)
+        refused = 0
+        for sock in idle:
+            sock.setblocking(False)
+            try:
+                data = sock.recv(4096)
+            except BlockingIOError:
+                continue  # held open: one of the allowed connections
+            if data:
+                assert data.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in data, data
+                refused += 1
+        assert 20 - MAX_CONNECTIONS <= refused < 20
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.2)
+    with urllib.request.urlopen(url + "/v2/health/ready", timeout=5) as r:
+        assert r.status == 200  # and the gateway serves again once they are gone
+
+
+def test_sigterm_does_not_wait_for_stalled_clients(gateway) -> None:
+    """Last in this module: it stops the gateway. A client stalled mid-body does not hold
+    the shutdown (the body deadline answers it 408), and nothing was logged as an error."""
+    url, proc, log = gateway
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        time.sleep(0.2)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert time.monotonic() - start < 12
+    errors = [line for line in log.read_text().splitlines() if '"level":"error"' in line]
+    assert not errors, errors
