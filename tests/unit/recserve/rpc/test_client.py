@@ -1,0 +1,106 @@
+"""The shard client against an in-process fake shard: replies that do not answer the request
+are the shard's failure (ShardUnavailable, which may fail over), and any error kind a shard
+reports comes back as our class of that kind."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from recserve.contracts.errors import (
+    ArtifactError,
+    IdOutOfRange,
+    RecserveError,
+    ShardUnavailable,
+)
+from recserve.rpc.client import ShardClient
+from recserve.rpc.deadline import Deadline
+from recserve.rpc.wire import PartRequest, decode_header, pack_header
+
+PARTS = [PartRequest("a", 0, 2), PartRequest("b", 0, 2)]
+
+
+async def ask(answer: Any) -> Any:
+    """One lookup of PARTS against a ROUTER that replies ``answer(header)`` (frames)."""
+    ctx = zmq.Context()
+    server = ctx.socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    client = ShardClient(f"tcp://127.0.0.1:{port}", ctx)
+
+    async def serve() -> None:
+        while not server.poll(0):
+            await asyncio.sleep(0.005)
+        ident, head, *_ = server.recv_multipart()
+        server.send_multipart([ident, *answer(decode_header(head))])
+
+    try:
+        task = asyncio.ensure_future(serve())
+        lookup = client.lookup(
+            PARTS,
+            np.zeros(0, np.int64),
+            np.zeros(4, np.int32),
+            deadline=Deadline.after(5000),
+            dim=3,
+        )
+        result = await lookup
+        await task
+        return result
+    finally:
+        await client.close()
+        server.close()
+        ctx.term()
+
+
+def reply(header: dict[str, Any], groups: Any, *frames: bytes, **extra: Any) -> list[bytes]:
+    head = {"v": 2, "op": "lookup", "id": header["id"], "ok": True, "groups": groups, **extra}
+    return [pack_header(head), *frames]
+
+
+def floats(n: int) -> bytes:
+    return np.zeros(n, np.float32).tobytes()
+
+
+def test_a_well_formed_reply_is_accepted() -> None:
+    groups = asyncio.run(
+        ask(lambda h: reply(h, [{"parts": [0, 1], "bags": 2, "dim": 3}], floats(12)))
+    )
+    assert groups[0].parts == (0, 1) and groups[0].pooled.shape == (2, 2, 3)
+
+
+@pytest.mark.parametrize(
+    "groups, frames",
+    [
+        ([{"parts": [0, 1], "bags": 2, "dim": 4}], [floats(16)]),  # wrong dim
+        ([{"parts": [0, 1], "bags": 3, "dim": 3}], [floats(18)]),  # wrong bag count
+        ([{"parts": [0], "bags": 2, "dim": 3}], [floats(6)]),  # a part unanswered
+        ([{"parts": [0, 0], "bags": 2, "dim": 3}], [floats(12)]),  # a part twice
+        ([{"parts": [0, 7], "bags": 2, "dim": 3}], [floats(12)]),  # an unknown part
+        ([{"parts": [0, 1], "bags": "2", "dim": 3}], [floats(12)]),  # not an integer
+        ([{"parts": [0, 1], "bags": 2, "dim": 3}], [floats(11)]),  # short frame
+        ([{"parts": [0, 1]}], [floats(12)]),  # keys missing
+        ("nope", [floats(12)]),
+    ],
+)
+def test_a_reply_that_does_not_answer_the_request_is_shard_unavailable(groups, frames) -> None:
+    with pytest.raises(ShardUnavailable, match="malformed"):
+        asyncio.run(ask(lambda h: reply(h, groups, *frames)))
+
+
+@pytest.mark.parametrize(
+    "kind, cls",
+    [("id_out_of_range", IdOutOfRange), ("artifact", ArtifactError), ("??", RecserveError)],
+)
+def test_error_replies_of_any_kind_come_back_typed(kind: str, cls: type) -> None:
+    def error(h: dict[str, Any]) -> list[bytes]:
+        err = {"kind": kind, "message": "no", "field": "parts[0]"}
+        return [msgpack.packb({"v": 2, "op": "lookup", "id": h["id"], "ok": False, "error": err})]
+
+    with pytest.raises(cls) as info:
+        asyncio.run(ask(error))
+    assert type(info.value) is cls and info.value.field == "parts[0]"
