@@ -4,7 +4,15 @@ Imports numpy (and numba) only, never another recserve package, so the same code
 gateway, the shard daemon, offline tools and benchmarks.
 """
 
-from kernels.dense import ACTIVATIONS, DenseNet, Interaction, Linear, sigmoid
+from kernels.dense import (
+    ACTIVATIONS,
+    CrossLayer,
+    CrossNet,
+    DenseNet,
+    Interaction,
+    Linear,
+    sigmoid,
+)
 from kernels.errors import IdOutOfRangeError, KernelError
 from kernels.layout import table_shape
 from kernels.pooling import (
@@ -23,6 +31,8 @@ from kernels.reference import pool_numpy
 
 __all__ = [
     "ACTIVATIONS",
+    "CrossLayer",
+    "CrossNet",
     "DenseNet",
     "IdOutOfRangeError",
     "Int8RowwiseTable",

@@ -9,8 +9,12 @@ reproduce the scores it was trained to give:
 - ``torchrec_triu``: torchrec's ``InteractionArch``, the strict upper triangle in row order
   (0,1), (0,2), ..., (1,2), ...
 - ``cat``: ``[x, e_0, ..., e_{T-1}]`` concatenated.
+- ``CrossNet``: torchrec's ``LowRankCrossNet`` (DCNv2, the interaction of MLPerf's DLRM-v2):
+  ``x0 = [x, e_0, ..., e_{T-1}]`` concatenated; each layer ``l`` computes
+  ``x_{l+1} = x0 * ((x_l @ V_l.T) @ W_l.T + b_l) + x_l``; the output is ``x_L``.
 
-All three output ``[x, interactions]`` (``cat`` outputs the concatenation itself).
+The dot interactions output ``[x, interactions]``; ``cat`` and ``CrossNet`` output vectors
+as wide as the concatenation.
 """
 
 from __future__ import annotations
@@ -117,9 +121,64 @@ class Interaction:
 
 
 @dataclass(frozen=True)
+class CrossLayer:
+    """One low-rank cross layer: ``v`` ``[rank, width]``, ``w`` ``[width, rank]``, ``bias``
+    ``[width]`` (torchrec's ``V_kernels``, ``W_kernels``, ``bias``)."""
+
+    v: np.ndarray
+    w: np.ndarray
+    bias: np.ndarray
+
+    def __post_init__(self) -> None:
+        rank, width = self.v.shape if self.v.ndim == 2 else (0, 0)
+        if self.w.shape != (width, rank) or self.bias.shape != (width,) or not rank:
+            raise KernelError(
+                f"cross layer shapes V {self.v.shape}, W {self.w.shape}, bias "
+                f"{self.bias.shape} do not fit [rank, width], [width, rank], [width]"
+            )
+        # Pre-transposed, contiguous float32: two GEMMs per layer, no transposes per batch.
+        object.__setattr__(self, "_vt", np.ascontiguousarray(self.v.T, np.float32))
+        object.__setattr__(self, "_wt", np.ascontiguousarray(self.w.T, np.float32))
+        object.__setattr__(self, "_b", np.ascontiguousarray(self.bias, np.float32))
+
+    def __call__(self, x0: np.ndarray, xl: np.ndarray) -> np.ndarray:
+        y: np.ndarray = (xl @ self._vt) @ self._wt  # type: ignore[attr-defined]
+        y += self._b  # type: ignore[attr-defined]
+        y *= x0
+        y += xl
+        return y
+
+
+@dataclass(frozen=True)
+class CrossNet:
+    """DCNv2's low-rank cross network over ``[x, e_0, ..., e_{T-1}]`` concatenated."""
+
+    layers: tuple[CrossLayer, ...]
+
+    def __post_init__(self) -> None:
+        if not self.layers or len({layer.v.shape[1] for layer in self.layers}) != 1:
+            raise KernelError("a cross network needs layers of one width")
+
+    def output_width(self, dim: int, n_features: int) -> int:
+        return dim * (n_features + 1)
+
+    def __call__(self, x: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+        batch = x.shape[0]
+        x0 = np.concatenate([x, pooled.reshape(batch, -1)], axis=1)
+        if x0.shape[1] != self.layers[0].v.shape[1]:
+            raise KernelError(
+                f"cross network of width {self.layers[0].v.shape[1]} given {x0.shape[1]}"
+            )
+        xl = x0
+        for layer in self.layers:
+            xl = layer(x0, xl)
+        return xl
+
+
+@dataclass(frozen=True)
 class DenseNet:
     bottom: tuple[Linear, ...]
-    interaction: Interaction
+    interaction: Interaction | CrossNet
     top: tuple[Linear, ...]
 
     def forward(self, dense: np.ndarray, pooled: np.ndarray) -> np.ndarray:

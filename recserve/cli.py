@@ -178,10 +178,14 @@ def cmd_import(args: argparse.Namespace) -> int:
         else:
             manifest = importers.import_torchrec(args.checkpoint, args.out, **common)
     inter = manifest.dense.interaction
+    how = (
+        f"dcn ({inter.layers} cross layers, rank {inter.rank})"
+        if inter.kind == "dcn"
+        else f"{inter.kind}/{inter.order}{' +self' if inter.self_interaction else ''}"
+    )
     print(
         f"imported {manifest.name}: {len(manifest.tables)} tables, "
-        f"{manifest.table_bytes / 2**20:.1f} MiB, interaction {inter.kind}/{inter.order}"
-        f"{' +self' if inter.self_interaction else ''} -> {args.out}"
+        f"{manifest.table_bytes / 2**20:.1f} MiB, interaction {how} -> {args.out}"
     )
     return 0
 

@@ -10,7 +10,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("RECSERVE_FIXTURES", ROOT / "tests" / "fixtures" / "dlrm_dev"))
-DEV_MODELS = ("D1", "D2", "D3", "D4_torchrec")
+DEV_MODELS = ("D1", "D2", "D3", "D4_torchrec", "D5_dcn")
+TORCHREC_MODELS = ("D4_torchrec", "D5_dcn")  # the rest are facebookresearch/dlrm's
+
+
+def importer_of(name: str) -> str:
+    """The ``recserve import`` source that reads fixture ``name``'s checkpoint."""
+    return "torchrec" if name in TORCHREC_MODELS else "dlrm"
 
 
 @pytest.fixture(scope="session")

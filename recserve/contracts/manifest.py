@@ -27,7 +27,7 @@ MANIFEST = "manifest.json"
 DENSE_FILE = "dense.npz"
 DTYPES = ("fp32", "fp16", "int8")
 POOLINGS = ("sum", "mean")
-INTERACTIONS = ("dot", "cat")
+INTERACTIONS = ("dot", "cat", "dcn")
 ORDERS = ("dlrm_tril", "torchrec_triu")
 ACTIVATIONS = ("relu", "sigmoid", "none")  # kernels.dense applies them; a test checks both agree
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # fullmatch: no trailing newline
@@ -102,22 +102,35 @@ class MLPSpec:
 
 @dataclass(frozen=True)
 class InteractionSpec:
+    """``dot`` (pairwise dots, in ``order``), ``cat`` (concatenation) or ``dcn`` (DCNv2's
+    low-rank cross network over the concatenation: ``layers`` layers of rank ``rank``, their
+    weights in ``dense.npz`` as ``cross.<l>.V|W|bias``)."""
+
     kind: str = "dot"
     order: str = "dlrm_tril"
     self_interaction: bool = False
+    layers: int = 0  # dcn only
+    rank: int = 0  # dcn only
 
     def output_width(self, dim: int, n_features: int) -> int:
         """Width of the interaction's output for ``n_features`` pooled vectors of ``dim``
         plus the bottom MLP's output (``kernels.Interaction`` computes the same; a test
         holds them equal)."""
         n = n_features + 1
-        if self.kind == "cat":
+        if self.kind in ("cat", "dcn"):
             return dim * n
         pairs = n * (n + 1) // 2 if self.self_interaction else n * (n - 1) // 2
         return dim + pairs
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "order": self.order, "self_interaction": self.self_interaction}
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "order": self.order,
+            "self_interaction": self.self_interaction,
+        }
+        if self.kind == "dcn":  # only then: other models keep their digests
+            out.update(layers=self.layers, rank=self.rank)
+        return out
 
 
 @dataclass(frozen=True)
@@ -244,6 +257,8 @@ class Manifest:
             raise bad("unknown interaction kind or order", "dense.interaction")
         if inter.order == "torchrec_triu" and inter.self_interaction:
             raise bad("torchrec_triu has no self-interaction", "dense.interaction")
+        if (inter.kind == "dcn") != (inter.layers > 0 and inter.rank > 0):
+            raise bad("layers and rank (both >= 1) belong to dcn only", "dense.interaction")
         width = inter.output_width(dim, len(feats))
         if self.dense.top.sizes[0] != width:
             raise bad(
@@ -326,11 +341,13 @@ def parse_manifest(raw: bytes, path: str = MANIFEST) -> Manifest:
         return MLPSpec(tuple(sizes), tuple(acts))
 
     i = d.sub("interaction")
-    i.only("kind", "order", "self_interaction")
+    i.only("kind", "order", "self_interaction", "layers", "rank")
     inter = InteractionSpec(
         i.choice("kind", INTERACTIONS),
         i.choice("order", ORDERS, "dlrm_tril"),
         i.get("self_interaction", bool, False),
+        i.int("layers", 0, minimum=0),
+        i.int("rank", 0, minimum=0),
     )
     files = {}
     for name, entry in doc.get("files", Mapping, {}).items():

@@ -14,14 +14,14 @@ import io
 import mmap
 import os
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kernels import DenseNet, Int8RowwiseTable, Interaction, Linear, Table
+from kernels import CrossLayer, CrossNet, DenseNet, Int8RowwiseTable, Interaction, Linear, Table
 from recserve.contracts.errors import ArtifactError, ChecksumMismatch
 from recserve.contracts.manifest import (
     DENSE_FILE,
@@ -34,6 +34,7 @@ from recserve.contracts.manifest import (
 )
 
 CHUNK_BYTES = 32 << 20
+CROSS_PARTS = ("V", "W", "bias")  # a cross layer's arrays in dense.npz: cross.<l>.V ...
 
 
 def storage(spec: TableSpec) -> tuple[np.dtype, int]:
@@ -141,13 +142,19 @@ def dense_key(part: str, index: int, what: str) -> str:
 
 
 def dense_weights(
-    bottom: Sequence[tuple[np.ndarray, np.ndarray]], top: Sequence[tuple[np.ndarray, np.ndarray]]
+    bottom: Sequence[tuple[np.ndarray, np.ndarray]],
+    top: Sequence[tuple[np.ndarray, np.ndarray]],
+    cross: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] = (),
 ) -> dict[str, np.ndarray]:
-    """``(weight, bias)`` layers of the two MLPs in ``dense.npz``'s naming."""
+    """``(weight, bias)`` layers of the two MLPs, and ``(V, W, bias)`` of a ``dcn``
+    interaction's cross layers, in ``dense.npz``'s naming."""
     out = {}
     for part, layers in (("bottom", bottom), ("top", top)):
         for i, (w, b) in enumerate(layers):
             out[dense_key(part, i, "weight")], out[dense_key(part, i, "bias")] = w, b
+    for i, arrays in enumerate(cross):
+        for name, array in zip(CROSS_PARTS, arrays, strict=True):
+            out[dense_key("cross", i, name)] = array
     return out
 
 
@@ -244,9 +251,32 @@ def huge_page_bytes(tables: Iterable[Table]) -> int:
     return total
 
 
-def interaction_kernel(spec: InteractionSpec) -> Interaction:
-    """The kernel computing the interaction the manifest describes."""
-    return Interaction(spec.kind, spec.order, spec.self_interaction)  # type: ignore[arg-type]
+def interaction_kernel(
+    spec: InteractionSpec,
+    weights: Mapping[str, np.ndarray] | None = None,
+    width: int = 0,
+    path: str = DENSE_FILE,
+) -> Interaction | CrossNet:
+    """The kernel computing the interaction the manifest describes; a ``dcn`` one takes its
+    ``cross.<l>.V|W|bias`` from ``weights``, checked against the spec's rank and ``width``
+    (the concatenation's)."""
+    if spec.kind != "dcn":
+        return Interaction(spec.kind, spec.order, spec.self_interaction)  # type: ignore[arg-type]
+    weights = weights or {}
+    layers = []
+    for i in range(spec.layers):
+        v, w, b = (weights.get(dense_key("cross", i, part)) for part in CROSS_PARTS)
+        if v is None or w is None or b is None:
+            raise ArtifactError(f"lacks cross.{i}.V, .W or .bias", path=path)
+        want = ((spec.rank, width), (width, spec.rank), (width,))
+        if (v.shape, w.shape, b.shape) != want:
+            raise ArtifactError(
+                f"cross.{i} has shapes {v.shape}/{w.shape}/{b.shape}, the manifest says "
+                f"{want[0]}/{want[1]}/{want[2]}",
+                path=path,
+            )
+        layers.append(CrossLayer(v.astype(np.float32), w.astype(np.float32), b))
+    return CrossNet(tuple(layers))
 
 
 def load_dense(root: Path | str, manifest: Manifest) -> DenseNet:
@@ -279,7 +309,7 @@ def load_dense(root: Path | str, manifest: Manifest) -> DenseNet:
 
     return DenseNet(
         layers("bottom", spec.bottom.sizes, spec.bottom.activations),
-        interaction_kernel(spec.interaction),
+        interaction_kernel(spec.interaction, weights, spec.top.sizes[0], str(path)),
         layers("top", spec.top.sizes, spec.top.activations),
     )
 

@@ -28,6 +28,7 @@ class DenseLayers:
     top: Sequence[Layer]
     bottom_activations: Sequence[str]
     top_activations: Sequence[str]
+    cross: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] = ()  # dcn: (V, W, bias)
 
 
 def load_state_dict(path: Path | str) -> dict[str, np.ndarray]:
@@ -179,7 +180,7 @@ def build_artifact(
     writer = ArtifactWriter(out, overwrite=overwrite)
     for spec, (_, values) in zip(specs, tables, strict=True):
         writer.write_table_array(spec, values.astype(np.float32, copy=False))
-    writer.write_dense(dense_weights(dense.bottom, dense.top))
+    writer.write_dense(dense_weights(dense.bottom, dense.top, dense.cross))
     return writer.finish(manifest)
 
 

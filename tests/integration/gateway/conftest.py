@@ -9,7 +9,7 @@ import pytest
 
 from recserve.cli import main as cli
 from recserve.contracts.plan import read_plan
-from tests.conftest import DEV_MODELS
+from tests.conftest import DEV_MODELS, importer_of
 from tests.integration.shards import start_shard, stop, wait_healthy
 
 
@@ -20,7 +20,7 @@ def deployments(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     out, procs = {}, []
     try:
         for name in DEV_MODELS:
-            src = "torchrec" if "torchrec" in name else "dlrm"
+            src = importer_of(name)
             model = root / name
             assert (
                 cli(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels import DenseNet, Interaction, Linear, sigmoid
+from kernels import CrossLayer, CrossNet, DenseNet, Interaction, Linear, sigmoid
 from kernels.errors import KernelError
 
 
@@ -62,3 +62,34 @@ def test_linear_rejects_bad_shapes() -> None:
         Linear(np.zeros((2, 3), np.float32), np.zeros(3, np.float32), "relu")
     with pytest.raises(KernelError):
         Linear(np.zeros((2, 3), np.float32), np.zeros(2, np.float32), "tanh")  # type: ignore[arg-type]
+
+
+def test_cross_network_matches_a_loop_over_samples() -> None:
+    """DCNv2's low-rank cross layers against the formula, one sample at a time."""
+    rng = np.random.default_rng(5)
+    batch, dim, features, rank, n_layers = 7, 4, 3, 2, 3
+    width = dim * (features + 1)
+    layers = tuple(
+        CrossLayer(
+            rng.standard_normal((rank, width)).astype(np.float32),
+            rng.standard_normal((width, rank)).astype(np.float32),
+            rng.standard_normal(width).astype(np.float32),
+        )
+        for _ in range(n_layers)
+    )
+    net = CrossNet(layers)
+    x = rng.standard_normal((batch, dim)).astype(np.float32)
+    pooled = rng.standard_normal((batch, features, dim)).astype(np.float32)
+    got = net(x, pooled)
+    assert got.shape == (batch, net.output_width(dim, features))
+    for b in range(batch):
+        x0 = np.concatenate([x[b], pooled[b].reshape(-1)]).astype(np.float64)
+        xl = x0.copy()
+        for layer in layers:
+            xl = x0 * (layer.w @ (layer.v @ xl) + layer.bias) + xl
+        np.testing.assert_allclose(got[b], xl, rtol=1e-4, atol=1e-4)
+
+
+def test_cross_layer_rejects_shapes_that_do_not_fit() -> None:
+    with pytest.raises(KernelError, match="do not fit"):
+        CrossLayer(np.zeros((2, 6)), np.zeros((5, 2)), np.zeros(6))
