@@ -18,6 +18,7 @@ import orjson
 from recserve.contracts.errors import ConfigError, RecserveError
 
 log = logging.getLogger("recserve")
+PROFILES = ("drm1", "drm2", "drm3", "dlrmv2")  # recserve.model.synth.PROFILES (a test checks)
 
 
 def _names(value: str) -> list[str]:
@@ -98,7 +99,7 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="default: stdout")
 
     p = sub.add_parser("synth", help="write a synthetic DRM-like model (drm1, drm2, drm3)")
-    p.add_argument("--profile", required=True, choices=("drm1", "drm2", "drm3"))
+    p.add_argument("--profile", required=True, choices=PROFILES)
     p.add_argument("--size", required=True, type=_size, help="table bytes, e.g. 1GiB")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
@@ -113,6 +114,7 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="a local cluster vs singular under load, end to end")
     p.add_argument("--workdir", type=Path, default=Path(".demo"))
+    p.add_argument("--profile", choices=PROFILES, default="drm2", help="the synthetic model")
     p.add_argument("--size", type=_size, default="1GiB")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load per run")
 
@@ -232,7 +234,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from recserve.local.demo import run_demo
 
-    return run_demo(args.workdir, args.size, args.duration)
+    return run_demo(args.workdir, args.size, args.duration, profile=args.profile)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -40,17 +40,20 @@ def row_bytes(dtype: str, dim: int) -> int:
 
 @dataclass(frozen=True)
 class AccessStats:
-    """How a table is read: Zipf exponent of id popularity, mean ids per bag."""
+    """How a table is read: Zipf exponent of id popularity, mean ids per bag, and for
+    multi-hot features of fixed size (MLPerf DLRM-v2's) that size."""
 
     zipf: float | None = None
     pooling_factor: float | None = None
+    bag_size: int | None = None
 
     def to_dict(self) -> dict[str, float]:
-        return {
-            k: v
-            for k, v in (("zipf", self.zipf), ("pooling_factor", self.pooling_factor))
-            if v is not None
-        }
+        pairs = (
+            ("zipf", self.zipf),
+            ("pooling_factor", self.pooling_factor),
+            ("bag_size", self.bag_size),
+        )
+        return {k: v for k, v in pairs if v is not None}
 
 
 @dataclass(frozen=True)
@@ -308,8 +311,12 @@ def parse_manifest(raw: bytes, path: str = MANIFEST) -> Manifest:
         stats = AccessStats()
         if "stats" in t.value:
             s = t.sub("stats")
-            s.only("zipf", "pooling_factor")
-            stats = AccessStats(s.get("zipf", float, None), s.get("pooling_factor", float, None))
+            s.only("zipf", "pooling_factor", "bag_size")
+            stats = AccessStats(
+                s.get("zipf", float, None),
+                s.get("pooling_factor", float, None),
+                s.int("bag_size", None, minimum=0),
+            )
         feats = t.items("features")
         if not all(isinstance(f, str) for f in feats):
             raise t.fail("features", "must be a list of strings")

@@ -28,11 +28,11 @@ PROFILE, SEED, SHARDS, STRATEGY = "drm2", 7, 4, "net"
 CANDIDATES, QPS = 32, 20.0
 
 
-def _ensure_model(path: Path, size: int) -> None:
+def _ensure_model(path: Path, size: int, profile: str) -> None:
     try:
         m = read_manifest(path)
         if (
-            m.name == PROFILE
+            m.name == profile
             and m.version == f"synth-{SEED}"
             and abs(m.table_bytes - size) <= 0.01 * size
         ):
@@ -40,7 +40,7 @@ def _ensure_model(path: Path, size: int) -> None:
             return
     except ArtifactError:
         pass
-    synthesize(PROFILE, size, path, seed=SEED, overwrite=True)
+    synthesize(profile, size, path, seed=SEED, overwrite=True)
 
 
 def _load(cluster: LocalCluster, report: Path, duration: float) -> dict[str, Any]:
@@ -73,11 +73,11 @@ def _load(cluster: LocalCluster, report: Path, duration: float) -> dict[str, Any
     }
 
 
-def run_demo(workdir: Path, size: int, duration: float) -> int:
+def run_demo(workdir: Path, size: int, duration: float, *, profile: str = PROFILE) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
-    model = workdir / "model"
-    print(f"== synthesize {PROFILE} ({format_size(size)}) -> {model}")
-    _ensure_model(model, size)
+    model = workdir / ("model" if profile == PROFILE else f"model-{profile}")
+    print(f"== synthesize {profile} ({format_size(size)}) -> {model}")
+    _ensure_model(model, size, profile)
     manifest = read_manifest(model)
     print(f"== plan {SHARDS} shards ({CANDIDATES} candidates per request, user features once)")
     traffic = Traffic(CANDIDATES, frozenset({"user"}))
@@ -98,7 +98,7 @@ def run_demo(workdir: Path, size: int, duration: float) -> int:
             results[label] = _load(cluster, workdir / f"loadgen-{label}.json", duration)
     contacted = plans[STRATEGY].report["shards_contacted"]
     print(
-        f"\n{PROFILE} {format_size(manifest.table_bytes)}, {SHARDS} shards ({STRATEGY}), "
+        f"\n{profile} {format_size(manifest.table_bytes)}, {SHARDS} shards ({STRATEGY}), "
         f"open-loop {QPS:g} requests/s x {CANDIDATES} candidates"
     )
     head = f"   {'':<12}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>8}{'CPU s/1k':>10}  RSS MiB"

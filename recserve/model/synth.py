@@ -12,6 +12,11 @@ features, skewed (Zipf) access. The figures are our own parameterisation, not th
 - ``drm3``: one dominant table - 24 tables (12 user, 12 item), dim 128; one user table holds
   ~60 % of all bytes (it must be split by rows across shards), the rest log-uniform over
   10^2-10^6; user pooling 1-40, item pooling 1-5.
+- ``dlrmv2``: MLPerf Inference's DLRM-v2 (torchrec ``DLRM_DCN``) shapes: 26 tables with the
+  Criteo 1TB row counts, dim 128, fixed multi-hot bag sizes, bottom MLP 13-512-256-128, 3
+  low-rank (512) cross layers over the 3456-wide concatenation, top 1024-1024-512-256-1.
+  The full model is ~104 GB of fp32 tables; ``--size`` scales the large tables down in
+  proportion and keeps the small ones as they are.
 
 Tables are streamed to disk chunk by chunk, so a model of any size needs ~100 MiB of memory.
 Output is deterministic for a seed. The last layer is calibrated on sampled traffic so
@@ -68,6 +73,18 @@ class Profile:
     bottom_hidden: tuple[int, ...]
     top_hidden: tuple[int, ...]
     dominant_share: float = 0.0  # share of bytes in one user table (drm3)
+    rows: tuple[int, ...] = ()  # exact row counts (dlrmv2) instead of random sizes
+    bag_sizes: tuple[int, ...] = ()  # fixed multi-hot sizes, one per table
+    cross: tuple[int, int] = (0, 0)  # (layers, rank): a dcn interaction instead of dot
+
+
+DLRMV2_ROWS = (
+    *(40_000_000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40_000_000, 3067956),
+    *(405282, 10, 2209, 11938, 155, 4, 976, 14, 40_000_000, 40_000_000, 40_000_000),
+    *(590152, 12973, 108, 36),
+)
+DLRMV2_BAGS = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
+LARGE_ROWS = 100_000  # dlrmv2 tables at least this large are scaled by --size
 
 
 PROFILES = {
@@ -91,11 +108,29 @@ PROFILES = {
         (512, 256),
         dominant_share=0.6,
     ),
+    "dlrmv2": Profile(
+        "dlrmv2",
+        0,
+        26,
+        128,
+        (0.0, 0.0),
+        (1, 1),
+        (1, 1),
+        (1.05, 1.05),
+        13,
+        (512, 256),
+        (1024, 1024, 512, 256),
+        rows=DLRMV2_ROWS,
+        bag_sizes=DLRMV2_BAGS,
+        cross=(3, 512),
+    ),
 }
 
 
 def plan_tables(profile: Profile, size_bytes: int, rng: np.random.Generator) -> list[TableSpec]:
     """Table specs whose bytes add up to ``size_bytes`` (within rounding)."""
+    if profile.rows:
+        return _explicit_tables(profile, size_bytes)
     n = profile.user_tables + profile.item_tables
     row_bytes = 4 * profile.dim
     if size_bytes < n * MIN_ROWS * row_bytes:
@@ -131,6 +166,47 @@ def plan_tables(profile: Profile, size_bytes: int, rng: np.random.Generator) -> 
             )
         )
     return specs
+
+
+def _explicit_tables(profile: Profile, size_bytes: int) -> list[TableSpec]:
+    """The profile's tables with the large ones scaled so the total is ``size_bytes`` (at
+    most the full size); multi-hot features keep their fixed bag sizes."""
+    row_bytes = 4 * profile.dim
+    large = [r >= LARGE_ROWS for r in profile.rows]
+    small_bytes = sum(r for r, big in zip(profile.rows, large, strict=True) if not big) * row_bytes
+    large_bytes = sum(r for r, big in zip(profile.rows, large, strict=True) if big) * row_bytes
+    least = small_bytes + sum(large) * MIN_ROWS * row_bytes
+    if size_bytes < least:
+        raise ConfigError(f"--size {size_bytes} B is too small for {profile.name}; use >= {least}")
+    scale = min(1.0, (size_bytes - small_bytes) / large_bytes)
+    specs = []
+    for i, (rows, big, bag) in enumerate(zip(profile.rows, large, profile.bag_sizes, strict=True)):
+        name = f"cat_{i}"
+        specs.append(
+            TableSpec(
+                name,
+                max(MIN_ROWS, int(rows * scale)) if big else rows,
+                profile.dim,
+                features=(name,),
+                stats=AccessStats(zipf=profile.zipf[0], pooling_factor=float(bag), bag_size=bag),
+            )
+        )
+    return specs
+
+
+def init_cross(
+    rng: np.random.Generator, width: int, layers: int, rank: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Cross layers with Xavier-normal V and W (torchrec's initialisation) and zero bias."""
+    std = math.sqrt(2.0 / (width + rank))
+    return [
+        (
+            rng.normal(0, std, (rank, width)).astype(np.float32),
+            rng.normal(0, std, (width, rank)).astype(np.float32),
+            np.zeros(width, np.float32),
+        )
+        for _ in range(layers)
+    ]
 
 
 def init_layers(rng: np.random.Generator, sizes: list[int], acts: list[str]) -> list[Linear]:
@@ -171,7 +247,12 @@ def synthesize(
     specs = plan_tables(profile, size_bytes, layout_rng)
     dim, n_feat = profile.dim, len(specs)
     bottom_sizes = [profile.dense_width, *profile.bottom_hidden, dim]
-    inter = InteractionSpec("dot", "dlrm_tril", False)
+    layers, rank = profile.cross
+    inter = (
+        InteractionSpec("dcn", layers=layers, rank=rank)
+        if layers
+        else InteractionSpec("dot", "dlrm_tril", False)
+    )
     top_in = inter.output_width(dim, n_feat)
     top_sizes = [top_in, *profile.top_hidden, 1]
     bottom_acts = ["relu"] * (len(bottom_sizes) - 1)
@@ -212,11 +293,14 @@ def synthesize(
             writer.write_table(spec, chunks, advance)
     bottom = init_layers(dense_rng, bottom_sizes, bottom_acts)
     top = init_layers(dense_rng, top_sizes, [*top_acts[:-1], "none"])
-    net = DenseNet(tuple(bottom), interaction_kernel(inter), tuple(top))
-    top[-1] = calibrate(net, picker.pooled())
-    writer.write_dense(
-        dense_weights([(x.weight, x.bias) for x in bottom], [(x.weight, x.bias) for x in top])
+    cross = init_cross(dense_rng, top_in, layers, rank) if layers else []
+    weights = dense_weights(
+        [(x.weight, x.bias) for x in bottom], [(x.weight, x.bias) for x in top], cross
     )
+    net = DenseNet(tuple(bottom), interaction_kernel(inter, weights, top_in), tuple(top))
+    top[-1] = calibrate(net, picker.pooled())
+    mlps = [(x.weight, x.bias) for x in bottom], [(x.weight, x.bias) for x in top]
+    writer.write_dense(dense_weights(*mlps, cross))
     return writer.finish(manifest)
 
 

@@ -3,7 +3,8 @@
 Per table, ids follow a bounded Zipf law with the manifest's exponent (rank ``r`` has weight
 ``(r + 1) ** -s``), and ranks are scattered over the table by a fixed bijection so the hot
 rows are not simply the first ones (which would flatter the cache). Bag lengths are Poisson
-around the table's mean pooling factor. Used by quantization reports, benchmarks and loadgen.
+around the table's mean pooling factor, or a fixed multi-hot ``bag_size`` where the manifest
+records one (DLRM-v2). Used by quantization reports, benchmarks and loadgen.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class TableTraffic:
     rows: int
     zipf: float
     pooling: float
+    bag_size: int | None = None  # fixed multi-hot size instead of Poisson lengths
 
     @classmethod
     def of(cls, spec: TableSpec) -> TableTraffic:
@@ -61,14 +63,19 @@ class TableTraffic:
     @classmethod
     def from_stats(cls, rows: int, stats: Mapping[str, float]) -> TableTraffic:
         """From the ``stats`` of a manifest table or of a ``GET /v1/model`` feature."""
+        fixed = stats.get("bag_size")
         return cls(
             rows,
             float(stats.get("zipf", DEFAULT_ZIPF)),
             float(stats.get("pooling_factor", DEFAULT_POOLING)),
+            None if fixed is None else int(fixed),
         )
 
     def bags(self, rng: np.random.Generator, n_bags: int) -> tuple[np.ndarray, np.ndarray]:
-        lengths = rng.poisson(self.pooling, n_bags)
+        if self.bag_size is None:
+            lengths = rng.poisson(self.pooling, n_bags)
+        else:
+            lengths = np.full(n_bags, self.bag_size, np.int64)
         bounds = np.zeros(n_bags + 1, np.int64)
         np.cumsum(lengths, out=bounds[1:])
         ids = scatter(zipf_ranks(rng, int(bounds[-1]), self.rows, self.zipf), self.rows)
