@@ -34,3 +34,14 @@ def test_bench_e2e_small(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for mode in ("capacity", "load", "net", "singular"):
         assert f"{mode} " in out
+
+
+@pytest.mark.slow
+def test_bench_dlrmv2_small(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import bench_dlrmv2
+
+    args = ["--size", "72MiB", "--batch", "32", "--duration", "1", "--rounds", "1"]
+    assert bench_dlrmv2.main([*args, "--shards", "2", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    for row in ("CrossNet (ours)", "torch in-process", "singular", "sharded", "target:"):
+        assert row in out
