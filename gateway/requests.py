@@ -13,6 +13,7 @@ import numpy as np
 import orjson
 
 from recserve.contracts.batch import Bags, Batch, concat_weights
+from recserve.contracts.columns import decode_array
 from recserve.contracts.errors import BadRequest, IdOutOfRange, TooLarge, UnknownFeature
 from recserve.contracts.http import MSGPACK_TYPES
 from recserve.contracts.manifest import Manifest
@@ -22,8 +23,9 @@ from recserve.contracts.samples import F32_MAX, Limits, parse_samples
 def decode_body(body: bytes, content_type: str) -> Any:
     try:
         if content_type in MSGPACK_TYPES:
+            # bin only for typed arrays of the columnar form; never past the body itself
             return msgpack.unpackb(
-                body, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0
+                body, raw=False, strict_map_key=True, max_bin_len=len(body), max_ext_len=0
             )
         return orjson.loads(body)
     except (
@@ -39,13 +41,20 @@ def decode_body(body: bytes, content_type: str) -> Any:
 
 
 def parse_request(body: Any, manifest: Manifest, limits: Limits = Limits()) -> Batch:
-    """The v1 request forms: ``{"samples": [...]}``, or the ranking form
+    """The v1 request forms: ``{"samples": [...]}``; the ranking form
     ``{"context": {"dense": [...], "sparse": {...}}, "candidates": [{"sparse": {...}}]}``
-    where every candidate shares the context's dense values and sparse bags."""
+    where every candidate shares the context's dense values and sparse bags; or the columnar
+    form ``{"columns": ...}`` (``recserve.contracts.columns``)."""
     if not isinstance(body, dict):
         raise BadRequest(
-            "the body must be an object with samples, or context and candidates", field="body"
+            "the body must be an object with samples, context and candidates, or columns",
+            field="body",
         )
+    if "columns" in body:
+        extra = sorted(set(body) - {"columns", "timeout_ms"})
+        if extra:
+            raise BadRequest(f"unknown field {extra[0]!r}", field=extra[0])
+        return parse_columns(body["columns"], manifest, limits)
     if "samples" in body:
         extra = sorted(set(body) - {"samples", "timeout_ms"})
         if extra:
@@ -86,6 +95,40 @@ def parse_request(body: Any, manifest: Manifest, limits: Limits = Limits()) -> B
         else:
             bags[feature] = per.bags[feature]
     return Batch(per.dense, bags)
+
+
+def parse_columns(doc: Any, manifest: Manifest, limits: Limits = Limits()) -> Batch:
+    """The columnar form's arrays, checked as KServe tensors are."""
+    if not isinstance(doc, dict) or not doc.keys() <= {"dense", "sparse"} or "dense" not in doc:
+        raise BadRequest("columns must be an object of dense and sparse", field="columns")
+    cap = limits.max_samples * manifest.dense_width
+    dense = decode_array(doc["dense"], "columns.dense", floats=True, max_items=cap)
+    if dense.ndim == 1 and dense.size % manifest.dense_width == 0:
+        dense = dense.reshape(-1, manifest.dense_width)
+    sparse_doc = doc.get("sparse", {})
+    if not isinstance(sparse_doc, dict):
+        raise BadRequest("columns.sparse must be an object", field="columns.sparse")
+    sparse = {}
+    for feature, col in sparse_doc.items():
+        where = f"columns.sparse.{feature}"
+        if not isinstance(col, dict) or col.keys() != {"values", "lengths"}:
+            raise BadRequest(f"{where} must be an object of values and lengths", field=where)
+        values = decode_array(
+            col["values"], f"{where}.values", floats=False, max_items=limits.max_ids
+        )
+        lengths = decode_array(
+            col["lengths"], f"{where}.lengths", floats=False, max_items=limits.max_samples
+        )
+        sparse[str(feature)] = (values, lengths.reshape(-1))
+    try:
+        return batch_from_arrays(dense, sparse, manifest, limits)
+    except BadRequest as exc:  # KServe's names (dense, f.values) to this form's
+        field = exc.field
+        if field == "dense":
+            field = "columns.dense"
+        elif field and field != "sparse":
+            field = f"columns.sparse.{field}"
+        raise type(exc)(exc.message, field=field) from None
 
 
 def _rename(exc: BadRequest, old: str, new: str) -> BadRequest:

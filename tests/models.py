@@ -8,25 +8,33 @@ import numpy as np
 
 from kernels import quantize_rows
 from recserve.contracts.manifest import DenseSpec, InteractionSpec, Manifest, MLPSpec, TableSpec
-from recserve.model.artifact import ArtifactWriter
+from recserve.model.artifact import ArtifactWriter, dense_weights
 
 
 def manifest_of(
-    tables: tuple[TableSpec, ...], dense_width: int, *, name: str = "m", version: str = "1"
+    tables: tuple[TableSpec, ...],
+    dense_width: int,
+    *,
+    name: str = "m",
+    version: str = "1",
+    hidden: tuple[tuple[int, ...], tuple[int, ...]] = ((), ()),
 ) -> Manifest:
-    """A dot-interaction model over ``tables``: one-layer bottom and top MLPs."""
+    """A dot-interaction model over ``tables``; ``hidden`` widths of the bottom and top MLPs
+    (none: one layer each). ReLU throughout, a sigmoid at the end."""
     dim = tables[0].dim
     n = sum(len(t.features) for t in tables)
     inter = InteractionSpec("dot")
+    bottom = (dense_width, *hidden[0], dim)
+    top = (inter.output_width(dim, n), *hidden[1], 1)
     return Manifest(
         name,
         version,
         dense_width,
         tables,
         DenseSpec(
-            MLPSpec((dense_width, dim), ("relu",)),
+            MLPSpec(bottom, ("relu",) * (len(bottom) - 1)),
             inter,
-            MLPSpec((inter.output_width(dim, n), 1), ("sigmoid",)),
+            MLPSpec(top, ("relu",) * (len(top) - 2) + ("sigmoid",)),
         ),
     )
 
@@ -41,15 +49,16 @@ def write_random(root: Path, manifest: Manifest, seed: int = 0) -> Manifest:
             writer.write_table_array(t, quantize_rows(values))
         else:
             writer.write_table_array(t, values.astype(np.float16 if t.dtype == "fp16" else "f4"))
-    dense, dim = manifest.dense_width, manifest.embedding_dim
-    top = manifest.dense.top.sizes[0]
+
+    def layers(sizes: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+        scale = [1.0] * (len(sizes) - 2) + [1.0 / sizes[-2]]  # keep the last layer's logits O(1)
+        return [
+            (rng.random((b, a)) * s if len(sizes) > 2 else rng.random((b, a)), np.zeros(b))
+            for a, b, s in zip(sizes, sizes[1:], scale, strict=False)
+        ]
+
     writer.write_dense(
-        {
-            "bottom.0.weight": rng.random((dim, dense)),
-            "bottom.0.bias": np.zeros(dim),
-            "top.0.weight": rng.random((1, top)),
-            "top.0.bias": np.zeros(1),
-        }
+        dense_weights(layers(manifest.dense.bottom.sizes), layers(manifest.dense.top.sizes))
     )
     return writer.finish(manifest)
 

@@ -33,6 +33,8 @@ ALLOWED: dict[str, set[str]] = {
         "recserve.runtime",
         "kernels",
     },
+    # What a service calling the gateway imports: the HTTP contracts, nothing heavier.
+    "recserve.client": {"recserve.contracts"},
     "recserve.cli": {"recserve", "kernels"},
     "recserve": set(),  # recserve/__init__.py
     "shardd": {"recserve", "kernels"},
@@ -205,6 +207,7 @@ def test_scanner_sees_imports(tmp_path: Path) -> None:
         ("loadgen.main", ("numba", "llvmlite", "zmq", "kernels")),
         ("recserve.contracts.manifest", ("numba", "kernels")),
         ("recserve.planning", ("numba", "kernels")),
+        ("recserve.client", ("numba", "kernels", "zmq", "torch")),
     ],
 )
 def test_light_imports(module: str, heavy: tuple[str, ...]) -> None:

@@ -42,6 +42,8 @@ async def post(
         data, ctype = json.dumps(doc).encode(), "application/json"
     elif fmt == "msgpack":
         data, ctype = msgpack.packb(doc), "application/msgpack"
+    elif fmt == "raw-msgpack":
+        data, ctype = doc, "application/msgpack"
     else:
         data, ctype = doc, "application/json"
     async with session.post(url + path, data=data, headers={"Content-Type": ctype}) as r:

@@ -1,0 +1,207 @@
+"""Served throughput against an in-process PyTorch DLRM, per request form.
+
+The model has ``DLRM_Net``'s benchmark shape: 26 tables, 4M rows x 64 in all, 20 ids a bag,
+bottom MLP 13-512-256-64, dot interaction, top 415-512-256-1. The baseline is that model in
+``torch.nn`` (``EmbeddingBag`` sums, ``Linear`` layers, the strictly-lower-triangle dots, as
+``DLRM_Net`` builds them) on the artifact's weights, torch's default threads, batches of
+``--batch`` back to back. recserve serves the same batches as ``--batch``-sample requests,
+``--inflight`` in flight from a client on the same cores, singular and on ``--shards``
+shards, in three request forms: KServe v2 binary tensors, the columnar msgpack form (what
+``recserve.client`` sends) and msgpack samples. Scores are checked against torch's.
+
+    python -m benchmarks.bench_e2e_throughput [--batch 256] [--inflight 4] [--duration 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+import numpy as np
+
+from benchmarks.bench_dlrmv2 import HEADER, kserve_body
+from benchmarks.common import print_table, run_cli
+from recserve.contracts.batch import Batch
+from recserve.contracts.columns import columns_body
+from recserve.contracts.manifest import AccessStats, Manifest, TableSpec
+from recserve.local.cluster import LocalCluster, free_port
+from recserve.model.scorer import Model
+from recserve.model.workload import Workload, to_samples
+from tests.models import manifest_of, write_random
+
+TABLES, ROWS, DIM, BAG = 26, 4_000_000, 64, 20
+
+
+def write_model(root: Path) -> Manifest:
+    specs = tuple(
+        TableSpec(
+            f"t{i}",
+            ROWS // TABLES,
+            DIM,
+            features=(str(i),),
+            stats=AccessStats(zipf=1.05, pooling_factor=BAG, bag_size=BAG),
+        )
+        for i in range(TABLES)
+    )
+    return write_random(root, manifest_of(specs, 13, name="dlrm", hidden=((512, 256), (512, 256))))
+
+
+def torch_dlrm(model: Model) -> Any:
+    import torch
+    from torch import nn
+
+    def mlp(layers: Any) -> nn.Sequential:
+        mods: list[nn.Module] = []
+        for layer in layers:
+            lin = nn.Linear(layer.in_features, layer.out_features)
+            lin.weight.data = torch.from_numpy(np.ascontiguousarray(layer.weight))
+            lin.bias.data = torch.from_numpy(np.ascontiguousarray(layer.bias))
+            mods.append(lin)
+            mods.append(nn.ReLU() if layer.activation == "relu" else nn.Sigmoid())
+        return nn.Sequential(*mods)
+
+    class DLRM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.ModuleList(
+                nn.EmbeddingBag.from_pretrained(torch.from_numpy(np.array(t)), mode="sum")
+                for t in model.tables.values()
+            )
+            self.bot, self.top = mlp(model.dense.bottom), mlp(model.dense.top)
+            n = TABLES + 1
+            self.li, self.lj = torch.tril_indices(n, n, offset=-1)
+
+        def forward(self, x: Any, bags: list[tuple[Any, Any]]) -> Any:
+            x = self.bot(x)
+            ly = [e(i, o) for e, (i, o) in zip(self.emb, bags, strict=True)]
+            t = torch.cat([x, *ly], dim=1).view(x.shape[0], -1, DIM)
+            z = torch.bmm(t, t.transpose(1, 2))[:, self.li, self.lj]
+            return self.top(torch.cat([x, z], dim=1))[:, 0]
+
+    return DLRM().eval()
+
+
+def run_torch(module: Any, batches: list[Batch], manifest: Manifest, duration: float) -> Any:
+    import torch
+
+    inputs = [
+        (
+            torch.from_numpy(b.dense),
+            [
+                (torch.from_numpy(b.bags[f].ids), torch.from_numpy(b.bags[f].bounds[:-1].copy()))
+                for f, _ in manifest.features()
+            ],
+        )
+        for b in batches
+    ]
+    with torch.no_grad():
+        first = module(*inputs[0]).numpy()
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < duration:
+            for x, bags in inputs:
+                module(x, bags)
+                done += x.shape[0]
+    return done / (time.perf_counter() - start), first
+
+
+async def closed_loop(
+    url: str, bodies: list[tuple[bytes, dict[str, str]]], samples: int, args: Any, kserve: bool
+) -> tuple[float, np.ndarray]:
+    async def one(session: aiohttp.ClientSession, body: bytes, headers: dict[str, str]) -> Any:
+        async with session.post(url, data=body, headers=headers) as r:
+            raw = await r.read()
+            if r.status != 200:
+                raise SystemExit(f"{url}: {r.status} {raw[:300]!r}")
+            if kserve:
+                return np.frombuffer(raw[int(r.headers[HEADER]) :], "<f4")
+            return np.asarray(msgpack.unpackb(raw)["scores"], np.float32)
+
+    done = 0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        first = await one(session, *bodies[0])
+        end = time.perf_counter() + args.duration
+        start = time.perf_counter()
+
+        async def worker(k: int) -> None:
+            nonlocal done
+            while time.perf_counter() < end:
+                await one(session, *bodies[k % len(bodies)])
+                done += samples
+                k += args.inflight
+
+        await asyncio.gather(*(worker(k) for k in range(args.inflight)))
+    return done / (time.perf_counter() - start), first
+
+
+def forms(manifest: Manifest, batches: list[Batch]) -> dict[str, Any]:
+    mp = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
+    names = [f for f, _ in manifest.features()]
+
+    def kserve(b: Batch) -> tuple[bytes, dict[str, str]]:
+        body, head = kserve_body(manifest, b)
+        return body, {HEADER: str(head), "Content-Type": "application/octet-stream"}
+
+    def columns(b: Batch) -> tuple[bytes, dict[str, str]]:
+        sparse = {f: (b.bags[f].ids, b.bags[f].lengths().astype(np.int32)) for f in names}
+        return msgpack.packb(columns_body(b.dense, sparse), use_bin_type=True), mp
+
+    def samples(b: Batch) -> tuple[bytes, dict[str, str]]:
+        return msgpack.packb({"samples": to_samples(b)}), mp
+
+    return {
+        "KServe binary": ([kserve(b) for b in batches], True, f"/v2/models/{manifest.name}/infer"),
+        "msgpack columns": ([columns(b) for b in batches], False, "/v1/predict"),
+        "msgpack samples": ([samples(b) for b in batches], False, "/v1/predict"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--inflight", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--shards", type=int, default=4)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        manifest = write_model(root / "m")
+        plan = root / "plan.json"
+        run_cli(["plan", "--model", str(root / "m"), "--shards", str(args.shards),
+                 "--strategy", "load", "--out", str(plan)])  # fmt: skip
+        model = Model.open(root / "m")
+        batches = [Workload(manifest, seed=s).batch(args.batch) for s in range(8)]
+        base, want = run_torch(torch_dlrm(model), batches, manifest, args.duration)
+        rows = [["torch in-process", "-", f"{base:,.0f}", "1.00x"]]
+        for where, plan_path in (("singular", None), (f"{args.shards} shards", plan)):
+            with LocalCluster(
+                root / "m", plan=plan_path, singular=plan_path is None, port=free_port()
+            ) as cluster:
+                for form, (bodies, kserve, path) in forms(manifest, batches).items():
+                    rate, got = asyncio.run(
+                        closed_loop(cluster.url + path, bodies, args.batch, args, kserve)
+                    )
+                    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+                    rows.append([where, form, f"{rate:,.0f}", f"{rate / base:.2f}x"])
+    print(
+        f"\nDLRM_Net shape ({TABLES} tables, {ROWS // 10**6}M x {DIM}, {BAG} ids a bag), "
+        f"requests of {args.batch}, {args.inflight} in flight, client on the same cores"
+    )
+    print_table(["setup", "form", "samples/s", "vs torch"], rows)
+    ratios = {(r[0], r[1]): float(r[3][:-1]) for r in rows[1:]}
+    cols = statistics.median(
+        ratios[(w, "msgpack columns")] / ratios[(w, "KServe binary")]
+        for w in ("singular", f"{args.shards} shards")
+    )
+    print(f"\nmsgpack columns against KServe binary: {cols:.2f}x (target >= 0.8x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
