@@ -27,18 +27,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
-import orjson
 
 from benchmarks.common import print_table, run_cli
-from recserve.contracts.batch import Batch
-from recserve.contracts.manifest import Manifest, read_manifest
+from benchmarks.served import (
+    Body,
+    closed_loop,
+    kserve_body,
+    run_torch,
+    torch_inputs,
+    torch_mlp,
+)
+from recserve.contracts.manifest import read_manifest
 from recserve.local.cluster import LocalCluster, free_port
 from recserve.model.scorer import Model
 from recserve.model.workload import Workload
-
-HEADER = "Inference-Header-Content-Length"
 
 
 def torch_model(model: Model) -> Any:
@@ -47,19 +50,6 @@ def torch_model(model: Model) -> Any:
     from torch import nn
 
     dense = model.dense
-
-    def mlp(layers: Any, last_sigmoid: bool) -> nn.Sequential:
-        mods: list[nn.Module] = []
-        for layer in layers:
-            lin = nn.Linear(layer.in_features, layer.out_features)
-            lin.weight.data = torch.from_numpy(np.ascontiguousarray(layer.weight))
-            lin.bias.data = torch.from_numpy(np.ascontiguousarray(layer.bias))
-            mods.append(lin)
-            if layer.activation == "relu":
-                mods.append(nn.ReLU())
-        if last_sigmoid:
-            mods.append(nn.Sigmoid())
-        return nn.Sequential(*mods)
 
     class DLRMv2(nn.Module):
         def __init__(self) -> None:
@@ -70,12 +60,12 @@ def torch_model(model: Model) -> Any:
                 )
                 for t in model.manifest.tables
             )
-            self.bottom = mlp(dense.bottom, False)
+            self.bottom = torch_mlp(dense.bottom)
             cross = dense.interaction.layers  # type: ignore[union-attr]
             self.v = [torch.from_numpy(np.ascontiguousarray(c.v)) for c in cross]
             self.w = [torch.from_numpy(np.ascontiguousarray(c.w)) for c in cross]
             self.b = [torch.from_numpy(np.ascontiguousarray(c.bias)) for c in cross]
-            self.top = mlp(dense.top, True)
+            self.top = torch_mlp(dense.top, "sigmoid")
 
         def forward(self, x: Any, bags: list[tuple[Any, Any]]) -> Any:
             pooled = [t(ids, offsets) for t, (ids, offsets) in zip(self.tables, bags, strict=True)]
@@ -88,90 +78,8 @@ def torch_model(model: Model) -> Any:
     return DLRMv2().eval()
 
 
-def torch_inputs(manifest: Manifest, batch: Batch) -> tuple[Any, list[tuple[Any, Any]]]:
-    import torch
-
-    bags = []
-    for feature, _ in manifest.features():
-        b = batch.bags[feature]
-        bags.append((torch.from_numpy(b.ids), torch.from_numpy(b.bounds[:-1].copy())))
-    return torch.from_numpy(batch.dense), bags
-
-
-def run_torch(module: Any, inputs: list[Any], duration: float) -> tuple[float, np.ndarray]:
-    """Samples/s scoring ``inputs`` back to back for ``duration`` s, and the first scores."""
-    import torch
-
-    with torch.no_grad():
-        first = module(*inputs[0]).numpy()
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < duration:
-            for x, bags in inputs:
-                module(x, bags)
-                done += x.shape[0]
-        return done / (time.perf_counter() - start), first
-
-
-def kserve_body(manifest: Manifest, batch: Batch) -> tuple[bytes, int]:
-    """A binary-tensor infer request for ``batch``, and its JSON header's length."""
-    tensors = [("dense", "FP32", batch.dense.astype("<f4"))]
-    for feature, _ in manifest.features():
-        b = batch.bags[feature]
-        tensors.append((f"{feature}.values", "INT64", b.ids.astype("<i8")))
-        tensors.append((f"{feature}.lengths", "INT32", b.lengths().astype("<i4")))
-    head = orjson.dumps(
-        {
-            "inputs": [
-                {
-                    "name": name,
-                    "datatype": dtype,
-                    "shape": list(arr.shape),
-                    "parameters": {"binary_data_size": arr.nbytes},
-                }
-                for name, dtype, arr in tensors
-            ],
-            "parameters": {"binary_data_output": True},
-        }
-    )
-    return head + b"".join(arr.tobytes() for *_, arr in tensors), len(head)
-
-
-async def closed_loop(
-    url: str, bodies: list[tuple[bytes, int]], samples: int, inflight: int, duration: float
-) -> tuple[float, np.ndarray]:
-    """Samples/s with ``inflight`` requests outstanding for ``duration`` s, and the scores
-    of the first body."""
-    first: list[np.ndarray] = []
-    done = 0
-
-    async def one(session: aiohttp.ClientSession, body: bytes, head: int) -> np.ndarray:
-        headers = {HEADER: str(head), "Content-Type": "application/octet-stream"}
-        async with session.post(url, data=body, headers=headers) as r:
-            raw = await r.read()
-            if r.status != 200:
-                raise SystemExit(f"infer failed with {r.status}: {raw[:300]!r}")
-            n = int(r.headers[HEADER])
-            return np.frombuffer(raw[n:], "<f4")
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        first.append(await one(session, *bodies[0]))
-        end = time.perf_counter() + duration
-        start = time.perf_counter()
-
-        async def worker(k: int) -> None:
-            nonlocal done
-            i = k
-            while time.perf_counter() < end:
-                await one(session, *bodies[i % len(bodies)])
-                done += samples
-                i += inflight
-
-        await asyncio.gather(*(worker(k) for k in range(inflight)))
-        return done / (time.perf_counter() - start), first[0]
-
-
 def serve(
-    model: Path, plan: Path | None, args: argparse.Namespace, bodies: list[tuple[bytes, int]]
+    model: Path, plan: Path | None, args: argparse.Namespace, bodies: list[Body]
 ) -> tuple[float, np.ndarray]:
     name = read_manifest(model).name
     with LocalCluster(

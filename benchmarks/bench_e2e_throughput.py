@@ -18,16 +18,22 @@ import argparse
 import asyncio
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgpack
 import numpy as np
 
-from benchmarks.bench_dlrmv2 import HEADER, kserve_body
 from benchmarks.common import print_table, run_cli
+from benchmarks.served import (
+    closed_loop,
+    kserve_body,
+    kserve_scores,
+    run_torch,
+    torch_inputs,
+    torch_mlp,
+    v1_scores,
+)
 from recserve.contracts.batch import Batch
 from recserve.contracts.columns import columns_body
 from recserve.contracts.manifest import AccessStats, Manifest, TableSpec
@@ -39,11 +45,11 @@ from tests.models import manifest_of, write_random
 TABLES, ROWS, DIM, BAG = 26, 4_000_000, 64, 20
 
 
-def write_model(root: Path) -> Manifest:
+def write_model(root: Path, rows: int = ROWS) -> Manifest:
     specs = tuple(
         TableSpec(
             f"t{i}",
-            ROWS // TABLES,
+            rows // TABLES,
             DIM,
             features=(str(i),),
             stats=AccessStats(zipf=1.05, pooling_factor=BAG, bag_size=BAG),
@@ -57,16 +63,6 @@ def torch_dlrm(model: Model) -> Any:
     import torch
     from torch import nn
 
-    def mlp(layers: Any) -> nn.Sequential:
-        mods: list[nn.Module] = []
-        for layer in layers:
-            lin = nn.Linear(layer.in_features, layer.out_features)
-            lin.weight.data = torch.from_numpy(np.ascontiguousarray(layer.weight))
-            lin.bias.data = torch.from_numpy(np.ascontiguousarray(layer.bias))
-            mods.append(lin)
-            mods.append(nn.ReLU() if layer.activation == "relu" else nn.Sigmoid())
-        return nn.Sequential(*mods)
-
     class DLRM(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -74,7 +70,7 @@ def torch_dlrm(model: Model) -> Any:
                 nn.EmbeddingBag.from_pretrained(torch.from_numpy(np.array(t)), mode="sum")
                 for t in model.tables.values()
             )
-            self.bot, self.top = mlp(model.dense.bottom), mlp(model.dense.top)
+            self.bot, self.top = torch_mlp(model.dense.bottom), torch_mlp(model.dense.top)
             n = TABLES + 1
             self.li, self.lj = torch.tril_indices(n, n, offset=-1)
 
@@ -88,65 +84,9 @@ def torch_dlrm(model: Model) -> Any:
     return DLRM().eval()
 
 
-def run_torch(module: Any, batches: list[Batch], manifest: Manifest, duration: float) -> Any:
-    import torch
-
-    inputs = [
-        (
-            torch.from_numpy(b.dense),
-            [
-                (torch.from_numpy(b.bags[f].ids), torch.from_numpy(b.bags[f].bounds[:-1].copy()))
-                for f, _ in manifest.features()
-            ],
-        )
-        for b in batches
-    ]
-    with torch.no_grad():
-        first = module(*inputs[0]).numpy()
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < duration:
-            for x, bags in inputs:
-                module(x, bags)
-                done += x.shape[0]
-    return done / (time.perf_counter() - start), first
-
-
-async def closed_loop(
-    url: str, bodies: list[tuple[bytes, dict[str, str]]], samples: int, args: Any, kserve: bool
-) -> tuple[float, np.ndarray]:
-    async def one(session: aiohttp.ClientSession, body: bytes, headers: dict[str, str]) -> Any:
-        async with session.post(url, data=body, headers=headers) as r:
-            raw = await r.read()
-            if r.status != 200:
-                raise SystemExit(f"{url}: {r.status} {raw[:300]!r}")
-            if kserve:
-                return np.frombuffer(raw[int(r.headers[HEADER]) :], "<f4")
-            return np.asarray(msgpack.unpackb(raw)["scores"], np.float32)
-
-    done = 0
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        first = await one(session, *bodies[0])
-        end = time.perf_counter() + args.duration
-        start = time.perf_counter()
-
-        async def worker(k: int) -> None:
-            nonlocal done
-            while time.perf_counter() < end:
-                await one(session, *bodies[k % len(bodies)])
-                done += samples
-                k += args.inflight
-
-        await asyncio.gather(*(worker(k) for k in range(args.inflight)))
-    return done / (time.perf_counter() - start), first
-
-
 def forms(manifest: Manifest, batches: list[Batch]) -> dict[str, Any]:
     mp = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
     names = [f for f, _ in manifest.features()]
-
-    def kserve(b: Batch) -> tuple[bytes, dict[str, str]]:
-        body, head = kserve_body(manifest, b)
-        return body, {HEADER: str(head), "Content-Type": "application/octet-stream"}
 
     def columns(b: Batch) -> tuple[bytes, dict[str, str]]:
         sparse = {f: (b.bags[f].ids, b.bags[f].lengths().astype(np.int32)) for f in names}
@@ -156,9 +96,13 @@ def forms(manifest: Manifest, batches: list[Batch]) -> dict[str, Any]:
         return msgpack.packb({"samples": to_samples(b)}), mp
 
     return {
-        "KServe binary": ([kserve(b) for b in batches], True, f"/v2/models/{manifest.name}/infer"),
-        "msgpack columns": ([columns(b) for b in batches], False, "/v1/predict"),
-        "msgpack samples": ([samples(b) for b in batches], False, "/v1/predict"),
+        "KServe binary": (
+            [kserve_body(manifest, b) for b in batches],
+            kserve_scores,
+            f"/v2/models/{manifest.name}/infer",
+        ),
+        "msgpack columns": ([columns(b) for b in batches], v1_scores, "/v1/predict"),
+        "msgpack samples": ([samples(b) for b in batches], v1_scores, "/v1/predict"),
     }
 
 
@@ -168,29 +112,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inflight", type=int, default=4)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=ROWS, help="rows of all tables together")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        manifest = write_model(root / "m")
+        manifest = write_model(root / "m", args.rows)
         plan = root / "plan.json"
         run_cli(["plan", "--model", str(root / "m"), "--shards", str(args.shards),
                  "--strategy", "load", "--out", str(plan)])  # fmt: skip
         model = Model.open(root / "m")
         batches = [Workload(manifest, seed=s).batch(args.batch) for s in range(8)]
-        base, want = run_torch(torch_dlrm(model), batches, manifest, args.duration)
+        inputs = [torch_inputs(manifest, b) for b in batches]
+        base, want = run_torch(torch_dlrm(model), inputs, args.duration)
         rows = [["torch in-process", "-", f"{base:,.0f}", "1.00x"]]
         for where, plan_path in (("singular", None), (f"{args.shards} shards", plan)):
             with LocalCluster(
                 root / "m", plan=plan_path, singular=plan_path is None, port=free_port()
             ) as cluster:
-                for form, (bodies, kserve, path) in forms(manifest, batches).items():
+                for form, (bodies, decode, path) in forms(manifest, batches).items():
                     rate, got = asyncio.run(
-                        closed_loop(cluster.url + path, bodies, args.batch, args, kserve)
+                        closed_loop(
+                            cluster.url + path,
+                            bodies,
+                            args.batch,
+                            args.inflight,
+                            args.duration,
+                            decode,
+                        )
                     )
                     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
                     rows.append([where, form, f"{rate:,.0f}", f"{rate / base:.2f}x"])
     print(
-        f"\nDLRM_Net shape ({TABLES} tables, {ROWS // 10**6}M x {DIM}, {BAG} ids a bag), "
+        f"\nDLRM_Net shape ({TABLES} tables, {args.rows:,} rows x {DIM}, {BAG} ids a bag), "
         f"requests of {args.batch}, {args.inflight} in flight, client on the same cores"
     )
     print_table(["setup", "form", "samples/s", "vs torch"], rows)

@@ -45,3 +45,14 @@ def test_bench_dlrmv2_small(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for row in ("CrossNet (ours)", "torch in-process", "singular", "sharded", "target:"):
         assert row in out
+
+
+@pytest.mark.slow
+def test_bench_e2e_throughput_small(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import bench_e2e_throughput
+
+    args = ["--rows", "26000", "--batch", "32", "--duration", "0.5", "--shards", "2"]
+    assert bench_e2e_throughput.main(args) == 0
+    out = capsys.readouterr().out
+    for row in ("KServe binary", "msgpack columns", "msgpack samples", "msgpack columns against"):
+        assert row in out
