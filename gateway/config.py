@@ -63,6 +63,43 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class ReplicaSettings:
+    hedge_after_ms: str = option(
+        "off",
+        "send a lookup to a second replica when the first has not answered after this many "
+        "ms, or pNN of the shard's recent lookups (e.g. p95); off: never",
+    )
+    hedge_budget: float = option(0.1, "share of lookups that may be hedged")
+    retry_budget: float = option(0.2, "share of lookups that may be retried on another replica")
+    eject_after: int = option(3, "failures in a row that take a replica out of rotation")
+
+    def __post_init__(self) -> None:
+        hedge = self.hedge_after_ms
+        pct = hedge[1:] if hedge.startswith("p") else None
+        ok = hedge == "off" or (
+            _number(pct) and 0 < float(pct or 0) < 100
+            if pct is not None
+            else _number(hedge) and float(hedge) > 0
+        )
+        if not ok:
+            raise ConfigError(
+                f"--hedge-after-ms must be off, a positive number or pNN, not {hedge!r}"
+            )
+        if not 0 <= self.hedge_budget <= 1 or not 0 <= self.retry_budget <= 1:
+            raise ConfigError("--hedge-budget and --retry-budget are shares in [0, 1]")
+        if self.eject_after < 1:
+            raise ConfigError("--eject-after must be >= 1")
+
+
+def _number(text: str | None) -> bool:
+    try:
+        float(text or "")
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     model: Path = option(help="the model artifact directory")
     plan: Path | None = None  # None: --singular (main declares the two as exclusive)
@@ -70,6 +107,7 @@ class GatewayConfig:
     port: int = option(8080, "port to listen on (0: any free port)")
     batching: BatchSettings = field(default_factory=BatchSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
+    replicas: ReplicaSettings = field(default_factory=ReplicaSettings)
     threads: int = option(2, "executor threads (parsing, routing, merging, dense MLP)")
     blas_threads: int = option(
         1, "BLAS threads per dense MLP (1: batches run side by side instead)"

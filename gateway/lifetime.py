@@ -47,7 +47,7 @@ async def running(config: GatewayConfig) -> AsyncIterator[Gateway]:
             plan = read_plan(config.plan)
             plan.check(manifest)
             keys = CurveKeys.for_client(config.curve_keys) if config.curve_keys else None
-            pooler = ShardedPooler(manifest, plan, ctx, executor, metrics, keys)
+            pooler = ShardedPooler(manifest, plan, ctx, executor, metrics, config.replicas, keys)
             dense = load_dense(config.model, manifest)
         # Load the compiled kernel and run one dense forward before serving: the first
         # requests must not pay for them (they decided the P99 of short runs).
@@ -95,7 +95,8 @@ def _warm_up(dense: DenseNet, manifest: Manifest) -> None:
 
 
 async def _readiness(gw: Gateway) -> None:
-    """Ready once every shard replica answers; then keep checking every few seconds."""
+    """Ready while every shard has a replica that answers; checked every few seconds (and
+    every 0.1 s while not ready)."""
     while True:
         missing = await gw.pooler.probe(Deadline.after(1000))
         if gw.ready != (not missing):

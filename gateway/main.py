@@ -2,9 +2,9 @@
 
 With ``--plan`` the embedding tables are on the shards the plan names; with ``--singular``
 every table is opened in this process (the single-server baseline). Readiness
-(``/v2/health/ready``) turns true once every shard replica answered a probe. SIGTERM/SIGINT:
-readiness false, refuse new requests, finish queued and running ones (``--drain-timeout``),
-then stop.
+(``/v2/health/ready``) is true while every shard has a replica that answers its probe.
+SIGTERM/SIGINT: readiness false, refuse new requests, finish queued and running ones
+(``--drain-timeout``), then stop.
 """
 
 from __future__ import annotations

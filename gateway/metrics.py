@@ -44,6 +44,11 @@ class GatewayMetrics:
     shard_rpc: Histogram
     shards_contacted: Histogram
     shard_bytes: Counter
+    replica_requests: Counter
+    replica_outstanding: Gauge
+    ejections: Counter
+    hedges: Counter
+    retries: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -93,6 +98,36 @@ class GatewayMetrics:
                 "recserve_gateway_shard_bytes",
                 "Bytes to and from shards",
                 ["direction"],
+                registry=reg,
+            ),
+            replica_requests=Counter(
+                "recserve_gateway_replica_requests",
+                "Lookups by shard, replica and outcome (ok or an error kind)",
+                ["shard", "replica", "outcome"],
+                registry=reg,
+            ),
+            replica_outstanding=Gauge(
+                "recserve_gateway_replica_outstanding",
+                "Lookups sent to a replica and not answered yet",
+                ["shard", "replica"],
+                registry=reg,
+            ),
+            ejections=Counter(
+                "recserve_gateway_replica_ejections",
+                "Times a replica was taken out of rotation",
+                ["shard", "replica"],
+                registry=reg,
+            ),
+            hedges=Counter(
+                "recserve_gateway_hedges",
+                "Hedged lookups: sent, and won by the hedge",
+                ["shard", "outcome"],
+                registry=reg,
+            ),
+            retries=Counter(
+                "recserve_gateway_retries",
+                "Lookups retried on another replica",
+                ["shard"],
                 registry=reg,
             ),
         )

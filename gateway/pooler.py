@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import zmq
 
+from gateway.config import ReplicaSettings
 from gateway.metrics import GatewayMetrics
 from gateway.replicas import ReplicaSet
 from gateway.routing import Merger, Router, ShardRequest
@@ -80,6 +81,7 @@ class ShardedPooler:
         ctx: zmq.Context[Any],
         executor: Executor,
         metrics: GatewayMetrics,
+        settings: ReplicaSettings,
         keys: CurveKeys | None = None,
     ) -> None:
         self.metrics = metrics
@@ -87,7 +89,7 @@ class ShardedPooler:
         self.dim = manifest.embedding_dim
         self.router = Router(manifest, plan)
         self.merger = Merger(manifest, self.router)
-        self.replicas = {s.id: ReplicaSet(s, ctx, metrics, keys) for s in plan.shards}
+        self.replicas = {s.id: ReplicaSet(s, ctx, metrics, settings, keys) for s in plan.shards}
 
     def prepare(self, batch: Batch) -> dict[int, ShardRequest]:
         return self.router.route(batch)
@@ -109,9 +111,10 @@ class ShardedPooler:
         return await self.replicas[shard].lookup(req.parts, req.packed, deadline, self.dim)
 
     async def probe(self, deadline: Deadline) -> list[str]:
-        """Names of replicas that do not answer ``health``."""
-        missing = await asyncio.gather(*(r.probe(deadline) for r in self.replicas.values()))
-        return [name for names in missing for name in names]
+        """Shards none of whose replicas answers ``health`` as ready (every replica is
+        probed: an ejected one comes back through its probe)."""
+        await asyncio.gather(*(r.probe(deadline) for r in self.replicas.values()))
+        return [f"shard {r.id}" for r in self.replicas.values() if not r.serving]
 
     async def close(self) -> None:
         await asyncio.gather(*(r.close() for r in self.replicas.values()))

@@ -1,5 +1,20 @@
-"""One shard's replicas: a lookup goes to one, and to the next when the error says another
-replica may answer (``RETRYABLE``), each try within its share of the deadline."""
+"""One shard's replicas: which one a lookup goes to, and what happens when it does not answer.
+
+- Routing: among the replicas in rotation (answering their probe, not ejected) the one with
+  the fewest lookups outstanding; ties go round robin.
+- Failover: on every outcome that says "this replica, now" (``RETRYABLE``: no reply in time,
+  a broken connection, a malformed reply, ``not_ready`` while it drains, ``overloaded``) the
+  lookup goes to the next replica within the request's deadline; never on a client error,
+  which every replica would give alike. Retries spend a budget earned by lookups
+  (``--retry-budget``), so a sick cluster is not buried in retries.
+- Outlier ejection (Envoy's model): ``--eject-after`` failures in a row take a replica out
+  of rotation for a backoff that doubles with each ejection (1 s up to 30 s); the health
+  probe brings it back once it answers and its backoff is over.
+- Hedging: with ``--hedge-after-ms`` (milliseconds, or ``pNN`` of this shard's recent
+  lookups) a lookup without an answer by then is sent to a second replica too; the first
+  answer wins and the other is cancelled. Hedges spend their own budget
+  (``--hedge-budget``, the share of lookups that may be hedged).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +22,14 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zmq
 
+from gateway.config import ReplicaSettings
 from gateway.metrics import GatewayMetrics
 from recserve.contracts.errors import RecserveError, ShardUnavailable
 from recserve.contracts.plan import ShardPlan
@@ -22,9 +40,45 @@ from recserve.rpc.wire import PartRequest
 
 log = logging.getLogger(__name__)
 
-# Kinds that say "this replica, now": down or stalled, draining, or full. Anything else
-# (a bad request, an id out of range) would fail on every replica alike.
 RETRYABLE = frozenset({"shard_unavailable", "not_ready", "overloaded"})
+BACKOFF_S, MAX_BACKOFF_S = 1.0, 30.0
+LATENCIES = 256  # recent lookups kept per shard for a percentile hedge delay
+
+
+class Budget:
+    """Extra work (retries, hedges) paid for by ordinary work: each lookup earns ``ratio``
+    of a token, up to ``burst``; an extra lookup spends one."""
+
+    def __init__(self, ratio: float, burst: float = 10.0) -> None:
+        self.ratio, self.burst, self.tokens = ratio, burst, burst
+
+    def earn(self) -> None:
+        self.tokens = min(self.burst, self.tokens + self.ratio)
+
+    def take(self) -> bool:
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+@dataclass
+class Replica:
+    client: ShardClient
+    index: int
+    ready: bool = True  # its last probe answered ready
+    outstanding: int = 0
+    failures: int = 0  # in a row
+    ejections: int = 0
+    ejected_until: float = 0.0  # time.monotonic()
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.client.name
+
+    def in_rotation(self, now: float) -> bool:
+        return self.ready and now >= self.ejected_until
 
 
 class ReplicaSet:
@@ -33,16 +87,50 @@ class ReplicaSet:
         shard: ShardPlan,
         ctx: zmq.Context[Any],
         metrics: GatewayMetrics,
+        settings: ReplicaSettings,
         keys: CurveKeys | None = None,
     ) -> None:
         self.id = shard.id
-        self.clients = [
-            ShardClient(ep, ctx, name=f"{shard.id}/{r}", keys=keys)
+        self.replicas = [
+            Replica(
+                ShardClient(ep, ctx, name=f"{shard.id}/{r}", keys=keys),
+                r,
+                labels={"shard": str(shard.id), "replica": str(r)},
+            )
             for r, ep in enumerate(shard.endpoints)
         ]
         self.metrics = metrics
+        self.settings = settings
         self.rpc = metrics.shard_rpc.labels(shard=str(shard.id))
         self.turn = itertools.count()
+        self.latencies: deque[float] = deque(maxlen=LATENCIES)
+        self.retries = Budget(settings.retry_budget)
+        self.hedges = Budget(settings.hedge_budget)
+
+    # -- choosing ---------------------------------------------------------------------------
+
+    def order(self) -> list[Replica]:
+        """Replicas to try, best first: in rotation by fewest outstanding, then the rest
+        (a shard whose every replica is out still gets its lookups tried)."""
+        now = time.monotonic()
+        start = next(self.turn)
+        n = len(self.replicas)
+        rotated = [self.replicas[(start + i) % n] for i in range(n)]
+        live = sorted((r for r in rotated if r.in_rotation(now)), key=lambda r: r.outstanding)
+        return live + [r for r in rotated if not r.in_rotation(now)]
+
+    def hedge_delay(self) -> float | None:
+        """Seconds after which a lookup is hedged, or None (off, or no basis yet)."""
+        hedge = self.settings.hedge_after_ms
+        if hedge == "off" or len(self.replicas) < 2:
+            return None
+        if hedge.startswith("p"):
+            if len(self.latencies) < 20:
+                return None
+            return float(np.percentile(self.latencies, float(hedge[1:])))
+        return float(hedge) / 1e3
+
+    # -- one lookup -------------------------------------------------------------------------
 
     async def lookup(
         self,
@@ -51,51 +139,146 @@ class ReplicaSet:
         deadline: Deadline,
         dim: int,
     ) -> list[PooledGroup]:
-        ids, lengths, weights = packed
-        n = len(self.clients)
-        first = next(self.turn) % n
+        self.retries.earn()
+        self.hedges.earn()
+        order = self.order()
+        hedge = self.hedge_delay()
+        running: dict[asyncio.Task[list[PooledGroup]], Replica] = {}
+        hedged: Replica | None = None
         error: RecserveError | None = None
-        for r in range(n):
-            client = self.clients[(first + r) % n]
-            left = deadline.left_ms()
-            if left <= 0:
-                break
-            # Each remaining replica gets an equal share of the time left, so a stalled one
-            # leaves room to fail over.
-            share = Deadline(now_ms() + left / (n - r))
-            try:
-                start = time.perf_counter()
-                groups = await client.lookup(
-                    parts, ids, lengths, weights=weights, deadline=share, dim=dim
-                )
-            except RecserveError as exc:
-                if exc.kind not in RETRYABLE:
-                    raise
-                log.warning("shard %s: %s", client.name, exc.message)
-                error = exc
-                continue
-            self.rpc.observe(time.perf_counter() - start)
-            sent = ids.nbytes + lengths.nbytes + (weights.nbytes if weights is not None else 0)
-            self.metrics.shard_bytes.labels(direction="sent").inc(sent)
-            self.metrics.shard_bytes.labels(direction="received").inc(
-                sum(g.pooled.nbytes for g in groups)
+
+        def start(replica: Replica) -> None:
+            # Each try gets an equal share of what is left, so a stalled replica leaves time
+            # to fail over (a hedge, when there is one, just starts the next try earlier).
+            share = deadline.left_ms() / (len(order) + 1)
+            task = asyncio.ensure_future(
+                self._try(replica, parts, packed, Deadline(now_ms() + share), dim)
             )
-            return groups
+            running[task] = replica
+
+        try:
+            start(order.pop(0))
+            while running:
+                wait = deadline.left_s()
+                can_hedge = hedge is not None and hedged is None and order and len(running) == 1
+                if can_hedge:
+                    wait = min(wait, max(0.0, hedge or 0.0))
+                done, _ = await asyncio.wait(
+                    running, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    if deadline.expired():
+                        break
+                    if can_hedge and self.hedges.take():
+                        hedged = order.pop(0)
+                        self.metrics.hedges.labels(shard=str(self.id), outcome="sent").inc()
+                        start(hedged)
+                    elif can_hedge:
+                        hedge = None  # out of budget: wait for the first
+                    continue
+                for task in done:
+                    replica = running.pop(task)
+                    try:
+                        groups = task.result()
+                    except RecserveError as exc:
+                        if exc.kind not in RETRYABLE:
+                            raise
+                        log.warning("shard %s: %s", replica.name, exc.message)
+                        error = exc
+                        continue
+                    if replica is hedged:
+                        self.metrics.hedges.labels(shard=str(self.id), outcome="won").inc()
+                    return groups
+                if not running and order and not deadline.expired():
+                    if not self.retries.take():
+                        break
+                    self.metrics.retries.labels(shard=str(self.id)).inc()
+                    start(order.pop(0))
+        finally:
+            for task in running:
+                task.cancel()
         raise error or ShardUnavailable(f"shard {self.id}: no replica answered in time")
 
+    async def _try(
+        self,
+        replica: Replica,
+        parts: list[PartRequest],
+        packed: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+        deadline: Deadline,
+        dim: int,
+    ) -> list[PooledGroup]:
+        ids, lengths, weights = packed
+        replica.outstanding += 1
+        outstanding = self.metrics.replica_outstanding.labels(**replica.labels)
+        outstanding.inc()
+        start = time.perf_counter()
+        try:
+            groups = await replica.client.lookup(
+                parts, ids, lengths, weights=weights, deadline=deadline, dim=dim
+            )
+        except RecserveError as exc:
+            if exc.kind in RETRYABLE:
+                self._failed(replica)
+            self._count(replica, exc.kind)
+            raise
+        finally:
+            replica.outstanding -= 1
+            outstanding.dec()
+        seconds = time.perf_counter() - start
+        replica.failures = 0
+        self.latencies.append(seconds)
+        self.rpc.observe(seconds)
+        self._count(replica, "ok")
+        sent = ids.nbytes + lengths.nbytes + (weights.nbytes if weights is not None else 0)
+        self.metrics.shard_bytes.labels(direction="sent").inc(sent)
+        self.metrics.shard_bytes.labels(direction="received").inc(
+            sum(g.pooled.nbytes for g in groups)
+        )
+        return groups
+
+    def _count(self, replica: Replica, outcome: str) -> None:
+        self.metrics.replica_requests.labels(**replica.labels, outcome=outcome).inc()
+
+    def _failed(self, replica: Replica) -> None:
+        replica.failures += 1
+        if replica.failures >= self.settings.eject_after and replica.ejected_until == 0.0:
+            backoff = min(MAX_BACKOFF_S, BACKOFF_S * 2**replica.ejections)
+            replica.ejected_until = time.monotonic() + backoff
+            replica.ejections += 1
+            self.metrics.ejections.labels(**replica.labels).inc()
+            log.warning(
+                "replica %s ejected for %.0f s after %d failures in a row",
+                replica.name,
+                backoff,
+                replica.failures,
+            )
+
+    # -- health ---------------------------------------------------------------------------------
+
     async def probe(self, deadline: Deadline) -> list[str]:
-        """Names of replicas that do not answer ``health`` as ready."""
+        """Probe every replica; readmit ejected ones that answer once their backoff is over.
+        Returns the names of replicas that did not answer as ready."""
 
-        async def one(client: ShardClient) -> str | None:
+        async def one(replica: Replica) -> None:
             try:
-                reply = await client.simple("health", deadline)
-                return None if reply.get("ready") else client.name
+                reply = await replica.client.simple("health", deadline)
+                replica.ready = bool(reply.get("ready"))
             except RecserveError:
-                return client.name
+                replica.ready = False
+            now = time.monotonic()
+            if replica.ready and replica.ejected_until and now >= replica.ejected_until:
+                log.info("replica %s back in rotation", replica.name)
+                replica.ejected_until = 0.0
+                replica.failures = 0
 
-        names = await asyncio.gather(*(one(c) for c in self.clients))
-        return [n for n in names if n]
+        await asyncio.gather(*(one(r) for r in self.replicas))
+        return [r.name for r in self.replicas if not r.ready]
+
+    @property
+    def serving(self) -> bool:
+        """At least one replica answers its probe."""
+        return any(r.ready for r in self.replicas)
 
     async def close(self) -> None:
-        for client in self.clients:
-            await client.close()
+        for replica in self.replicas:
+            await replica.client.close()

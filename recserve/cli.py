@@ -142,6 +142,7 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
     where.add_argument("--plan", type=Path, help="use this plan (default: plan now)")
     where.add_argument("--singular", action="store_true", help="gateway only, no shards")
     p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--replicas", type=int, default=1, help="shard daemons per shard")
     p.add_argument("--strategy", default="net", choices=("capacity", "load", "net", "auto"))
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--curve-keys", type=Path, help="CURVE between gateway and shards (keygen)")
@@ -291,6 +292,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         port=args.port,
         singular=args.singular,
         curve_keys=args.curve_keys,
+        replicas=args.replicas,
     )
 
 

@@ -77,6 +77,7 @@ class LocalCluster:
         *,
         plan: Path | None = None,
         shards: int = 4,
+        replicas: int = 1,
         strategy: str = "net",
         port: int = 8080,
         singular: bool = False,
@@ -101,7 +102,9 @@ class LocalCluster:
             else:
                 manifest = read_manifest(self.model)
                 doc = json.loads(
-                    build(manifest, shards, strategy, [("tcp://127.0.0.1:1",)] * shards).to_json()
+                    build(
+                        manifest, shards, strategy, [("tcp://127.0.0.1:1",) * replicas] * shards
+                    ).to_json()
                 )
             for s in doc["shards"]:  # private ipc endpoints, one per replica
                 s["endpoints"] = [
@@ -128,10 +131,7 @@ class LocalCluster:
         if self.plan_path is not None:
             for shard in self.plan.shards:
                 for r, _ in enumerate(shard.endpoints):
-                    argv = shardd_argv(
-                        self.plan_path, self.model, shard.id, "--preload", *self.curve, replica=r
-                    )
-                    self.shards.append(_spawn(argv, self.run_dir / f"shard{shard.id}-{r}.log"))
+                    self.shards.append(self.start_shard(shard.id, r))
             names = [
                 (f"shard{s.id}-{r}", ep)
                 for s in self.plan.shards
@@ -159,6 +159,20 @@ class LocalCluster:
                 pass
             self._check(self.gateway, "gateway", deadline)
             time.sleep(0.1)
+
+    def start_shard(self, shard: int, replica: int) -> subprocess.Popen:
+        """Start one shard daemon of the plan (again, after it stopped: a rolling restart);
+        the caller waits for it with ``wait_ready``."""
+        assert self.plan_path is not None, "a singular cluster has no shards"
+        argv = shardd_argv(
+            self.plan_path, self.model, shard, "--preload", *self.curve, replica=replica
+        )
+        return _spawn(argv, self.run_dir / f"shard{shard}-{replica}.log")
+
+    def wait_ready(self, shard: int, replica: int, proc: subprocess.Popen, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while not ready(self.plan.shard(shard).endpoints[replica], keys=self.keys):
+            self._check(proc, f"shard{shard}-{replica}", end)
 
     def _check(self, proc: subprocess.Popen, what: str, deadline: float) -> None:
         if proc.poll() is not None:
@@ -208,12 +222,14 @@ def run_up(
     port: int,
     singular: bool,
     curve_keys: Path | None = None,
+    replicas: int = 1,
 ) -> int:
     """The ``recserve up`` command: start, print the endpoints, wait for Ctrl-C/SIGTERM."""
     cluster = LocalCluster(
         model,
         plan=plan,
         shards=shards,
+        replicas=replicas,
         strategy=strategy,
         port=port,
         singular=singular,
