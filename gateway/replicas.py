@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 RETRYABLE = frozenset({"shard_unavailable", "not_ready", "overloaded"})
 BACKOFF_S, MAX_BACKOFF_S = 1.0, 30.0
 LATENCIES = 256  # recent lookups kept per shard for a percentile hedge delay
+MIN_SAMPLES, COLD_HEDGE_S = 20, 0.05  # below that many, a percentile hedge waits 50 ms
 
 
 class Budget:
@@ -125,8 +126,8 @@ class ReplicaSet:
         if hedge == "off" or len(self.replicas) < 2:
             return None
         if hedge.startswith("p"):
-            if len(self.latencies) < 20:
-                return None
+            if len(self.latencies) < MIN_SAMPLES:  # no basis yet: a conservative delay
+                return COLD_HEDGE_S
             return float(np.percentile(self.latencies, float(hedge[1:])))
         return float(hedge) / 1e3
 
