@@ -89,7 +89,9 @@ class ShardedPooler:
         self.dim = manifest.embedding_dim
         self.router = Router(manifest, plan)
         self.merger = Merger(manifest, self.router)
-        self.replicas = {s.id: ReplicaSet(s, ctx, metrics, settings, keys) for s in plan.shards}
+        self.replicas = {
+            s.id: ReplicaSet.connect(s, ctx, metrics, settings, keys) for s in plan.shards
+        }
 
     def prepare(self, batch: Batch) -> dict[int, ShardRequest]:
         return self.router.route(batch)

@@ -85,28 +85,39 @@ class Replica:
 class ReplicaSet:
     def __init__(
         self,
+        shard_id: int,
+        clients: list[ShardClient],
+        metrics: GatewayMetrics,
+        settings: ReplicaSettings,
+    ) -> None:
+        self.id = shard_id
+        self.replicas = [
+            Replica(client, r, labels={"shard": str(shard_id), "replica": str(r)})
+            for r, client in enumerate(clients)
+        ]
+        self.metrics = metrics
+        self.settings = settings
+        self.rpc = metrics.shard_rpc.labels(shard=str(shard_id))
+        self.turn = itertools.count()
+        self.latencies: deque[float] = deque(maxlen=LATENCIES)
+        self.retries = Budget(settings.retry_budget)
+        self.hedges = Budget(settings.hedge_budget)
+
+    @classmethod
+    def connect(
+        cls,
         shard: ShardPlan,
         ctx: zmq.Context[Any],
         metrics: GatewayMetrics,
         settings: ReplicaSettings,
         keys: CurveKeys | None = None,
-    ) -> None:
-        self.id = shard.id
-        self.replicas = [
-            Replica(
-                ShardClient(ep, ctx, name=f"{shard.id}/{r}", keys=keys),
-                r,
-                labels={"shard": str(shard.id), "replica": str(r)},
-            )
+    ) -> ReplicaSet:
+        """A client per replica endpoint of ``shard``."""
+        clients = [
+            ShardClient(ep, ctx, name=f"{shard.id}/{r}", keys=keys)
             for r, ep in enumerate(shard.endpoints)
         ]
-        self.metrics = metrics
-        self.settings = settings
-        self.rpc = metrics.shard_rpc.labels(shard=str(shard.id))
-        self.turn = itertools.count()
-        self.latencies: deque[float] = deque(maxlen=LATENCIES)
-        self.retries = Budget(settings.retry_budget)
-        self.hedges = Budget(settings.hedge_budget)
+        return cls(shard.id, clients, metrics, settings)
 
     # -- choosing ---------------------------------------------------------------------------
 
