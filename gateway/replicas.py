@@ -7,9 +7,10 @@
   lookup goes to the next replica within the request's deadline; never on a client error,
   which every replica would give alike. Retries spend a budget earned by lookups
   (``--retry-budget``), so a sick cluster is not buried in retries.
-- Outlier ejection (Envoy's model): ``--eject-after`` failures in a row take a replica out
-  of rotation for a backoff that doubles with each ejection (1 s up to 30 s); the health
-  probe brings it back once it answers and its backoff is over.
+- Outlier ejection (Envoy's model): ``--eject-after`` failures in a row (a retryable error,
+  or losing to its own hedge) take a replica out of rotation for a backoff that doubles with
+  each ejection (1 s up to 30 s); only the health probe brings it back, once the backoff is
+  over and the replica answers.
 - Hedging: with ``--hedge-after-ms`` (milliseconds, or ``pNN`` of this shard's recent
   lookups) a lookup without an answer by then is sent to a second replica too; the first
   answer wins and the other is cancelled. Hedges spend their own budget
@@ -79,7 +80,7 @@ class Replica:
         return self.client.name
 
     def in_rotation(self, now: float) -> bool:
-        return self.ready and now >= self.ejected_until
+        return self.ready and not self.ejected_until  # the probe readmits (clears it)
 
 
 class ReplicaSet:
@@ -142,6 +143,14 @@ class ReplicaSet:
             return float(np.percentile(self.latencies, float(hedge[1:])))
         return float(hedge) / 1e3
 
+    def _worth_hedging(self, order: list[Replica], first: Replica) -> bool:
+        """A hedge goes only to a replica in rotation that is no busier than the one it
+        covers for: one with lookups stuck on it (dead or stalled) would waste the hedge
+        and the budget that the lookups stuck on it need."""
+        return bool(order) and (
+            order[0].in_rotation(time.monotonic()) and order[0].outstanding <= first.outstanding
+        )
+
     # -- one lookup -------------------------------------------------------------------------
 
     async def lookup(
@@ -172,7 +181,12 @@ class ReplicaSet:
             start(order.pop(0))
             while running:
                 wait = deadline.left_s()
-                can_hedge = hedge is not None and hedged is None and order and len(running) == 1
+                can_hedge = (
+                    hedge is not None
+                    and hedged is None
+                    and len(running) == 1
+                    and self._worth_hedging(order, next(iter(running.values())))
+                )
                 if can_hedge:
                     wait = min(wait, max(0.0, hedge or 0.0))
                 done, _ = await asyncio.wait(
@@ -200,6 +214,10 @@ class ReplicaSet:
                         continue
                     if replica is hedged:
                         self.metrics.hedges.labels(shard=str(self.id), outcome="won").inc()
+                        for beaten in running.values():
+                            # Its hedge answered first: a failure in a row, or a dead
+                            # replica whose lookups are all cancelled would never leave.
+                            self._failed(beaten)
                     return groups
                 if not running and order and not deadline.expired():
                     if not self.retries.take():

@@ -36,7 +36,7 @@ def test_unit_settings(name: str, env: str, script: str) -> None:
     for key in ("NoNewPrivileges", "PrivateTmp"):
         assert service[key] == "yes"
     assert service["ProtectSystem"] == "strict" and service["ReadOnlyPaths"]
-    assert service["EnvironmentFile"] == f"/etc/recserve/{env}"
+    assert f"/etc/recserve/{env}" in (UNITS / name).read_text()
     assert service["ExecStart"].startswith(f"{INSTALLED_BIN}/{script} ")
     assert script in (ROOT / "pyproject.toml").read_text()
     if "shardd" in name:
