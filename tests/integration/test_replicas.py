@@ -1,5 +1,6 @@
-"""Replicas that keep serving: 2 shards x 2 replicas under steady load while replicas are
-killed, drained, restarted and stalled. No request fails, readiness never drops while each
+"""Replicas that keep serving: 2 shards x 2 replicas under steady load while a replica of
+each shard is killed (SIGKILL), one drained (SIGTERM), both restarted, and one stalled
+(SIGSTOP). No request fails, readiness never drops while each
 shard has a replica up, and a replica that comes back gets traffic again."""
 
 from __future__ import annotations
@@ -106,9 +107,12 @@ def test_no_request_fails_while_replicas_die_drain_return_and_stall(
                 cluster.wait_ready(shard, replica, procs[index], 60)
             time.sleep(4.0)  # the probe brings them back once their backoff is over
             assert served_by(cluster.url, 0, 0) > before, "the restarted replica got no traffic"
-            procs[3].send_signal(signal.SIGSTOP)  # a stalled replica of shard 1
+            procs[3].kill()  # kill -9 the other replica of shard 1
+            procs[3].wait()
+            time.sleep(1.5)
+            procs[1].send_signal(signal.SIGSTOP)  # and stall the other one of shard 0
             time.sleep(2.0)
-            procs[3].send_signal(signal.SIGCONT)
+            procs[1].send_signal(signal.SIGCONT)
             time.sleep(1.0)
     failed = [s for s in traffic.statuses if s != 200]
     assert len(traffic.statuses) > 50 and not failed, (len(traffic.statuses), failed[:10])
