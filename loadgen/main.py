@@ -2,7 +2,8 @@
 
 recserve loadgen --url URL [--qps Q --duration S | --concurrency C --duration S |
                  --sweep --slo-ms P99] [--candidates K | --samples N]
-                 [--format json|msgpack] [--report r.json] [--plot p.png] [--seed N]
+                 [--format json|msgpack|columns] [--report r.json] [--plot p.png]
+                 [--seed N]
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=20.0, help="seconds (per step: --sweep)")
     p.add_argument("--candidates", type=int, default=0, help="ranking requests of K candidates")
     p.add_argument("--samples", type=int, default=16, help="flat requests of N samples")
-    p.add_argument("--format", choices=("json", "msgpack"), default="json")
+    p.add_argument(
+        "--format",
+        choices=("json", "msgpack", "columns"),
+        default="json",
+        help="request bodies: JSON or msgpack samples, or msgpack columns (recserve.client's)",
+    )
     p.add_argument("--report", type=Path, help="write the results as JSON")
     p.add_argument("--plot", type=Path, help="write a latency-percentile plot (matplotlib)")
     p.add_argument("--seed", type=int, default=0)

@@ -14,6 +14,8 @@ import msgpack
 import numpy as np
 import orjson
 
+from recserve.client import columns_of
+from recserve.contracts.columns import columns_body
 from recserve.model.workload import TableTraffic
 
 CONTEXT_NET = "user"
@@ -54,7 +56,7 @@ class Bodies:
 
     @property
     def content_type(self) -> str:
-        return "application/msgpack" if self.fmt == "msgpack" else "application/json"
+        return "application/json" if self.fmt == "json" else "application/msgpack"
 
     def _bag(self, f: Feature) -> list[int]:
         ids, _ = f.traffic.bags(self.rng, 1)
@@ -84,7 +86,22 @@ class Bodies:
         }
 
     def encode(self, doc: dict[str, Any]) -> bytes:
+        if self.fmt == "columns":  # recserve.client's form: msgpack typed arrays
+            return msgpack.packb(self.columns(doc), use_bin_type=True)
         return msgpack.packb(doc) if self.fmt == "msgpack" else orjson.dumps(doc)
+
+    def columns(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """The document in the columnar form (a ranking request's context repeated for
+        every candidate: the form has no shared bags)."""
+        samples = doc.get("samples") or [
+            {
+                "dense": doc["context"]["dense"],
+                "sparse": {**doc["context"]["sparse"], **c["sparse"]},
+            }
+            for c in doc["candidates"]
+        ]
+        dense, sparse = columns_of(samples, [f.name for f in self.features])
+        return columns_body(dense, sparse)
 
     def pool(self, count: int) -> list[bytes]:
         """``count`` distinct pre-encoded bodies, reused round robin during a run."""

@@ -40,7 +40,12 @@ ALLOWED: dict[str, set[str]] = {
     "shardd": {"recserve", "kernels"},
     "gateway": {"recserve", "kernels"},
     # The load generator knows the HTTP schema and how traffic is drawn, nothing more.
-    "loadgen": {"recserve.contracts", "recserve.model.workload", "recserve.runtime"},
+    "loadgen": {
+        "recserve.contracts",
+        "recserve.model.workload",
+        "recserve.runtime",
+        "recserve.client",
+    },
 }
 THIRD_PARTY: dict[str, set[str]] = {
     "kernels": {"numpy", "numba", "llvmlite"},

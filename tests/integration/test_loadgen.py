@@ -26,6 +26,14 @@ def gateway_url(model: Path):
         yield cluster.url
 
 
+def test_columns_format(gateway_url: str, tmp_path: Path) -> None:
+    report = tmp_path / "cols.json"
+    args = ["--url", gateway_url, "--qps", "30", "--duration", "1", "--format", "columns"]
+    assert loadgen([*args, "--candidates", "4", "--report", str(report), "--quiet"]) == 0
+    run = json.loads(report.read_text())["runs"][0]
+    assert run["ok"] > 10 and not run["errors"]
+
+
 def test_open_loop_report_and_plot(
     gateway_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
