@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import statistics
 import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,20 @@ def forms(manifest: Manifest, batches: list[Batch]) -> dict[str, Any]:
     }
 
 
+STAGES = ("request", "queue_wait", "batch_assembly", "pooling", "dense")
+
+
+def stage_seconds(url: str) -> dict[str, float]:
+    """Seconds summed per gateway stage so far (its Prometheus histograms' ``_sum``)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for stage in STAGES:
+        found = re.search(rf"^recserve_gateway_{stage}_seconds_sum ([0-9.e+-]+)$", text, re.M)
+        out[stage] = float(found.group(1)) if found else 0.0
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
@@ -125,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [torch_inputs(manifest, b) for b in batches]
         base, want = run_torch(torch_dlrm(model), inputs, args.duration)
         rows = [["torch in-process", "-", f"{base:,.0f}", "1.00x"]]
+        stages: list[list[str]] = []
         for where, plan_path in (("singular", None), (f"{args.shards} shards", plan)):
             with LocalCluster(
                 root / "m", plan=plan_path, singular=plan_path is None, port=free_port()
             ) as cluster:
                 for form, (bodies, decode, path) in forms(manifest, batches).items():
+                    cpu, before = cluster.cpu_seconds(), stage_seconds(cluster.url)
                     rate, got = asyncio.run(
                         closed_loop(
                             cluster.url + path,
@@ -142,11 +160,22 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
                     rows.append([where, form, f"{rate:,.0f}", f"{rate / base:.2f}x"])
+                    per_1k = 1000 / (rate * args.duration)  # per 1k samples served
+                    after = stage_seconds(cluster.url)
+                    stages.append(
+                        [where, form, f"{(cluster.cpu_seconds() - cpu) * 1e3 * per_1k:.0f}"]
+                        + [f"{(after[s] - before[s]) * 1e3 * per_1k:.0f}" for s in STAGES]
+                    )
     print(
         f"\nDLRM_Net shape ({TABLES} tables, {args.rows:,} rows x {DIM}, {BAG} ids a bag), "
         f"requests of {args.batch}, {args.inflight} in flight, client on the same cores"
     )
     print_table(["setup", "form", "samples/s", "vs torch"], rows)
+    print(
+        "\nwhere the time goes, ms per 1k samples: CPU of all server processes, then wall time "
+        "summed per gateway stage (stages of concurrent requests overlap)"
+    )
+    print_table(["setup", "form", "CPU", *STAGES], stages)
     ratios = {(r[0], r[1]): float(r[3][:-1]) for r in rows[1:]}
     cols = statistics.median(
         ratios[(w, "msgpack columns")] / ratios[(w, "KServe binary")]
