@@ -33,7 +33,7 @@ from gateway.state import GATEWAY, status_and_headers
 from recserve.contracts.batch import Batch
 from recserve.contracts.errors import RecserveError, TooLarge
 from recserve.contracts.http import JSON, MSGPACK, MSGPACK_TYPES, feature_list
-from recserve.rpc.deadline import Deadline
+from recserve.rpc.deadline import Deadline, now_ms
 
 log = logging.getLogger(__name__)
 CLIENT_GONE = "499"  # nginx's status for a request whose client closed the connection
@@ -111,10 +111,12 @@ async def read_batch(request: web.Request) -> tuple[Batch, Deadline]:
     body = await gw.read_body(request)
     ctype = request.content_type
 
+    arrived = now_ms()  # the deadline runs from here, the executor's queue included
+
     def parse() -> tuple[Batch, Deadline]:
         doc = decode_body(body, ctype)
         asked = doc.get("timeout_ms") if isinstance(doc, dict) else None
-        deadline = gw.deadline(asked, "timeout_ms")
+        deadline = gw.deadline(asked, "timeout_ms", arrived)
         batch = parse_request(doc, gw.manifest, gw.limits)
         gw.check_limits(batch)
         return batch, deadline

@@ -27,7 +27,7 @@ from gateway.state import GATEWAY, Gateway, status_and_headers
 from recserve import __version__
 from recserve.contracts.batch import Batch
 from recserve.contracts.errors import BadRequest, RecserveError, TooLarge
-from recserve.rpc.deadline import Deadline
+from recserve.rpc.deadline import Deadline, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,9 @@ def _readiness(doc: dict[str, Any]) -> web.Response:
 RETRY = {"Retry-After": "1"}
 
 
-def parse_infer(body: bytes, header_len: int | None, gw: Gateway) -> tuple[Batch, Deadline, bool]:
+def parse_infer(
+    body: bytes, header_len: int | None, gw: Gateway, arrived_ms: float
+) -> tuple[Batch, Deadline, bool]:
     """(batch, deadline, binary output wanted) from an infer request."""
     head = body if header_len is None else body[:header_len]
     try:
@@ -138,7 +140,7 @@ def parse_infer(body: bytes, header_len: int | None, gw: Gateway) -> tuple[Batch
     asked = params.get("timeout")  # microseconds
     if asked is not None and type(asked) in (int, float):
         asked = asked / 1e3
-    deadline = gw.deadline(asked, "parameters.timeout")
+    deadline = gw.deadline(asked, "parameters.timeout", arrived_ms)
     binary_out = bool(params.get("binary_data_output"))
     for out in doc.get("outputs") or []:
         if isinstance(out, dict) and (out.get("parameters") or {}).get("binary_data"):
@@ -209,12 +211,13 @@ def parse_infer(body: bytes, header_len: int | None, gw: Gateway) -> tuple[Batch
 async def infer(request: web.Request) -> web.Response:
     gw = _model(request)
     body = await gw.read_body(request)
+    arrived = now_ms()  # the deadline runs from here, the executor's queue included
     raw_len = request.headers.get(HEADER)
     header_len = int(raw_len) if raw_len and raw_len.isdigit() else None
     if header_len is not None and header_len > len(body):
         raise BadRequest(f"{HEADER} exceeds the body", field=HEADER)
     batch, deadline, binary = await asyncio.get_running_loop().run_in_executor(
-        gw.executor, parse_infer, body, header_len, gw
+        gw.executor, parse_infer, body, header_len, gw, arrived
     )
     scores = await gw.batcher.score(batch, deadline)
     out = np.ascontiguousarray(scores, dtype="<f4").reshape(-1, 1)

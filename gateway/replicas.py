@@ -98,7 +98,17 @@ class ReplicaSet:
         ]
         self.metrics = metrics
         self.settings = settings
-        self.rpc = metrics.shard_rpc.labels(shard=str(shard_id))
+        # Labelled children resolved once: ``labels()`` costs a lock and a dict a call, and
+        # these are touched on every lookup.
+        shard = str(shard_id)
+        self.rpc = metrics.shard_rpc.labels(shard=shard)
+        self.hedges_sent = metrics.hedges.labels(shard=shard, outcome="sent")
+        self.hedges_won = metrics.hedges.labels(shard=shard, outcome="won")
+        self.retried = metrics.retries.labels(shard=shard)
+        self.sent_bytes = metrics.shard_bytes.labels(direction="sent")
+        self.received_bytes = metrics.shard_bytes.labels(direction="received")
+        self.outstanding = [metrics.replica_outstanding.labels(**r.labels) for r in self.replicas]
+        self.outcomes: dict[tuple[int, str], Any] = {}
         self.turn = itertools.count()
         self.latencies: deque[float] = deque(maxlen=LATENCIES)
         self.retries = Budget(settings.retry_budget)
@@ -197,7 +207,7 @@ class ReplicaSet:
                         break
                     if can_hedge and self.hedges.take():
                         hedged = order.pop(0)
-                        self.metrics.hedges.labels(shard=str(self.id), outcome="sent").inc()
+                        self.hedges_sent.inc()
                         start(hedged)
                     elif can_hedge:
                         hedge = None  # out of budget: wait for the first
@@ -213,7 +223,7 @@ class ReplicaSet:
                         error = exc
                         continue
                     if replica is hedged:
-                        self.metrics.hedges.labels(shard=str(self.id), outcome="won").inc()
+                        self.hedges_won.inc()
                         for beaten in running.values():
                             # Its hedge answered first: a failure in a row, or a dead
                             # replica whose lookups are all cancelled would never leave.
@@ -222,7 +232,7 @@ class ReplicaSet:
                 if not running and order and not deadline.expired():
                     if not self.retries.take():
                         break
-                    self.metrics.retries.labels(shard=str(self.id)).inc()
+                    self.retried.inc()
                     start(order.pop(0))
         finally:
             for task in running:
@@ -239,7 +249,7 @@ class ReplicaSet:
     ) -> list[PooledGroup]:
         ids, lengths, weights = packed
         replica.outstanding += 1
-        outstanding = self.metrics.replica_outstanding.labels(**replica.labels)
+        outstanding = self.outstanding[replica.index]
         outstanding.inc()
         start = time.perf_counter()
         try:
@@ -260,14 +270,16 @@ class ReplicaSet:
         self.rpc.observe(seconds)
         self._count(replica, "ok")
         sent = ids.nbytes + lengths.nbytes + (weights.nbytes if weights is not None else 0)
-        self.metrics.shard_bytes.labels(direction="sent").inc(sent)
-        self.metrics.shard_bytes.labels(direction="received").inc(
-            sum(g.pooled.nbytes for g in groups)
-        )
+        self.sent_bytes.inc(sent)
+        self.received_bytes.inc(sum(g.pooled.nbytes for g in groups))
         return groups
 
     def _count(self, replica: Replica, outcome: str) -> None:
-        self.metrics.replica_requests.labels(**replica.labels, outcome=outcome).inc()
+        child = self.outcomes.get((replica.index, outcome))
+        if child is None:
+            child = self.metrics.replica_requests.labels(**replica.labels, outcome=outcome)
+            self.outcomes[(replica.index, outcome)] = child
+        child.inc()
 
     def _failed(self, replica: Replica) -> None:
         replica.failures += 1

@@ -32,13 +32,19 @@ class ShardRequest:
     packed: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None  # set by route()
     narrow: bool = True  # every part's table has <= 2**31 rows: ids travel as int32
 
-    def add(self, part: PartRequest, spec: TableSpec, target: int, *arrays: object) -> None:
-        ids, lengths, weights = arrays
+    def add(
+        self,
+        part: PartRequest,
+        spec: TableSpec,
+        target: int,
+        arrays: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    ) -> None:
+        """Part ``part`` of feature ``target``: its (ids, bag lengths, weights)."""
         self.narrow &= spec.rows <= INT32_ROWS
         self.parts.append(part)
-        self.ids.append(ids)  # type: ignore[arg-type]
-        self.lengths.append(lengths)  # type: ignore[arg-type]
-        self.weights.append(weights)  # type: ignore[arg-type]
+        self.ids.append(arrays[0])
+        self.lengths.append(arrays[1])
+        self.weights.append(arrays[2])
         self.targets.append(target)
 
     def frames(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -74,7 +80,7 @@ class Router:
                     mask = (bags.ids >= part.row_start) & (bags.ids < part.row_end)
                     seen = np.zeros(bags.ids.size + 1, np.int64)
                     np.cumsum(mask, out=seen[1:])
-                    arrays = (
+                    arrays: tuple[np.ndarray, np.ndarray, np.ndarray | None] = (
                         bags.ids[mask],
                         seen[bags.bounds[1:]] - seen[bags.bounds[:-1]],
                         None if bags.weights is None else bags.weights[mask],
@@ -83,7 +89,7 @@ class Router:
                     arrays = (bags.ids, bags.lengths(), bags.weights)
                 mode = "sum" if split else spec.pooling
                 part_req = PartRequest(spec.name, part.row_start, bags.n_bags, mode)
-                out.setdefault(shard_id, ShardRequest()).add(part_req, spec, k, *arrays)
+                out.setdefault(shard_id, ShardRequest()).add(part_req, spec, k, arrays)
         for req in out.values():  # packed here, in the executor, not on the loop
             req.packed = req.frames()
         return out

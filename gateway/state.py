@@ -80,17 +80,21 @@ class Gateway:
                 field="body",
             ) from None
 
-    def deadline(self, requested_ms: Any, field: str) -> Deadline:
-        """The request's deadline: ``--timeout-ms`` from now, or the shorter one it asked
+    def deadline(self, requested_ms: Any, field: str, arrived_ms: float) -> Deadline:
+        """The request's deadline: ``--timeout-ms`` after it arrived (``arrived_ms``, taken
+        on the loop: the wait for an executor thread counts), or the shorter one it asked
         for (``requested_ms`` None: it asked for none)."""
         timeout = self.config.api.timeout_ms
         if requested_ms is not None:
             if type(requested_ms) not in (int, float) or not 0 < requested_ms < math.inf:
                 raise BadRequest(f"{field} must be a positive number", field=field)
             timeout = min(timeout, float(requested_ms))
-        return Deadline.after(timeout)
+        return Deadline(arrived_ms + timeout)
 
     def check_limits(self, batch: Batch) -> None:
+        """The whole batch against the limits. The parsers check counts before they
+        allocate, each on its own part of a body; this sees a ranking request's context
+        and candidates together."""
         api = self.config.api
         if batch.size > api.max_request_samples:
             raise TooLarge(

@@ -13,6 +13,7 @@ from gateway.config import ApiSettings, GatewayConfig
 from gateway.kserve import parse_infer
 from gateway.state import Gateway
 from recserve.contracts.errors import BadRequest, TooLarge
+from recserve.rpc.deadline import now_ms
 from tests.models import tiny_manifest
 
 M = tiny_manifest()
@@ -36,7 +37,7 @@ def test_json_tensors() -> None:
         {"name": "fa.values", "datatype": "INT64", "shape": [3], "data": [1, 2, 9]},
         {"name": "fa.lengths", "datatype": "INT32", "shape": [2], "data": [2, 1]},
     )
-    batch, _, binary = parse_infer(doc, None, gateway())
+    batch, _, binary = parse_infer(doc, None, gateway(), now_ms())
     assert not binary
     np.testing.assert_array_equal(batch.dense, [[1, 2, 3], [4, 5, 6]])
     np.testing.assert_array_equal(batch.bags["fa"].ids, [1, 2, 9])
@@ -60,7 +61,7 @@ def test_binary_tensors() -> None:
         binary_data_output=True,
     )
     raw = head + b"".join(a.tobytes() for *_, a in tensors)
-    batch, _, binary = parse_infer(raw, len(head), gateway())
+    batch, _, binary = parse_infer(raw, len(head), gateway(), now_ms())
     assert binary
     np.testing.assert_array_equal(batch.bags["fb"].ids, [4, 6])
     np.testing.assert_array_equal(batch.bags["fb"].bounds, [0, 0, 2])
@@ -100,7 +101,7 @@ def test_binary_tensors() -> None:
 )
 def test_bad_tensors_are_bad_requests(inputs: list[dict[str, Any]], field: str) -> None:
     with pytest.raises(BadRequest) as info:
-        parse_infer(body(*inputs), None, gateway())
+        parse_infer(body(*inputs), None, gateway(), now_ms())
     assert info.value.field == field
 
 
@@ -108,4 +109,4 @@ def test_limits_apply_before_the_batch_is_built() -> None:
     gw = gateway()
     gw.config = GatewayConfig(model=None, plan=None, api=ApiSettings(max_request_samples=1))  # type: ignore[arg-type]
     with pytest.raises(TooLarge):
-        parse_infer(body(DENSE), None, gw)
+        parse_infer(body(DENSE), None, gw, now_ms())
