@@ -3,7 +3,8 @@
 - Routing: among the replicas in rotation (answering their probe, not ejected) the one with
   the fewest lookups outstanding; ties go round robin.
 - Failover: on every outcome that says "this replica, now" (``RETRYABLE``: no reply in time,
-  a broken connection, a malformed reply, ``not_ready`` while it drains, ``overloaded``) the
+  a broken connection, a malformed reply, ``not_ready`` while it drains, ``overloaded``, a
+  failed disk read, ``io_error``) the
   lookup goes to the next replica within the request's deadline; never on a client error,
   which every replica would give alike. Retries spend a budget earned by lookups
   (``--retry-budget``), so a sick cluster is not buried in retries.
@@ -41,7 +42,7 @@ from recserve.rpc.wire import PartRequest
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = frozenset({"shard_unavailable", "not_ready", "overloaded"})
+RETRYABLE = frozenset({"shard_unavailable", "not_ready", "overloaded", "io_error"})
 BACKOFF_S, MAX_BACKOFF_S = 1.0, 30.0
 LATENCIES = 256  # recent lookups kept per shard for a percentile hedge delay
 MIN_SAMPLES, COLD_HEDGE_S = 20, 0.05  # below that many, a percentile hedge waits 50 ms

@@ -25,9 +25,12 @@ from kernels.errors import IdOutOfRangeError, KernelError
 from kernels.layout import (
     ADDRESS,
     COLUMNS,
+    DIM,
     FIRST_ID,
+    KIND,
     ROW_BYTES,
     ROWS,
+    SCALE_OFFSET,
     Table,
     bag_bounds,
     check_ids,
@@ -182,6 +185,16 @@ class PoolCall:
         self.weights = _ONE if weights is None else weights
         self.out = out
         self.threads = threads
+
+    def retarget(self, j: int, table: Table) -> None:
+        """Read the ``j``-th table of the call from ``table`` instead (same dim and kind of
+        pooling; ids are rows of ``table``): a shard's rows fetched for one lookup."""
+        row = table_layout(table, _compiled().address)
+        if row[DIM] != self.layout[j, DIM]:
+            raise KernelError(f"dim {row[DIM]} != the call's {int(self.layout[j, DIM])}")
+        for col in (KIND, ADDRESS, ROW_BYTES, SCALE_OFFSET, ROWS):
+            self.layout[j, col] = row[col]
+        self.layout[j, FIRST_ID] = 0
 
     def run(self) -> np.ndarray:
         """Pool into ``out`` and return it; raises ``IdOutOfRangeError`` on a bad id."""

@@ -2,9 +2,11 @@
 
 Start-up: read the model manifest and the plan (refusing a plan made for another model),
 open this shard's parts with mmap (``--preload`` touches every page, ``--hugepages`` copies
-them into huge-page memory), load the compiled kernel, bind the endpoint exclusively, then
-tell systemd READY=1. SIGTERM/SIGINT: stop taking lookups, let those in flight finish
-(``--drain-timeout``), tell systemd STOPPING=1, exit 0.
+them into huge-page memory) or, with ``--cache-bytes``, as a row cache over the files
+(warmed from ``--warm-from``'s trace when it exists), load the compiled kernel, bind the
+endpoint exclusively, then tell systemd READY=1. SIGTERM/SIGINT: stop taking lookups, let
+those in flight finish (``--drain-timeout``), write the cache's trace, tell systemd
+STOPPING=1, exit 0. SIGUSR1: write the cache's trace now.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import resource
 import signal
 import sys
@@ -23,9 +26,11 @@ import uvloop
 import zmq
 
 import kernels
+from kernels import rowcache as rc
 from recserve.contracts.errors import ConfigError, RecserveError
-from recserve.contracts.manifest import read_manifest
-from recserve.contracts.plan import read_plan
+from recserve.contracts.manifest import Manifest, read_manifest
+from recserve.contracts.plan import ShardPlan, read_plan
+from recserve.contracts.units import format_size, parse_size
 from recserve.model.artifact import huge_page_bytes
 from recserve.rpc.curve import CurveKeys
 from recserve.rpc.wire import MAX_FRAME
@@ -33,6 +38,7 @@ from recserve.runtime import logs
 from recserve.runtime.config import add_arguments, from_args, option
 from recserve.runtime.heap import freeze_startup_heap
 from recserve.runtime.systemd import Notifier
+from shardd.cache import CacheTier
 from shardd.cpus import parse_cpus, pin_process, split
 from shardd.endpoint import bound
 from shardd.metrics import ShardMetrics
@@ -59,6 +65,20 @@ class ShardConfig:
         "copy the parts into memory backed by transparent huge pages before serving (fewer "
         "TLB misses on random lookups; costs the parts' size in anonymous memory)",
     )
+    cache_bytes: int | None = option(
+        None,
+        "serve the parts from a row cache of at most SIZE bytes (rows and bookkeeping) over "
+        "the table files, read around the page cache: for shards larger than memory",
+        parse=parse_size,
+        metavar="SIZE",
+    )
+    warm_from: Path | None = option(
+        None,
+        "the cache's access trace: warm the cache from it at start (when it exists) and "
+        "write it there at shutdown and on SIGUSR1",
+        metavar="FILE",
+    )
+    io_threads: int = option(16, "threads reading cache misses from disk (reads in flight)")
     queue_limit: int = option(64, "lookups queued or running; more are refused")
     workers: int = option(1, "threads running lookups")
     kernel_threads: int | None = option(
@@ -106,6 +126,19 @@ class ShardConfig:
             raise ConfigError("--max-message-bytes must be >= 1024, --max-reply-bytes >= 4")
         if self.kernel_cpus is not None and not self.kernel_cpus:
             raise ConfigError("--kernel-cpus names no CPU")
+        if self.cache_bytes is not None:
+            if self.preload or self.hugepages:
+                raise ConfigError("--cache-bytes keeps rows in its own memory: drop --preload")
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            if self.cache_bytes > memory:
+                raise ConfigError(
+                    f"--cache-bytes {format_size(self.cache_bytes)} is more than this "
+                    f"machine's memory ({format_size(memory)})"
+                )
+        elif self.warm_from is not None:
+            raise ConfigError("--warm-from needs --cache-bytes")
+        if self.io_threads < 1:
+            raise ConfigError("--io-threads must be >= 1")
 
     @property
     def threads_per_lookup(self) -> int:
@@ -156,7 +189,7 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
             f"--replica {config.replica} does not exist"
         )
     endpoint = config.bind or shard.endpoints[config.replica]
-    store = PartStore(config.model, manifest, shard)
+    store = open_store(config, manifest, shard)
     if config.hugepages:
         seconds = store.preload(hugepages=True)
         log.info(
@@ -178,8 +211,12 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
         )
     loop = asyncio.get_running_loop()
+    if store.tier is not None:
+        await loop.run_in_executor(None, warm_cache, store.tier, config, manifest.digest())
     warm = await loop.run_in_executor(None, kernels.warm_up)
     metrics = ShardMetrics.create()
+    if store.tier is not None:
+        metrics.cache_bytes.set_function(store.tier.bytes_cached)
     http = None
     if config.metrics_port is not None:
         from prometheus_client import start_http_server
@@ -213,6 +250,16 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
             stop = asyncio.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
+            traces: set[asyncio.Future[None]] = set()
+            if store.tier is not None and config.warm_from is not None:
+                tier, path, digest = store.tier, config.warm_from, manifest.digest()
+
+                def on_usr1() -> None:
+                    f = loop.run_in_executor(None, save_trace, tier, path, digest)
+                    traces.add(f)
+                    f.add_done_callback(traces.discard)
+
+                loop.add_signal_handler(signal.SIGUSR1, on_usr1)
             watchdog = loop.create_task(_watchdog(notifier)) if notifier.watchdog_s else None
             log.info(
                 "shard %d replica %d serving %d parts (%d MiB) on %s; kernel ready in %.2f s; "
@@ -238,6 +285,11 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
                 log.warning(
                     "%d lookups still running after %.1f s; exiting", left, config.drain_timeout
                 )
+            if store.tier is not None and config.warm_from is not None:
+                await asyncio.gather(*traces, return_exceptions=True)
+                await loop.run_in_executor(
+                    None, save_trace, store.tier, config.warm_from, manifest.digest()
+                )
             # Keep the loop (and its socket) up a moment after the last reply: closing
             # right after it lost a reply 1 run in 7 under load, even with a linger.
             await asyncio.sleep(FLUSH_S)
@@ -255,8 +307,57 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
         ctx.term()
         if http is not None:
             http[0].shutdown()
+        store.close()
     log.info("shard %d stopped", config.shard)
     return 0
+
+
+def open_store(config: ShardConfig, manifest: Manifest, shard: ShardPlan) -> PartStore:
+    if config.cache_bytes is not None:
+        widest = max((manifest.table(p.table).row_bytes for p in shard.parts), default=0)
+        if config.cache_bytes < widest + rc.state_bytes(1):
+            raise ConfigError(
+                f"--cache-bytes {config.cache_bytes} is less than one row of this shard's "
+                f"widest table ({widest} bytes) and its bookkeeping ({rc.state_bytes(1)})"
+            )
+    store = PartStore(
+        config.model,
+        manifest,
+        shard,
+        cache_bytes=config.cache_bytes,
+        io_threads=config.io_threads,
+    )
+    if store.tier is not None:
+        tier = store.tier
+        log.info(
+            "row cache of %s for %s of parts: %d of %d rows fit; misses read %s",
+            format_size(tier.nbytes),
+            format_size(store.nbytes),
+            sum(p.slots for p in tier.parts),
+            sum(p.row_end - p.row_start for p in tier.parts),
+            "with O_DIRECT" if tier.direct else "buffered, then dropped from the page cache",
+        )
+    return store
+
+
+def warm_cache(tier: CacheTier, config: ShardConfig, digest: str) -> None:
+    tier.compile()
+    path = config.warm_from
+    if path is None or not path.exists():
+        if path is not None:
+            log.info("no trace at %s yet: the cache starts cold", path)
+        return
+    rows, seconds = tier.warm(path, digest)
+    log.info("warmed the cache with %d rows from %s in %.2f s", rows, path, seconds)
+
+
+def save_trace(tier: CacheTier, path: Path, digest: str) -> None:
+    try:
+        rows = tier.save_trace(path, digest)
+    except OSError as exc:
+        log.error("could not write the cache trace %s: %s", path, exc)
+        return
+    log.info("wrote the cache trace: %d rows to %s", rows, path)
 
 
 def default_kernel_threads() -> int:

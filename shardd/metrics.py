@@ -29,6 +29,9 @@ LATENCY_BUCKETS = (
 )
 
 
+DISK_BUCKETS = (100e-6, 250e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 0.5, 2.0)
+
+
 @dataclass(frozen=True)
 class ShardMetrics:
     registry: CollectorRegistry
@@ -40,11 +43,22 @@ class ShardMetrics:
     bytes_out: Counter
     queue_depth: Gauge
     inline: Counter
+    cache_hits: Counter
+    cache_misses: Counter
+    cache_bypassed: Counter
+    cache_evictions: Counter
+    cache_bytes: Gauge
+    disk_read: Histogram
     # Labelled children by (op, outcome): ``labels()`` costs a lock and a dict per call.
     children: dict[tuple[str, str], Counter] = field(default_factory=dict)
     # The same counts as plain numbers, for the ``stats`` op (never read back from Prometheus).
     counts: dict[str, int] = field(default_factory=dict)
     totals: dict[str, int] = field(default_factory=lambda: {"ids": 0, "bags": 0, "inline": 0})
+    cache: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("hits", "misses", "bypassed", "evictions", "disk_seconds"), 0
+        )
+    )
 
     def request(self, op: str, outcome: str) -> None:
         """Count one answered request."""
@@ -64,6 +78,21 @@ class ShardMetrics:
         if inline:
             self.inline.inc()
             self.totals["inline"] += 1
+
+    def cached(self, hits: int, misses: int, bypassed: int, evictions: int, disk_s: float) -> None:
+        """Count one lookup's use of the row cache."""
+        self.cache_hits.inc(hits)
+        self.cache_misses.inc(misses)
+        self.cache_bypassed.inc(bypassed)
+        self.cache_evictions.inc(evictions)
+        if misses or bypassed:
+            self.disk_read.observe(disk_s)
+        c = self.cache
+        c["hits"] += hits
+        c["misses"] += misses
+        c["bypassed"] += bypassed
+        c["evictions"] += evictions
+        c["disk_seconds"] += disk_s
 
     @classmethod
     def create(cls) -> ShardMetrics:
@@ -93,6 +122,31 @@ class ShardMetrics:
             inline=Counter(
                 "recserve_shard_inline_lookups",
                 "Lookups small enough to be pooled on the event loop",
+                registry=reg,
+            ),
+            cache_hits=Counter(
+                "recserve_shard_cache_hits", "Ids served from the row cache", registry=reg
+            ),
+            cache_misses=Counter(
+                "recserve_shard_cache_misses",
+                "Rows read from disk into the row cache",
+                registry=reg,
+            ),
+            cache_bypassed=Counter(
+                "recserve_shard_cache_bypassed",
+                "Rows read from disk around the cache (a lookup wider than its free slots)",
+                registry=reg,
+            ),
+            cache_evictions=Counter(
+                "recserve_shard_cache_evictions", "Rows evicted from the row cache", registry=reg
+            ),
+            cache_bytes=Gauge(
+                "recserve_shard_cache_bytes", "Bytes of rows held in the row cache", registry=reg
+            ),
+            disk_read=Histogram(
+                "recserve_shard_disk_read_seconds",
+                "Time to read one lookup's missed rows from disk (in parallel)",
+                buckets=DISK_BUCKETS,
                 registry=reg,
             ),
         )

@@ -212,6 +212,8 @@ class ShardServer:
             return
         job = call.job
         self.metrics.pooled(job.ids, job.bags, inline=call.inline)
+        if (got := job.fetched) is not None:
+            self.metrics.cached(got.hits, got.misses, got.bypassed, got.evictions, got.disk_s)
         meta = [
             {"parts": list(g.parts), "bags": g.pooled.shape[0], "dim": g.pooled.shape[2]}
             for g in call.groups
@@ -235,13 +237,33 @@ class ShardServer:
                 parts=self.store.describe(),
                 bytes=self.store.nbytes,
                 kernel_cpus=sorted(self.settings.kernel_cpus or ()),
+                cache=self._cache(),
             )
         return reply(
             header,
             requests=dict(self.metrics.counts),
             inflight=self.inflight,
+            cache=self._cache(),
             **self.metrics.totals,
         )
+
+    def _cache(self) -> dict[str, Any] | None:
+        """The row cache's size and counts (None without one)."""
+        tier = self.store.tier
+        if tier is None:
+            return None
+        c = self.metrics.cache
+        asked = c["hits"] + c["misses"] + c["bypassed"]
+        return {
+            "bytes": tier.nbytes,
+            "budget": tier.budget,
+            "slots": sum(p.slots for p in tier.parts),
+            "rows_cached": tier.rows_cached(),
+            "row_bytes_cached": tier.bytes_cached(),
+            "direct_io": tier.direct,
+            "hit_rate": round(c["hits"] / asked, 6) if asked else None,
+            **c,
+        }
 
     def _send(self, ident: zmq.Frame, frames: list[Any], op: str, outcome: str) -> None:
         """Reply; a ROUTER never blocks (it drops for a peer that is gone)."""

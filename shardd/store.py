@@ -1,7 +1,9 @@
 """The table parts one shard serves, and the pooling of a lookup over them.
 
 A part is a row range ``[row_start, row_end)`` of a table, kept as a zero-copy view of the
-memory-mapped table file (or, with ``--hugepages``, a copy in huge-page memory). Ids arrive
+memory-mapped table file (or, with ``--hugepages``, a copy in huge-page memory), or with
+``--cache-bytes`` as a row cache over the file (``shardd.cache``): its view is then the
+cache's arena, and a lookup's ids of it are mapped to arena slots before pooling. Ids arrive
 as global row ids; a part answers for ids in its range and pools with ids shifted to its
 view. Parts with the same bag count and dim are pooled by one kernel call, whose
 ``[bags, parts, dim]`` output is the reply frame as is.
@@ -23,6 +25,7 @@ from recserve.contracts.manifest import Manifest, TableSpec
 from recserve.contracts.plan import ShardPlan
 from recserve.model.artifact import file_size, hugepage_copies, open_table, touch
 from recserve.rpc.wire import MAX_REPLY_FLOATS, Lookup
+from shardd.cache import CacheTier, Fetched, PartCache
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,8 @@ class Part:
     spec: TableSpec
     row_start: int
     row_end: int
-    view: Table  # rows [row_start, row_end) of the table
+    view: Table  # rows [row_start, row_end) of the table, or the cache's arena
+    cache: PartCache | None = None
 
     @property
     def nbytes(self) -> int:
@@ -46,8 +50,17 @@ class Group:
 
 
 class PartStore:
-    def __init__(self, root: Path | str, manifest: Manifest, shard: ShardPlan) -> None:
+    def __init__(
+        self,
+        root: Path | str,
+        manifest: Manifest,
+        shard: ShardPlan,
+        *,
+        cache_bytes: int | None = None,
+        io_threads: int = 16,
+    ) -> None:
         self.parts: dict[tuple[str, int], Part] = {}
+        self.tier: CacheTier | None = None
         tables: dict[str, Table] = {}
         for p in shard.parts:
             spec = manifest.table(p.table)
@@ -59,6 +72,17 @@ class PartStore:
             else:
                 view = whole[p.row_start : p.row_end]
             self.parts[(p.table, p.row_start)] = Part(spec, p.row_start, p.row_end, view)
+        if cache_bytes is not None:
+            # Only the files' row offsets are kept: the mappings go, so nothing is paged in.
+            offsets = {name: _data_offset(t) for name, t in tables.items()}
+            parts = [
+                (p.spec, p.row_start, p.row_end, Path(root) / p.spec.file, offsets[p.spec.name])
+                for p in self.parts.values()
+            ]
+            tables.clear()
+            self.tier = CacheTier(parts, cache_bytes, io_threads)
+            for key, pc in zip(list(self.parts), self.tier.parts, strict=True):
+                self.parts[key] = Part(pc.spec, pc.row_start, pc.row_end, pc.table(), pc)
         self._resolve()
 
     def _resolve(self) -> None:
@@ -67,12 +91,18 @@ class PartStore:
         self.by_slot = list(self.parts.values())
         self.max_dim = max((p.spec.dim for p in self.by_slot), default=0)
         self.tableset = kernels.TableSet(
-            [p.view for p in self.by_slot], first_ids=[p.row_start for p in self.by_slot]
+            [p.view for p in self.by_slot],
+            first_ids=[0 if p.cache else p.row_start for p in self.by_slot],
         )
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the parts' rows (on disk, with a cache)."""
         return sum(p.nbytes for p in self.parts.values())
+
+    def close(self) -> None:
+        if self.tier is not None:
+            self.tier.close()
 
     def describe(self) -> list[dict[str, object]]:
         return [
@@ -155,32 +185,70 @@ class PartStore:
             except kernels.IdOutOfRangeError as exc:  # found while checking an empty output
                 raise _explain(exc, resolved, lookup.spans()) from None
             calls.append((tuple(members), call))
-        return Job(calls, resolved, lookup)
+        return Job(calls, resolved, lookup, self.tier)
 
 
 class Job:
-    """A prepared lookup: one kernel call per group of parts."""
+    """A prepared lookup: one kernel call per group of parts, and the rows of its cached
+    parts fetched first."""
 
-    __slots__ = ("bags", "calls", "ids", "lookup", "resolved")
+    __slots__ = ("bags", "calls", "fetched", "ids", "lookup", "resolved", "tier")
 
     def __init__(
         self,
         calls: list[tuple[tuple[int, ...], kernels.PoolCall]],
         resolved: list[Part],
         lookup: Lookup,
+        tier: CacheTier | None = None,
     ) -> None:
         self.calls = calls
         self.resolved = resolved
         self.lookup = lookup
         self.ids = int(lookup.ids.size)
         self.bags = int(lookup.lengths.size)
+        self.tier = tier if any(p.cache for p in resolved) else None
+        self.fetched: Fetched | None = None
 
     def run(self) -> list[Group]:
         """Run the kernel calls; an id outside its part's rows raises ``IdOutOfRange``."""
         try:
+            if self.tier is not None:
+                return self._run_cached(self.tier)
             return [Group(members, call.run()) for members, call in self.calls]
         except kernels.IdOutOfRangeError as exc:
             raise _explain(exc, self.resolved, self.lookup.spans()) from None
+
+    def _run_cached(self, tier: CacheTier) -> list[Group]:
+        if not self.calls:
+            return []
+        ids = self.calls[0][1].ids  # as the kernel takes them (every call shares them)
+        spans = []
+        for i, (_, _, first, n) in enumerate(self.lookup.spans()):
+            pc = self.resolved[i].cache
+            if pc is not None and n:
+                kernels.check_ids(ids[first : first + n], pc.row_end - pc.row_start,
+                                  base=first, first=pc.row_start)  # fmt: skip
+                spans.append((i, pc, first, n))
+        mapped = ids.copy()
+        self.fetched = got = tier.fetch(ids, mapped, spans)
+        try:
+            groups = []
+            for members, call in self.calls:
+                call.ids = mapped
+                for j, i in enumerate(members):
+                    if i in got.bypass:
+                        call.retarget(j, got.bypass[i])
+                groups.append(Group(members, call.run()))
+            return groups
+        finally:
+            tier.release(got)
+
+
+def _data_offset(table: Table) -> int:
+    """Where row 0 starts in a memory-mapped table's file."""
+    data = table.data if isinstance(table, Int8RowwiseTable) else table
+    assert isinstance(data, np.memmap), "tables are opened memory-mapped"
+    return int(data.offset)
 
 
 def _explain(

@@ -101,6 +101,13 @@ class NotReady(RecserveError):
     kind = "not_ready"
 
 
+class DiskReadError(RecserveError):
+    """A shard could not read rows from its on-disk tier (the lookup fails, the shard stays
+    up; another replica may still answer)."""
+
+    kind = "io_error"
+
+
 # --- operator mistakes and damaged files ------------------------------------------------------
 
 
@@ -154,6 +161,7 @@ HTTP_STATUS: dict[str, int] = {
     "deadline_exceeded": 504,
     "shard_unavailable": 503,
     "not_ready": 503,
+    "io_error": 503,
     "config": 500,
     "artifact": 500,
     "checksum_mismatch": 500,

@@ -1,0 +1,317 @@
+"""The row cache of a larger-than-memory shard: hot rows in memory, the rest read from disk.
+
+``--cache-bytes`` is split over the shard's parts by their expected hits
+(``recserve.planning.hits``: each part's Zipf exponent and traffic from the manifest); each
+part gets an arena of whole rows in the table's stored dtype (int8 rows are 4x as many per
+byte as fp32) and the compiled W-TinyLFU bookkeeping of ``kernels.rowcache``, both inside
+the budget. A lookup's ids of a cached part are mapped to arena slots in one compiled pass,
+its misses (each row once) are read from the table file around the page cache
+(``shardd.disk``) straight into their slots, and the pooling kernel then reads the arena
+with the mapped ids: hits are never copied. Everything runs on the worker, never the loop.
+
+One lock guards the bookkeeping and the reads of misses; pooling runs outside it with the
+lookup's slots pinned. A lookup with more distinct rows of a part than the part's unpinned
+slots is served around the cache for that part: its rows are read into a buffer of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kernels import Int8RowwiseTable, Table
+from kernels import rowcache as rc
+from recserve.contracts.errors import ConfigError, DiskReadError
+from recserve.contracts.manifest import TableSpec
+from recserve.planning.hits import CachedPart, split
+from shardd.disk import RowReader, TableFile
+
+log = logging.getLogger(__name__)
+SLOT_OVERHEAD = 64  # bookkeeping bytes per slot, for the split (exact sizes follow)
+
+
+@dataclass
+class PartCache:
+    spec: TableSpec
+    row_start: int
+    row_end: int
+    file: TableFile
+    slots: int
+    arena: np.ndarray  # uint8 [slots, row_bytes]
+    state: rc.CacheState
+
+    @property
+    def key(self) -> str:
+        return f"{self.spec.name}@{self.row_start}"
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.arena.nbytes) + rc.state_bytes(self.slots)
+
+    def table(self) -> Table:
+        """The arena as the kernel's table: slot ``s`` is row ``s``."""
+        return _as_table(self.spec, self.arena)
+
+    def occupied(self) -> int:
+        return int(self.slots - self.state.meta[rc.FREE_TOP])
+
+
+@dataclass
+class Fetched:
+    """One lookup's use of the cache, until ``CacheTier.release``."""
+
+    pins: list[tuple[PartCache, np.ndarray]] = field(default_factory=list)
+    bypass: dict[int, Table] = field(default_factory=dict)  # lookup part -> its own rows
+    hits: int = 0
+    misses: int = 0  # rows read from disk into the cache
+    bypassed: int = 0  # rows read from disk around the cache
+    evictions: int = 0
+    disk_s: float = 0.0
+
+
+class CacheTier:
+    def __init__(
+        self,
+        parts: list[tuple[TableSpec, int, int, Path, int]],
+        budget: int,
+        io_threads: int,
+    ) -> None:
+        """``parts``: (table, row_start, row_end, table file, offset of row 0 in it)."""
+        self.budget = budget
+        self.lock = threading.Lock()
+        self.epoch = 0
+        self.reader = RowReader(io_threads)
+        wants = [
+            CachedPart(
+                rows=end - start,
+                zipf=spec.stats.zipf if spec.stats.zipf is not None else 1.05,
+                traffic=(spec.stats.pooling_factor or 1.0)
+                * max(1, len(spec.features))
+                * (end - start)
+                / max(1, spec.rows),
+                row_cost=spec.row_bytes + SLOT_OVERHEAD,
+            )
+            for spec, start, end, _, _ in parts
+        ]
+        rows = split(wants, budget)
+        self.parts: list[PartCache] = []
+        for (spec, start, end, path, base), want, n in zip(parts, wants, rows, strict=True):
+            slots = fit_slots(spec.row_bytes, int(n * want.row_cost), end - start)
+            self.parts.append(
+                PartCache(
+                    spec,
+                    start,
+                    end,
+                    TableFile(path, base, spec.row_bytes),
+                    slots,
+                    np.zeros((slots, spec.row_bytes), np.uint8),
+                    rc.new_state(slots),
+                )
+            )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def rows_cached(self) -> int:
+        return sum(p.occupied() for p in self.parts)
+
+    def bytes_cached(self) -> int:
+        return sum(p.occupied() * p.spec.row_bytes for p in self.parts)
+
+    @property
+    def direct(self) -> bool:
+        return all(p.file.direct for p in self.parts)
+
+    def fetch(
+        self,
+        ids: np.ndarray,
+        mapped: np.ndarray,
+        spans: list[tuple[int, PartCache, int, int]],
+    ) -> Fetched:
+        """Map the ids of cached parts (``spans``: lookup part, cache, first position, count)
+        into ``mapped`` and have every row they need in memory. The caller pools, then calls
+        ``release``. Ids must have been checked against the parts' rows."""
+        got = Fetched()
+        with self.lock:
+            self.epoch += 1
+            try:
+                for i, pc, lo, n in spans:
+                    self._fetch_part(got, ids, mapped, i, pc, lo, n)
+            except BaseException:
+                self._unpin(got)
+                raise
+        return got
+
+    def _fetch_part(
+        self,
+        got: Fetched,
+        ids: np.ndarray,
+        mapped: np.ndarray,
+        i: int,
+        pc: PartCache,
+        lo: int,
+        n: int,
+    ) -> None:
+        st = pc.state
+        status = rc.OVERFLOW
+        if pc.slots:
+            misses = np.empty(n, np.int64)
+            miss_slots = np.empty(n, np.int32)
+            pinned = np.empty(n, np.int32)
+            counts = np.zeros(4, np.int64)
+            before = int(st.meta[rc.EVICTIONS])
+            status = rc.resolve(
+                ids, lo, lo + n, pc.row_start, pc.row_end - pc.row_start, mapped, self.epoch,
+                st.keys, st.vals, st.slot_id, st.ref, st.seg, st.pins, st.stamp, st.window,
+                st.free, st.sketch, st.meta, misses, miss_slots, pinned, counts,
+            )  # fmt: skip
+            if status >= 0:
+                raise AssertionError(f"id at {status} not checked before the cache")
+            got.pins.append((pc, pinned[: counts[2]]))
+            got.evictions += int(st.meta[rc.EVICTIONS]) - before
+            got.hits += int(counts[0])
+            n_miss = int(counts[1])
+            got.misses += n_miss
+            rows = misses[:n_miss]
+            try:
+                got.disk_s += self.reader.read(
+                    pc.file, rows + pc.row_start, miss_slots[:n_miss], pc.arena
+                )
+            except DiskReadError:
+                rc.forget(st.keys, st.vals, st.slot_id, st.ref, rows)
+                raise
+        if status == rc.OVERFLOW:
+            # Too many distinct rows for the slots not pinned: this part around the cache.
+            unique, inverse = np.unique(ids[lo : lo + n], return_inverse=True)
+            own = np.empty((unique.size, pc.spec.row_bytes), np.uint8)
+            got.disk_s += self.reader.read(
+                pc.file, unique.astype(np.int64), np.arange(unique.size, dtype=np.int32), own
+            )
+            mapped[lo : lo + n] = inverse
+            got.bypass[i] = _as_table(pc.spec, own)
+            got.bypassed += int(unique.size)
+
+    def release(self, got: Fetched) -> None:
+        with self.lock:
+            self._unpin(got)
+
+    @staticmethod
+    def _unpin(got: Fetched) -> None:
+        for pc, pinned in got.pins:
+            rc.unpin(pc.state.pins, pinned, pinned.size)
+        got.pins.clear()
+
+    # --- warm-up traces --------------------------------------------------------------------
+
+    def save_trace(self, path: Path, digest: str) -> int:
+        """Write the cached rows, hottest first, with their sketch counts (atomically);
+        returns how many."""
+        arrays: dict[str, np.ndarray] = {"model_digest": np.array(digest)}
+        total = 0
+        with self.lock:
+            for pc in self.parts:
+                st = pc.state
+                est = np.zeros(pc.slots, np.int64)
+                rc.estimates(st.sketch, st.slot_id, est)
+                used = np.flatnonzero(st.slot_id != rc.EMPTY)
+                order = used[np.lexsort((-st.ref[used].astype(np.int64), -est[used]))]
+                arrays[f"{pc.key}.ids"] = st.slot_id[order] + pc.row_start
+                arrays[f"{pc.key}.counts"] = est[order]
+                total += order.size
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return total
+
+    def warm(self, path: Path, digest: str) -> tuple[int, float]:
+        """Load the rows a trace lists, hottest first, until the parts are full; returns
+        (rows, seconds). A trace of another model is ignored with a warning."""
+        begin = time.perf_counter()
+        try:
+            trace = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--warm-from {path}: not a readable trace ({exc})") from None
+        with trace:
+            if str(trace.get("model_digest", "")) != digest:
+                log.warning("%s is a trace of another model; starting cold", path)
+                return 0, 0.0
+            total = 0
+            with self.lock:
+                for pc in self.parts:
+                    if f"{pc.key}.ids" not in trace or not pc.slots:
+                        continue
+                    ids = np.asarray(trace[f"{pc.key}.ids"], np.int64)
+                    counts = np.asarray(trace[f"{pc.key}.counts"], np.int64)
+                    keep = (ids >= pc.row_start) & (ids < pc.row_end)
+                    rows = ids[keep] - pc.row_start
+                    st = pc.state
+                    slots = np.empty(pc.slots, np.int32)
+                    placed = rc.admit(
+                        rows, counts[keep], st.keys, st.vals, st.slot_id, st.ref, st.seg,
+                        st.window, st.free, st.sketch, st.meta, slots,
+                    )  # fmt: skip
+                    self.reader.read(
+                        pc.file, st.slot_id[slots[:placed]] + pc.row_start, slots[:placed], pc.arena
+                    )
+                    total += placed
+        return total, time.perf_counter() - begin
+
+    def compile(self) -> None:
+        """Compile (or load from numba's cache) every function a lookup uses, on a small
+        cache over a file of its own, so the first lookup does not pay for it."""
+        spec = TableSpec("compile", 64, 4)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "rows"
+            path.write_bytes(bytes(spec.nbytes))
+            pc = PartCache(spec, 0, spec.rows, TableFile(path, 0, spec.row_bytes), 2,
+                           np.zeros((2, spec.row_bytes), np.uint8), rc.new_state(2))  # fmt: skip
+            try:
+                for dtype in (np.int64, np.int32):
+                    for ids in (np.array([0, 1, 1], dtype), np.arange(40, dtype=dtype)):
+                        got = Fetched()
+                        with self.lock:
+                            self._fetch_part(got, ids, ids.copy(), 0, pc, 0, ids.size)
+                            self._unpin(got)
+                st = pc.state
+                rc.estimates(st.sketch, st.slot_id, np.zeros(2, np.int64))
+                rc.forget(st.keys, st.vals, st.slot_id, st.ref, np.zeros(1, np.int64))
+                rc.admit(np.zeros(1, np.int64), np.ones(1, np.int64), st.keys, st.vals,
+                         st.slot_id, st.ref, st.seg, st.window, st.free, st.sketch, st.meta,
+                         np.zeros(2, np.int32))  # fmt: skip
+            finally:
+                pc.file.close()
+
+    def close(self) -> None:
+        self.reader.close()
+        for pc in self.parts:
+            pc.file.close()
+
+
+def fit_slots(row_bytes: int, budget: int, rows: int) -> int:
+    """The most slots (at most ``rows``) whose rows and bookkeeping fit ``budget`` bytes."""
+    lo, hi = 0, max(0, min(rows, budget // max(1, row_bytes)))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if mid * row_bytes + rc.state_bytes(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _as_table(spec: TableSpec, data: np.ndarray) -> Table:
+    if spec.dtype == "int8":
+        return Int8RowwiseTable(data)
+    return data.view(np.float16 if spec.dtype == "fp16" else np.float32)
