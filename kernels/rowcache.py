@@ -16,9 +16,13 @@ numpy arrays (``CacheState``), so the compiled functions run without the GIL:
   evicting the hot set. Moving a row between regions relabels its slot; no bytes move.
 
 Rows a lookup uses are pinned until it has pooled them, so a concurrent lookup never
-evicts a slot being read; a row leaving the window while pinned always enters the main
-region. When every candidate is pinned the cache cannot take the row (``OVERFLOW``) and the
-caller serves that part of the lookup around the cache.
+evicts a slot being read. A lookup's own misses can outnumber the window, so a row can leave
+the window while still pinned: if it loses the contest it is *doomed*, kept in a reserve of
+``~5 %`` of the slots until unpinned, then freed (without the reserve it would have to enter
+the main region and evict a hot row: measured, that made the policy no better than LRU
+when lookups are large beside the window). With the reserve full a pinned loser enters the
+main region after all. When every candidate is pinned the cache cannot take the row
+(``OVERFLOW``) and the caller serves that part of the lookup around the cache.
 """
 
 from __future__ import annotations
@@ -29,16 +33,19 @@ import numpy as np
 from numba import njit
 
 EMPTY = -1
-FREE, WINDOW, MAIN = 0, 1, 2
+FREE, WINDOW, MAIN, DOOMED = 0, 1, 2, 3
 MAX_REF = 3
+SAMPLE = 8  # main slots with a zero CLOCK counter compared for the victim
 SKETCH_ROWS = 4
 MAX_COUNT = 15
 LOAD = 0.7
 OVERFLOW = -2  # resolve's status when no slot could be freed
 OK = -1
 # meta columns
-HAND, W_HEAD, W_LEN, MAIN_LEN, FREE_TOP, SAMPLES, W_CAP, MAIN_CAP, EVICTIONS = range(9)
-META = 9
+HAND, W_HEAD, W_LEN, MAIN_LEN, FREE_TOP, SAMPLES, W_CAP, MAIN_CAP, EVICTIONS, DOOM, DOOM_CAP = (
+    range(11)
+)
+META = 11
 _SEEDS = np.array(
     [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93],
     dtype=np.uint64,
@@ -75,6 +82,11 @@ def window_size(slots: int) -> int:
     return max(1, slots // 100) if slots > 1 else slots
 
 
+def reserve_size(slots: int) -> int:
+    """Slots kept for pinned rows that lost admission (none below 40 slots)."""
+    return min(slots // 20, 1 << 16)
+
+
 def state_bytes(slots: int) -> int:
     """Bytes of a ``CacheState`` of ``slots`` slots (the arena's rows not included)."""
     if slots <= 0:
@@ -92,8 +104,10 @@ def new_state(slots: int) -> CacheState:
     h = table_size(slots)
     w = window_size(slots)
     meta = np.zeros(META, np.int64)
+    r = reserve_size(slots)
     meta[W_CAP] = w
-    meta[MAIN_CAP] = slots - w
+    meta[MAIN_CAP] = slots - w - r
+    meta[DOOM_CAP] = r
     meta[FREE_TOP] = slots
     return CacheState(
         keys=np.full(h, EMPTY, np.int64),
@@ -190,11 +204,13 @@ def _count(sketch, meta, key, slots):
 
 
 @njit(nogil=True, cache=True)
-def _clock_victim(ref, seg, pins, meta):
-    """The main region's next unpinned slot with a zero counter, or -1."""
+def _clock_victim(ref, seg, pins, meta, sketch, slot_id):
+    """Of the next SAMPLE unpinned main slots the CLOCK hand passes, the one the sketch
+    counts least (ties: the first); -1 if none is found in a full sweep."""
     n = seg.size
     hand = meta[HAND]
-    for _ in range((MAX_REF + 1) * n + 1):
+    best, best_est, seen = -1, 1 << 30, 0
+    for _ in range(2 * n + 1):
         s = hand
         hand = hand + 1 if hand + 1 < n else 0
         if seg[s] != MAIN or pins[s] > 0:
@@ -202,10 +218,14 @@ def _clock_victim(ref, seg, pins, meta):
         if ref[s] > 0:
             ref[s] -= 1
             continue
-        meta[HAND] = hand
-        return s
+        e = _estimate(sketch, slot_id[s])
+        if e < best_est:
+            best, best_est = s, e
+        seen += 1
+        if seen >= SAMPLE or best_est == 0:
+            break
     meta[HAND] = hand
-    return -1
+    return best
 
 
 @njit(nogil=True, cache=True)
@@ -230,14 +250,19 @@ def _take_slot(keys, vals, slot_id, ref, seg, pins, window, free, sketch, meta):
             seg[c] = MAIN
             meta[MAIN_LEN] += 1
         else:
-            v = _clock_victim(ref, seg, pins, meta)
-            if v >= 0 and (
-                pins[c] > 0 or _estimate(sketch, slot_id[c]) > _estimate(sketch, slot_id[v])
-            ):
+            v = _clock_victim(ref, seg, pins, meta, sketch, slot_id)
+            wins = v >= 0 and _estimate(sketch, slot_id[c]) > _estimate(sketch, slot_id[v])
+            if wins:
                 _release(keys, vals, slot_id, seg, free, meta, v)
                 seg[c] = MAIN
             elif pins[c] == 0:
                 _release(keys, vals, slot_id, seg, free, meta, c)
+            elif meta[DOOM] < meta[DOOM_CAP]:
+                seg[c] = DOOMED  # freed when its last lookup unpins it
+                meta[DOOM] += 1
+            elif v >= 0:
+                _release(keys, vals, slot_id, seg, free, meta, v)
+                seg[c] = MAIN
             else:
                 return -1
         meta[W_HEAD] = meta[W_HEAD] + 1 if meta[W_HEAD] + 1 < w_cap else 0
@@ -324,15 +349,21 @@ def resolve(
 
 
 @njit(nogil=True, cache=True)
-def unpin(pins, pinned, n):
+def unpin(pins, pinned, n, keys, vals, slot_id, seg, free, meta):
+    """Release a lookup's pins; doomed rows it was the last to use are freed."""
     for i in range(n):
-        pins[pinned[i]] -= 1
+        s = pinned[i]
+        pins[s] -= 1
+        if pins[s] == 0 and seg[s] == DOOMED:
+            _release(keys, vals, slot_id, seg, free, meta, s)
+            meta[EVICTIONS] -= 1  # never admitted: not an eviction
+            meta[DOOM] -= 1
 
 
 @njit(nogil=True, cache=True)
 def admit(rows_in, counts_in, keys, vals, slot_id, ref, seg, window, free, sketch, meta, out_slots):
-    """Warm-up: put rows straight into the main region (then the window) while free slots
-    last, seeding the sketch with their counts; returns how many were placed (their slots in
+    """Warm-up: put rows straight into the main region (then the window) while they have
+    room, seeding the sketch with their counts; returns how many were placed (their slots in
     ``out_slots``; rows already cached or past capacity are skipped)."""
     placed = 0
     mask = np.uint64(sketch.shape[1] - 1)
@@ -347,6 +378,9 @@ def admit(rows_in, counts_in, keys, vals, slot_id, ref, seg, window, free, sketc
         if meta[MAIN_LEN] < meta[MAIN_CAP]:
             seg[s] = MAIN
             meta[MAIN_LEN] += 1
+        elif meta[W_LEN] >= meta[W_CAP]:
+            meta[FREE_TOP] += 1  # the reserve stays free
+            break
         else:
             tail = meta[W_HEAD] + meta[W_LEN]
             window[tail - meta[W_CAP] if tail >= meta[W_CAP] else tail] = s

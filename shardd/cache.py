@@ -206,7 +206,9 @@ class CacheTier:
     @staticmethod
     def _unpin(got: Fetched) -> None:
         for pc, pinned in got.pins:
-            rc.unpin(pc.state.pins, pinned, pinned.size)
+            st = pc.state
+            rc.unpin(st.pins, pinned, pinned.size, st.keys, st.vals, st.slot_id, st.seg,
+                     st.free, st.meta)  # fmt: skip
         got.pins.clear()
 
     # --- warm-up traces --------------------------------------------------------------------

@@ -81,15 +81,18 @@ def _read_rows(
 
 
 class TableFile:
-    """One table file opened for row reads (the rows start ``base`` bytes in)."""
+    """One table file opened for row reads (the rows start ``base`` bytes in); ``direct``
+    False: buffered reads dropped after (the fallback where ``O_DIRECT`` is refused)."""
 
-    def __init__(self, path: Path, base: int, row_bytes: int) -> None:
+    def __init__(self, path: Path, base: int, row_bytes: int, *, direct: bool = True) -> None:
         self.path = path
         self.base = base
         self.row_bytes = row_bytes
         if row_bytes > SPAN // 2:
             raise ValueError(f"rows of {row_bytes} bytes are wider than reads of {SPAN // 2}")
         try:
+            if not direct:
+                raise OSError(errno.EINVAL, "buffered reads asked for")
             self.fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
             self.direct = True
         except OSError as exc:
@@ -97,7 +100,8 @@ class TableFile:
                 raise
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             self.direct = False
-            log.warning("%s: no O_DIRECT here; reads are buffered and dropped after", path)
+            if direct:
+                log.warning("%s: no O_DIRECT here; reads are buffered and dropped after", path)
 
     def close(self) -> None:
         os.close(self.fd)
