@@ -123,6 +123,12 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, type=int)
     p.add_argument("--strategy", default="auto", choices=("capacity", "load", "net", "auto"))
     p.add_argument("--shard-memory", type=_size, help="bytes of tables one shard may hold")
+    p.add_argument(
+        "--cache-bytes",
+        type=_size,
+        help="the shards serve from a row cache of this size (shardd --cache-bytes): parts "
+        "may exceed --shard-memory; the report gives each shard's expected hit rate",
+    )
     p.add_argument("--replicas", type=int, default=1, help="endpoints (processes) per shard")
     p.add_argument("--hosts", type=Path, help="TOML file of endpoints per shard and replica")
     p.add_argument("--base-port", type=int, default=5600, help="first local port (no --hosts)")
@@ -263,6 +269,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             shard_memory=args.shard_memory,
             traffic=traffic,
             access=access,
+            cache_bytes=args.cache_bytes,
         )
 
     plan = make(args.strategy)
@@ -278,6 +285,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     if "chosen_because" in r:
         print(f"auto chose {plan.strategy}: {r['chosen_because']}")
+    if "expected_hit_rate" in r:
+        rates = ", ".join(f"{x:.3f}" for x in r["expected_hit_rate"])
+        print(f"expected cache hit rate per shard (Zipf model, an upper bound): {rates}")
     return 0
 
 

@@ -30,11 +30,10 @@ from kernels import Int8RowwiseTable, Table
 from kernels import rowcache as rc
 from recserve.contracts.errors import ConfigError, DiskReadError
 from recserve.contracts.manifest import TableSpec
-from recserve.planning.hits import CachedPart, split
+from recserve.planning.hits import DEFAULT_ZIPF, SLOT_BYTES, CachedPart, split
 from shardd.disk import RowReader, TableFile
 
 log = logging.getLogger(__name__)
-SLOT_OVERHEAD = 64  # bookkeeping bytes per slot, for the split (exact sizes follow)
 
 
 @dataclass
@@ -91,12 +90,12 @@ class CacheTier:
         wants = [
             CachedPart(
                 rows=end - start,
-                zipf=spec.stats.zipf if spec.stats.zipf is not None else 1.05,
+                zipf=spec.stats.zipf if spec.stats.zipf is not None else DEFAULT_ZIPF,
                 traffic=(spec.stats.pooling_factor or 1.0)
                 * max(1, len(spec.features))
                 * (end - start)
                 / max(1, spec.rows),
-                row_cost=spec.row_bytes + SLOT_OVERHEAD,
+                row_cost=spec.row_bytes + SLOT_BYTES,
             )
             for spec, start, end, _, _ in parts
         ]

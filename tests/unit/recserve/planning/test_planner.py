@@ -123,6 +123,23 @@ def test_plan_that_cannot_fit_says_what_is_missing() -> None:
         build(m, 4, "capacity", local_endpoints(4, 1), shard_memory=25_000)
 
 
+def test_cached_shards_may_hold_more_than_their_memory() -> None:
+    """With --cache-bytes the parts live on disk: a plan whose shards hold more than
+    --shard-memory is made, and reports each shard's expected hit rate, which grows with the
+    cache and reaches 1 when the shard's rows fit."""
+    m = model([(1000, "fp32", "user", 1.0)] * 4)  # 4 x 32000 bytes
+    ends = local_endpoints(2, 1)
+    rates = []
+    for cache in (2_000, 8_000, 80_000):
+        plan = build(m, 2, "capacity", ends, shard_memory=max(25_000, cache), cache_bytes=cache)
+        assert max(plan.report["shard_bytes"]) > 25_000
+        rates.append(plan.report["expected_hit_rate"])
+    assert all(0 < a < b for a, b in zip(rates[0], rates[1], strict=True))
+    assert rates[2] == [1.0, 1.0]
+    with pytest.raises(PlanError, match="more than --shard-memory"):
+        build(m, 2, "capacity", ends, shard_memory=25_000, cache_bytes=30_000)
+
+
 def test_plan_for_another_model_is_refused() -> None:
     m = model([(100, "fp32", "user", 1.0)])
     other = model([(101, "fp32", "user", 1.0)])
