@@ -152,6 +152,12 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="net", choices=("capacity", "load", "net", "auto"))
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--curve-keys", type=Path, help="CURVE between gateway and shards (keygen)")
+    p.add_argument(
+        "--cache-bytes",
+        type=_size,
+        help="each shard serves from a row cache of this size over the table files "
+        "(shardd --cache-bytes) instead of preloading its parts",
+    )
 
     p = sub.add_parser("keygen", help="write CURVE key pairs for shards and gateways")
     p.add_argument("--out", required=True, type=Path)
@@ -303,6 +309,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         singular=args.singular,
         curve_keys=args.curve_keys,
         replicas=args.replicas,
+        cache_bytes=args.cache_bytes,
     )
 
 

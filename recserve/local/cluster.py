@@ -83,8 +83,10 @@ class LocalCluster:
         singular: bool = False,
         gateway_args: tuple[str, ...] = (),
         curve_keys: Path | None = None,
+        cache_bytes: int | None = None,
     ) -> None:
         self.model = Path(model)
+        self.cache_bytes = cache_bytes
         self.curve = ["--curve-keys", str(curve_keys)] if curve_keys else []
         self.keys = CurveKeys.for_client(curve_keys) if curve_keys else None
         self.run_dir = Path(tempfile.mkdtemp(prefix="recserve-"))
@@ -164,9 +166,12 @@ class LocalCluster:
         """Start one shard daemon of the plan (again, after it stopped: a rolling restart);
         the caller waits for it with ``wait_ready``."""
         assert self.plan_path is not None, "a singular cluster has no shards"
-        argv = shardd_argv(
-            self.plan_path, self.model, shard, "--preload", *self.curve, replica=replica
-        )
+        if self.cache_bytes is None:
+            memory = ["--preload"]
+        else:  # a restarted shard warms from the trace its predecessor wrote at shutdown
+            trace = self.run_dir / f"shard{shard}-{replica}.trace.npz"
+            memory = ["--cache-bytes", str(self.cache_bytes), "--warm-from", str(trace)]
+        argv = shardd_argv(self.plan_path, self.model, shard, *memory, *self.curve, replica=replica)
         return _spawn(argv, self.run_dir / f"shard{shard}-{replica}.log")
 
     def wait_ready(self, shard: int, replica: int, proc: subprocess.Popen, timeout: float) -> None:
@@ -223,6 +228,7 @@ def run_up(
     singular: bool,
     curve_keys: Path | None = None,
     replicas: int = 1,
+    cache_bytes: int | None = None,
 ) -> int:
     """The ``recserve up`` command: start, print the endpoints, wait for Ctrl-C/SIGTERM."""
     cluster = LocalCluster(
@@ -234,6 +240,7 @@ def run_up(
         port=port,
         singular=singular,
         curve_keys=curve_keys,
+        cache_bytes=cache_bytes,
     )
     stop = False
 
