@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="json",
         help="request bodies: JSON or msgpack samples, or msgpack columns (recserve.client's)",
     )
+    p.add_argument(
+        "--bodies",
+        type=int,
+        default=64,
+        help="distinct request bodies, drawn before the run and sent round robin (a cache "
+        "benchmark wants at least one per request sent)",
+    )
     p.add_argument("--report", type=Path, help="write the results as JSON")
     p.add_argument("--plot", type=Path, help="write a latency-percentile plot (matplotlib)")
     p.add_argument("--seed", type=int, default=0)
@@ -158,7 +165,7 @@ async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     bodies = Bodies(
         model, samples=args.samples, candidates=args.candidates, fmt=args.format, seed=args.seed
     )
-    pool = bodies.pool(64)
+    pool = bodies.pool(args.bodies)
     freeze_startup_heap()  # a long GC pause here would count as the server's latency
     show = None if args.quiet else progress
     rows = []
@@ -211,9 +218,10 @@ async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.samples < 1 or args.candidates < 0 or args.duration <= 0:
+    if args.samples < 1 or args.candidates < 0 or args.duration <= 0 or args.bodies < 1:
         print(
-            "recserve loadgen: error: --samples, --candidates and --duration must be positive",
+            "recserve loadgen: error: --samples, --candidates, --duration and --bodies must be "
+            "positive",
             file=sys.stderr,
         )
         return 2

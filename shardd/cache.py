@@ -28,10 +28,10 @@ import numpy as np
 
 from kernels import Int8RowwiseTable, Table
 from kernels import rowcache as rc
-from recserve.contracts.errors import ConfigError, DiskReadError
+from recserve.contracts.errors import ConfigError
 from recserve.contracts.manifest import TableSpec
 from recserve.planning.hits import DEFAULT_ZIPF, SLOT_BYTES, CachedPart, split
-from shardd.disk import RowReader, TableFile
+from shardd.disk import ReadJob, RowReader, TableFile
 
 log = logging.getLogger(__name__)
 
@@ -87,22 +87,9 @@ class CacheTier:
         self.lock = threading.Lock()
         self.epoch = 0
         self.reader = RowReader(io_threads)
-        wants = [
-            CachedPart(
-                rows=end - start,
-                zipf=spec.stats.zipf if spec.stats.zipf is not None else DEFAULT_ZIPF,
-                traffic=(spec.stats.pooling_factor or 1.0)
-                * max(1, len(spec.features))
-                * (end - start)
-                / max(1, spec.rows),
-                row_cost=spec.row_bytes + SLOT_BYTES,
-            )
-            for spec, start, end, _, _ in parts
-        ]
-        rows = split(wants, budget)
+        sizes = slots_for([(spec, start, end) for spec, start, end, _, _ in parts], budget)
         self.parts: list[PartCache] = []
-        for (spec, start, end, path, base), want, n in zip(parts, wants, rows, strict=True):
-            slots = fit_slots(spec.row_bytes, int(n * want.row_cost), end - start)
+        for (spec, start, end, path, base), slots in zip(parts, sizes, strict=True):
             self.parts.append(
                 PartCache(
                     spec,
@@ -136,41 +123,48 @@ class CacheTier:
         spans: list[tuple[int, PartCache, int, int]],
     ) -> Fetched:
         """Map the ids of cached parts (``spans``: lookup part, cache, first position, count)
-        into ``mapped`` and have every row they need in memory. The caller pools, then calls
-        ``release``. Ids must have been checked against the parts' rows."""
+        into ``mapped`` and have every row they need in memory: each part's slots resolved,
+        then every part's misses read at once. The caller pools, then calls ``release``. Ids
+        must have been checked against the parts' rows."""
         got = Fetched()
         with self.lock:
             self.epoch += 1
+            jobs: list[ReadJob] = []
+            misses: list[tuple[PartCache, np.ndarray]] = []
             try:
                 for i, pc, lo, n in spans:
-                    self._fetch_part(got, ids, mapped, i, pc, lo, n)
+                    self._resolve(got, jobs, misses, ids, mapped, (i, pc, lo, n))
+                got.disk_s += self.reader.read_all(jobs)
             except BaseException:
+                for pc, rows in misses:  # slots that never got their rows
+                    st = pc.state
+                    rc.forget(st.keys, st.vals, st.slot_id, st.ref, rows)
                 self._unpin(got)
                 raise
         return got
 
-    def _fetch_part(
+    def _resolve(
         self,
         got: Fetched,
+        jobs: list[ReadJob],
+        misses: list[tuple[PartCache, np.ndarray]],
         ids: np.ndarray,
         mapped: np.ndarray,
-        i: int,
-        pc: PartCache,
-        lo: int,
-        n: int,
+        span: tuple[int, PartCache, int, int],
     ) -> None:
+        i, pc, lo, n = span
         st = pc.state
         status = rc.OVERFLOW
         if pc.slots:
-            misses = np.empty(n, np.int64)
-            miss_slots = np.empty(n, np.int32)
+            rows = np.empty(n, np.int64)
+            slots = np.empty(n, np.int32)
             pinned = np.empty(n, np.int32)
             counts = np.zeros(4, np.int64)
             before = int(st.meta[rc.EVICTIONS])
             status = rc.resolve(
                 ids, lo, lo + n, pc.row_start, pc.row_end - pc.row_start, mapped, self.epoch,
                 st.keys, st.vals, st.slot_id, st.ref, st.seg, st.pins, st.stamp, st.window,
-                st.free, st.sketch, st.meta, misses, miss_slots, pinned, counts,
+                st.free, st.sketch, st.meta, rows, slots, pinned, counts,
             )  # fmt: skip
             if status >= 0:
                 raise AssertionError(f"id at {status} not checked before the cache")
@@ -179,21 +173,14 @@ class CacheTier:
             got.hits += int(counts[0])
             n_miss = int(counts[1])
             got.misses += n_miss
-            rows = misses[:n_miss]
-            try:
-                got.disk_s += self.reader.read(
-                    pc.file, rows + pc.row_start, miss_slots[:n_miss], pc.arena
-                )
-            except DiskReadError:
-                rc.forget(st.keys, st.vals, st.slot_id, st.ref, rows)
-                raise
+            misses.append((pc, rows[:n_miss]))
+            jobs.append(ReadJob(pc.file, rows[:n_miss] + pc.row_start, slots[:n_miss], pc.arena))
         if status == rc.OVERFLOW:
             # Too many distinct rows for the slots not pinned: this part around the cache.
             unique, inverse = np.unique(ids[lo : lo + n], return_inverse=True)
             own = np.empty((unique.size, pc.spec.row_bytes), np.uint8)
-            got.disk_s += self.reader.read(
-                pc.file, unique.astype(np.int64), np.arange(unique.size, dtype=np.int32), own
-            )
+            slots = np.arange(unique.size, dtype=np.int32)
+            jobs.append(ReadJob(pc.file, unique.astype(np.int64), slots, own))
             mapped[lo : lo + n] = inverse
             got.bypass[i] = _as_table(pc.spec, own)
             got.bypassed += int(unique.size)
@@ -249,6 +236,7 @@ class CacheTier:
                 log.warning("%s is a trace of another model; starting cold", path)
                 return 0, 0.0
             total = 0
+            jobs = []
             with self.lock:
                 for pc in self.parts:
                     if f"{pc.key}.ids" not in trace or not pc.slots:
@@ -263,10 +251,10 @@ class CacheTier:
                         rows, counts[keep], st.keys, st.vals, st.slot_id, st.ref, st.seg,
                         st.window, st.free, st.sketch, st.meta, slots,
                     )  # fmt: skip
-                    self.reader.read(
-                        pc.file, st.slot_id[slots[:placed]] + pc.row_start, slots[:placed], pc.arena
-                    )
+                    rows = st.slot_id[slots[:placed]] + pc.row_start
+                    jobs.append(ReadJob(pc.file, rows, slots[:placed], pc.arena))
                     total += placed
+                self.reader.read_all(jobs)  # a failed read here stops the start (exit 2)
         return total, time.perf_counter() - begin
 
     def compile(self) -> None:
@@ -281,10 +269,7 @@ class CacheTier:
             try:
                 for dtype in (np.int64, np.int32):
                     for ids in (np.array([0, 1, 1], dtype), np.arange(40, dtype=dtype)):
-                        got = Fetched()
-                        with self.lock:
-                            self._fetch_part(got, ids, ids.copy(), 0, pc, 0, ids.size)
-                            self._unpin(got)
+                        self.release(self.fetch(ids, ids.copy(), [(0, pc, 0, ids.size)]))
                 st = pc.state
                 rc.estimates(st.sketch, st.slot_id, np.zeros(2, np.int64))
                 rc.forget(st.keys, st.vals, st.slot_id, st.ref, np.zeros(1, np.int64))
@@ -298,6 +283,28 @@ class CacheTier:
         self.reader.close()
         for pc in self.parts:
             pc.file.close()
+
+
+def slots_for(parts: list[tuple[TableSpec, int, int]], budget: int) -> list[int]:
+    """Slots per part (table, row_start, row_end) for ``budget`` bytes: split by expected
+    hits (``recserve.planning.hits``), each part's share then fitted exactly."""
+    wants = [
+        CachedPart(
+            rows=end - start,
+            zipf=spec.stats.zipf if spec.stats.zipf is not None else DEFAULT_ZIPF,
+            traffic=(spec.stats.pooling_factor or 1.0)
+            * max(1, len(spec.features))
+            * (end - start)
+            / max(1, spec.rows),
+            row_cost=spec.row_bytes + SLOT_BYTES,
+        )
+        for spec, start, end in parts
+    ]
+    rows = split(wants, budget)
+    return [
+        fit_slots(spec.row_bytes, int(n * want.row_cost), end - start)
+        for (spec, start, end), want, n in zip(parts, wants, rows, strict=True)
+    ]
 
 
 def fit_slots(row_bytes: int, budget: int, rows: int) -> int:

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import itertools
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +107,16 @@ class TableFile:
         os.close(self.fd)
 
 
+@dataclass
+class ReadJob:
+    """Rows of one file to read into ``arena[slots]``."""
+
+    file: TableFile
+    rows: np.ndarray  # int64 file rows
+    slots: np.ndarray  # int32 arena rows
+    arena: np.ndarray  # uint8 [*, row_bytes]
+
+
 class RowReader:
     """Reads rows into cache slots with ``threads`` workers, each with its own aligned
     bounce buffer."""
@@ -114,66 +124,67 @@ class RowReader:
     def __init__(self, threads: int) -> None:
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="shardd-io")
-        self._bounce = [_aligned(SPAN + 2 * ALIGN) for _ in range(self.threads + 1)]
+        self._bounce = [_aligned(SPAN + 2 * ALIGN) for _ in range(self.threads)]
 
     def read(
         self, file: TableFile, rows: np.ndarray, slots: np.ndarray, arena: np.ndarray
     ) -> float:
-        """Read file rows ``rows`` into ``arena[slots]``; returns seconds. A failed or short
-        read raises ``DiskReadError``; the rows read before it stay read."""
+        """Read file rows ``rows`` into ``arena[slots]``; returns seconds."""
+        return self.read_all([ReadJob(file, rows, slots, arena)])
+
+    def read_all(self, jobs: list[ReadJob]) -> float:
+        """Read every job's rows, all at once: each job's rows sorted by offset, the lot
+        cut into one even share per thread; returns seconds. A failed or short read raises
+        ``DiskReadError`` naming the row; rows read before it stay read."""
         begin = time.perf_counter()
-        if rows.size == 0:
+        jobs = [j for j in jobs if j.rows.size]
+        total = sum(j.rows.size for j in jobs)
+        if not total:
             return 0.0
-        order = np.argsort(rows, kind="stable")
-        rows, slots = rows[order], slots[order]
-        n = rows.size
-        if n < PARALLEL_BELOW or self.threads == 1:
-            bad = self._run(file, rows, slots, 0, n, arena, self.threads)
+        for j in jobs:
+            order = np.argsort(j.rows, kind="stable")
+            j.rows, j.slots = j.rows[order], j.slots[order]
+        shares: list[list[tuple[int, int, int]]] = [[]]  # per thread: (job, lo, hi)
+        per = -(-total // self.threads) if total >= PARALLEL_BELOW else total
+        room = per
+        for k, j in enumerate(jobs):
+            lo = 0
+            while lo < j.rows.size:
+                if room == 0:
+                    shares.append([])
+                    room = per
+                hi = min(j.rows.size, lo + room)
+                shares[-1].append((k, lo, hi))
+                room -= hi - lo
+                lo = hi
+        if len(shares) == 1:
+            failed = self._run(jobs, shares[0], 0)
         else:
-            cuts = np.linspace(0, n, self.threads + 1).astype(np.int64)
-            futures = [
-                self.pool.submit(self._run, file, rows, slots, int(a), int(b), arena, k)
-                for k, (a, b) in enumerate(itertools.pairwise(cuts))
-                if b > a
-            ]
+            futures = [self.pool.submit(self._run, jobs, sh, t) for t, sh in enumerate(shares)]
             found = [f.result() for f in futures]
-            bad = next((b for b in found if b >= 0), -1)
-        if bad >= 0:
+            failed = next((f for f in found if f is not None), None)
+        if failed is not None:
+            job, at = jobs[failed[0]], failed[1]
+            row = int(job.rows[at])
             raise DiskReadError(
-                f"reading row {int(rows[bad])} of {file.path.name} failed: "
-                f"{_why(file, int(rows[bad]))}"
+                f"reading row {row} of {job.file.path.name} failed: {_why(job.file, row)}"
             )
         return time.perf_counter() - begin
 
     def _run(
-        self,
-        file: TableFile,
-        rows: np.ndarray,
-        slots: np.ndarray,
-        lo: int,
-        hi: int,
-        arena: np.ndarray,
-        k: int,
-    ) -> int:
-        bounce = self._bounce[k]
-        align = ALIGN if file.direct else 1
-        return int(
-            _read_rows(
-                file.fd,
-                file.base,
-                file.row_bytes,
-                rows,
-                slots,
-                lo,
-                hi,
-                arena,
-                bounce,
-                bounce.ctypes.data,
-                align,
-                SPAN,
-                not file.direct,
-            )
-        )
+        self, jobs: list[ReadJob], share: list[tuple[int, int, int]], t: int
+    ) -> tuple[int, int] | None:
+        bounce = self._bounce[t]
+        for k, lo, hi in share:
+            j = jobs[k]
+            bad = _read_rows(
+                j.file.fd, j.file.base, j.file.row_bytes, j.rows, j.slots, lo, hi, j.arena,
+                bounce, bounce.ctypes.data, ALIGN if j.file.direct else 1, SPAN,
+                not j.file.direct,
+            )  # fmt: skip
+            if bad >= 0:
+                return k, int(bad)
+        return None
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

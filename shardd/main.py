@@ -78,7 +78,7 @@ class ShardConfig:
         "write it there at shutdown and on SIGUSR1",
         metavar="FILE",
     )
-    io_threads: int = option(16, "threads reading cache misses from disk (reads in flight)")
+    io_threads: int = option(32, "threads reading cache misses from disk (reads in flight)")
     queue_limit: int = option(64, "lookups queued or running; more are refused")
     workers: int = option(1, "threads running lookups")
     kernel_threads: int | None = option(

@@ -57,7 +57,7 @@ class PartStore:
         shard: ShardPlan,
         *,
         cache_bytes: int | None = None,
-        io_threads: int = 16,
+        io_threads: int = 32,
     ) -> None:
         self.parts: dict[tuple[str, int], Part] = {}
         self.tier: CacheTier | None = None
