@@ -68,7 +68,7 @@ class Fetched:
 
     pins: list[tuple[PartCache, np.ndarray]] = field(default_factory=list)
     bypass: dict[int, Table] = field(default_factory=dict)  # lookup part -> its own rows
-    hits: int = 0
+    hits: int = 0  # ids served without reading their row for this lookup
     misses: int = 0  # rows read from disk into the cache
     bypassed: int = 0  # rows read from disk around the cache
     evictions: int = 0
@@ -135,6 +135,7 @@ class CacheTier:
                 for i, pc, lo, n in spans:
                     self._resolve(got, jobs, misses, ids, mapped, (i, pc, lo, n))
                 got.disk_s += self.reader.read_all(jobs)
+                got.hits = sum(n for _, _, _, n in spans) - got.misses - got.bypassed
             except BaseException:
                 for pc, rows in misses:  # slots that never got their rows
                     st = pc.state
@@ -170,7 +171,6 @@ class CacheTier:
                 raise AssertionError(f"id at {status} not checked before the cache")
             got.pins.append((pc, pinned[: counts[2]]))
             got.evictions += int(st.meta[rc.EVICTIONS]) - before
-            got.hits += int(counts[0])
             n_miss = int(counts[1])
             got.misses += n_miss
             misses.append((pc, rows[:n_miss]))
