@@ -135,7 +135,6 @@ class CacheTier:
                 for i, pc, lo, n in spans:
                     self._resolve(got, jobs, misses, ids, mapped, (i, pc, lo, n))
                 got.disk_s += self.reader.read_all(jobs)
-                got.hits = sum(n for _, _, _, n in spans) - got.misses - got.bypassed
             except BaseException:
                 for pc, rows in misses:  # slots that never got their rows
                     st = pc.state
@@ -156,6 +155,7 @@ class CacheTier:
         i, pc, lo, n = span
         st = pc.state
         status = rc.OVERFLOW
+        reads = 0
         if pc.slots:
             rows = np.empty(n, np.int64)
             slots = np.empty(n, np.int32)
@@ -173,6 +173,7 @@ class CacheTier:
             got.evictions += int(st.meta[rc.EVICTIONS]) - before
             n_miss = int(counts[1])
             got.misses += n_miss
+            reads += n_miss
             misses.append((pc, rows[:n_miss]))
             jobs.append(ReadJob(pc.file, rows[:n_miss] + pc.row_start, slots[:n_miss], pc.arena))
         if status == rc.OVERFLOW:
@@ -184,6 +185,8 @@ class CacheTier:
             mapped[lo : lo + n] = inverse
             got.bypass[i] = _as_table(pc.spec, own)
             got.bypassed += int(unique.size)
+            reads += int(unique.size)
+        got.hits += max(0, n - reads)  # (an overflowing part may read a row twice)
 
     def release(self, got: Fetched) -> None:
         with self.lock:

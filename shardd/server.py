@@ -211,9 +211,12 @@ class ShardServer:
             )
             return
         job = call.job
-        self.metrics.pooled(job.ids, job.bags, inline=call.inline)
-        if (got := job.fetched) is not None:
-            self.metrics.cached(got.hits, got.misses, got.bypassed, got.evictions, got.disk_s)
+        try:  # counting must never cost the reply
+            self.metrics.pooled(job.ids, job.bags, inline=call.inline)
+            if (got := job.fetched) is not None:
+                self.metrics.cached(got.hits, got.misses, got.bypassed, got.evictions, got.disk_s)
+        except Exception:
+            log.exception("counting lookup %s failed", call.header.get("id"))
         meta = [
             {"parts": list(g.parts), "bags": g.pooled.shape[0], "dim": g.pooled.shape[2]}
             for g in call.groups

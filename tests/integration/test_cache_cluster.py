@@ -87,7 +87,7 @@ def test_cached_shard_metrics_pass_promtool(model: Path, tmp_path: Path) -> None
     assert cli(["plan", "--model", str(model), "--shards", "1", "--out", str(plan)]) == 0
     port = free_port()
     endpoint = f"ipc://{tmp_path}/s.sock"
-    with running(plan, model, 0, endpoint, "--cache-bytes", "1MiB", "--metrics-port", str(port)):
+    with running(plan, model, 0, endpoint, "--cache-bytes", "4MiB", "--metrics-port", str(port)):
         part = read_plan(plan).shard(0).parts[0]
         ids = np.arange(part.row_start, min(part.row_end, part.row_start + 40))
         req = [PartRequest(part.table, part.row_start, ids.size)]
