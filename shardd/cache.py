@@ -290,7 +290,10 @@ class CacheTier:
 
 def slots_for(parts: list[tuple[TableSpec, int, int]], budget: int) -> list[int]:
     """Slots per part (table, row_start, row_end) for ``budget`` bytes: split by expected
-    hits (``recserve.planning.hits``), each part's share then fitted exactly."""
+    hits (``recserve.planning.hits``) after each part's fixed bookkeeping, each share then
+    fitted exactly (``SLOT_BYTES`` bounds the bookkeeping per slot, so a part gets at least
+    the rows the split gave it)."""
+    fixed = rc.state_bytes(1)
     wants = [
         CachedPart(
             rows=end - start,
@@ -303,9 +306,9 @@ def slots_for(parts: list[tuple[TableSpec, int, int]], budget: int) -> list[int]
         )
         for spec, start, end in parts
     ]
-    rows = split(wants, budget)
+    rows = split(wants, max(0, budget - fixed * len(parts)))
     return [
-        fit_slots(spec.row_bytes, int(n * want.row_cost), end - start)
+        fit_slots(spec.row_bytes, int(n * want.row_cost) + fixed if n else 0, end - start)
         for (spec, start, end), want, n in zip(parts, wants, rows, strict=True)
     ]
 

@@ -130,7 +130,7 @@ def test_cached_shards_may_hold_more_than_their_memory() -> None:
     m = model([(1000, "fp32", "user", 1.0)] * 4)  # 4 x 32000 bytes
     ends = local_endpoints(2, 1)
     rates = []
-    for cache in (2_000, 8_000, 200_000):  # the last holds all 2 x 1000 rows + bookkeeping
+    for cache in (2_000, 8_000, 300_000):  # the last holds all 2 x 1000 rows + bookkeeping
         plan = build(m, 2, "capacity", ends, shard_memory=max(25_000, cache), cache_bytes=cache)
         assert max(plan.report["shard_bytes"]) > 25_000
         rates.append(plan.report["expected_hit_rate"])
