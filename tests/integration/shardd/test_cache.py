@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -151,11 +152,17 @@ def test_restart_warms_from_its_trace(cached_model, tmp_path) -> None:
         asyncio.run(compare([endpoint], plan, 0, rounds=5, seed=seed))
         return asyncio.run(stats(endpoint))["cache"]["hit_rate"]
 
-    with running(plan_path, model, 0, endpoint, *args):
+    with running(plan_path, model, 0, endpoint, *args) as proc:
         cold = first_hit_rate(10)
         asyncio.run(compare([endpoint], plan, 0, rounds=60, seed=11))
         warm = asyncio.run(stats(endpoint))["cache"]["hit_rate"]
-    assert trace.exists()
+        proc.send_signal(signal.SIGUSR1)  # on request, while serving
+        end = time.monotonic() + 20
+        while not trace.exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        assert trace.exists(), "SIGUSR1 wrote no trace"
+        trace.unlink()
+    assert trace.exists()  # and again at shutdown
     with running(plan_path, model, 0, endpoint, *args):
         restarted = first_hit_rate(12)
     assert restarted > cold + 0.15, (cold, warm, restarted)
