@@ -159,6 +159,26 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
         "(shardd --cache-bytes) instead of preloading its parts",
     )
 
+    p = sub.add_parser(
+        "study", help="Lui et al.'s strategy study over simulated hosts with a network between"
+    )
+    p.add_argument("--profiles", default="drm1,drm2,drm3", help="comma-separated profiles")
+    p.add_argument("--strategies", default="capacity,load,net", help="comma-separated")
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--size", default="256MiB", help="each profile's model size")
+    p.add_argument("--qps", type=float, default=10.0, help="open-loop requests per second")
+    p.add_argument("--samples", type=int, default=16, help="samples per request")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of load per run")
+    p.add_argument("--hosts", choices=("netns", "local"), default="netns")
+    p.add_argument("--net-delay-us", type=float, default=50.0, help="one-way delay between hosts")
+    p.add_argument("--net-jitter-us", type=float, default=10.0)
+    p.add_argument("--net-rate", type=float, default=10.0, help="link rate, Gbit/s")
+    p.add_argument(
+        "--delays", default="", help="a sweep of one-way delays (us) for the first profile"
+    )
+    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", required=True, type=Path)
+
     p = sub.add_parser("keygen", help="write CURVE key pairs for shards and gateways")
     p.add_argument("--out", required=True, type=Path)
 
@@ -313,6 +333,27 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from recserve.local import netlab, study
+
+    profiles = [p for p in args.profiles.split(",") if p]
+    strategies = [s for s in args.strategies.split(",") if s]
+    unknown = [p for p in profiles if p not in PROFILES] + [
+        s for s in strategies if s not in ("capacity", "load", "net")
+    ]
+    if unknown or not profiles or args.shards < 1 or args.qps <= 0 or args.duration <= 0:
+        raise ConfigError(f"bad study settings: {', '.join(unknown) or 'counts must be > 0'}")
+    try:
+        delays = [float(d) for d in args.delays.split(",") if d]
+    except ValueError:
+        raise ConfigError(f"--delays must be numbers: {args.delays!r}") from None
+    link = netlab.Link(args.net_delay_us, args.net_jitter_us, args.net_rate)
+    setup = study.Setup(args.hosts, args.shards, args.qps, args.samples, args.duration, link)
+    study.install_signal_cleanup()
+    study.run_study(profiles, strategies, setup, args.size, args.out, delays, args.plot)
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from recserve.rpc.curve import keygen
 
@@ -359,6 +400,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "up": cmd_up,
     "keygen": cmd_keygen,
+    "study": cmd_study,
     "verify": cmd_verify,
     "info": cmd_info,
 }
