@@ -151,13 +151,17 @@ class NetLab:
         return out
 
     def close(self) -> None:
-        if self.switch is not None and self.switch.poll() is None:
-            self.switch.terminate()
-            try:
-                self.switch.wait(10)
-            except subprocess.TimeoutExpired:
-                self.switch.kill()
-                self.switch.wait()
+        if self.switch is not None:
+            if self.switch.poll() is None:
+                self.switch.terminate()
+                try:
+                    self.switch.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.switch.kill()
+                    self.switch.wait()
+            if self.switch.stdout is not None:
+                self.switch.stdout.close()
+            self.switch = None
         for ns in reversed(self.made):
             with contextlib.suppress(Exception):
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -143,10 +144,17 @@ def one_run(model: Path, work: Path, profile: str, strategy: str, setup: Setup) 
             logs.append(log)
             gateway = subprocess.Popen(hosts.cmd(GATEWAY, argv), stdout=log, stderr=log)
             procs.insert(0, gateway)
-            hosts.fetch(url + "/v2/health/ready", timeout=300)
-            for p in procs:
-                if p.poll() is not None:
-                    raise RecserveError(f"a server exited with {p.returncode} (logs in {work})")
+            end = time.monotonic() + 300
+            while True:  # ready, or a server died, or out of time
+                for p in procs:
+                    if p.poll() is not None:
+                        raise RecserveError(f"a server exited with {p.returncode} (logs: {work})")
+                try:
+                    hosts.fetch(url + "/v2/health/ready", timeout=2)
+                    break
+                except RecserveError:
+                    if time.monotonic() > end:
+                        raise
             pids = [p.pid for p in procs]
             before_cpu = cpu_seconds(pids)
             before = hosts.fetch(url + "/metrics")
