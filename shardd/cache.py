@@ -207,16 +207,19 @@ class CacheTier:
         returns how many."""
         arrays: dict[str, np.ndarray] = {"model_digest": np.array(digest)}
         total = 0
-        with self.lock:
+        snapshot = []
+        with self.lock:  # copies only: lookups wait for no sort and no disk
             for pc in self.parts:
                 st = pc.state
                 est = np.zeros(pc.slots, np.int64)
                 rc.estimates(st.sketch, st.slot_id, est)
-                used = np.flatnonzero(st.slot_id != rc.EMPTY)
-                order = used[np.lexsort((-st.ref[used].astype(np.int64), -est[used]))]
-                arrays[f"{pc.key}.ids"] = st.slot_id[order] + pc.row_start
-                arrays[f"{pc.key}.counts"] = est[order]
-                total += order.size
+                snapshot.append((pc, st.slot_id.copy(), st.ref.copy(), est))
+        for pc, slot_id, ref, est in snapshot:
+            used = np.flatnonzero(slot_id != rc.EMPTY)
+            order = used[np.lexsort((-ref[used].astype(np.int64), -est[used]))]
+            arrays[f"{pc.key}.ids"] = slot_id[order] + pc.row_start
+            arrays[f"{pc.key}.counts"] = est[order]
+            total += order.size
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:

@@ -292,20 +292,23 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(out / name)
     if len(delays) > 1:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
         for s in strategies:
             pts = []
             for d in delays:
                 r = next((x for x in main if x["strategy"] == s and x["delay_us"] == d), None)
                 b = base.get((r["profile"], d)) if r else None
                 if r and b:
-                    pts.append((d, r["p99_ms"] / b["p99_ms"]))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=s)
-        ax.set_xlabel("one-way network delay (us)")
-        ax.set_ylabel("P99 / singular")
-        ax.set_xscale("symlog", linthresh=50)
-        ax.legend()
-        ax.grid(True, alpha=0.3)
+                    pts.append((d, r["p50_ms"] - b["p50_ms"], r["p99_ms"] / b["p99_ms"]))
+            left.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=s)
+            right.plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=s)
+        left.set_ylabel("P50 added over singular (ms)")
+        right.set_ylabel("P99 / singular")
+        for ax in (left, right):
+            ax.set_xlabel("one-way network delay (us)")
+            ax.set_xscale("symlog", linthresh=50)
+            ax.legend()
+            ax.grid(True, alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / "p99_vs_delay.png", dpi=110)
         plt.close(fig)
