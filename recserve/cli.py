@@ -166,9 +166,14 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--strategies", default="capacity,load,net", help="comma-separated")
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--size", default="256MiB", help="each profile's model size")
-    p.add_argument("--qps", type=float, default=10.0, help="open-loop requests per second")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--qps", type=float, default=10.0, help="open-loop requests per second")
+    load.add_argument(
+        "--sweep", action="store_true", help="per run, the highest rate whose P99 holds --slo-ms"
+    )
+    p.add_argument("--slo-ms", type=float, default=50.0, help="the P99 objective of --sweep")
     p.add_argument("--samples", type=int, default=16, help="samples per request")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of load per run")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of load per run (step)")
     p.add_argument("--hosts", choices=("netns", "local"), default="netns")
     p.add_argument("--net-delay-us", type=float, default=50.0, help="one-way delay between hosts")
     p.add_argument("--net-jitter-us", type=float, default=10.0)
@@ -348,7 +353,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"--delays must be numbers: {args.delays!r}") from None
     link = netlab.Link(args.net_delay_us, args.net_jitter_us, args.net_rate)
-    setup = study.Setup(args.hosts, args.shards, args.qps, args.samples, args.duration, link)
+    setup = study.Setup(
+        args.hosts, args.shards, args.qps, args.samples, args.duration, link, args.sweep,
+        args.slo_ms,
+    )  # fmt: skip
     study.install_signal_cleanup()
     study.run_study(profiles, strategies, setup, args.size, args.out, delays, args.plot)
     return 0

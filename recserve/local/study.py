@@ -58,6 +58,8 @@ class Setup:
     samples: int
     duration: float
     link: netlab.Link
+    sweep: bool = False  # raise the rate until P99 > slo_ms (loadgen --sweep) instead of qps
+    slo_ms: float = 50.0
 
 
 class Hosts:
@@ -159,7 +161,12 @@ def one_run(model: Path, work: Path, profile: str, strategy: str, setup: Setup) 
             before_cpu = cpu_seconds(pids)
             before = hosts.fetch(url + "/metrics")
             report = work / f"{strategy}-load.json"
-            argv = loadgen_argv(url, "--model", str(model), "--qps", str(setup.qps))
+            load = (
+                ["--sweep", "--slo-ms", str(setup.slo_ms)]
+                if setup.sweep
+                else ["--qps", str(setup.qps)]
+            )
+            argv = loadgen_argv(url, "--model", str(model), *load)
             argv += ["--duration", str(setup.duration), "--samples", str(setup.samples)]
             argv += ["--format", "columns", "--quiet", "--report", str(report)]
             argv += ["--bodies", str(min(2000, int(setup.qps * setup.duration) + 16))]
@@ -184,8 +191,10 @@ def one_run(model: Path, work: Path, profile: str, strategy: str, setup: Setup) 
                     p.wait()
             for log in logs:
                 log.close()
-    run = json.loads(report.read_text())["runs"][0]
-    ok = max(1, run["ok"])
+    steps = json.loads(report.read_text())["runs"]
+    run = steps[-1]  # with --sweep: the highest rate that held the SLO (or the last tried)
+    held = setup.sweep and run["label"].startswith("max")
+    ok = max(1, sum(r["ok"] for r in (steps[:-1] if setup.sweep else steps)))
     delta = {
         name: _metric(after, name) - _metric(before, name)
         for name in (
@@ -201,7 +210,8 @@ def one_run(model: Path, work: Path, profile: str, strategy: str, setup: Setup) 
         "hosts": setup.hosts,
         "delay_us": setup.link.delay_us if setup.hosts == "netns" else 0.0,
         "shards": n,
-        "qps": setup.qps,
+        "qps": run["offered_qps"] if setup.sweep else setup.qps,
+        "max_qps": (run["offered_qps"] if held else 0.0) if setup.sweep else None,
         "samples": setup.samples,
         "p50_ms": run["latency_ms"]["p50"],
         "p99_ms": run["latency_ms"]["p99"],
@@ -361,7 +371,8 @@ def run_study(
         for k, (profile, strategy, s) in enumerate(runs):
             where = f"{s.hosts}, {s.link.delay_us:g} us" if s.hosts == "netns" else s.hosts
             print(f"[{k + 1}/{len(runs)}] {profile} {strategy} ({where})", flush=True)
-            work = out / "runs" / f"{profile}-{strategy}-{int(s.link.delay_us)}"
+            at = f"{int(s.link.delay_us)}us" if s.hosts == "netns" else "local"
+            work = out / "runs" / f"{profile}-{strategy}-{at}"
             row = one_run(models[profile], work, profile, strategy, s)
             rows.append(row)
             save()
