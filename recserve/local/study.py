@@ -32,9 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from recserve.contracts.errors import RecserveError
+from recserve.contracts.manifest import read_manifest
+from recserve.contracts.plan import local_endpoints, read_hosts
+from recserve.contracts.units import parse_size
 from recserve.local import netlab
 from recserve.local.argv import gateway_argv, loadgen_argv, shardd_argv
 from recserve.local.cluster import cpu_seconds, free_port, rss_mib
+from recserve.model.synth import synthesize
+from recserve.planning import build
 
 GATEWAY, LOADGEN = 0, 1  # lab hosts; shard k is host k + 2
 SHARD_PORT, GATEWAY_PORT = 5600, 8080
@@ -98,10 +103,9 @@ def hosts_for(setup: Setup, n: int) -> Iterator[Hosts]:
 
 
 def _plan(model: Path, work: Path, strategy: str, hosts: Hosts, n: int) -> Path:
-    from recserve.cli import main as cli
-
+    """A plan of ``strategy`` over ``n`` shards at the hosts' addresses (written as a hosts
+    TOML and read back, the multi-host path) or at loopback ports."""
     plan = work / f"plan-{strategy}.json"
-    argv = ["plan", "--model", str(model), "--shards", str(n), "--strategy", strategy]
     if hosts.lab is not None:
         toml = work / "hosts.toml"
         toml.write_text(
@@ -110,11 +114,10 @@ def _plan(model: Path, work: Path, strategy: str, hosts: Hosts, n: int) -> Path:
                 for k in range(n)
             )
         )
-        argv += ["--hosts", str(toml)]
+        endpoints = read_hosts(toml, n, 1)
     else:
-        argv += ["--base-port", str(free_port())]
-    if cli([*argv, "--out", str(plan)]) != 0:
-        raise RecserveError(f"recserve plan failed for {strategy}")
+        endpoints = local_endpoints(n, 1, base_port=free_port())
+    plan.write_bytes(build(read_manifest(model), n, strategy, endpoints).to_json() + b"\n")
     return plan
 
 
@@ -335,8 +338,6 @@ def run_study(
     delays: list[float],
     plots: bool,
 ) -> list[dict[str, Any]]:
-    from recserve.cli import main as cli
-
     if setup.hosts == "netns":
         why = netlab.available()
         if why is not None:
@@ -365,9 +366,8 @@ def run_study(
         models = {}
         for profile in profiles:
             models[profile] = Path(tmp) / profile
-            argv = ["synth", "--profile", profile, "--size", size, "--seed", "1"]
-            if cli([*argv, "--out", str(models[profile])]) != 0:
-                raise RecserveError(f"recserve synth failed for {profile}")
+            print(f"== synthesize {profile} ({size})", flush=True)
+            synthesize(profile, parse_size(size), models[profile], seed=1)
         for k, (profile, strategy, s) in enumerate(runs):
             where = f"{s.hosts}, {s.link.delay_us:g} us" if s.hosts == "netns" else s.hosts
             print(f"[{k + 1}/{len(runs)}] {profile} {strategy} ({where})", flush=True)
