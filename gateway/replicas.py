@@ -42,7 +42,9 @@ from recserve.rpc.wire import PartRequest
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = frozenset({"shard_unavailable", "not_ready", "overloaded", "io_error"})
+RETRYABLE = frozenset(
+    {"shard_unavailable", "not_ready", "overloaded", "io_error", "version_unavailable"}
+)
 BACKOFF_S, MAX_BACKOFF_S = 1.0, 30.0
 LATENCIES = 256  # recent lookups kept per shard for a percentile hedge delay
 MIN_SAMPLES, COLD_HEDGE_S = 20, 0.05  # below that many, a percentile hedge waits 50 ms

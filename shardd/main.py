@@ -79,6 +79,12 @@ class ShardConfig:
         metavar="FILE",
     )
     io_threads: int = option(32, "threads reading cache misses from disk (reads in flight)")
+    state_dir: Path | None = option(
+        None,
+        "take online updates (stage/commit) and keep their fsync'ed log here, replayed at "
+        "start; without it the shard serves its files as they are",
+        metavar="DIR",
+    )
     queue_limit: int = option(64, "lookups queued or running; more are refused")
     workers: int = option(1, "threads running lookups")
     kernel_threads: int | None = option(
@@ -215,6 +221,7 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
         await loop.run_in_executor(None, warm_cache, store.tier, config, manifest.digest())
     warm = await loop.run_in_executor(None, kernels.warm_up)
     metrics = ShardMetrics.create()
+    metrics.updated(store.versions.describe())
     if store.tier is not None:
         metrics.cache_bytes.set_function(store.tier.bytes_cached)
     http = None
@@ -326,6 +333,7 @@ def open_store(config: ShardConfig, manifest: Manifest, shard: ShardPlan) -> Par
         shard,
         cache_bytes=config.cache_bytes,
         io_threads=config.io_threads,
+        state_dir=config.state_dir,
     )
     if store.tier is not None:
         tier = store.tier

@@ -49,6 +49,9 @@ class ShardMetrics:
     cache_evictions: Counter
     cache_bytes: Gauge
     disk_read: Histogram
+    version: Gauge
+    rows_updated: Gauge
+    log_bytes: Gauge
     # Labelled children by (op, outcome): ``labels()`` costs a lock and a dict per call.
     children: dict[tuple[str, str], Counter] = field(default_factory=dict)
     # The same counts as plain numbers, for the ``stats`` op (never read back from Prometheus).
@@ -93,6 +96,12 @@ class ShardMetrics:
         c["bypassed"] += bypassed
         c["evictions"] += evictions
         c["disk_seconds"] += disk_s
+
+    def updated(self, versions: dict[str, int | None]) -> None:
+        """The shard's versions after a stage, commit or abort (``Versions.describe``)."""
+        self.version.set(versions["version"] or 0)
+        self.rows_updated.set(versions["rows_updated"] or 0)
+        self.log_bytes.set(versions["log_bytes"] or 0)
 
     @classmethod
     def create(cls) -> ShardMetrics:
@@ -149,4 +158,13 @@ class ShardMetrics:
                 buckets=DISK_BUCKETS,
                 registry=reg,
             ),
+            version=Gauge(
+                "recserve_shard_model_version", "Newest committed model version", registry=reg
+            ),
+            rows_updated=Gauge(
+                "recserve_shard_rows_updated",
+                "Rows differing from the table files at the newest version",
+                registry=reg,
+            ),
+            log_bytes=Gauge("recserve_shard_update_log_bytes", "Update log size", registry=reg),
         )

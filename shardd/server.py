@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,8 +36,10 @@ from recserve.rpc.deadline import Deadline
 from recserve.rpc.loopsocket import LoopSocket
 from recserve.rpc.wire import (
     MAX_REPLY_FLOATS,
+    check_version,
     decode_header,
     decode_lookup,
+    decode_stage,
     error_reply,
     pack_header,
     reply,
@@ -46,6 +49,7 @@ from shardd.metrics import ShardMetrics
 from shardd.store import Group, Job, PartStore
 
 log = logging.getLogger(__name__)
+UPDATE_OPS = frozenset({"stage", "commit", "abort"})
 INLINE_FLOATS = 1 << 20  # pooled floats (4 MiB) a lookup pooled on the loop may write
 
 
@@ -121,6 +125,7 @@ class ShardServer:
         self.pool = ThreadPoolExecutor(
             settings.workers, thread_name_prefix="shardd-kernel", initializer=self._start_worker
         )
+        self.updates = ThreadPoolExecutor(1, thread_name_prefix="shardd-update")
         self.inflight = 0
         self.draining = False
         self.idle = asyncio.Event()
@@ -150,6 +155,9 @@ class ShardServer:
         try:
             header = decode_header(body[0].buffer)
             op = header["op"]
+            if op in UPDATE_OPS:
+                self._update(ident, header, body[1:])
+                return
             if op != "lookup":
                 if len(body) > 1:
                     raise BadRequest(f"{op} takes no data frames", field="frames")
@@ -168,7 +176,8 @@ class ShardServer:
                 and lookup.lengths.size * self.store.max_dim <= INLINE_FLOATS
             )
             threads = 1 if inline else self.settings.kernel_threads
-            job = self.store.prepare(lookup, threads, self.settings.max_reply_floats)
+            version = check_version(header, required=False)
+            job = self.store.prepare(lookup, threads, self.settings.max_reply_floats, version)
         except Exception as exc:
             if not isinstance(exc, RecserveError):
                 log.exception("preparing lookup %s failed", header and header.get("id"))
@@ -188,6 +197,36 @@ class ShardServer:
             self._complete(call)
         else:
             self.pool.submit(call.run).add_done_callback(lambda f: self._hand_back(call, f))
+
+    def _update(self, ident: zmq.Frame, header: dict[str, Any], frames: list[zmq.Frame]) -> None:
+        """``stage``, ``commit`` or ``abort``: checked on the loop, applied (CPU, fsync) on
+        the one update thread, answered back on the loop."""
+        op = header["op"]
+        version = check_version(header, required=True)
+        assert version is not None
+        versions = self.store.versions
+        if op == "stage":
+            parts = decode_stage(header, [f.buffer for f in frames])
+            work = functools.partial(versions.stage, version, parts)
+        elif frames:
+            raise BadRequest(f"{op} takes no data frames", field="frames")
+        else:
+            work = functools.partial(versions.commit if op == "commit" else versions.abort, version)
+
+        def done(f: Future[None]) -> None:
+            exc = f.exception()
+            if exc is not None and not isinstance(exc, RecserveError):
+                log.error("%s of version %d failed", op, version, exc_info=exc)
+                exc = RecserveError("internal error; see the shard's log")
+            if exc is None:
+                self.metrics.updated(versions.describe())
+                msg, outcome = pack_header(reply(header, **versions.describe())), "ok"
+            else:
+                assert isinstance(exc, RecserveError)
+                msg, outcome = error_reply(header, exc), exc.kind
+            self.loop.call_soon_threadsafe(self._send, ident, [msg], op, outcome)
+
+        self.updates.submit(work).add_done_callback(done)
 
     def _hand_back(self, call: Call, done: Future[None]) -> None:
         """In the worker (or wherever a cancelled future calls back): pass the lookup to
@@ -229,8 +268,15 @@ class ShardServer:
 
     def _answer(self, header: dict[str, Any]) -> dict[str, Any]:
         m = self.manifest
+        versions = self.store.versions.describe()
         if header["op"] == "health":
-            return reply(header, ready=not self.draining, inflight=self.inflight)
+            return reply(
+                header,
+                ready=not self.draining,
+                inflight=self.inflight,
+                version=versions["version"],
+                staged=versions["staged"],
+            )
         if header["op"] == "info":
             return reply(
                 header,
@@ -241,12 +287,14 @@ class ShardServer:
                 bytes=self.store.nbytes,
                 kernel_cpus=sorted(self.settings.kernel_cpus or ()),
                 cache=self._cache(),
+                versions=versions,
             )
         return reply(
             header,
             requests=dict(self.metrics.counts),
             inflight=self.inflight,
             cache=self._cache(),
+            versions=versions,
             **self.metrics.totals,
         )
 
@@ -287,6 +335,7 @@ class ShardServer:
                 await asyncio.wait_for(self.idle.wait(), timeout)
         left = self.inflight
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.updates.shutdown(wait=True)  # a stage or commit under way reaches its log
         return left
 
     def close(self) -> None:

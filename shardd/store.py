@@ -20,12 +20,15 @@ import numpy as np
 
 import kernels
 from kernels import Int8RowwiseTable, Table
+from kernels.layout import MEAN
+from kernels.overlay import apply_deltas
 from recserve.contracts.errors import IdOutOfRange, TooLarge, UnknownTable
 from recserve.contracts.manifest import Manifest, TableSpec
 from recserve.contracts.plan import ShardPlan
 from recserve.model.artifact import file_size, hugepage_copies, open_table, touch
 from recserve.rpc.wire import MAX_REPLY_FLOATS, Lookup
 from shardd.cache import CacheTier, Fetched, PartCache
+from shardd.updates import Overlay, Versions
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ class Part:
     row_end: int
     view: Table  # rows [row_start, row_end) of the table, or the cache's arena
     cache: PartCache | None = None
+    base: Table | None = None  # the file's rows (mapped, read only for updates)
 
     @property
     def nbytes(self) -> int:
@@ -58,6 +62,7 @@ class PartStore:
         *,
         cache_bytes: int | None = None,
         io_threads: int = 32,
+        state_dir: Path | None = None,
     ) -> None:
         self.parts: dict[tuple[str, int], Part] = {}
         self.tier: CacheTier | None = None
@@ -71,7 +76,7 @@ class PartStore:
                 view: Table = Int8RowwiseTable(whole.data[p.row_start : p.row_end])
             else:
                 view = whole[p.row_start : p.row_end]
-            self.parts[(p.table, p.row_start)] = Part(spec, p.row_start, p.row_end, view)
+            self.parts[(p.table, p.row_start)] = Part(spec, p.row_start, p.row_end, view, base=view)
         if cache_bytes is not None:
             # Only the files' row offsets are kept: the mappings go, so nothing is paged in.
             offsets = {name: _data_offset(t) for name, t in tables.items()}
@@ -79,11 +84,12 @@ class PartStore:
                 (p.spec, p.row_start, p.row_end, Path(root) / p.spec.file, offsets[p.spec.name])
                 for p in self.parts.values()
             ]
-            tables.clear()
             self.tier = CacheTier(parts, cache_bytes, io_threads)
             for key, pc in zip(list(self.parts), self.tier.parts, strict=True):
-                self.parts[key] = Part(pc.spec, pc.row_start, pc.row_end, pc.table(), pc)
+                base = self.parts[key].base  # mapped, never touched but by updates
+                self.parts[key] = Part(pc.spec, pc.row_start, pc.row_end, pc.table(), pc, base)
         self._resolve()
+        self.versions = Versions(self.by_slot, state_dir)
 
     def _resolve(self) -> None:
         """Resolve every part once for the kernel (see ``kernels.TableSet``)."""
@@ -136,7 +142,11 @@ class PartStore:
         return self.prepare(lookup, threads).run()
 
     def prepare(
-        self, lookup: Lookup, threads: int | None = None, max_floats: int = MAX_REPLY_FLOATS
+        self,
+        lookup: Lookup,
+        threads: int | None = None,
+        max_floats: int = MAX_REPLY_FLOATS,
+        version: int | None = None,
     ) -> Job:
         """Resolve ``lookup``'s parts and check and size its kernel calls without running
         them (the server does this on its loop; a worker then only runs ``Job.run``).
@@ -144,6 +154,7 @@ class PartStore:
         Zero-copy: the kernel reads the request's ids (and weights) frame in place, with bag
         bounds as positions into it and each part's first row id as its id base.
         """
+        overlays = self.versions.overlays(version)  # taken once: the lookup's version
         slots, resolved = [], []
         for i, req in enumerate(lookup.parts):
             slot = self.index.get((req.table, req.row_start))
@@ -185,14 +196,15 @@ class PartStore:
             except kernels.IdOutOfRangeError as exc:  # found while checking an empty output
                 raise _explain(exc, resolved, lookup.spans()) from None
             calls.append((tuple(members), call))
-        return Job(calls, resolved, lookup, self.tier)
+        updated = {i: overlays[s] for i, s in enumerate(slots) if s in overlays}
+        return Job(calls, resolved, lookup, self.tier, updated)
 
 
 class Job:
     """A prepared lookup: one kernel call per group of parts, and the rows of its cached
     parts fetched first."""
 
-    __slots__ = ("bags", "calls", "fetched", "ids", "lookup", "resolved", "tier")
+    __slots__ = ("bags", "calls", "fetched", "ids", "lookup", "resolved", "tier", "updated")
 
     def __init__(
         self,
@@ -200,8 +212,10 @@ class Job:
         resolved: list[Part],
         lookup: Lookup,
         tier: CacheTier | None = None,
+        updated: dict[int, Overlay] | None = None,
     ) -> None:
         self.calls = calls
+        self.updated = updated or {}
         self.resolved = resolved
         self.lookup = lookup
         self.ids = int(lookup.ids.size)
@@ -214,7 +228,7 @@ class Job:
         try:
             if self.tier is not None:
                 return self._run_cached(self.tier)
-            return [Group(members, call.run()) for members, call in self.calls]
+            return [self._pooled(members, call, call.ids) for members, call in self.calls]
         except kernels.IdOutOfRangeError as exc:
             raise _explain(exc, self.resolved, self.lookup.spans()) from None
 
@@ -238,10 +252,21 @@ class Job:
                 for j, i in enumerate(members):
                     if i in got.bypass:
                         call.retarget(j, got.bypass[i])
-                groups.append(Group(members, call.run()))
+                groups.append(self._pooled(members, call, ids))
             return groups
         finally:
             tier.release(got)
+
+    def _pooled(self, members: tuple[int, ...], call: kernels.PoolCall, ids: np.ndarray) -> Group:
+        """Run one call, then add the updated rows of this lookup's version (``ids``: the
+        global ids, as the request sent them)."""
+        out = call.run()
+        for j, i in enumerate(members):
+            ov = self.updated.get(i)
+            if ov is not None:
+                apply_deltas(out, j, ids, call.bounds[j], call.weights, call.weighted,
+                             bool(call.layout[j, MEAN]), ov.keys, ov.deltas)  # fmt: skip
+        return Group(members, out)
 
 
 def _data_offset(table: Table) -> int:

@@ -101,6 +101,13 @@ class NotReady(RecserveError):
     kind = "not_ready"
 
 
+class VersionUnavailable(RecserveError):
+    """A shard does not hold the model version asked for (not committed there yet, or no
+    longer kept); another replica may."""
+
+    kind = "version_unavailable"
+
+
 class DiskReadError(RecserveError):
     """A shard could not read rows from its on-disk tier (the lookup fails, the shard stays
     up; another replica may still answer)."""
@@ -162,6 +169,7 @@ HTTP_STATUS: dict[str, int] = {
     "shard_unavailable": 503,
     "not_ready": 503,
     "io_error": 503,
+    "version_unavailable": 503,
     "config": 500,
     "artifact": 500,
     "checksum_mismatch": 500,

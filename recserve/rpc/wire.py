@@ -14,6 +14,12 @@ all parts concatenated (global row ids), the int32 bag lengths of all parts conc
 and with ``weighted`` float32 weights, one per id. Version 1 sent a map per part: a shard
 decoding 44 of them cold spent 0.2-0.3 ms on the header alone (version 2: four lists).
 
+``lookup`` may name the model ``version`` to read (an int, updates committed so far; absent:
+the shard's newest). ``stage`` carries ``version`` and ``parts`` ``{"table", "row_start",
+"rows": [n], "dim": [d]}`` lists, then two frames: every part's int64 global row ids, then
+their new float32 rows, concatenated in part order; ``commit`` and ``abort`` carry the
+``version`` only.
+
 Replies echo ``v``, ``op`` and ``id`` with ``"ok": true`` or ``"ok": false, "error":
 {"kind", "message", "field"?}``. A ``lookup`` reply lists ``groups``: ``{"parts": [indices], "bags",
 "dim"}``, one float32 frame ``[bags, len(parts), dim]`` each (parts with equal bag count and
@@ -38,7 +44,7 @@ from recserve.contracts.errors import (
 )
 
 VERSION = 2
-OPS = ("lookup", "info", "health", "stats")
+OPS = ("lookup", "info", "health", "stats", "stage", "commit", "abort")
 ID_DTYPES: dict[str, np.dtype[Any]] = {"<i8": np.dtype("<i8"), "<i4": np.dtype("<i4")}
 MODES = ("sum", "mean")
 MAX_HEADER = 1 << 20
@@ -124,6 +130,76 @@ def encode_lookup(
     if weights is not None:
         frames.append(np.ascontiguousarray(weights, dtype="<f4"))
     return frames
+
+
+class StagePart(NamedTuple):
+    table: str
+    row_start: int
+    ids: np.ndarray  # int64 global row ids
+    rows: np.ndarray  # float32 [len(ids), dim]
+
+
+def encode_stage(
+    req_id: int, deadline_ms: float | None, version: int, parts: Sequence[StagePart]
+) -> list[Buffer]:
+    cols = {
+        "table": [p.table for p in parts],
+        "row_start": [p.row_start for p in parts],
+        "rows": [int(p.ids.size) for p in parts],
+        "dim": [int(p.rows.shape[1]) if p.rows.ndim == 2 else 0 for p in parts],
+    }
+    ids = [np.ascontiguousarray(p.ids, "<i8") for p in parts]
+    rows = [np.ascontiguousarray(p.rows, "<f4").reshape(-1) for p in parts]
+    return [
+        pack_header(request("stage", req_id, deadline_ms, version=version, parts=cols)),
+        np.concatenate(ids) if ids else np.zeros(0, "<i8"),
+        np.concatenate(rows) if rows else np.zeros(0, "<f4"),
+    ]
+
+
+def decode_stage(header: dict[str, Any], frames: Sequence[Buffer]) -> list[StagePart]:
+    """The parts of a ``stage``, as views of ``frames``, after checking their shape (the
+    shard checks ids against its parts and rows for NaN)."""
+    cols = header.get("parts")
+    keys = {"table", "row_start", "rows", "dim"}
+    if not isinstance(cols, dict) or cols.keys() != keys:
+        raise BadRequest(
+            "parts must be a map of table, row_start, rows and dim lists", field="parts"
+        )
+    n = len(cols["table"]) if isinstance(cols["table"], list) else -1
+    if not 0 <= n <= MAX_PARTS or not all(
+        isinstance(cols[k], list) and len(cols[k]) == n for k in keys
+    ):
+        raise BadRequest(f"parts must list 0..{MAX_PARTS} parts, every field alike", field="parts")
+    _check_column("table", cols["table"], lambda t: type(t) is str)
+    for name in ("row_start", "rows", "dim"):
+        _check_column(name, cols[name], _natural)
+    if len(frames) != 2:
+        raise BadRequest(f"a stage needs 2 data frames, got {len(frames)}", field="frames")
+    ids = _array(frames[0], np.dtype("<i8"), "ids")
+    rows = _array(frames[1], np.dtype("<f4"), "rows")
+    if ids.size != sum(cols["rows"]) or rows.size != sum(
+        r * d for r, d in zip(cols["rows"], cols["dim"], strict=True)
+    ):
+        raise BadRequest("the frames do not hold the rows the parts list", field="frames")
+    out, at, at_rows = [], 0, 0
+    for t, start, k, d in zip(
+        cols["table"], cols["row_start"], cols["rows"], cols["dim"], strict=True
+    ):
+        out.append(
+            StagePart(t, start, ids[at : at + k], rows[at_rows : at_rows + k * d].reshape(k, d))
+        )
+        at, at_rows = at + k, at_rows + k * d
+    return out
+
+
+def check_version(header: dict[str, Any], *, required: bool) -> int | None:
+    version = header.get("version")
+    if version is None and not required:
+        return None
+    if not isinstance(version, int) or not _natural(version):
+        raise BadRequest("version must be an integer >= 0", field="version")
+    return version
 
 
 def decode_header(frame: Buffer) -> dict[str, Any]:

@@ -1,0 +1,183 @@
+"""Online updates on a real shard: a staged and committed version pools as the tables with
+those rows replaced (int8 rows quantized as ``recserve quantize`` does), older versions stay
+readable, bad updates change nothing, and a shard killed after a commit or between stage and
+commit comes back from its log with exactly what it acknowledged."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+import kernels
+from recserve.contracts.manifest import read_manifest
+from recserve.contracts.plan import Plan
+from recserve.model.artifact import open_table
+from recserve.rpc.wire import PartRequest, StagePart, encode_lookup, encode_stage
+from tests.integration.shardd.test_cache import cached_model  # noqa: F401 - the fixture
+from tests.integration.shards import header, raw, running, start_shard, stop, wait_healthy
+
+ROWS = 64
+
+
+def stage(endpoint: str, version: int, parts: list[StagePart]) -> dict:
+    return msgpack.unpackb(raw(endpoint, encode_stage(1, None, version, parts))[0])
+
+
+def op(endpoint: str, name: str, **fields) -> dict:
+    return msgpack.unpackb(raw(endpoint, [header(name, **fields)])[0])
+
+
+def updates_for(plan: Plan, model: Path, seed: int) -> tuple[list[StagePart], dict]:
+    """New rows for ROWS ids of every part of shard 0; returns the parts and, per table,
+    the full replaced table (float32, as stored) for the reference."""
+    manifest = read_manifest(model)
+    rng = np.random.default_rng(seed)
+    parts, tables = [], {}
+    for p in plan.shard(0).parts:
+        spec = manifest.table(p.table)
+        ids = rng.choice(np.arange(p.row_start, p.row_end), min(ROWS, p.rows), replace=False)
+        rows = rng.standard_normal((ids.size, spec.dim)).astype(np.float32)
+        parts.append(StagePart(p.table, p.row_start, ids.astype(np.int64), rows))
+        table = open_table(model, spec)
+        full = (
+            table.dequantize()
+            if isinstance(table, kernels.Int8RowwiseTable)
+            else np.array(table, np.float32)
+        )
+        if spec.dtype == "int8":
+            stored = kernels.Int8RowwiseTable(kernels.quantize_rows(rows)).dequantize()
+        elif spec.dtype == "fp16":
+            stored = rows.astype(np.float16).astype(np.float32)
+        else:
+            stored = rows
+        full[ids] = stored
+        tables[p.table] = full
+    return parts, tables
+
+
+def pooled(endpoint: str, plan: Plan, version: int | None, seed: int) -> tuple[list, list]:
+    """A lookup over every part of shard 0 (bags hit updated rows often), at ``version``."""
+    rng = np.random.default_rng(seed)
+    reqs, ids, lengths, per_part = [], [], [], []
+    for p in plan.shard(0).parts:
+        lens = rng.integers(0, 5, 40)
+        part_ids = rng.integers(p.row_start, min(p.row_end, p.row_start + 200), int(lens.sum()))
+        reqs.append(PartRequest(p.table, p.row_start, 40, "mean" if p.row_start else "sum"))
+        ids.append(part_ids)
+        lengths.append(lens)
+        per_part.append((part_ids, lens))
+    frames = encode_lookup(1, None, reqs, np.concatenate(ids), np.concatenate(lengths))
+    head = msgpack.unpackb(frames[0])
+    if version is not None:
+        head["version"] = version
+    frames[0] = msgpack.packb(head)
+    reply = raw(endpoint, frames)
+    meta = msgpack.unpackb(reply[0])
+    assert meta["ok"], meta
+    out: list = [None] * len(reqs)
+    for g, frame in zip(meta["groups"], reply[1:], strict=True):
+        arr = np.frombuffer(frame, np.float32).reshape(g["bags"], len(g["parts"]), g["dim"])
+        for j, i in enumerate(g["parts"]):
+            out[i] = arr[:, j, :]
+    return out, list(zip(reqs, per_part, strict=True))
+
+
+def reference(tables: dict, asked: list) -> list:
+    out = []
+    for req, (ids, lens) in asked:
+        offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        out.append(kernels.pool_numpy(tables[req.table], ids, offsets, mode=req.mode))
+    return out
+
+
+def originals(model: Path, plan: Plan) -> dict:
+    manifest = read_manifest(model)
+    out = {}
+    for p in plan.shard(0).parts:
+        t = open_table(model, manifest.table(p.table))
+        out[p.table] = (
+            t.dequantize() if isinstance(t, kernels.Int8RowwiseTable) else np.asarray(t, np.float32)
+        )
+    return out
+
+
+@pytest.mark.parametrize("memory", ["--preload", "--cache-bytes"])
+def test_committed_version_pools_the_new_rows(cached_model, tmp_path, memory) -> None:  # noqa: F811
+    model, plan_path, plan = cached_model
+    endpoint = f"ipc://{tmp_path}/u.sock"
+    flags = [memory] if memory == "--preload" else [memory, "200KiB"]
+    old = originals(model, plan)
+    with running(plan_path, model, 0, endpoint, *flags, "--state-dir", str(tmp_path / "state")):
+        parts, new = updates_for(plan, model, seed=1)
+        assert stage(endpoint, 1, parts)["ok"]
+        got, asked = pooled(endpoint, plan, None, seed=2)  # staged is not served
+        for g, w in zip(got, reference(old, asked), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+        assert op(endpoint, "commit", version=1)["version"] == 1
+        for version in (None, 1):
+            got, asked = pooled(endpoint, plan, version, seed=3)
+            for g, w in zip(got, reference(new, asked), strict=True):
+                np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+        got, asked = pooled(endpoint, plan, 0, seed=3)  # the old version is still readable
+        for g, w in zip(got, reference(old, asked), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+        missing = msgpack.unpackb(raw(endpoint, [header("health")])[0])
+        assert missing["version"] == 1 and missing["staged"] is None
+
+
+def test_bad_updates_change_nothing(cached_model, tmp_path) -> None:  # noqa: F811
+    model, plan_path, plan = cached_model
+    endpoint = f"ipc://{tmp_path}/u.sock"
+    with running(plan_path, model, 0, endpoint, "--state-dir", str(tmp_path / "state")):
+        parts, _ = updates_for(plan, model, seed=1)
+        p = parts[0]
+        bad = {
+            "unknown_table": StagePart("nope", 0, p.ids, p.rows),
+            "id_out_of_range": StagePart(p.table, p.row_start, p.ids + 10**9, p.rows),
+            "bad_request": StagePart(p.table, p.row_start, p.ids, p.rows[:, :-1]),
+        }
+        nan = p.rows.copy()
+        nan[3, 1] = np.nan
+        for kind, part in [
+            *bad.items(),
+            ("bad_request", StagePart(p.table, p.row_start, p.ids, nan)),
+        ]:
+            reply = stage(endpoint, 1, [*parts[1:], part])
+            assert not reply["ok"] and reply["error"]["kind"] == kind, reply
+        assert not stage(endpoint, 2, parts)["ok"]  # versions follow one another
+        health = op(endpoint, "health")
+        assert health["version"] == 0 and health["staged"] is None
+        assert not op(endpoint, "commit", version=1)["ok"]  # nothing staged
+
+
+@pytest.mark.parametrize("when", ["after-commit", "between-stage-and-commit"])
+def test_killed_shard_comes_back_with_what_it_acknowledged(cached_model, tmp_path, when) -> None:  # noqa: F811
+    model, plan_path, plan = cached_model
+    endpoint = f"ipc://{tmp_path}/u.sock"
+    state = ["--state-dir", str(tmp_path / "state")]
+    proc = start_shard(plan_path, model, 0, endpoint, *state)
+    try:
+        wait_healthy(endpoint, proc)
+        parts, new = updates_for(plan, model, seed=4)
+        assert stage(endpoint, 1, parts)["ok"]
+        if when == "after-commit":
+            assert op(endpoint, "commit", version=1)["ok"]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc = start_shard(plan_path, model, 0, endpoint, *state)
+        wait_healthy(endpoint, proc)
+        health = op(endpoint, "health")
+        if when == "after-commit":
+            assert health["version"] == 1 and health["staged"] is None
+        else:
+            assert health["version"] == 0 and health["staged"] == 1
+            assert op(endpoint, "commit", version=1)["ok"]  # the coordinator's decision
+        got, asked = pooled(endpoint, plan, 1, seed=5)
+        for g, w in zip(got, reference(new, asked), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    finally:
+        stop(proc)
