@@ -2,7 +2,8 @@
 
 - ``POST /v1/predict``: ``{"samples": [...]}`` or ``{"context": ..., "candidates": [...]}``,
   JSON or msgpack by ``Content-Type``; the reply uses ``Accept`` (default: the request's type).
-  Returns ``{"scores": [...], "model": ..., "version": ...}``.
+  Returns ``{"scores": [...], "model": ..., "model_version": ..., "version": N}``, ``N`` the
+  online-update version the scores were computed at (``gateway.updates``).
 - ``POST /v1/embeddings``: the same input; pooled vectors per feature per sample.
 - ``GET /v1/model``; ``GET /metrics``; ``/v2/...`` (``gateway.kserve``).
 
@@ -25,7 +26,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway import kserve
+from gateway import kserve, updates
 from gateway.config import GatewayConfig
 from gateway.lifetime import running
 from gateway.requests import decode_body, parse_request
@@ -127,12 +128,13 @@ async def read_batch(request: web.Request) -> tuple[Batch, Deadline]:
 async def predict(request: web.Request) -> web.Response:
     gw = request.config_dict[GATEWAY]
     batch, deadline = await read_batch(request)
-    scores = await gw.batcher.score(batch, deadline)
+    scores, version = await gw.batcher.score(batch, deadline)
     return encode(
         {
             "scores": scores.astype(float).tolist(),
             "model": gw.manifest.name,
-            "version": gw.manifest.version,
+            "model_version": gw.manifest.version,
+            "version": version,
         },
         request,
     )
@@ -200,6 +202,12 @@ async def model_info(request: web.Request) -> web.Response:
     )
 
 
+async def post_updates(request: web.Request) -> web.Response:
+    gw = request.config_dict[GATEWAY]
+    gw.admit()
+    return encode(await updates.handle(request, gw), request)
+
+
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.config_dict[GATEWAY].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -219,6 +227,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_post("/v1/predict", predict)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/model", model_info)
+    app.router.add_post("/v1/updates", post_updates)
     app.router.add_get("/metrics", metrics)
     app.add_subapp("/v2", kserve.create_app())
     return app

@@ -54,7 +54,7 @@ def lookup_deadline(deadline: Deadline) -> Deadline:
 class Pending:
     batch: Batch
     deadline: Deadline
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[tuple[np.ndarray, int]]  # scores and the version they are at
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -79,7 +79,8 @@ class Batcher:
         self.closed = False
         self.tasks: set[asyncio.Task[None]] = set()
 
-    async def score(self, batch: Batch, deadline: Deadline) -> np.ndarray:
+    async def score(self, batch: Batch, deadline: Deadline) -> tuple[np.ndarray, int]:
+        """The batch's scores and the model version they were computed at."""
         self._admit(batch.size)
         pending = Pending(batch, deadline, asyncio.get_running_loop().create_future())
         self._count(batch.size)
@@ -199,21 +200,27 @@ class Batcher:
             return
         self._deliver(live, scores)
 
-    async def _run(self, batches: list[Batch], deadline: Deadline) -> np.ndarray:
+    async def _run(self, batches: list[Batch], deadline: Deadline) -> tuple[np.ndarray, int]:
         loop = asyncio.get_running_loop()
+        version = self.pooler.version  # one version for the whole batch, on every shard
         start = time.perf_counter()
         batch, prepared = await loop.run_in_executor(self.executor, self._assemble, batches)
         self.metrics.batch_samples.observe(batch.size)
         self.metrics.assembly.observe(time.perf_counter() - start)
         start = time.perf_counter()
         scores, dense_s = await self.pooler.pool(
-            batch, prepared, lookup_deadline(deadline), lambda pooled: self._dense(batch, pooled)
+            batch,
+            prepared,
+            lookup_deadline(deadline),
+            lambda pooled: self._dense(batch, pooled),
+            version,
         )
         self.metrics.pooling.observe(time.perf_counter() - start - dense_s)
         self.metrics.dense.observe(dense_s)
-        return scores
+        return scores, version
 
-    def _deliver(self, live: list[Pending], scores: np.ndarray) -> None:
+    def _deliver(self, live: list[Pending], scored: tuple[np.ndarray, int]) -> None:
+        scores, version = scored
         offset = 0
         for p in live:
             mine = scores[offset : offset + p.batch.size]
@@ -230,7 +237,7 @@ class Batcher:
                     ),
                 )
             elif not p.future.done():
-                p.future.set_result(mine)
+                p.future.set_result((mine, version))
 
     @staticmethod
     def _resolve(items: list[Pending], exc: BaseException) -> None:

@@ -50,6 +50,12 @@ class ApiSettings:
     max_embedding_floats: int = option(
         1 << 22, "floats in one /v1/embeddings reply, samples x features x dim (413 above)"
     )
+    admin_token_file: Path | None = option(
+        None,
+        "serve POST /v1/updates (online updates) to callers presenting this file's token as "
+        "Authorization: Bearer; without it the endpoint answers 404",
+        metavar="FILE",
+    )
 
     def __post_init__(self) -> None:
         if not self.timeout_ms > 0:

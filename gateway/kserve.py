@@ -219,9 +219,13 @@ async def infer(request: web.Request) -> web.Response:
     batch, deadline, binary = await asyncio.get_running_loop().run_in_executor(
         gw.executor, parse_infer, body, header_len, gw, arrived
     )
-    scores = await gw.batcher.score(batch, deadline)
+    scores, version = await gw.batcher.score(batch, deadline)
     out = np.ascontiguousarray(scores, dtype="<f4").reshape(-1, 1)
-    meta: dict[str, Any] = {"model_name": gw.manifest.name, "model_version": gw.manifest.version}
+    meta: dict[str, Any] = {
+        "model_name": gw.manifest.name,
+        "model_version": gw.manifest.version,
+        "parameters": {"version": version},  # the online-update version scored at
+    }
     if binary:
         meta["outputs"] = [
             {

@@ -14,12 +14,14 @@ import numpy as np
 import zmq
 
 import kernels
+from gateway import updates
 from gateway.batcher import Batcher
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.pooler import LocalPooler, Pooler, ShardedPooler
 from gateway.state import Gateway
 from kernels import DenseNet
+from recserve.contracts.errors import RecserveError
 from recserve.contracts.manifest import Manifest, read_manifest
 from recserve.contracts.plan import read_plan
 from recserve.model.artifact import huge_page_bytes, load_dense
@@ -54,6 +56,10 @@ async def running(config: GatewayConfig) -> AsyncIterator[Gateway]:
         await loop.run_in_executor(executor, _warm_up, dense, manifest)
         batcher = Batcher(pooler, dense.forward, config.batching, executor, metrics)
         gw = Gateway(config, manifest, plan, pooler, batcher, executor, metrics)
+        if isinstance(pooler, ShardedPooler) and plan is not None:
+            gw.updater = updates.Updater(plan, pooler, metrics)  # versions, also without admin
+        if config.api.admin_token_file is not None:
+            gw.admin_token = updates.read_token(config.api.admin_token_file)
         gw.tasks.append(loop.create_task(batcher.run()))
         gw.tasks.append(loop.create_task(_readiness(gw)))
         try:
@@ -99,6 +105,13 @@ async def _readiness(gw: Gateway) -> None:
     every 0.1 s while not ready)."""
     while True:
         missing = await gw.pooler.probe(Deadline.after(1000))
+        if not missing and not gw.ready and gw.updater is not None:
+            try:  # the version the shards hold, before the first request reads one
+                version = await gw.updater.sync()
+                log.info("shards at model version %d", version)
+            except RecserveError as exc:
+                log.warning("could not learn the shards' version: %s", exc)
+                missing = ["the shards' version"]
         if gw.ready != (not missing):
             if missing:
                 log.info("not ready: no answer from %s", ", ".join(missing))

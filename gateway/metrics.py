@@ -49,6 +49,17 @@ class GatewayMetrics:
     ejections: Counter
     hedges: Counter
     retries: Counter
+    model_version: Gauge
+    versions: Counter
+    rows_updated: Counter
+    update_seconds: Histogram
+
+    def updated(self, version: int, rows: int, seconds: float) -> None:
+        """One committed update: its version, rows, and push-to-commit seconds."""
+        self.model_version.set(version)
+        self.versions.inc()
+        self.rows_updated.inc(rows)
+        self.update_seconds.observe(seconds)
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -128,6 +139,21 @@ class GatewayMetrics:
                 "recserve_gateway_retries",
                 "Lookups retried on another replica",
                 ["shard"],
+                registry=reg,
+            ),
+            model_version=Gauge(
+                "recserve_gateway_model_version", "The version requests are scored at", registry=reg
+            ),
+            versions=Counter(
+                "recserve_gateway_versions_committed", "Online updates committed", registry=reg
+            ),
+            rows_updated=Counter(
+                "recserve_gateway_rows_updated", "Rows changed by online updates", registry=reg
+            ),
+            update_seconds=Histogram(
+                "recserve_gateway_update_seconds",
+                "An update from its arrival to its commit on every shard (update lag)",
+                buckets=SECONDS,
                 registry=reg,
             ),
         )

@@ -34,14 +34,22 @@ T = TypeVar("T")
 
 
 class Pooler(Protocol):
+    version: int  # the newest model version every shard has committed (0: none)
+
     def prepare(self, batch: Batch) -> Any:
         """In the executor, with the batch's assembly: whatever ``pool`` needs first."""
         ...
 
     async def pool(
-        self, batch: Batch, prepared: Any, deadline: Deadline, finish: Callable[[np.ndarray], T]
+        self,
+        batch: Batch,
+        prepared: Any,
+        deadline: Deadline,
+        finish: Callable[[np.ndarray], T],
+        version: int | None = None,
     ) -> T:
-        """``finish`` of the pooled ``[B, features, dim]``, applied in the executor."""
+        """``finish`` of the pooled ``[B, features, dim]`` at ``version``, applied in the
+        executor."""
         ...
 
     async def probe(self, deadline: Deadline) -> list[str]: ...
@@ -55,12 +63,18 @@ class LocalPooler:
     def __init__(self, model: Model, executor: Executor) -> None:
         self.model = model
         self.executor = executor
+        self.version = 0  # a singular gateway serves its files as they are
 
     def prepare(self, batch: Batch) -> None:
         return None
 
     async def pool(
-        self, batch: Batch, prepared: Any, deadline: Deadline, finish: Callable[[np.ndarray], T]
+        self,
+        batch: Batch,
+        prepared: Any,
+        deadline: Deadline,
+        finish: Callable[[np.ndarray], T],
+        version: int | None = None,
     ) -> T:
         return await asyncio.get_running_loop().run_in_executor(
             self.executor, lambda: finish(self.model.pool(batch))
@@ -92,25 +106,35 @@ class ShardedPooler:
         self.replicas = {
             s.id: ReplicaSet.connect(s, ctx, metrics, settings, keys) for s in plan.shards
         }
+        self.version = 0  # set from the shards' health at start, then by each commit
 
     def prepare(self, batch: Batch) -> dict[int, ShardRequest]:
         return self.router.route(batch)
 
     async def pool(
-        self, batch: Batch, prepared: Any, deadline: Deadline, finish: Callable[[np.ndarray], T]
+        self,
+        batch: Batch,
+        prepared: Any,
+        deadline: Deadline,
+        finish: Callable[[np.ndarray], T],
+        version: int | None = None,
     ) -> T:
         routes: dict[int, ShardRequest] = prepared
         ids = list(routes)
         self.metrics.shards_contacted.observe(len(ids))
-        replies = await asyncio.gather(*(self._lookup(routes[s], s, deadline) for s in ids))
+        replies = await asyncio.gather(
+            *(self._lookup(routes[s], s, deadline, version) for s in ids)
+        )
         by_shard = dict(zip(ids, replies, strict=True))
         return await asyncio.get_running_loop().run_in_executor(
             self.executor, lambda: finish(self.merger.merge(batch, routes, by_shard))
         )
 
-    async def _lookup(self, req: ShardRequest, shard: int, deadline: Deadline) -> Any:
+    async def _lookup(
+        self, req: ShardRequest, shard: int, deadline: Deadline, version: int | None
+    ) -> Any:
         assert req.packed is not None, "route() packs every request"
-        return await self.replicas[shard].lookup(req.parts, req.packed, deadline, self.dim)
+        return await self.replicas[shard].lookup(req.parts, req.packed, deadline, self.dim, version)
 
     async def probe(self, deadline: Deadline) -> list[str]:
         """Shards none of whose replicas answers ``health`` as ready (every replica is

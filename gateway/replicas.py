@@ -172,6 +172,7 @@ class ReplicaSet:
         packed: tuple[np.ndarray, np.ndarray, np.ndarray | None],
         deadline: Deadline,
         dim: int,
+        version: int | None = None,
     ) -> list[PooledGroup]:
         self.retries.earn()
         self.hedges.earn()
@@ -186,7 +187,7 @@ class ReplicaSet:
             # to fail over (a hedge, when there is one, just starts the next try earlier).
             share = deadline.left_ms() / (len(order) + 1)
             task = asyncio.ensure_future(
-                self._try(replica, parts, packed, Deadline(now_ms() + share), dim)
+                self._try(replica, parts, packed, Deadline(now_ms() + share), dim, version)
             )
             running[task] = replica
 
@@ -249,6 +250,7 @@ class ReplicaSet:
         packed: tuple[np.ndarray, np.ndarray, np.ndarray | None],
         deadline: Deadline,
         dim: int,
+        version: int | None = None,
     ) -> list[PooledGroup]:
         ids, lengths, weights = packed
         replica.outstanding += 1
@@ -257,7 +259,7 @@ class ReplicaSet:
         start = time.perf_counter()
         try:
             groups = await replica.client.lookup(
-                parts, ids, lengths, weights=weights, deadline=deadline, dim=dim
+                parts, ids, lengths, weights=weights, deadline=deadline, dim=dim, version=version
             )
         except RecserveError as exc:
             if exc.kind in RETRYABLE:

@@ -43,6 +43,8 @@ class Gateway:
     metrics: GatewayMetrics
     ready: bool = False
     draining: bool = False
+    updater: Any = None  # gateway.updates.Updater when --admin-token-file and a plan
+    admin_token: str | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property

@@ -158,6 +158,9 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
         help="each shard serves from a row cache of this size over the table files "
         "(shardd --cache-bytes) instead of preloading its parts",
     )
+    p.add_argument(
+        "--admin-token-file", type=Path, help="take online updates (recserve push) with this token"
+    )
 
     p = sub.add_parser(
         "study", help="Lui et al.'s strategy study over simulated hosts with a network between"
@@ -183,6 +186,12 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", required=True, type=Path)
+
+    p = sub.add_parser("push", help="send an online update (new rows) to a gateway")
+    p.add_argument("--url", required=True, help="the gateway, e.g. http://127.0.0.1:8080")
+    p.add_argument("--updates", required=True, type=Path, help=".npz of <table>.ids/.rows")
+    p.add_argument("--token-file", type=Path, help="the gateway's --admin-token-file token")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
 
     p = sub.add_parser("keygen", help="write CURVE key pairs for shards and gateways")
     p.add_argument("--out", required=True, type=Path)
@@ -335,6 +344,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         curve_keys=args.curve_keys,
         replicas=args.replicas,
         cache_bytes=args.cache_bytes,
+        admin_token_file=args.admin_token_file,
     )
 
 
@@ -359,6 +369,42 @@ def cmd_study(args: argparse.Namespace) -> int:
     )  # fmt: skip
     study.install_signal_cleanup()
     study.run_study(profiles, strategies, setup, args.size, args.out, delays, args.plot)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        body = args.updates.read_bytes()
+        token = args.token_file.read_text().strip() if args.token_file else None
+    except OSError as exc:
+        raise ConfigError(f"{exc.filename}: {exc.strerror}") from None
+    headers = {"Content-Type": "application/x-npz", "Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(args.url.rstrip("/") + "/v1/updates", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as r:
+            doc = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            try:
+                err = json.loads(exc.read())["error"]
+                what = f"{err.get('field', '')}: {err['message']}".lstrip(": ")
+            except Exception:
+                what = f"HTTP {exc.code}"
+        print(f"recserve push: error: {what} (HTTP {exc.code})", file=sys.stderr)
+        return 2
+    except (urllib.error.URLError, TimeoutError) as exc:
+        print(f"recserve push: error: {args.url}: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"committed version {doc['version']}: {doc['rows']} rows (stage {doc['stage_ms']:.1f} "
+        f"ms, commit {doc['commit_ms']:.1f} ms)"
+    )
     return 0
 
 
@@ -408,6 +454,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "up": cmd_up,
     "keygen": cmd_keygen,
+    "push": cmd_push,
     "study": cmd_study,
     "verify": cmd_verify,
     "info": cmd_info,

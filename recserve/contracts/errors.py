@@ -65,6 +65,18 @@ class UnsupportedEncoding(BadRequest):
     kind = "unsupported_encoding"
 
 
+class Unauthorized(BadRequest):
+    """No credentials (an admin endpoint without ``Authorization: Bearer``)."""
+
+    kind = "unauthorized"
+
+
+class Forbidden(BadRequest):
+    """Credentials that do not grant this."""
+
+    kind = "forbidden"
+
+
 class RequestTimeout(BadRequest):
     """The client did not send its request in time."""
 
@@ -164,6 +176,8 @@ HTTP_STATUS: dict[str, int] = {
     "unknown_op": 400,
     "unsupported_encoding": 415,
     "request_timeout": 408,
+    "unauthorized": 401,
+    "forbidden": 403,
     "overloaded": 429,
     "deadline_exceeded": 504,
     "shard_unavailable": 503,

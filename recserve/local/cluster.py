@@ -84,8 +84,10 @@ class LocalCluster:
         gateway_args: tuple[str, ...] = (),
         curve_keys: Path | None = None,
         cache_bytes: int | None = None,
+        admin_token_file: Path | None = None,
     ) -> None:
         self.model = Path(model)
+        self.admin = ["--admin-token-file", str(admin_token_file)] if admin_token_file else []
         self.cache_bytes = cache_bytes
         self.curve = ["--curve-keys", str(curve_keys)] if curve_keys else []
         self.keys = CurveKeys.for_client(curve_keys) if curve_keys else None
@@ -147,6 +149,7 @@ class LocalCluster:
             self.model,
             *extra,
             *self.curve,
+            *self.admin,
             *self.gateway_args,
             plan=self.plan_path,
             port=self.port,
@@ -171,7 +174,10 @@ class LocalCluster:
         else:  # a restarted shard warms from the trace its predecessor wrote at shutdown
             trace = self.run_dir / f"shard{shard}-{replica}.trace.npz"
             memory = ["--cache-bytes", str(self.cache_bytes), "--warm-from", str(trace)]
-        argv = shardd_argv(self.plan_path, self.model, shard, *memory, *self.curve, replica=replica)
+        state = ["--state-dir", str(self.run_dir / f"state{shard}-{replica}")]  # online updates
+        argv = shardd_argv(
+            self.plan_path, self.model, shard, *memory, *state, *self.curve, replica=replica
+        )
         return _spawn(argv, self.run_dir / f"shard{shard}-{replica}.log")
 
     def wait_ready(self, shard: int, replica: int, proc: subprocess.Popen, timeout: float) -> None:
@@ -229,6 +235,7 @@ def run_up(
     curve_keys: Path | None = None,
     replicas: int = 1,
     cache_bytes: int | None = None,
+    admin_token_file: Path | None = None,
 ) -> int:
     """The ``recserve up`` command: start, print the endpoints, wait for Ctrl-C/SIGTERM."""
     cluster = LocalCluster(
@@ -241,6 +248,7 @@ def run_up(
         singular=singular,
         curve_keys=curve_keys,
         cache_bytes=cache_bytes,
+        admin_token_file=admin_token_file,
     )
     stop = False
 

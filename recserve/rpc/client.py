@@ -26,8 +26,10 @@ from recserve.rpc.loopsocket import LoopSocket
 from recserve.rpc.wire import (
     MAX_FRAME,
     PartRequest,
+    StagePart,
     decode_header,
     encode_lookup,
+    encode_stage,
     pack_header,
     request,
 )
@@ -141,17 +143,35 @@ class ShardClient:
         deadline: Deadline,
         weights: np.ndarray | None = None,
         dim: int | None = None,
+        version: int | None = None,
     ) -> list[PooledGroup]:
         """Pooled groups of ``parts``; a reply that does not answer exactly these parts
         (each once, with its bag count, and ``dim`` wide when given) is the shard's failure,
         ``ShardUnavailable``, which may fail over, never a crash of the caller."""
         req_id = next(self.ids)
-        frames = encode_lookup(req_id, deadline.at_ms, parts, ids, lengths, weights)
+        frames = encode_lookup(req_id, deadline.at_ms, parts, ids, lengths, weights, version)
         header, data = await self.call(frames, req_id, deadline)
         try:
             return _groups(header.get("groups"), data, parts, dim)
         except (TypeError, ValueError, KeyError) as exc:
             raise ShardUnavailable(f"shard {self.name}: malformed lookup reply ({exc})") from None
+
+    async def stage(
+        self, version: int, parts: Sequence[StagePart], *, deadline: Deadline
+    ) -> dict[str, Any]:
+        """Stage ``version`` (new rows of this shard's parts); the reply holds its versions."""
+        req_id = next(self.ids)
+        header, _ = await self.call(
+            encode_stage(req_id, deadline.at_ms, version, parts), req_id, deadline
+        )
+        return header
+
+    async def decide(self, op: str, version: int, *, deadline: Deadline) -> dict[str, Any]:
+        """``commit`` or ``abort`` a staged version."""
+        req_id = next(self.ids)
+        frames = [pack_header(request(op, req_id, deadline.at_ms, version=version))]
+        header, _ = await self.call(frames, req_id, deadline)
+        return header
 
     async def close(self) -> None:
         self.io.close()

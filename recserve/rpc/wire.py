@@ -104,8 +104,10 @@ def encode_lookup(
     ids: np.ndarray,
     lengths: np.ndarray,
     weights: np.ndarray | None = None,
+    version: int | None = None,
 ) -> list[Buffer]:
     ids = np.ascontiguousarray(ids)
+    extra = {} if version is None else {"version": version}
     if ids.dtype.str not in ID_DTYPES:
         ids = ids.astype("<i8")
     frames: list[Buffer] = [
@@ -122,6 +124,7 @@ def encode_lookup(
                 },
                 id_dtype=ids.dtype.str,
                 weighted=weights is not None,
+                **extra,
             )
         ),
         ids,

@@ -29,6 +29,8 @@ class FakePooler:
     """Pools each sample to its dense values; ``gate`` holds pooling until set."""
 
     def __init__(self) -> None:
+        self.version = 7
+        self.versions: list[int | None] = []
         self.sizes: list[int] = []
         self.gate = asyncio.Event()
         self.gate.set()
@@ -38,7 +40,10 @@ class FakePooler:
             raise ValueError("cannot route this batch")
         self.sizes.append(b.size)
 
-    async def pool(self, b: Batch, prepared: Any, deadline: Deadline, finish: Any) -> Any:
+    async def pool(
+        self, b: Batch, prepared: Any, deadline: Deadline, finish: Any, version: int | None = None
+    ) -> Any:
+        self.versions.append(version)
         await self.gate.wait()
         return finish(b.dense[:, None, :])
 
@@ -71,9 +76,10 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_scores() -> None:
         results = await asyncio.gather(
             *(batcher.score(batch(n, float(n)), Deadline.after(5000)) for n in (1, 2, 3))
         )
-        for n, scores in zip((1, 2, 3), results, strict=True):
+        for n, (scores, version) in zip((1, 2, 3), results, strict=True):
             np.testing.assert_allclose(scores, [4.0 * n] * n)
-        assert pooler.sizes == [6]
+            assert version == 7  # the version the pooler held when the batch was run
+        assert pooler.sizes == [6] and pooler.versions == [7]
         assert batcher.inflight_samples == 0
 
     asyncio.run(with_batcher(BatchSettings(max_queue_delay_us=50_000), check))
@@ -87,8 +93,8 @@ def test_an_error_in_a_merged_batch_fails_only_its_request() -> None:
             batcher.score(batch(3), Deadline.after(5000)),
             return_exceptions=True,
         )
-        np.testing.assert_allclose(good, [4.0, 4.0])
-        np.testing.assert_allclose(other, [4.0] * 3)
+        np.testing.assert_allclose(good[0], [4.0, 4.0])
+        np.testing.assert_allclose(other[0], [4.0] * 3)
         assert type(bad).__name__ == "RecserveError" and "cannot route" in str(bad)
         assert batcher.inflight_samples == 0
 
@@ -112,13 +118,13 @@ def test_a_request_that_timed_out_in_the_queue_still_holds_its_samples() -> None
         with pytest.raises(Overloaded):
             await batcher.score(batch(1), Deadline.after(5000))
         pooler.gate.set()
-        np.testing.assert_allclose(await first, [4.0] * 4)
+        np.testing.assert_allclose((await first)[0], [4.0] * 4)
         for _ in range(100):
             if batcher.inflight_samples == 0:
                 break
             await asyncio.sleep(0.01)
         assert batcher.inflight_samples == 0
-        np.testing.assert_allclose(await batcher.score(batch(1), Deadline.after(5000)), [4.0])
+        np.testing.assert_allclose((await batcher.score(batch(1), Deadline.after(5000)))[0], [4.0])
 
     asyncio.run(with_batcher(settings, check))
 

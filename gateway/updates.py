@@ -1,0 +1,239 @@
+"""``POST /v1/updates``: new rows for live shards, committed as one version on all of them.
+
+Enabled by ``--admin-token-file``; a request needs ``Authorization: Bearer <token>`` (401
+without, 403 with another). The body is an ``.npz`` (``<table>.ids`` int64, ``<table>.rows``
+float32 ``[n, dim]`` per table; ``Content-Type: application/x-npz``) or msgpack
+``{"tables": {t: {"ids": [...], "rows": [[...], ...]}}}``. Everything is checked before any
+shard hears of it (unknown table, id out of range or repeated, wrong dim, NaN/Inf: a 4xx
+naming the field, nothing applied anywhere).
+
+Two phases, one update at a time: the rows go to every replica of the shards owning them
+under the plan (every shard stages the version, with or without rows, so all hold the same
+versions), each acknowledging once its log is fsync'ed; if any replica fails to stage, the
+version is aborted everywhere and the update fails. Then every replica commits, and the
+gateway reads the new version from then on: each batch names the version it reads on every
+shard, so no response mixes version N on one shard with N + 1 on another, and each response
+says which version it was scored at. At start the gateway learns the newest committed version
+from the shards and settles versions left staged by a coordinator that died between the
+phases (committed where any replica committed it, else aborted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+from aiohttp import web
+
+from recserve.contracts.errors import (
+    BadRequest,
+    ConfigError,
+    Forbidden,
+    IdOutOfRange,
+    RecserveError,
+    ShardUnavailable,
+    Unauthorized,
+    UnknownTable,
+)
+from recserve.contracts.manifest import Manifest
+from recserve.contracts.plan import Plan
+from recserve.rpc.deadline import Deadline
+from recserve.rpc.wire import StagePart
+
+log = logging.getLogger("gateway")
+PHASE_MS = 30_000  # each phase's deadline
+NPZ = "application/x-npz"
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"--admin-token-file {path}: {exc.strerror}") from None
+    if len(token) < 16:
+        raise ConfigError(f"--admin-token-file {path}: the token must have 16 characters or more")
+    return token
+
+
+def check_auth(header: str | None, token: str) -> None:
+    if not header or not header.startswith("Bearer "):
+        raise Unauthorized("updates need Authorization: Bearer <token>", field="Authorization")
+    if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
+        raise Forbidden("this token may not update the model", field="Authorization")
+
+
+def parse_update(body: bytes, content_type: str, manifest: Manifest) -> dict[str, tuple]:
+    """Per table (ids int64, rows float32 [n, dim]), every value checked."""
+    tables: dict[str, tuple[Any, Any]] = {}
+    if content_type == NPZ or content_type == "application/octet-stream":
+        try:
+            with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+                for key in npz.files:
+                    name, _, what = key.rpartition(".")
+                    if what not in ("ids", "rows") or not name:
+                        raise BadRequest(
+                            f"{key}: entries are <table>.ids and <table>.rows", field=key
+                        )
+                    ids, rows = tables.get(name, (None, None))
+                    tables[name] = (npz[key], rows) if what == "ids" else (ids, npz[key])
+        except (ValueError, OSError) as exc:
+            raise BadRequest(f"not a readable .npz ({exc})", field="body") from None
+    else:
+        try:
+            doc = msgpack.unpackb(body, raw=False)
+            given = doc["tables"]
+            tables = {str(t): (v["ids"], v["rows"]) for t, v in given.items()}
+        except Exception:
+            raise BadRequest(
+                'expected {"tables": {name: {"ids": [...], "rows": [[...]]}}}', field="tables"
+            ) from None
+    if not tables:
+        raise BadRequest("the update names no table", field="tables")
+    out = {}
+    for name, (ids, rows) in tables.items():
+        field = f"tables.{name}"
+        spec = next((t for t in manifest.tables if t.name == name), None)
+        if spec is None:
+            raise UnknownTable(f"the model has no table {name!r}", field=field)
+        try:
+            ids = np.asarray(ids, dtype=np.int64)
+            rows = np.asarray(rows, dtype=np.float32)
+        except (TypeError, ValueError, OverflowError):
+            raise BadRequest("ids must be integers and rows numbers", field=field) from None
+        if ids.ndim != 1 or ids.size == 0:
+            raise BadRequest("ids must be a non-empty list", field=f"{field}.ids")
+        if rows.shape != (ids.size, spec.dim):
+            raise BadRequest(
+                f"rows must be [{ids.size}, {spec.dim}], got {list(rows.shape)}",
+                field=f"{field}.rows",
+            )
+        bad = np.flatnonzero((ids < 0) | (ids >= spec.rows))
+        if bad.size:
+            i = int(bad[0])
+            raise IdOutOfRange(
+                f"id {int(ids[i])} is outside [0, {spec.rows})", field=f"{field}.ids[{i}]"
+            )
+        if np.unique(ids).size != ids.size:
+            raise BadRequest("an id appears twice", field=f"{field}.ids")
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():
+            i = int(np.flatnonzero(~finite)[0])
+            raise BadRequest("rows must be finite (NaN or Inf)", field=f"{field}.rows[{i}]")
+        out[name] = (ids, rows)
+    return out
+
+
+def split(update: dict[str, tuple], plan: Plan) -> dict[int, list[StagePart]]:
+    """The rows each shard owns under the plan (every shard listed, maybe with none)."""
+    out: dict[int, list[StagePart]] = {s.id: [] for s in plan.shards}
+    for table, (ids, rows) in update.items():
+        for shard, part in plan.parts_of(table):
+            mine = (ids >= part.row_start) & (ids < part.row_end)
+            if mine.any():
+                out[shard.id].append(StagePart(table, part.row_start, ids[mine], rows[mine]))
+    return out
+
+
+class Updater:
+    def __init__(self, plan: Plan, pooler: Any, metrics: Any) -> None:
+        self.plan = plan
+        self.pooler = pooler  # a ShardedPooler: its replica sets and the version it reads
+        self.metrics = metrics
+        self.lock = asyncio.Lock()
+
+    def _replicas(self) -> list[tuple[int, Any]]:
+        return [(sid, r.client) for sid, rs in self.pooler.replicas.items() for r in rs.replicas]
+
+    async def sync(self) -> int:
+        """Learn the newest committed version and settle versions left staged."""
+        async with self.lock:
+            replicas = self._replicas()
+            deadline = Deadline.after(PHASE_MS)
+            found = await asyncio.gather(
+                *(c.simple("health", deadline) for _, c in replicas), return_exceptions=True
+            )
+            health = [
+                (c, h) for (_, c), h in zip(replicas, found, strict=True) if isinstance(h, dict)
+            ]
+            committed = max((h.get("version", 0) for _, h in health), default=0)
+            for client, h in health:
+                staged = h.get("staged")
+                if staged is None:
+                    continue
+                op = "commit" if staged <= committed else "abort"
+                try:
+                    await client.decide(op, staged, deadline=deadline)
+                    log.info("settled version %d staged on %s: %s", staged, client.name, op)
+                except RecserveError as exc:
+                    log.warning("could not %s version %d on %s: %s", op, staged, client.name, exc)
+            self.pooler.version = committed
+            self.metrics.model_version.set(committed)
+            return committed
+
+    async def apply(self, update: dict[str, tuple]) -> dict[str, Any]:
+        async with self.lock:
+            version = self.pooler.version + 1
+            by_shard = split(update, self.plan)
+            replicas = self._replicas()
+            begin = time.perf_counter()
+            deadline = Deadline.after(PHASE_MS)
+            staged = await asyncio.gather(
+                *(c.stage(version, by_shard[sid], deadline=deadline) for sid, c in replicas),
+                return_exceptions=True,
+            )
+            failed = [e for e in staged if isinstance(e, BaseException)]
+            if failed:
+                await asyncio.gather(
+                    *(
+                        c.decide("abort", version, deadline=Deadline.after(PHASE_MS))
+                        for _, c in replicas
+                    ),
+                    return_exceptions=True,
+                )
+                exc = failed[0]
+                if isinstance(exc, RecserveError):
+                    raise exc
+                raise ShardUnavailable(f"staging version {version} failed: {exc}")
+            staged_s = time.perf_counter() - begin
+            done = await asyncio.gather(
+                *(
+                    c.decide("commit", version, deadline=Deadline.after(PHASE_MS))
+                    for _, c in replicas
+                ),
+                return_exceptions=True,
+            )
+            for (sid, c), r in zip(replicas, done, strict=True):
+                if isinstance(r, BaseException):  # decided: it commits when it is back (sync)
+                    log.warning(
+                        "shard %d (%s) did not commit version %d: %s", sid, c.name, version, r
+                    )
+            self.pooler.version = version
+            seconds = time.perf_counter() - begin
+            rows = sum(ids.size for ids, _ in update.values())
+            self.metrics.updated(version, rows, seconds)
+            return {
+                "version": version,
+                "rows": rows,
+                "stage_ms": round(staged_s * 1e3, 3),
+                "commit_ms": round((seconds - staged_s) * 1e3, 3),
+            }
+
+
+async def handle(request: web.Request, gw: Any) -> dict[str, Any]:
+    """The ``POST /v1/updates`` handler's work (``gateway.app`` encodes the reply)."""
+    if gw.updater is None or gw.admin_token is None:
+        raise web.HTTPNotFound()
+    check_auth(request.headers.get("Authorization"), gw.admin_token)
+    body = await request.read()
+    ctype = request.content_type
+    update = await asyncio.get_running_loop().run_in_executor(
+        gw.executor, parse_update, body, ctype, gw.manifest
+    )
+    return await gw.updater.apply(update)

@@ -1,0 +1,173 @@
+"""Online updates through the gateway: ``recserve push`` to 2 shards x 2 replicas (a table
+split by rows) commits a version whose scores equal ``recserve predict`` on a copy of the
+artifact with the same rows replaced; responses name their version, also while pushes run
+concurrently; bad updates and bad tokens change nothing; a replica killed after a commit
+comes back with it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recserve.cli import main as cli
+from recserve.contracts.manifest import read_manifest
+from recserve.local.cluster import LocalCluster, free_port
+from recserve.local.offline import predict
+from recserve.model.scorer import Model
+from recserve.model.workload import Workload
+
+TOKEN = "s3cret-token-of-the-test-0123456789"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("updates")
+    argv = ["synth", "--profile", "drm3", "--size", "4MiB", "--seed", "3"]
+    assert cli([*argv, "--out", str(root / "m")]) == 0
+    return root / "m"
+
+
+def post(url: str, body: bytes, ctype: str, token: str | None = TOKEN) -> tuple[int, dict]:
+    headers = {"Content-Type": ctype, "Accept": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+def scores(url: str, samples: list) -> tuple[int, np.ndarray]:
+    status, doc = post(url + "/v1/predict", json.dumps({"samples": samples}).encode(),
+                       "application/json", None)  # fmt: skip
+    assert status == 200, doc
+    return doc["version"], np.asarray(doc["scores"])
+
+
+def an_update(model: Path, seed: int, split: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Rows for the split table (ids on both sides of the split) and one more table."""
+    manifest = read_manifest(model)
+    rng = np.random.default_rng(seed)
+    other = next(t for t in manifest.tables if t.name != split)
+    out = {}
+    for t in (manifest.table(split), other):
+        ids = rng.choice(t.rows, min(t.rows, 300), replace=False).astype(np.int64)
+        out[t.name] = (ids, rng.standard_normal((ids.size, t.dim)).astype(np.float32))
+    return out
+
+
+def write_npz(path: Path, update: dict) -> Path:
+    arrays = {}
+    for name, (ids, rows) in update.items():
+        arrays[f"{name}.ids"], arrays[f"{name}.rows"] = ids, rows
+    np.savez(path, **arrays)
+    return path
+
+
+def replaced(model: Path, dest: Path, updates: list[dict]) -> Model:
+    """A copy of the artifact with the updates' rows written into its tables."""
+    shutil.copytree(model, dest)
+    for update in updates:
+        for name, (ids, rows) in update.items():
+            table = np.load(dest / "tables" / f"{name}.npy", mmap_mode="r+")
+            table[ids] = rows
+            table.flush()
+            del table
+    return Model.open(dest)
+
+
+def test_push_commits_one_version_on_every_shard(model: Path, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    samples = Workload(read_manifest(model), seed=9).samples(48)
+    original = predict(Model.open(model), samples)
+    cluster = LocalCluster(
+        model,
+        shards=2,
+        replicas=2,
+        strategy="capacity",
+        port=free_port(),
+        admin_token_file=token,
+        gateway_args=("--timeout-ms", "5000"),
+    )
+    with cluster as c:
+        split = c.plan.report["split_tables"][0]
+        version, got = scores(c.url, samples)
+        assert version == 0
+        np.testing.assert_allclose(got, original, rtol=1e-5, atol=1e-6)
+
+        first = an_update(model, 1, split)
+        argv = ["push", "--url", c.url, "--token-file", str(token)]
+        assert cli([*argv, "--updates", str(write_npz(tmp_path / "u1.npz", first))]) == 0
+        want1 = predict(replaced(model, tmp_path / "v1", [first]), samples)
+        assert not np.allclose(want1, original)
+        version, got = scores(c.url, samples)
+        assert version == 1
+        np.testing.assert_allclose(got, want1, rtol=1e-5, atol=1e-6)
+
+        # Concurrent reads while version 2 is pushed: each matches the version it names.
+        second = an_update(model, 2, split)
+        want = {1: want1, 2: predict(replaced(model, tmp_path / "v2", [first, second]), samples)}
+        seen: list[tuple[int, np.ndarray]] = []
+        stop = threading.Event()
+
+        def read() -> None:
+            while not stop.is_set():
+                seen.append(scores(c.url, samples))
+
+        readers = [threading.Thread(target=read) for _ in range(2)]
+        for t in readers:
+            t.start()
+        try:
+            status, doc = post(c.url + "/v1/updates", write_npz(tmp_path / "u2.npz", second)
+                               .read_bytes(), "application/x-npz")  # fmt: skip
+        finally:
+            stop.set()
+            for t in readers:
+                t.join()
+        rows_sent = sum(ids.size for ids, _ in second.values())
+        assert status == 200 and doc["version"] == 2 and doc["rows"] == rows_sent, doc
+        assert {v for v, _ in seen} <= {1, 2} and seen
+        for v, got in seen:
+            np.testing.assert_allclose(got, want[v], rtol=1e-5, atol=1e-6)
+
+        # Bad updates and tokens: a 4xx naming the field, and nothing applied anywhere.
+        ids, rows = second[split]
+        nan = rows.copy()
+        nan[5, 0] = np.nan
+        cases = [
+            ({"nope": (ids, rows)}, TOKEN, 422, "tables.nope"),
+            ({split: (ids + 10**9, rows)}, TOKEN, 422, f"tables.{split}.ids[0]"),
+            ({split: (ids, rows[:, :-1])}, TOKEN, 400, f"tables.{split}.rows"),
+            ({split: (ids, nan)}, TOKEN, 400, f"tables.{split}.rows[5]"),
+            (second, None, 401, "Authorization"),
+            (second, "x" * 40, 403, "Authorization"),
+        ]
+        for update, tok, status_want, field in cases:
+            body = write_npz(tmp_path / "bad.npz", update).read_bytes()
+            status, doc = post(c.url + "/v1/updates", body, "application/x-npz", tok)
+            assert status == status_want and doc["error"]["field"] == field, doc
+        version, got = scores(c.url, samples)
+        assert version == 2
+        np.testing.assert_allclose(got, want[2], rtol=1e-5, atol=1e-6)
+
+        # A replica killed after the commit comes back from its log with version 2.
+        c.shards[0].send_signal(signal.SIGKILL)
+        c.shards[0].wait(10)
+        c.shards[0] = c.start_shard(0, 0)
+        c.wait_ready(0, 0, c.shards[0], 60)
+        for _ in range(4):  # both replicas of shard 0 answer in turn
+            version, got = scores(c.url, samples)
+            assert version == 2
+            np.testing.assert_allclose(got, want[2], rtol=1e-5, atol=1e-6)
