@@ -1,0 +1,147 @@
+"""Online updates under serving load: rows applied per second, commit latency, and what the
+updates cost the requests being served, in one run.
+
+A ``drm2`` model on a 4-shard local cluster (the demo's shape); loadgen's open-loop load at
+``--rate`` requests/s for ``--duration`` s twice: once alone, once while a client pushes
+updates of ``--rows`` rows (spread over random tables) back to back through
+``POST /v1/updates``. Printed: rows/s applied, commit latency P50/P99 (arrival to commit on
+every replica), serving P50/P99 with and without updates, failed requests and updates, and
+whether every committed version reached every shard (none lost).
+
+    python -m benchmarks.bench_updates [--size 256MiB] [--rate 20] [--duration 30] [--rows 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+from benchmarks.common import fmt_ratio, print_table, run_cli
+from recserve.contracts.manifest import read_manifest
+from recserve.local.argv import loadgen_argv
+from recserve.local.cluster import LocalCluster, free_port
+from tests.integration.shards import header, raw
+
+TOKEN = "bench-updates-token-0123456789abcdef"
+
+
+def update_body(rng: np.random.Generator, tables: list, rows: int) -> bytes:
+    """An .npz of ``rows`` new rows spread over a few random tables (distinct ids each)."""
+    picked = rng.choice(len(tables), min(4, len(tables)), replace=False)
+    arrays = {}
+    left = rows
+    for k, i in enumerate(picked):
+        t = tables[i]
+        n = min(t.rows, left if k == len(picked) - 1 else rows // len(picked))
+        ids = rng.choice(t.rows, n, replace=False).astype(np.int64)
+        arrays[f"{t.name}.ids"] = ids
+        arrays[f"{t.name}.rows"] = rng.standard_normal((n, t.dim)).astype(np.float32)
+        left -= n
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def load(url: str, model: Path, rate: float, duration: float, out: Path) -> dict:
+    argv = loadgen_argv(url, "--model", str(model), "--qps", str(rate))
+    argv += ["--duration", str(duration), "--quiet", "--format", "columns", "--report", str(out)]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    run: dict = json.loads(out.read_text())["runs"][0]
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="256MiB")
+    parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--rows", type=int, default=10_000)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-updates-") as tmp:
+        root = Path(tmp)
+        model = root / "m"
+        run_cli(["synth", "--profile", "drm2", "--size", args.size, "--seed", "1",
+                 "--out", str(model)])  # fmt: skip
+        token = root / "token"
+        token.write_text(TOKEN)
+        tables = list(read_manifest(model).tables)
+        cluster = LocalCluster(
+            model, shards=4, strategy="net", port=free_port(), admin_token_file=token,
+            gateway_args=("--timeout-ms", "5000"),
+        )  # fmt: skip
+        with cluster as c:
+            quiet = load(c.url, model, args.rate, args.duration, root / "quiet.json")
+            commits: list[float] = []
+            failed: list[str] = []
+            stop = threading.Event()
+
+            def push() -> None:
+                rng = np.random.default_rng(1)
+                while not stop.is_set():
+                    body = update_body(rng, tables, args.rows)
+                    req = urllib.request.Request(
+                        c.url + "/v1/updates",
+                        data=body,
+                        headers={
+                            "Content-Type": "application/x-npz",
+                            "Authorization": f"Bearer {TOKEN}",
+                        },
+                    )
+                    start = time.perf_counter()
+                    try:
+                        with urllib.request.urlopen(req, timeout=60) as r:
+                            json.loads(r.read())
+                        commits.append(time.perf_counter() - start)
+                    except (urllib.error.URLError, OSError) as exc:
+                        failed.append(str(exc))
+
+            pusher = threading.Thread(target=push)
+            began = time.perf_counter()
+            pusher.start()
+            busy = load(c.url, model, args.rate, args.duration, root / "busy.json")
+            stop.set()
+            pusher.join()
+            elapsed = time.perf_counter() - began
+            versions = [
+                msgpack.unpackb(raw(ep, [header("health")])[0])["version"]
+                for s in c.plan.shards
+                for ep in s.endpoints
+            ]
+    pushes = len(commits)
+    print(f"drm2 {args.size}, 4 shards; {args.rate:g} req/s of 16 samples for "
+          f"{args.duration:g} s; updates of {args.rows} rows back to back")  # fmt: skip
+    rows = [
+        [name, f"{r['latency_ms']['p50']:.1f}", f"{r['latency_ms']['p99']:.1f}",
+         sum(r["errors"].values()), f"{r['samples_per_s']:.0f}"]
+        for name, r in (("without updates", quiet), ("with updates", busy))
+    ]  # fmt: skip
+    print_table(["serving", "p50 ms", "p99 ms", "failed", "samples/s"], rows)
+    lat = np.array(commits) * 1e3 if commits else np.zeros(1)
+    print(
+        f"updates: {pushes} committed, {len(failed)} failed; {pushes * args.rows / elapsed:,.0f} "
+        f"rows/s applied (target >= 100,000); commit latency p50 {np.percentile(lat, 50):.1f} "
+        f"ms, p99 {np.percentile(lat, 99):.1f} ms"
+    )
+    print(
+        f"serving P99 with / without updates: "
+        f"{fmt_ratio(busy['latency_ms']['p99'], quiet['latency_ms']['p99'])} (target <= 1.2x)"
+    )
+    lost = [v for v in versions if v != pushes]
+    print(f"shard replicas at version {pushes}: {len(versions) - len(lost)} of {len(versions)}"
+          f" ({'none lost' if not lost else f'behind: {lost}'})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
