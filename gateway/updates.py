@@ -148,8 +148,16 @@ class Updater:
         self.metrics = metrics
         self.lock = asyncio.Lock()
 
-    def _replicas(self) -> list[tuple[int, Any]]:
-        return [(sid, r.client) for sid, rs in self.pooler.replicas.items() for r in rs.replicas]
+    def _replicas(self, live: bool = False) -> list[tuple[int, Any]]:
+        """(shard, client) of every replica, or with ``live`` of those in rotation (a replica
+        its probe found down misses the version and catches up when it starts again)."""
+        now = time.monotonic()
+        return [
+            (sid, r.client)
+            for sid, rs in self.pooler.replicas.items()
+            for r in rs.replicas
+            if not live or r.in_rotation(now)
+        ]
 
     async def sync(self) -> int:
         """Learn the newest committed version and settle versions left staged."""
@@ -181,26 +189,35 @@ class Updater:
         async with self.lock:
             version = self.pooler.version + 1
             by_shard = split(update, self.plan)
-            replicas = self._replicas()
+            replicas = self._replicas(live=True)
             begin = time.perf_counter()
             deadline = Deadline.after(PHASE_MS)
             staged = await asyncio.gather(
                 *(c.stage(version, by_shard[sid], deadline=deadline) for sid, c in replicas),
                 return_exceptions=True,
             )
-            failed = [e for e in staged if isinstance(e, BaseException)]
-            if failed:
-                await asyncio.gather(
-                    *(
-                        c.decide("abort", version, deadline=Deadline.after(PHASE_MS))
-                        for _, c in replicas
-                    ),
-                    return_exceptions=True,
-                )
-                exc = failed[0]
+            # A replica that is down misses the version (it fetches it from a peer when it
+            # starts again); any other failure, or a shard with no replica staged, aborts.
+            down = {"shard_unavailable", "not_ready"}
+            ok = [
+                (sid, c)
+                for (sid, c), r in zip(replicas, staged, strict=True)
+                if not isinstance(r, BaseException)
+            ]
+            failed = [r for r in staged if isinstance(r, BaseException)]
+            fatal = [e for e in failed if getattr(e, "kind", None) not in down]
+            if fatal or {sid for sid, _ in ok} != set(by_shard):
+                await self._decide(replicas, "abort", version)
+                exc = (fatal or failed)[0]
                 if isinstance(exc, RecserveError):
                     raise exc
                 raise ShardUnavailable(f"staging version {version} failed: {exc}")
+            for (_, c), r in zip(replicas, staged, strict=True):
+                if isinstance(r, BaseException):
+                    log.warning(
+                        "%s is down: it catches up on version %d when it starts", c.name, version
+                    )
+            replicas = ok
             staged_s = time.perf_counter() - begin
             done = await asyncio.gather(
                 *(
@@ -224,6 +241,14 @@ class Updater:
                 "stage_ms": round(staged_s * 1e3, 3),
                 "commit_ms": round((seconds - staged_s) * 1e3, 3),
             }
+
+    @staticmethod
+    async def _decide(replicas: list[tuple[int, Any]], op: str, version: int) -> list[Any]:
+        deadline = Deadline.after(PHASE_MS)
+        return await asyncio.gather(
+            *(c.decide(op, version, deadline=deadline) for _, c in replicas),
+            return_exceptions=True,
+        )
 
 
 async def handle(request: web.Request, gw: Any) -> dict[str, Any]:

@@ -32,7 +32,9 @@ from recserve.contracts.manifest import Manifest, read_manifest
 from recserve.contracts.plan import ShardPlan, read_plan
 from recserve.contracts.units import format_size, parse_size
 from recserve.model.artifact import huge_page_bytes
+from recserve.rpc.client import ShardClient
 from recserve.rpc.curve import CurveKeys
+from recserve.rpc.deadline import Deadline
 from recserve.rpc.wire import MAX_FRAME
 from recserve.runtime import logs
 from recserve.runtime.config import add_arguments, from_args, option
@@ -47,6 +49,8 @@ from shardd.store import PartStore
 
 log = logging.getLogger("shardd")
 REPLY_FLUSH_MS = 2000
+CATCH_UP_MS = 30_000
+PEER_PROBE_MS = 1500
 FLUSH_S = 0.2
 
 
@@ -217,6 +221,8 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
         )
     loop = asyncio.get_running_loop()
+    if store.versions.enabled:
+        await catch_up(store, shard, config)
     if store.tier is not None:
         await loop.run_in_executor(None, warm_cache, store.tier, config, manifest.digest())
     warm = await loop.run_in_executor(None, kernels.warm_up)
@@ -346,6 +352,41 @@ def open_store(config: ShardConfig, manifest: Manifest, shard: ShardPlan) -> Par
             "with O_DIRECT" if tier.direct else "buffered, then dropped from the page cache",
         )
     return store
+
+
+async def catch_up(store: PartStore, shard: ShardPlan, config: ShardConfig) -> None:
+    """Before reporting ready: fetch from a peer replica the versions committed while this
+    one was down (the peers are the plan's other endpoints of this shard)."""
+    peers = [ep for r, ep in enumerate(shard.endpoints) if r != config.replica]
+    if not peers:
+        return
+    if config.curve_keys is not None:
+        log.warning("CURVE on: replicas do not fetch missed updates from each other")
+        return
+    ctx = zmq.Context()
+    try:
+        for peer in peers:
+            client = ShardClient(peer, ctx, name=f"{shard.id}/peer")
+            try:
+                # Short: at a cluster's first start the peers start too, and wait alike.
+                health = await client.simple("health", Deadline.after(PEER_PROBE_MS))
+                if int(health.get("version") or 0) <= store.versions.current:
+                    continue
+                history = await client.history(
+                    store.versions.current, deadline=Deadline.after(CATCH_UP_MS)
+                )
+                loop = asyncio.get_running_loop()
+                applied = await loop.run_in_executor(None, store.versions.catch_up, history)
+                log.info(
+                    "caught up %d versions from %s: at %d", applied, peer, store.versions.current
+                )
+                return
+            except RecserveError as exc:
+                log.warning("could not catch up from %s: %s", peer, exc)
+            finally:
+                await client.close()
+    finally:
+        ctx.term()
 
 
 def warm_cache(tier: CacheTier, config: ShardConfig, digest: str) -> None:

@@ -45,13 +45,14 @@ from recserve.rpc.wire import (
     error_reply,
     pack_header,
     reply,
+    stage_columns,
 )
 from shardd.cpus import pin
 from shardd.metrics import ShardMetrics
 from shardd.store import Group, Job, PartStore
 
 log = logging.getLogger(__name__)
-UPDATE_OPS = frozenset({"stage", "commit", "abort"})
+UPDATE_OPS = frozenset({"stage", "commit", "abort", "log"})
 UPDATE_NICE = 10
 INLINE_FLOATS = 1 << 20  # pooled floats (4 MiB) a lookup pooled on the loop may write
 
@@ -207,9 +208,12 @@ class ShardServer:
         """``stage``, ``commit`` or ``abort``: checked on the loop, applied (CPU, fsync) on
         the one update thread, answered back on the loop."""
         op = header["op"]
+        versions = self.store.versions
+        if op == "log":
+            self._history(ident, header)
+            return
         version = check_version(header, required=True)
         assert version is not None
-        versions = self.store.versions
         if op == "stage":
             parts = decode_stage(header, [f.buffer for f in frames])
             work = functools.partial(versions.stage, version, parts)
@@ -232,6 +236,32 @@ class ShardServer:
             self.loop.call_soon_threadsafe(self._send, ident, [msg], op, outcome)
 
         self.updates.submit(work).add_done_callback(done)
+
+    def _history(self, ident: zmq.Frame, header: dict[str, Any]) -> None:
+        """``log``: the committed versions after ``since`` (read off the loop), for a replica
+        catching up."""
+        since = header.get("since")
+        if not isinstance(since, int) or since < 0:
+            raise BadRequest("since must be an integer >= 0", field="since")
+
+        def done(f: Future[list[tuple[int, list[Any]]]]) -> None:
+            exc = f.exception()
+            if exc is not None:
+                err = exc if isinstance(exc, RecserveError) else RecserveError("internal error")
+                msg = [error_reply(header, err)]
+                outcome = err.kind
+            else:
+                cols, frames = [], []
+                for _, parts in f.result():
+                    c, fr = stage_columns(parts)
+                    cols.append(c)
+                    frames += fr
+                versions = [v for v, _ in f.result()]
+                msg = [pack_header(reply(header, versions=versions, parts=cols)), *frames]
+                outcome = "ok"
+            self.loop.call_soon_threadsafe(self._send, ident, msg, "log", outcome)
+
+        self.updates.submit(self.store.versions.history, since).add_done_callback(done)
 
     def _hand_back(self, call: Call, done: Future[None]) -> None:
         """In the worker (or wherever a cancelled future calls back): pass the lookup to

@@ -74,8 +74,9 @@ class UpdateLog:
         os.fsync(self.file.fileno())
         self.bytes += _HEAD.size + len(payload)
 
-    def records(self) -> list[dict[str, Any]]:
-        """Every whole record; a torn or damaged tail is cut from the file."""
+    def records(self, repair: bool = True) -> list[dict[str, Any]]:
+        """Every whole record; with ``repair`` (at start) a torn or damaged tail is cut from
+        the file."""
         data = self.path.read_bytes()
         out, at = [], 0
         while at + _HEAD.size <= len(data):
@@ -85,7 +86,7 @@ class UpdateLog:
                 break
             out.append(msgpack.unpackb(payload, raw=False))
             at += _HEAD.size + length
-        if at != len(data):
+        if at != len(data) and repair:
             log.warning(
                 "%s: cutting %d bytes of a torn record at its end", self.path, len(data) - at
             )
@@ -152,6 +153,35 @@ class Versions:
             if self.staged is not None and self.staged[0] == version:
                 self._append({"op": "abort", "version": version})
                 self.staged = None
+
+    def history(self, since: int) -> list[tuple[int, list[StagePart]]]:
+        """The committed versions after ``since``, with their rows as staged (from the log),
+        for a replica catching up."""
+        with self.lock:
+            if self.log is None:
+                raise BadRequest("this shard keeps no update log", field="op")
+            staged: dict[int, list[StagePart]] = {}
+            out = []
+            for r in self.log.records(repair=False):
+                if r["op"] == "stage":
+                    staged[r["version"]] = _unpack(r["parts"])
+                elif r["op"] == "commit" and r["version"] > since and r["version"] in staged:
+                    out.append((r["version"], staged.pop(r["version"])))
+            return out
+
+    def catch_up(self, history: list[tuple[int, list[StagePart]]]) -> int:
+        """Stage and commit (logging both) every version that follows this shard's."""
+        applied = 0
+        for version, parts in history:
+            if version <= self.current:
+                continue
+            if self.staged is not None and self.staged[0] != version:
+                self.abort(self.staged[0])  # a version the others never committed
+            if self.staged is None:
+                self.stage(version, parts)
+            self.commit(version)
+            applied += 1
+        return applied
 
     def describe(self) -> dict[str, Any]:
         return {

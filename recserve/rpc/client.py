@@ -28,6 +28,7 @@ from recserve.rpc.wire import (
     PartRequest,
     StagePart,
     decode_header,
+    decode_stage,
     encode_lookup,
     encode_stage,
     pack_header,
@@ -172,6 +173,22 @@ class ShardClient:
         frames = [pack_header(request(op, req_id, deadline.at_ms, version=version))]
         header, _ = await self.call(frames, req_id, deadline)
         return header
+
+    async def history(self, since: int, *, deadline: Deadline) -> list[tuple[int, list[StagePart]]]:
+        """The versions a replica committed after ``since``, with their rows."""
+        req_id = next(self.ids)
+        frames = [pack_header(request("log", req_id, deadline.at_ms, since=since))]
+        header, data = await self.call(frames, req_id, deadline)
+        versions, cols = header.get("versions"), header.get("parts")
+        if not isinstance(versions, list) or not isinstance(cols, list):
+            raise ShardUnavailable(f"shard {self.name}: malformed log reply")
+        if len(versions) != len(cols) or len(data) != 2 * len(cols):
+            raise ShardUnavailable(f"shard {self.name}: malformed log reply")
+        out = []
+        for k, (v, c) in enumerate(zip(versions, cols, strict=True)):
+            parts = decode_stage({"parts": c}, [data[2 * k].buffer, data[2 * k + 1].buffer])
+            out.append((int(v), parts))
+        return out
 
     async def close(self) -> None:
         self.io.close()

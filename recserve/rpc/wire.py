@@ -18,7 +18,8 @@ decoding 44 of them cold spent 0.2-0.3 ms on the header alone (version 2: four l
 the shard's newest). ``stage`` carries ``version`` and ``parts`` ``{"table", "row_start",
 "rows": [n], "dim": [d]}`` lists, then two frames: every part's int64 global row ids, then
 their new float32 rows, concatenated in part order; ``commit`` and ``abort`` carry the
-``version`` only.
+``version`` only. ``log`` asks a replica for the committed versions after ``since``: the
+reply lists ``versions`` and their ``parts`` (as ``stage`` does) with two frames per version.
 
 Replies echo ``v``, ``op`` and ``id`` with ``"ok": true`` or ``"ok": false, "error":
 {"kind", "message", "field"?}``. A ``lookup`` reply lists ``groups``: ``{"parts": [indices], "bags",
@@ -44,7 +45,7 @@ from recserve.contracts.errors import (
 )
 
 VERSION = 2
-OPS = ("lookup", "info", "health", "stats", "stage", "commit", "abort")
+OPS = ("lookup", "info", "health", "stats", "stage", "commit", "abort", "log")
 ID_DTYPES: dict[str, np.dtype[Any]] = {"<i8": np.dtype("<i8"), "<i4": np.dtype("<i4")}
 MODES = ("sum", "mean")
 MAX_HEADER = 1 << 20
@@ -158,6 +159,12 @@ def encode_stage(
         np.concatenate(ids) if ids else np.zeros(0, "<i8"),
         np.concatenate(rows) if rows else np.zeros(0, "<f4"),
     ]
+
+
+def stage_columns(parts: Sequence[StagePart]) -> tuple[dict[str, list[Any]], list[Buffer]]:
+    """A version's parts as ``stage`` sends them: header columns and the two frames."""
+    frames = encode_stage(0, None, 0, parts)
+    return msgpack.unpackb(frames[0])["parts"], frames[1:]
 
 
 def decode_stage(header: dict[str, Any], frames: Sequence[Buffer]) -> list[StagePart]:

@@ -10,10 +10,12 @@ import json
 import shutil
 import signal
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -23,6 +25,7 @@ from recserve.local.cluster import LocalCluster, free_port
 from recserve.local.offline import predict
 from recserve.model.scorer import Model
 from recserve.model.workload import Workload
+from tests.integration.shards import header, raw
 
 TOKEN = "s3cret-token-of-the-test-0123456789"
 
@@ -171,3 +174,23 @@ def test_push_commits_one_version_on_every_shard(model: Path, tmp_path: Path) ->
             version, got = scores(c.url, samples)
             assert version == 2
             np.testing.assert_allclose(got, want[2], rtol=1e-5, atol=1e-6)
+
+        # A replica down during an update: the update commits on the others, and the
+        # replica fetches the version from its peer before it reports ready again.
+        down = 3  # shard 1, replica 1
+        c.shards[down].send_signal(signal.SIGKILL)
+        c.shards[down].wait(10)
+        time.sleep(4.5)  # the gateway's probe (every 2 s) takes it out of rotation
+        third = an_update(model, 3, split)
+        body = write_npz(tmp_path / "u3.npz", third).read_bytes()
+        status, doc = post(c.url + "/v1/updates", body, "application/x-npz")
+        assert status == 200 and doc["version"] == 3, doc
+        want[3] = predict(replaced(model, tmp_path / "v3", [first, second, third]), samples)
+        c.shards[down] = c.start_shard(1, 1)
+        c.wait_ready(1, 1, c.shards[down], 60)
+        health = msgpack.unpackb(raw(c.plan.shard(1).endpoints[1], [header("health")])[0])
+        assert health["version"] == 3, health
+        for _ in range(4):
+            version, got = scores(c.url, samples)
+            assert version == 3
+            np.testing.assert_allclose(got, want[3], rtol=1e-5, atol=1e-6)
