@@ -22,13 +22,13 @@ import kernels
 from kernels import Int8RowwiseTable, Table
 from kernels.layout import MEAN
 from kernels.overlay import apply_deltas
-from recserve.contracts.errors import IdOutOfRange, TooLarge, UnknownTable
+from recserve.contracts.errors import IdOutOfRange, TooLarge
 from recserve.contracts.manifest import Manifest, TableSpec
 from recserve.contracts.plan import ShardPlan
 from recserve.model.artifact import file_size, hugepage_copies, open_table, touch
 from recserve.rpc.wire import MAX_REPLY_FLOATS, Lookup
 from shardd.cache import CacheTier, Fetched, PartCache
-from shardd.updates import Overlay, Versions
+from shardd.updates import Overlay, Versions, unknown_part
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +159,7 @@ class PartStore:
         for i, req in enumerate(lookup.parts):
             slot = self.index.get((req.table, req.row_start))
             if slot is None:
-                raise UnknownTable(
-                    f"this shard serves no part of table {req.table!r} starting "
-                    f"at row {req.row_start}",
-                    field=f"parts[{i}]",
-                )
+                raise unknown_part(req.table, req.row_start, i)
             slots.append(slot)
             resolved.append(self.by_slot[slot])
         bags = [req.bags for req in lookup.parts]

@@ -212,11 +212,7 @@ class Versions:
         for i, sp in enumerate(parts):
             slot = self.index.get((sp.table, sp.row_start))
             if slot is None:
-                raise UnknownTable(
-                    f"this shard serves no part of table {sp.table!r} starting at row "
-                    f"{sp.row_start}",
-                    field=f"parts[{i}]",
-                )
+                raise unknown_part(sp.table, sp.row_start, i)
             part = self.parts[slot]
             ids = np.asarray(sp.ids, np.int64)
             if ids.size and (int(ids.min()) < part.row_start or int(ids.max()) >= part.row_end):
@@ -272,6 +268,13 @@ class Versions:
                 self.current,
                 f", version {self.staged[0]} staged" if self.staged else "",
             )
+
+
+def unknown_part(table: str, row_start: int, i: int) -> UnknownTable:
+    return UnknownTable(
+        f"this shard serves no part of table {table!r} starting at row {row_start}",
+        field=f"parts[{i}]",
+    )
 
 
 def _stored(dtype: str, rows: np.ndarray) -> np.ndarray:
