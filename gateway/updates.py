@@ -37,6 +37,7 @@ from recserve.contracts.errors import (
     ConfigError,
     Forbidden,
     IdOutOfRange,
+    NotReady,
     RecserveError,
     ShardUnavailable,
     Unauthorized,
@@ -256,7 +257,9 @@ async def handle(request: web.Request, gw: Any) -> dict[str, Any]:
     if gw.updater is None or gw.admin_token is None:
         raise web.HTTPNotFound()
     check_auth(request.headers.get("Authorization"), gw.admin_token)
-    body = await request.read()
+    if not gw.serving:  # it learns the shards' version as it becomes ready
+        raise NotReady("the gateway is not ready; retry when /v2/health/ready says so")
+    body = await gw.read_body(request)  # the same size, time and encoding limits
     ctype = request.content_type
     update = await asyncio.get_running_loop().run_in_executor(
         gw.executor, parse_update, body, ctype, gw.manifest
