@@ -220,13 +220,7 @@ class Updater:
                     )
             replicas = ok
             staged_s = time.perf_counter() - begin
-            done = await asyncio.gather(
-                *(
-                    c.decide("commit", version, deadline=Deadline.after(PHASE_MS))
-                    for _, c in replicas
-                ),
-                return_exceptions=True,
-            )
+            done = await self._decide(replicas, "commit", version)
             for (sid, c), r in zip(replicas, done, strict=True):
                 if isinstance(r, BaseException):  # decided: it commits when it is back (sync)
                     log.warning(

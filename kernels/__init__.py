@@ -14,7 +14,7 @@ from kernels.dense import (
     sigmoid,
 )
 from kernels.errors import IdOutOfRangeError, KernelError
-from kernels.layout import check_ids, table_shape
+from kernels.layout import table_shape
 from kernels.pooling import (
     PoolCall,
     PoolMode,
@@ -43,7 +43,6 @@ __all__ = [
     "PoolMode",
     "Table",
     "TableSet",
-    "check_ids",
     "default_threads",
     "pool",
     "pool_many",

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+import kernels
 from kernels import Int8RowwiseTable, Table
 from kernels import rowcache as rc
 from recserve.contracts.errors import ConfigError
@@ -124,8 +125,9 @@ class CacheTier:
     ) -> Fetched:
         """Map the ids of cached parts (``spans``: lookup part, cache, first position, count)
         into ``mapped`` and have every row they need in memory: each part's slots resolved,
-        then every part's misses read at once. The caller pools, then calls ``release``. Ids
-        must have been checked against the parts' rows."""
+        then every part's misses read at once. The caller pools, then calls ``release``. An
+        id outside its part's rows raises ``kernels.IdOutOfRangeError`` (its position in
+        ``ids``) with nothing left changed."""
         got = Fetched()
         with self.lock:
             self.epoch += 1
@@ -167,8 +169,9 @@ class CacheTier:
                 st.keys, st.vals, st.slot_id, st.ref, st.seg, st.pins, st.stamp, st.window,
                 st.free, st.sketch, st.meta, rows, slots, pinned, counts,
             )  # fmt: skip
-            if status >= 0:
-                raise AssertionError(f"id at {status} not checked before the cache")
+            if status >= 0:  # nothing of this part changed; earlier parts are undone by fetch
+                rows_ = pc.row_end - pc.row_start
+                raise kernels.IdOutOfRangeError(status, int(ids[status]), rows_, pc.row_start)
             got.pins.append((pc, pinned[: counts[2]]))
             got.evictions += int(st.meta[rc.EVICTIONS]) - before
             n_miss = int(counts[1])

@@ -126,12 +126,6 @@ class RowReader:
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="shardd-io")
         self._bounce = [_aligned(SPAN + 2 * ALIGN) for _ in range(self.threads)]
 
-    def read(
-        self, file: TableFile, rows: np.ndarray, slots: np.ndarray, arena: np.ndarray
-    ) -> float:
-        """Read file rows ``rows`` into ``arena[slots]``; returns seconds."""
-        return self.read_all([ReadJob(file, rows, slots, arena)])
-
     def read_all(self, jobs: list[ReadJob]) -> float:
         """Read every job's rows, all at once: each job's rows sorted by offset, the lot
         cut into one even share per thread; returns seconds. A failed or short read raises

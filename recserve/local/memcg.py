@@ -53,18 +53,11 @@ class MemoryGroup:
         return self.read("memory.max_usage_in_bytes")
 
     @property
-    def usage(self) -> int:
-        return self.read("memory.usage_in_bytes")
-
-    @property
     def oom_kills(self) -> int:
         for line in (self.path / "memory.oom_control").read_text().splitlines():
             if line.startswith("oom_kill "):
                 return int(line.split()[1])
         return 0
-
-    def reset_peak(self) -> None:
-        (self.path / "memory.max_usage_in_bytes").write_text("0\n")
 
     def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         """Start ``argv`` inside the group (it joins before it execs)."""

@@ -146,7 +146,17 @@ class StagePart(NamedTuple):
 def encode_stage(
     req_id: int, deadline_ms: float | None, version: int, parts: Sequence[StagePart]
 ) -> list[Buffer]:
-    cols = {
+    cols, frames = stage_columns(parts)
+    return [
+        pack_header(request("stage", req_id, deadline_ms, version=version, parts=cols)),
+        *frames,
+    ]
+
+
+def stage_columns(parts: Sequence[StagePart]) -> tuple[dict[str, list[Any]], list[Buffer]]:
+    """A version's parts as ``stage`` (and a ``log`` reply) sends them: the header's columns
+    and the two frames."""
+    cols: dict[str, list[Any]] = {
         "table": [p.table for p in parts],
         "row_start": [p.row_start for p in parts],
         "rows": [int(p.ids.size) for p in parts],
@@ -154,17 +164,10 @@ def encode_stage(
     }
     ids = [np.ascontiguousarray(p.ids, "<i8") for p in parts]
     rows = [np.ascontiguousarray(p.rows, "<f4").reshape(-1) for p in parts]
-    return [
-        pack_header(request("stage", req_id, deadline_ms, version=version, parts=cols)),
+    return cols, [
         np.concatenate(ids) if ids else np.zeros(0, "<i8"),
         np.concatenate(rows) if rows else np.zeros(0, "<f4"),
     ]
-
-
-def stage_columns(parts: Sequence[StagePart]) -> tuple[dict[str, list[Any]], list[Buffer]]:
-    """A version's parts as ``stage`` sends them: header columns and the two frames."""
-    frames = encode_stage(0, None, 0, parts)
-    return msgpack.unpackb(frames[0])["parts"], frames[1:]
 
 
 def decode_stage(header: dict[str, Any], frames: Sequence[Buffer]) -> list[StagePart]:

@@ -17,7 +17,7 @@ import pytest
 import zmq
 
 from recserve.cli import main as cli
-from recserve.contracts.errors import DiskReadError
+from recserve.contracts.errors import DiskReadError, IdOutOfRange
 from recserve.contracts.manifest import AccessStats, TableSpec, read_manifest
 from recserve.contracts.plan import Plan, read_plan
 from recserve.model.workload import scatter, zipf_ranks
@@ -221,3 +221,34 @@ def test_bad_cache_sizes_are_refused_at_start(cached_model, extra, says) -> None
     told = [line for line in done.stderr.splitlines() if line.startswith("recserve shardd:")]
     assert len(told) == 1 and says in told[0], done.stderr
     assert time.monotonic() - start < 30
+
+
+def test_cached_shard_refuses_an_id_outside_its_part(cached_model, tmp_path) -> None:
+    """An id out of range in the second part of a lookup: ``id_out_of_range`` naming that
+    part (the cache's map finds it; no separate check runs first), and the same rows in
+    range are served right after."""
+    model, plan_path, plan = cached_model
+    endpoint = f"ipc://{tmp_path}/c.sock"
+    first, second = plan.shard(0).parts[:2]
+    reqs = [PartRequest(p.table, p.row_start, 2) for p in (first, second)]
+    good = np.array([first.row_start, first.row_start + 1, second.row_start, second.row_start])
+    bad = good.copy()
+    bad[3] = second.row_end + 5
+
+    async def ask(ids):
+        ctx = zmq.Context()
+        client = ShardClient(endpoint, ctx)
+        try:
+            return await client.lookup(
+                reqs, ids, np.ones(4, np.int32), deadline=Deadline.after(10_000)
+            )
+        finally:
+            await client.close()
+            ctx.term()
+
+    with running(plan_path, model, 0, endpoint, "--cache-bytes", "1MiB"):
+        with pytest.raises(IdOutOfRange, match="outside the rows this part serves") as err:
+            asyncio.run(ask(bad))
+        assert err.value.field == "parts[1]"
+        assert sum(g.pooled.shape[1] for g in asyncio.run(ask(good))) == 2
+        assert asyncio.run(stats(endpoint))["inflight"] == 0

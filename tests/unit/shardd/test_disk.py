@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from recserve.contracts.errors import DiskReadError
-from shardd.disk import RowReader, TableFile
+from shardd.disk import ReadJob, RowReader, TableFile
 
 
 def write(path: Path, rows: int, row_bytes: int) -> tuple[np.ndarray, int]:
@@ -30,10 +30,10 @@ def test_rows_read_equal_the_file(tmp_path: Path, direct: bool, threads: int) ->
         rows = np.random.default_rng(1).choice(5_000, 700, replace=False).astype(np.int64)
         rows[:3] = [0, 4_999, 1]  # the first and last rows (the last block is short)
         arena = np.zeros((700, 72), np.uint8)
-        reader.read(file, rows, np.arange(700, dtype=np.int32)[::-1].copy(), arena)
+        reader.read_all([ReadJob(file, rows, np.arange(700, dtype=np.int32)[::-1].copy(), arena)])
         np.testing.assert_array_equal(arena[::-1], data[rows])
         with pytest.raises(DiskReadError, match=r"row 5000 .* ends before it"):
-            reader.read(file, np.array([5_000]), np.zeros(1, np.int32), arena)
+            reader.read_all([ReadJob(file, np.array([5_000]), np.zeros(1, np.int32), arena)])
         reader.close()
         file.close()
     finally:
