@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +75,8 @@ class Fetched:
     bypassed: int = 0  # rows read from disk around the cache
     evictions: int = 0
     disk_s: float = 0.0
+    gen: int = 0  # the generation of the files the rows came from (``CacheTier.gen``)
+    published: Any = None  # that generation's versions (set by the store with it)
 
 
 class CacheTier:
@@ -87,6 +90,8 @@ class CacheTier:
         self.budget = budget
         self.lock = threading.Lock()
         self.epoch = 0
+        self.gen = 0  # bumped by the store when compaction swaps a part's file
+        self.published: Any = None
         self.reader = RowReader(io_threads)
         sizes = slots_for([(spec, start, end) for spec, start, end, _, _ in parts], budget)
         self.parts: list[PartCache] = []
@@ -130,6 +135,7 @@ class CacheTier:
         ``ids``) with nothing left changed."""
         got = Fetched()
         with self.lock:
+            got.gen, got.published = self.gen, self.published
             self.epoch += 1
             jobs: list[ReadJob] = []
             misses: list[tuple[PartCache, np.ndarray]] = []
@@ -190,6 +196,15 @@ class CacheTier:
             got.bypassed += int(unique.size)
             reads += int(unique.size)
         got.hits += max(0, n - reads)  # (an overflowing part may read a row twice)
+
+    def swap_file(self, pc: PartCache, file: TableFile, rows: np.ndarray) -> None:
+        """Read ``pc``'s misses from ``file`` from now on, and drop its local ``rows`` (which
+        differ there) from the cache; lookups under way keep the slots they pinned. The
+        caller holds ``lock``."""
+        st = pc.state
+        rc.forget(st.keys, st.vals, st.slot_id, st.ref, np.ascontiguousarray(rows, np.int64))
+        old, pc.file = pc.file, file
+        old.close()
 
     def release(self, got: Fetched) -> None:
         with self.lock:

@@ -89,6 +89,13 @@ class ShardConfig:
         "start; without it the shard serves its files as they are",
         metavar="DIR",
     )
+    compact_at: float = option(
+        0.1,
+        "with --state-dir: once the newest version's updated rows are this fraction of the "
+        "shard's rows, fold them into new part files in the state directory and empty the "
+        "log (0: never)",
+        metavar="FRACTION",
+    )
     queue_limit: int = option(64, "lookups queued or running; more are refused")
     workers: int = option(1, "threads running lookups")
     kernel_threads: int | None = option(
@@ -149,6 +156,8 @@ class ShardConfig:
             raise ConfigError("--warm-from needs --cache-bytes")
         if self.io_threads < 1:
             raise ConfigError("--io-threads must be >= 1")
+        if not 0 <= self.compact_at <= 1:
+            raise ConfigError("--compact-at must be a fraction in [0, 1]")
 
     @property
     def threads_per_lookup(self) -> int:
@@ -340,6 +349,7 @@ def open_store(config: ShardConfig, manifest: Manifest, shard: ShardPlan) -> Par
         cache_bytes=config.cache_bytes,
         io_threads=config.io_threads,
         state_dir=config.state_dir,
+        compact_at=config.compact_at,
     )
     if store.tier is not None:
         tier = store.tier

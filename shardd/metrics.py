@@ -52,6 +52,7 @@ class ShardMetrics:
     version: Gauge
     rows_updated: Gauge
     log_bytes: Gauge
+    compaction: Histogram
     # Labelled children by (op, outcome): ``labels()`` costs a lock and a dict per call.
     children: dict[tuple[str, str], Counter] = field(default_factory=dict)
     # The same counts as plain numbers, for the ``stats`` op (never read back from Prometheus).
@@ -163,8 +164,14 @@ class ShardMetrics:
             ),
             rows_updated=Gauge(
                 "recserve_shard_rows_updated",
-                "Rows differing from the table files at the newest version",
+                "Updated rows held as corrections over the part files at the newest version",
                 registry=reg,
             ),
             log_bytes=Gauge("recserve_shard_update_log_bytes", "Update log size", registry=reg),
+            compaction=Histogram(
+                "recserve_shard_compaction_seconds",
+                "Time to fold the updated rows into new part files and swap them in",
+                buckets=(0.1, 0.3, 1, 3, 10, 30, 100, 300),
+                registry=reg,
+            ),
         )

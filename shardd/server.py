@@ -230,12 +230,31 @@ class ShardServer:
             if exc is None:
                 self.metrics.updated(versions.describe())
                 msg, outcome = pack_header(reply(header, **versions.describe())), "ok"
+                if op == "commit" and self.store.wants_compaction():
+                    self.updates.submit(self._compact)  # after this reply, on the same thread
             else:
                 assert isinstance(exc, RecserveError)
                 msg, outcome = error_reply(header, exc), exc.kind
             self.loop.call_soon_threadsafe(self._send, ident, [msg], op, outcome)
 
         self.updates.submit(work).add_done_callback(done)
+
+    def _compact(self) -> None:
+        """Fold the newest version into new part files (on the update thread). A failure
+        (a full disk) is logged and leaves the shard serving its corrections; the next
+        commit tries again."""
+        begin = time.perf_counter()
+        try:
+            parts = self.store.compact()
+        except Exception:
+            log.exception("compaction failed; serving the updates from memory and the log")
+            return
+        took = time.perf_counter() - begin
+        if parts:
+            self.metrics.compaction.observe(took)
+            self.metrics.updated(self.store.versions.describe())
+            log.info("compacted %d parts at version %d in %.2f s", parts,
+                     self.store.versions.current, took)  # fmt: skip
 
     def _history(self, ident: zmq.Frame, header: dict[str, Any]) -> None:
         """``log``: the committed versions after ``since`` (read off the loop), for a replica

@@ -7,11 +7,21 @@ cache's arena, and a lookup's ids of it are mapped to arena slots before pooling
 as global row ids; a part answers for ids in its range and pools with ids shifted to its
 view. Parts with the same bag count and dim are pooled by one kernel call, whose
 ``[bags, parts, dim]`` output is the reply frame as is.
+
+With a state directory the store takes online updates (``shardd.updates``) and compacts
+them into new part files (``shardd.compaction``) once the newest version's corrections hold
+``compact_at`` of the shard's rows: the update thread writes the files, then swaps them in
+as a new *generation* (the parts' views, the kernel's ``TableSet`` and the versions rebased
+on them, published together), while lookups under way finish on the generation they took.
+A cached part's arena is shared by the generations: the swap drops the rows the new files
+changed from the cache (under its lock, so a fetch sees old or new rows, never a mix) and a
+lookup that fetched after it takes its version's corrections from the new generation.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,9 +36,12 @@ from recserve.contracts.errors import IdOutOfRange, TooLarge
 from recserve.contracts.manifest import Manifest, TableSpec
 from recserve.contracts.plan import ShardPlan
 from recserve.model.artifact import file_size, hugepage_copies, open_table, touch
-from recserve.rpc.wire import MAX_REPLY_FLOATS, Lookup
+from recserve.rpc.wire import MAX_REPLY_FLOATS, Lookup, StagePart
+from shardd import compaction
 from shardd.cache import CacheTier, Fetched, PartCache
-from shardd.updates import Overlay, Versions, unknown_part
+from shardd.compaction import Base, PartFile, part_key
+from shardd.disk import TableFile
+from shardd.updates import Levels, Overlay, Versions, base_rows, unknown_part
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +52,7 @@ class Part:
     row_start: int
     row_end: int
     view: Table  # rows [row_start, row_end) of the table, or the cache's arena
+    source: PartFile  # the file the rows are read from
     cache: PartCache | None = None
     base: Table | None = None  # the file's rows (mapped, read only for updates)
 
@@ -53,6 +67,15 @@ class Group:
     pooled: np.ndarray  # float32 [bags, len(parts), dim]
 
 
+@dataclass(frozen=True)
+class View:
+    """One generation of the parts, as lookups read them."""
+
+    gen: int
+    by_slot: list[Part]
+    tableset: kernels.TableSet
+
+
 class PartStore:
     def __init__(
         self,
@@ -63,43 +86,61 @@ class PartStore:
         cache_bytes: int | None = None,
         io_threads: int = 32,
         state_dir: Path | None = None,
+        compact_at: float = 0.0,
     ) -> None:
         self.parts: dict[tuple[str, int], Part] = {}
         self.tier: CacheTier | None = None
+        self.state_dir = state_dir
+        self.compact_at = compact_at
+        self.digest = manifest.digest()
+        self.base = compaction.read_base(state_dir, self.digest) if state_dir else None
+        self.hugepages = False
+        self.compactions = 0
         tables: dict[str, Table] = {}
         for p in shard.parts:
             spec = manifest.table(p.table)
-            if p.table not in tables:
-                tables[p.table] = open_table(root, spec, file_size(manifest, spec))
-            whole = tables[p.table]
-            if isinstance(whole, Int8RowwiseTable):
-                view: Table = Int8RowwiseTable(whole.data[p.row_start : p.row_end])
+            name = self.base.files.get(part_key(p.table, p.row_start)) if self.base else None
+            if name is not None:
+                assert state_dir is not None
+                source = compaction.open_part(state_dir, name, spec, p.rows, p.row_start)
+                view = _map(source.path, spec)
             else:
-                view = whole[p.row_start : p.row_end]
-            self.parts[(p.table, p.row_start)] = Part(spec, p.row_start, p.row_end, view, base=view)
+                if p.table not in tables:
+                    tables[p.table] = open_table(root, spec, file_size(manifest, spec))
+                whole = tables[p.table]
+                source = PartFile(Path(root) / spec.file, _data_offset(whole))
+                view = _rows(whole, p.row_start, p.row_end)
+            self.parts[(p.table, p.row_start)] = Part(
+                spec, p.row_start, p.row_end, view, source, base=view
+            )
         if cache_bytes is not None:
             # Only the files' row offsets are kept: the mappings go, so nothing is paged in.
-            offsets = {name: _data_offset(t) for name, t in tables.items()}
             parts = [
-                (p.spec, p.row_start, p.row_end, Path(root) / p.spec.file, offsets[p.spec.name])
+                (p.spec, p.row_start, p.row_end, p.source.path, p.source.origin)
                 for p in self.parts.values()
             ]
             self.tier = CacheTier(parts, cache_bytes, io_threads)
             for key, pc in zip(list(self.parts), self.tier.parts, strict=True):
-                base = self.parts[key].base  # mapped, never touched but by updates
-                self.parts[key] = Part(pc.spec, pc.row_start, pc.row_end, pc.table(), pc, base)
-        self._resolve()
-        self.versions = Versions(self.by_slot, state_dir)
-
-    def _resolve(self) -> None:
-        """Resolve every part once for the kernel (see ``kernels.TableSet``)."""
+                self.parts[key] = replace(self.parts[key], view=pc.table(), cache=pc)
         self.index = {key: i for i, key in enumerate(self.parts)}
-        self.by_slot = list(self.parts.values())
-        self.max_dim = max((p.spec.dim for p in self.by_slot), default=0)
-        self.tableset = kernels.TableSet(
-            [p.view for p in self.by_slot],
-            first_ids=[0 if p.cache else p.row_start for p in self.by_slot],
+        self.max_dim = max((p.spec.dim for p in self.parts.values()), default=0)
+        self.swap = threading.Lock()  # a generation's view and versions, read as one
+        self.view = self._resolve(0)
+        self.versions = Versions(
+            self.view.by_slot,
+            state_dir,
+            base_version=self.base.version if self.base else 0,
+            snapshot=self.snapshot,
         )
+
+    def _resolve(self, gen: int) -> View:
+        """Resolve every part once for the kernel (see ``kernels.TableSet``)."""
+        by_slot = list(self.parts.values())
+        tableset = kernels.TableSet(
+            [p.view for p in by_slot],
+            first_ids=[0 if p.cache else p.row_start for p in by_slot],
+        )
+        return View(gen, by_slot, tableset)
 
     @property
     def nbytes(self) -> int:
@@ -109,6 +150,8 @@ class PartStore:
     def close(self) -> None:
         if self.tier is not None:
             self.tier.close()
+        if self.versions.log is not None:
+            self.versions.log.close()
 
     def describe(self) -> list[dict[str, object]]:
         return [
@@ -124,14 +167,17 @@ class PartStore:
 
     def preload(self, *, hugepages: bool = False) -> float:
         """Touch every page of every part so first lookups do not fault, or with
-        ``hugepages`` serve each part from a copy in huge-page memory; returns seconds."""
+        ``hugepages`` serve each part from a copy in huge-page memory; returns seconds
+        (before serving: parts compacted later are loaded the same way)."""
         start = time.perf_counter()
+        self.hugepages = hugepages
         if hugepages:
             keys = list(self.parts)
             copies = hugepage_copies([self.parts[k].view for k in keys])
             for key, copy in zip(keys, copies, strict=True):
                 self.parts[key] = replace(self.parts[key], view=copy)
-            self._resolve()
+            self.view = self._resolve(self.view.gen)
+            self.versions.parts = self.view.by_slot
         else:
             for part in self.parts.values():
                 touch(part.view)
@@ -154,14 +200,17 @@ class PartStore:
         Zero-copy: the kernel reads the request's ids (and weights) frame in place, with bag
         bounds as positions into it and each part's first row id as its id base.
         """
-        overlays = self.versions.overlays(version)  # taken once: the lookup's version
+        with self.swap:  # one generation's parts and versions
+            view, (gen, committed) = self.view, self.versions.state
+        assert gen == view.gen
+        overlays = self.versions.overlays(version, committed)  # the lookup's version
         slots, resolved = [], []
         for i, req in enumerate(lookup.parts):
             slot = self.index.get((req.table, req.row_start))
             if slot is None:
                 raise unknown_part(req.table, req.row_start, i)
             slots.append(slot)
-            resolved.append(self.by_slot[slot])
+            resolved.append(view.by_slot[slot])
         bags = [req.bags for req in lookup.parts]
         floats = sum(b * p.spec.dim for b, p in zip(bags, resolved, strict=True))
         if floats > max_floats:
@@ -181,7 +230,7 @@ class PartStore:
             # Row j: part members[j]'s B + 1 bag bounds, positions into the ids frame.
             at = first_bag[members][:, None] + np.arange(n_bags + 1)
             try:
-                call = self.tableset.prepare(
+                call = view.tableset.prepare(
                     [slots[i] for i in members],
                     lookup.ids,
                     bounds_all[at],
@@ -193,14 +242,115 @@ class PartStore:
                 raise _explain(exc, resolved, lookup.spans()) from None
             calls.append((tuple(members), call))
         updated = {i: overlays[s] for i, s in enumerate(slots) if s in overlays}
-        return Job(calls, resolved, lookup, self.tier, updated)
+        return Job(calls, resolved, lookup, self.tier, updated, (gen, version, slots))
+
+    # --- compaction ---------------------------------------------------------------------------
+
+    def wants_compaction(self) -> bool:
+        """Whether the newest version's corrections hold ``compact_at`` of the rows."""
+        v = self.versions
+        total = sum(p.row_end - p.row_start for p in self.parts.values())
+        return bool(self.compact_at) and v.enabled and v.rows_updated >= self.compact_at * total
+
+    def compact(self) -> int:
+        """Fold the newest version into new part files and swap them in (on the update
+        thread); returns the parts written."""
+        v = self.versions
+        assert self.state_dir is not None
+        with v.lock:
+            if v.staged is not None:
+                return 0  # the next commit tries again
+            version, view = v.current, self.view
+            flats = {s: f for s in range(len(view.by_slot)) if (f := v.flat(s)).size}
+            if not flats:
+                return 0
+            base = self.base or Base(0, {}, {})
+            files, changed = dict(base.files), dict(base.changed)
+            written: dict[int, PartFile] = {}
+            for slot, flat in flats.items():
+                part = view.by_slot[slot]
+                key = part_key(part.spec.name, part.row_start)
+                stem = f"{part.spec.name}.{part.row_start}.v{version}"
+                tables = self.state_dir / compaction.TABLES
+                values = base_rows(part, flat.keys) + flat.deltas
+                written[slot] = compaction.write_part(
+                    part.source, part.spec, part.row_start, part.row_end - part.row_start,
+                    flat.keys, values, tables / f"{stem}.npy",
+                )  # fmt: skip
+                ids = flat.keys
+                if key in changed:
+                    ids = np.union1d(np.load(tables / changed[key]), ids)
+                compaction.write_ids(tables / f"{stem}.ids.npy", ids)
+                files[key], changed[key] = f"{stem}.npy", f"{stem}.ids.npy"
+            compaction.write_base(self.state_dir, Base(version, files, changed), self.digest)
+            self._swap(view, flats, written)
+            v.compacted(version)
+            old, self.base = base, Base(version, files, changed)
+            self.compactions += 1
+            for key in {part_key(view.by_slot[s].spec.name, view.by_slot[s].row_start)
+                        for s in flats}:  # fmt: skip
+                for name in (old.files.get(key), old.changed.get(key)):
+                    if name is not None and name not in (files[key], changed[key]):
+                        (self.state_dir / compaction.TABLES / name).unlink(missing_ok=True)
+            return len(flats)
+
+    def _swap(self, view: View, flats: dict[int, Overlay], written: dict[int, PartFile]) -> None:
+        """Publish the new files as the next generation (see the module's docstring)."""
+        for slot, source in written.items():
+            part = view.by_slot[slot]
+            mapped = _map(source.path, part.spec)
+            if part.cache is not None:
+                new = replace(part, source=source, base=mapped)
+            elif self.hugepages:
+                new = replace(part, view=hugepage_copies([mapped])[0], source=source, base=mapped)
+            else:
+                touch(mapped)  # lookups on the new generation do not fault
+                new = replace(part, view=mapped, source=source, base=mapped)
+            self.parts[(part.spec.name, part.row_start)] = new
+        nxt = self._resolve(view.gen + 1)
+        v = self.versions
+        state = (nxt.gen, v.rebased(flats))
+        tier = self.tier
+        if tier is not None:
+            tier.lock.acquire()
+        try:
+            if tier is not None:
+                for slot, source in written.items():
+                    pc = nxt.by_slot[slot].cache
+                    if pc is not None:
+                        file = TableFile(source.path, source.origin, pc.spec.row_bytes)
+                        tier.swap_file(pc, file, flats[slot].keys - pc.row_start)
+                tier.published = state
+                tier.gen = nxt.gen
+            with self.swap:
+                self.view = nxt
+                v.parts = nxt.by_slot
+                v.state = state
+        finally:
+            if tier is not None:
+                tier.lock.release()
+
+    def snapshot(self) -> list[StagePart]:
+        """Every row changed up to the compacted version, from the compacted files (for a
+        replica catching up; the versions lock is held)."""
+        out: list[StagePart] = []
+        if self.base is None or self.state_dir is None:
+            return out
+        for (table, row_start), part in self.parts.items():
+            name = self.base.changed.get(part_key(table, row_start))
+            if name is None:
+                continue
+            ids = np.load(self.state_dir / compaction.TABLES / name)
+            rows = compaction.read_rows(part.source, part.spec, ids)
+            out.append(StagePart(table, row_start, ids, rows))
+        return out
 
 
 class Job:
     """A prepared lookup: one kernel call per group of parts, and the rows of its cached
     parts fetched first."""
 
-    __slots__ = ("bags", "calls", "fetched", "ids", "lookup", "resolved", "tier", "updated")
+    __slots__ = ("at", "bags", "calls", "fetched", "ids", "lookup", "resolved", "tier", "updated")
 
     def __init__(
         self,
@@ -208,10 +358,12 @@ class Job:
         resolved: list[Part],
         lookup: Lookup,
         tier: CacheTier | None = None,
-        updated: dict[int, Overlay] | None = None,
+        updated: dict[int, Levels] | None = None,
+        at: tuple[int, int | None, list[int]] = (0, None, []),
     ) -> None:
         self.calls = calls
         self.updated = updated or {}
+        self.at = at  # generation, version asked (None: the newest), slot of each part
         self.resolved = resolved
         self.lookup = lookup
         self.ids = int(lookup.ids.size)
@@ -240,6 +392,13 @@ class Job:
         mapped = ids.copy()
         self.fetched = got = tier.fetch(ids, mapped, spans)
         try:
+            gen, version, slots = self.at
+            if got.gen != gen:  # compacted since prepare: the cache holds the new files' rows
+                overlays = Versions.overlays_in(got.published, version)
+                for i, _, _, _ in spans:
+                    self.updated.pop(i, None)
+                    if slots[i] in overlays:
+                        self.updated[i] = overlays[slots[i]]
             groups = []
             for members, call in self.calls:
                 call.ids = mapped
@@ -256,11 +415,22 @@ class Job:
         global ids, as the request sent them)."""
         out = call.run()
         for j, i in enumerate(members):
-            ov = self.updated.get(i)
-            if ov is not None:
+            for ov in self.updated.get(i, ()):
                 apply_deltas(out, j, ids, call.bounds[j], call.weights, call.weighted,
                              bool(call.layout[j, MEAN]), ov.keys, ov.deltas)  # fmt: skip
         return Group(members, out)
+
+
+def _map(path: Path, spec: TableSpec) -> Table:
+    """A compacted part file, mapped read only."""
+    array = np.load(path, mmap_mode="r")
+    return Int8RowwiseTable(array) if spec.dtype == "int8" else array
+
+
+def _rows(whole: Table, start: int, end: int) -> Table:
+    if isinstance(whole, Int8RowwiseTable):
+        return Int8RowwiseTable(whole.data[start:end])
+    return whole[start:end]
 
 
 def _data_offset(table: Table) -> int:

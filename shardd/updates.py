@@ -1,12 +1,15 @@
 """Online updates on a shard: staged, committed versions of updated rows, durable in a log.
 
-A version is, per part, the rows updated up to it as an ``Overlay`` (sorted global ids and
-each row's difference from the table file, applied by ``kernels.overlay`` after pooling),
-built in full at ``stage`` and never changed after: ``commit`` makes it the newest by putting
-it in a dict, so a lookup that took the previous version's overlays keeps reading them, and
-no row is ever read half-written. The table files are never written. The last ``KEEP``
-versions stay readable: the gateway names the version each request reads, so a request never
-mixes versions across shards while a commit reaches them one by one.
+A version is, per part, the rows updated up to it as corrections over the part's file:
+``Levels``, a few ``Overlay`` s (sorted global ids and per row a difference), summed, applied
+by ``kernels.overlay`` after pooling. The newest versions have two levels: a large one
+shared by many versions and a small one each stage copies and extends; the small one is
+folded into the large one once it reaches a quarter of it, so a stage costs what it adds,
+not the whole history. A version is built in full at ``stage`` and never changed after:
+``commit`` makes it the newest by publishing a new dict of versions, so a lookup that took
+the previous version keeps reading it, and no row is ever read half-written. The last
+``KEEP`` versions stay readable: the gateway names the version each request reads, so a
+request never mixes versions across shards while a commit reaches them one by one.
 
 New rows are stored as the table stores them: int8 tables quantize each row as ``recserve
 quantize`` does (``kernels.quantize_rows``), fp16 tables round to fp16, and the difference is
@@ -17,6 +20,9 @@ state directory and fsync'ed; ``commit`` and ``abort`` append their record the s
 start the log is replayed (a torn record at its end, from a crash mid-append, is cut off), so
 a shard killed at any moment comes back with exactly the versions it acknowledged; a version
 staged but neither committed nor aborted stays staged until the coordinator decides.
+Compaction (``shardd.compaction``, driven by the store) folds the newest version into new
+part files and empties the log; the versions still readable are then rebased on the new
+files by one more level, the negated corrections the files absorbed.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +52,7 @@ from recserve.rpc.wire import StagePart
 
 log = logging.getLogger(__name__)
 KEEP = 16  # committed versions kept readable
+FOLD_MIN = 4096  # rows the small level may hold before it is folded into the large one
 MAGIC = 0x52535550  # "RSUP"
 _HEAD = struct.Struct("<III")  # magic, payload length, crc32 of the payload
 
@@ -54,8 +62,12 @@ class Overlay:
     keys: np.ndarray  # int64 global row ids, sorted
     deltas: np.ndarray  # float32 [len(keys), dim]: new value minus the file's
 
+    @property
+    def size(self) -> int:
+        return int(self.keys.size)
 
-EMPTY: dict[int, Overlay] = {}
+
+Levels = tuple[Overlay, ...]  # summed: (large, small) for the newest versions
 
 
 class UpdateLog:
@@ -66,6 +78,12 @@ class UpdateLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "ab")  # noqa: SIM115 - kept open for the daemon's life
         self.bytes = path.stat().st_size
+
+    def reset(self) -> None:
+        """Empty the log (its records are in compacted files now)."""
+        self.file.truncate(0)
+        os.fsync(self.file.fileno())
+        self.bytes = 0
 
     def append(self, record: dict[str, Any]) -> None:
         payload = msgpack.packb(record, use_bin_type=True)
@@ -100,17 +118,30 @@ class UpdateLog:
 
 
 class Versions:
-    """The versions of one shard's parts; ``slots`` maps (table, row_start) to the store's
-    part index, ``specs`` gives each part's table spec, rows and base table."""
+    """The versions of one shard's parts (the store's ``Part`` s, by slot).
 
-    def __init__(self, parts: list[Any], state_dir: Path | None) -> None:
-        self.parts = parts  # store Parts, by slot
+    ``state`` is ``(generation, committed)``: the committed versions' ``Levels`` by slot,
+    over the part files of that generation; both are replaced, never changed, so a reader
+    takes one consistent pair (the store bumps the generation when compaction swaps files).
+    """
+
+    def __init__(
+        self,
+        parts: list[Any],
+        state_dir: Path | None,
+        *,
+        base_version: int = 0,
+        snapshot: Callable[[], list[StagePart]] | None = None,
+    ) -> None:
+        self.parts = parts
         self.index = {(p.spec.name, p.row_start): i for i, p in enumerate(parts)}
-        self.committed: dict[int, dict[int, Overlay]] = {0: EMPTY}
-        self.current = 0
-        self.staged: tuple[int, dict[int, Overlay]] | None = None
+        self.base_version = base_version  # what the compacted files hold
+        self.snapshot = snapshot  # every row changed up to base_version, from those files
+        self.state: tuple[int, dict[int, dict[int, Levels]]] = (0, {base_version: {}})
+        self.current = base_version
+        self.staged: tuple[int, dict[int, Levels]] | None = None
         self.rows_updated = 0
-        self.lock = threading.Lock()  # stage/commit/abort, one at a time
+        self.lock = threading.Lock()  # stage/commit/abort/compaction, one at a time
         self.log = UpdateLog(state_dir / "updates.log") if state_dir is not None else None
         if self.log is not None:
             self._replay(self.log.records())
@@ -119,22 +150,37 @@ class Versions:
     def enabled(self) -> bool:
         return self.log is not None
 
-    def overlays(self, version: int | None) -> dict[int, Overlay]:
-        """The overlays of ``version`` (None: the newest); raises ``VersionUnavailable``."""
+    @property
+    def committed(self) -> dict[int, dict[int, Levels]]:
+        return self.state[1]
+
+    def overlays(
+        self, version: int | None, committed: dict[int, dict[int, Levels]] | None = None
+    ) -> dict[int, Levels]:
+        """The levels of ``version`` (None: the newest) by slot, in ``committed`` (default:
+        the published versions); raises ``VersionUnavailable``."""
+        return self.overlays_in((0, self.committed if committed is None else committed), version)
+
+    @staticmethod
+    def overlays_in(
+        state: tuple[int, dict[int, dict[int, Levels]]], version: int | None
+    ) -> dict[int, Levels]:
+        committed = state[1]
         if version is None:
-            return self.committed[self.current]
-        found = self.committed.get(version)
+            return committed[max(committed)]
+        found = committed.get(version)
         if found is None:
             raise VersionUnavailable(
-                f"this shard holds versions {min(self.committed)}..{self.current}, not {version}",
+                f"this shard holds versions {min(committed)}..{max(committed)}, not {version}",
                 field="version",
             )
         return found
 
-    def stage(self, version: int, parts: list[StagePart]) -> None:
-        """Check, build and durably log ``version``; nothing changes on any error."""
+    def stage(self, version: int, parts: list[StagePart], *, jump: bool = False) -> None:
+        """Check, build and durably log ``version``; nothing changes on any error. ``jump``:
+        ``version`` may skip versions (a peer's compacted snapshot, when catching up)."""
         with self.lock:
-            self._check_stage(version)
+            self._check_stage(version, jump)
             built = self._build(parts)
             self._append({"op": "stage", "version": version, "parts": _pack(parts)})
             self.staged = (version, built)
@@ -156,12 +202,15 @@ class Versions:
 
     def history(self, since: int) -> list[tuple[int, list[StagePart]]]:
         """The committed versions after ``since``, with their rows as staged (from the log),
-        for a replica catching up."""
+        for a replica catching up; versions already compacted come as one snapshot of
+        every row changed up to the compacted version."""
         with self.lock:
             if self.log is None:
                 raise BadRequest("this shard keeps no update log", field="op")
-            staged: dict[int, list[StagePart]] = {}
             out = []
+            if since < self.base_version and self.snapshot is not None:
+                out.append((self.base_version, self.snapshot()))
+            staged: dict[int, list[StagePart]] = {}
             for r in self.log.records(repair=False):
                 if r["op"] == "stage":
                     staged[r["version"]] = _unpack(r["parts"])
@@ -178,7 +227,7 @@ class Versions:
             if self.staged is not None and self.staged[0] != version:
                 self.abort(self.staged[0])  # a version the others never committed
             if self.staged is None:
-                self.stage(version, parts)
+                self.stage(version, parts, jump=True)
             self.commit(version)
             applied += 1
         return applied
@@ -188,13 +237,44 @@ class Versions:
             "version": self.current,
             "staged": self.staged[0] if self.staged else None,
             "oldest": min(self.committed),
+            "compacted": self.base_version,
             "rows_updated": self.rows_updated,
             "log_bytes": self.log.bytes if self.log else 0,
         }
 
+    # --- compaction (the store holds ``lock`` throughout) ---------------------------------
+
+    def flat(self, slot: int) -> Overlay:
+        """The newest version's corrections of ``slot`` as one level."""
+        return _flatten(self.committed[self.current].get(slot, ()))
+
+    def rebased(self, flats: dict[int, Overlay]) -> dict[int, dict[int, Levels]]:
+        """The committed versions over new files holding the newest version's rows of the
+        slots of ``flats`` (their corrections there): the newest has none left, the older
+        ones subtract what the files absorbed."""
+        out = {}
+        negated = {s: Overlay(f.keys, -f.deltas) for s, f in flats.items()}
+        for v, levels in self.committed.items():
+            mine = dict(levels)
+            for slot, neg in negated.items():
+                if v == self.current:
+                    mine.pop(slot, None)
+                else:
+                    mine[slot] = (*mine.get(slot, ()), neg)
+            out[v] = mine
+        return out
+
+    def compacted(self, version: int) -> None:
+        """The files now hold ``version`` (and ``state`` is rebased on them): empty the log,
+        whose records ``base.json`` made unneeded."""
+        assert self.log is not None and version == self.current and self.staged is None
+        self.base_version = version
+        self.rows_updated = 0
+        self.log.reset()
+
     # --- internals --------------------------------------------------------------------------
 
-    def _check_stage(self, version: int) -> None:
+    def _check_stage(self, version: int, jump: bool) -> None:
         if self.log is None:
             raise BadRequest("this shard takes no updates: start it with --state-dir", field="op")
         if self.staged is not None:
@@ -202,12 +282,12 @@ class Versions:
                 f"version {self.staged[0]} is staged here; commit or abort it first",
                 field="version",
             )
-        if version != self.current + 1:
+        if version != self.current + 1 and not (jump and version > self.current):
             raise BadRequest(
                 f"version {version} does not follow this shard's {self.current}", field="version"
             )
 
-    def _build(self, parts: list[StagePart]) -> dict[int, Overlay]:
+    def _build(self, parts: list[StagePart]) -> dict[int, Levels]:
         out = dict(self.committed[self.current])
         for i, sp in enumerate(parts):
             slot = self.index.get((sp.table, sp.row_start))
@@ -232,19 +312,25 @@ class Versions:
                 )
             if np.unique(ids).size != ids.size:
                 raise BadRequest(f"an id of table {sp.table} repeats", field=f"parts[{i}].ids")
-            new = _stored(part.spec.dtype, sp.rows) - _base_rows(part, ids)
-            out[slot] = _merge(out.get(slot), ids, new.astype(np.float32))
+            levels = out.get(slot, ())
+            large, small = levels if levels else (_EMPTY, _EMPTY)
+            now = base_rows(part, ids) + _at(levels, ids, part.spec.dim)
+            small = _add(small, ids, _stored(part.spec.dtype, sp.rows) - now)
+            if small.size > max(FOLD_MIN, large.size // 4):
+                large, small = _add(large, small.keys, small.deltas), _EMPTY
+            out[slot] = (large, small)
         return out
 
     def _commit(self, version: int) -> None:
         assert self.staged is not None
         built = self.staged[1]
-        self.rows_updated = sum(o.keys.size for o in built.values())
-        self.committed[version] = built  # readers of older versions keep theirs
+        self.rows_updated = sum(lv.size for levels in built.values() for lv in levels)
+        gen, old = self.state
+        committed = {v: old[v] for v in sorted(old)[-(KEEP - 1) :]}
+        committed[version] = built
+        self.state = (gen, committed)  # readers of older versions keep theirs
         self.current = version
         self.staged = None
-        for old in sorted(self.committed)[:-KEEP]:
-            del self.committed[old]
 
     def _append(self, record: dict[str, Any]) -> None:
         assert self.log is not None
@@ -254,6 +340,7 @@ class Versions:
             raise RecserveError(f"writing the update log failed: {exc}") from exc
 
     def _replay(self, records: list[dict[str, Any]]) -> None:
+        records = [r for r in records if r["version"] > self.base_version]
         for r in records:
             if r["op"] == "stage":
                 self.staged = (r["version"], self._build(_unpack(r["parts"])))
@@ -286,7 +373,7 @@ def _stored(dtype: str, rows: np.ndarray) -> np.ndarray:
     return np.asarray(rows, np.float32)
 
 
-def _base_rows(part: Any, ids: np.ndarray) -> np.ndarray:
+def base_rows(part: Any, ids: np.ndarray) -> np.ndarray:
     """The file's values of global rows ``ids`` of ``part``, float32."""
     local = ids - part.row_start
     base = part.base
@@ -295,13 +382,47 @@ def _base_rows(part: Any, ids: np.ndarray) -> np.ndarray:
     return np.asarray(base[local], np.float32)
 
 
-def _merge(old: Overlay | None, ids: np.ndarray, deltas: np.ndarray) -> Overlay:
-    if old is not None and old.keys.size:
-        keep = ~np.isin(old.keys, ids)
-        ids = np.concatenate([old.keys[keep], ids])
-        deltas = np.concatenate([old.deltas[keep], deltas])
-    order = np.argsort(ids, kind="stable")
-    return Overlay(np.ascontiguousarray(ids[order]), np.ascontiguousarray(deltas[order]))
+_EMPTY = Overlay(np.zeros(0, np.int64), np.zeros((0, 0), np.float32))
+
+
+def _at(levels: Levels, ids: np.ndarray, dim: int) -> np.ndarray:
+    """The summed corrections of ``levels`` at rows ``ids``, float32 ``[n, dim]``."""
+    out = np.zeros((ids.size, dim), np.float32)
+    for lv in levels:
+        if lv.size:
+            pos = np.minimum(np.searchsorted(lv.keys, ids), lv.size - 1)
+            found = lv.keys[pos] == ids
+            out[found] += lv.deltas[pos[found]]
+    return out
+
+
+def _add(old: Overlay, ids: np.ndarray, deltas: np.ndarray) -> Overlay:
+    """A new level: ``old`` plus ``deltas`` at ``ids`` (unique), added where both hold a
+    row."""
+    deltas = np.asarray(deltas, np.float32)
+    if old.size == 0:
+        order = np.argsort(ids, kind="stable")
+        return Overlay(np.ascontiguousarray(ids[order]), np.ascontiguousarray(deltas[order]))
+    pos = np.minimum(np.searchsorted(old.keys, ids), old.size - 1)
+    found = old.keys[pos] == ids
+    summed = old.deltas.copy()
+    summed[pos[found]] += deltas[found]
+    if found.all():
+        return Overlay(old.keys, summed)
+    keys = np.concatenate([old.keys, ids[~found]])
+    order = np.argsort(keys, kind="stable")
+    return Overlay(
+        np.ascontiguousarray(keys[order]),
+        np.ascontiguousarray(np.concatenate([summed, deltas[~found]])[order]),
+    )
+
+
+def _flatten(levels: Levels) -> Overlay:
+    out = _EMPTY
+    for lv in levels:
+        if lv.size:
+            out = _add(out, lv.keys, lv.deltas)
+    return out
 
 
 def _pack(parts: list[StagePart]) -> list[dict[str, Any]]:

@@ -1,11 +1,13 @@
 """Online updates on a real shard: a staged and committed version pools as the tables with
 those rows replaced (int8 rows quantized as ``recserve quantize`` does), older versions stay
-readable, bad updates change nothing, and a shard killed after a commit or between stage and
-commit comes back from its log with exactly what it acknowledged."""
+readable, bad updates change nothing, a shard killed after a commit or between stage and
+commit comes back from its log with exactly what it acknowledged, and compaction into new
+part files changes no version's values."""
 
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import msgpack
@@ -16,7 +18,8 @@ import kernels
 from recserve.contracts.manifest import read_manifest
 from recserve.contracts.plan import Plan
 from recserve.model.artifact import open_table
-from recserve.rpc.wire import PartRequest, StagePart, encode_lookup, encode_stage
+from recserve.rpc.wire import PartRequest, StagePart, decode_lookup, encode_lookup, encode_stage
+from shardd.store import PartStore
 from tests.integration.shardd.test_cache import cached_model  # noqa: F401 - the fixture
 from tests.integration.shards import header, raw, running, start_shard, stop, wait_healthy
 
@@ -181,3 +184,109 @@ def test_killed_shard_comes_back_with_what_it_acknowledged(cached_model, tmp_pat
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     finally:
         stop(proc)
+
+
+def near_rows(plan: Plan, model: Path, seed: int, tables: dict) -> tuple[list[StagePart], dict]:
+    """New rows for ids among the first 200 of every part of shard 0 (where ``pooled``
+    draws), and ``tables`` with them replaced (stored as the table stores them)."""
+    manifest = read_manifest(model)
+    rng = np.random.default_rng(seed)
+    parts, out = [], {name: t.copy() for name, t in tables.items()}
+    for p in plan.shard(0).parts:
+        spec = manifest.table(p.table)
+        ids = rng.choice(np.arange(p.row_start, min(p.row_end, p.row_start + 200)), 50, False)
+        rows = rng.standard_normal((ids.size, spec.dim)).astype(np.float32)
+        parts.append(StagePart(p.table, p.row_start, ids.astype(np.int64), rows))
+        if spec.dtype == "int8":
+            rows = kernels.Int8RowwiseTable(kernels.quantize_rows(rows)).dequantize()
+        elif spec.dtype == "fp16":
+            rows = rows.astype(np.float16).astype(np.float32)
+        out[p.table][ids] = rows
+    return parts, out
+
+
+def check(endpoint: str, plan: Plan, version: int, tables: dict, seed: int) -> None:
+    got, asked = pooled(endpoint, plan, version, seed)
+    for g, w in zip(got, reference(tables, asked), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def wait_compacted(endpoint: str, version: int) -> dict:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        info = op(endpoint, "info")
+        if info["versions"]["compacted"] == version:
+            return info
+        time.sleep(0.05)
+    raise AssertionError(f"version {version} was not compacted: {info}")
+
+
+@pytest.mark.parametrize("memory", ["--preload", "--cache-bytes"])
+def test_compaction_folds_versions_into_files(cached_model, tmp_path, memory) -> None:  # noqa: F811
+    """Each commit past --compact-at is folded into new part files and the log emptied;
+    every version still readable pools as before, and a shard killed after it comes back
+    from the files with the newest version."""
+    model, plan_path, plan = cached_model
+    endpoint = f"ipc://{tmp_path}/u.sock"
+    state = tmp_path / "state"
+    flags = ["--preload"] if memory == "--preload" else [memory, "200KiB"]
+    flags += ["--state-dir", str(state), "--compact-at", "0.0001"]
+    v0 = originals(model, plan)
+    v1_parts, v1 = near_rows(plan, model, 11, v0)
+    v2_parts, v2 = near_rows(plan, model, 12, v1)  # overlaps version 1's rows
+    proc = start_shard(plan_path, model, 0, endpoint, *flags)
+    try:
+        wait_healthy(endpoint, proc)
+        check(endpoint, plan, 0, v0, seed=1)  # cache the old rows first
+        assert stage(endpoint, 1, v1_parts)["ok"] and op(endpoint, "commit", version=1)["ok"]
+        assert wait_compacted(endpoint, 1)["versions"]["log_bytes"] == 0
+        for version, tables in [(1, v1), (0, v0)]:
+            check(endpoint, plan, version, tables, seed=2)
+        assert stage(endpoint, 2, v2_parts)["ok"] and op(endpoint, "commit", version=2)["ok"]
+        wait_compacted(endpoint, 2)
+        for version, tables in [(2, v2), (1, v1), (0, v0)]:
+            check(endpoint, plan, version, tables, seed=3)
+        files = sorted(f.name for f in (state / "tables").iterdir())
+        assert files and all(".v2." in f for f in files), files  # version 1's are gone
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc = start_shard(plan_path, model, 0, endpoint, *flags)
+        wait_healthy(endpoint, proc)
+        info = op(endpoint, "info")
+        assert info["versions"]["version"] == 2 and info["versions"]["compacted"] == 2
+        check(endpoint, plan, 2, v2, seed=4)
+        check(endpoint, plan, None, v2, seed=5)
+    finally:
+        stop(proc)
+
+
+def test_replica_catches_up_across_a_compaction(cached_model, tmp_path) -> None:  # noqa: F811
+    """A replica behind a peer's compaction gets the compacted rows as one version, then the
+    peer's log; it then pools as the peer does."""
+    model, _, plan = cached_model
+    manifest = read_manifest(model)
+    v0 = originals(model, plan)
+    v1_parts, v1 = near_rows(plan, model, 21, v0)
+    v2_parts, v2 = near_rows(plan, model, 22, v1)
+    peer = PartStore(model, manifest, plan.shard(0), state_dir=tmp_path / "peer", compact_at=1e-4)
+    peer.versions.stage(1, v1_parts)
+    peer.versions.commit(1)
+    assert peer.wants_compaction() and peer.compact() == len(v1_parts)
+    peer.versions.stage(2, v2_parts)
+    peer.versions.commit(2)
+    behind = PartStore(model, manifest, plan.shard(0), state_dir=tmp_path / "behind")
+    history = peer.versions.history(0)
+    assert [v for v, _ in history] == [1, 2]
+    assert behind.versions.catch_up(history) == 2 and behind.versions.current == 2
+    rng = np.random.default_rng(7)
+    for p in plan.shard(0).parts:
+        ids = rng.integers(p.row_start, p.row_start + 200, 64)
+        frames = encode_lookup(1, None, [PartRequest(p.table, p.row_start, 16, "sum")], ids,
+                               np.full(16, 4))  # fmt: skip
+        lookup = decode_lookup(msgpack.unpackb(frames[0]), frames[1:])
+        want = kernels.pool_numpy(v2[p.table], ids, np.arange(0, 64, 4), mode="sum")
+        for store in (peer, behind):
+            got = store.pool(lookup)[0].pooled[:, 0, :]
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    peer.close()
+    behind.close()

@@ -1,0 +1,190 @@
+"""Compaction: a shard's updated rows folded into new part files in its state directory.
+
+Online updates keep a version's rows as corrections over the table files (``shardd.updates``)
+and every update in a log; both grow with every version. Compaction writes, for each part
+with updated rows, a new file holding the part's rows at the newest committed version (the
+artifact's ``.npy`` format, the part's rows only) beside the old one, fsyncs it, records the
+files and their version in ``base.json`` (written to a temporary name, fsync'ed and renamed
+into place: the commit point), and only then empties the log. The artifact's files are never
+written; a compacted file replaced by a newer one is deleted.
+
+At start a shard opens its compacted files instead of the artifact's for those parts and
+replays only the log records after ``base.json``'s version, so a crash at any point of a
+compaction comes back with exactly the acknowledged versions: before the rename the old
+files and the whole log still hold them; after it the new files and the log's later records.
+
+Files are read and written with plain ``pread``/``write`` and dropped from the page cache
+after (``POSIX_FADV_DONTNEED``): a larger-than-memory shard's cgroup is not charged for
+copying its parts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import kernels
+from recserve.contracts.manifest import TableSpec
+from recserve.model.artifact import storage
+
+BASE = "base.json"
+TABLES = "tables"
+CHUNK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class PartFile:
+    """Where a part's rows are: global row ``r`` starts at byte ``origin + r * row_bytes``
+    of ``path`` (an artifact file holds every row; a compacted one the part's only)."""
+
+    path: Path
+    origin: int
+
+
+@dataclass(frozen=True)
+class Base:
+    """What ``base.json`` records: the version the compacted files hold, and per part key
+    (``table@row_start``) its file and the file of the ids changed since the artifact."""
+
+    version: int
+    files: dict[str, str]
+    changed: dict[str, str]
+
+
+def part_key(table: str, row_start: int) -> str:
+    return f"{table}@{row_start}"
+
+
+def read_base(state_dir: Path, digest: str) -> Base | None:
+    """``base.json`` of this model (None: never compacted, or compacted for another model,
+    whose files are then left alone)."""
+    try:
+        raw = json.loads((state_dir / BASE).read_text())
+    except FileNotFoundError:
+        return None
+    if raw.get("model_digest") != digest:
+        return None
+    return Base(int(raw["version"]), dict(raw["files"]), dict(raw["changed"]))
+
+
+def write_base(state_dir: Path, base: Base, digest: str) -> None:
+    body = {"model_digest": digest, "version": base.version, "files": base.files,
+            "changed": base.changed}  # fmt: skip
+    _replace(state_dir / BASE, json.dumps(body, indent=1).encode())
+
+
+def open_part(state_dir: Path, name: str, spec: TableSpec, rows: int, row_start: int) -> PartFile:
+    """A compacted part file, checked against the part's shape."""
+    path = state_dir / TABLES / name
+    array = np.load(path, mmap_mode="r")
+    dtype, width = storage(spec)
+    if array.dtype != dtype or array.shape != (rows, width):
+        raise ValueError(f"{path} holds {array.dtype} {array.shape}, not {dtype} {(rows, width)}")
+    assert isinstance(array, np.memmap)
+    return PartFile(path, int(array.offset) - row_start * spec.row_bytes)
+
+
+def write_part(
+    src: PartFile,
+    spec: TableSpec,
+    row_start: int,
+    rows: int,
+    ids: np.ndarray,
+    values: np.ndarray,
+    dest: Path,
+) -> PartFile:
+    """Write the part's ``rows`` rows from ``src`` to ``dest`` with global rows ``ids``
+    (sorted) replaced by ``values`` (float32, stored as the table stores them); fsync'ed,
+    under a temporary name until whole."""
+    dtype, width = storage(spec)
+    encoded = _encode(spec.dtype, values)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+              "shape": (rows, width)}  # fmt: skip
+    tmp = dest.with_name(dest.name + ".tmp")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    per_chunk = max(1, CHUNK_BYTES // spec.row_bytes)
+    src_fd = os.open(src.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with open(tmp, "wb") as out:
+            np.lib.format.write_array_header_1_0(out, header)
+            offset = out.tell()
+            local = ids - row_start
+            for lo in range(0, rows, per_chunk):
+                hi = min(rows, lo + per_chunk)
+                at = src.origin + (row_start + lo) * spec.row_bytes
+                data = os.pread(src_fd, (hi - lo) * spec.row_bytes, at)
+                if len(data) != (hi - lo) * spec.row_bytes:
+                    raise OSError(f"{src.path}: short read at byte {at}")
+                os.posix_fadvise(src_fd, at, len(data), os.POSIX_FADV_DONTNEED)
+                chunk = np.frombuffer(data, np.uint8).reshape(hi - lo, spec.row_bytes).copy()
+                a, b = np.searchsorted(local, [lo, hi])
+                chunk[local[a:b] - lo] = encoded[a:b]
+                out.write(chunk.data)
+            out.flush()
+            os.fsync(out.fileno())
+            os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        os.replace(tmp, dest)
+        _sync_dir(dest.parent)
+    finally:
+        os.close(src_fd)
+    return PartFile(dest, offset - row_start * spec.row_bytes)
+
+
+def write_ids(dest: Path, ids: np.ndarray) -> None:
+    buf = _npy_bytes(np.ascontiguousarray(ids, np.int64))
+    _replace(dest, buf)
+
+
+def read_rows(src: PartFile, spec: TableSpec, ids: np.ndarray) -> np.ndarray:
+    """Global rows ``ids`` of ``src`` as float32 ``[n, dim]`` (for a replica catching up)."""
+    out = np.empty((ids.size, spec.row_bytes), np.uint8)
+    fd = os.open(src.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for i, r in enumerate(ids.tolist()):
+            at = src.origin + r * spec.row_bytes
+            out[i] = np.frombuffer(os.pread(fd, spec.row_bytes, at), np.uint8)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if spec.dtype == "int8":
+        return kernels.Int8RowwiseTable(out).dequantize()
+    return out.view(np.float16 if spec.dtype == "fp16" else np.float32).astype(np.float32)
+
+
+def _encode(dtype: str, values: np.ndarray) -> np.ndarray:
+    """Float32 rows as the table's stored bytes ``[n, row_bytes]``."""
+    values = np.ascontiguousarray(values, np.float32)
+    if dtype == "int8":
+        return kernels.quantize_rows(values)
+    stored = values.astype(np.float16) if dtype == "fp16" else values
+    return stored.view(np.uint8).reshape(values.shape[0], -1)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _sync_dir(path.parent)
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
