@@ -3,12 +3,13 @@ updates cost the requests being served, in one run.
 
 A ``drm2`` model on a 4-shard local cluster (the demo's shape); loadgen's open-loop load at
 ``--rate`` requests/s for ``--duration`` s twice: once alone, once while a client pushes
-updates of ``--rows`` rows (spread over random tables) back to back through
-``POST /v1/updates``. Printed: rows/s applied, commit latency P50/P99 (arrival to commit on
-every replica), serving P50/P99 with and without updates, failed requests and updates, and
-whether every committed version reached every shard (none lost).
+updates of ``--rows`` rows (spread over random tables) through ``POST /v1/updates``, back
+to back or paced at ``--rows-per-s``. Printed: rows/s applied, commit latency P50/P99
+(arrival to commit on every replica), serving P50/P99 with and without updates, failed
+requests and updates, and whether every committed version reached every shard (none lost).
 
     python -m benchmarks.bench_updates [--size 256MiB] [--rate 20] [--duration 30] [--rows 10000]
+        [--rows-per-s 0] [--compact-at 0.1]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from recserve.local.cluster import LocalCluster, free_port
 from tests.integration.shards import header, raw
 
 TOKEN = "bench-updates-token-0123456789abcdef"
+BODIES = 100
 
 
 def update_body(rng: np.random.Generator, tables: list, rows: int) -> bytes:
@@ -67,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument(
+        "--rows-per-s", type=float, default=0.0,
+        help="push at this rate of rows (0: each push right after the last one's reply)",
+    )  # fmt: skip
+    parser.add_argument("--compact-at", default="0.1", help="the shards' --compact-at")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-updates-") as tmp:
         root = Path(tmp)
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         tables = list(read_manifest(model).tables)
         cluster = LocalCluster(
             model, shards=4, strategy="net", port=free_port(), admin_token_file=token,
-            gateway_args=("--timeout-ms", "5000"),
+            gateway_args=("--timeout-ms", "5000"), shard_args=("--compact-at", args.compact_at),
         )  # fmt: skip
         with cluster as c:
             quiet = load(c.url, model, args.rate, args.duration, root / "quiet.json")
@@ -86,10 +93,19 @@ def main(argv: list[str] | None = None) -> int:
             failed: list[str] = []
             stop = threading.Event()
 
+            rng = np.random.default_rng(
+                1
+            )  # bodies made before: the client's CPU is not the server's
+            bodies = [update_body(rng, tables, args.rows) for _ in range(BODIES)]
+
             def push() -> None:
-                rng = np.random.default_rng(1)
+                every = args.rows / args.rows_per_s if args.rows_per_s else 0.0
+                due = time.perf_counter()
                 while not stop.is_set():
-                    body = update_body(rng, tables, args.rows)
+                    due += every
+                    if (wait := due - time.perf_counter()) > 0:
+                        time.sleep(wait)
+                    body = bodies[len(commits) % BODIES]  # pushed again: a new version
                     req = urllib.request.Request(
                         c.url + "/v1/updates",
                         data=body,
@@ -113,14 +129,16 @@ def main(argv: list[str] | None = None) -> int:
             stop.set()
             pusher.join()
             elapsed = time.perf_counter() - began
-            versions = [
-                msgpack.unpackb(raw(ep, [header("health")])[0])["version"]
+            infos = [
+                msgpack.unpackb(raw(ep, [header("info")])[0])["versions"]
                 for s in c.plan.shards
                 for ep in s.endpoints
             ]
+            versions = [i["version"] for i in infos]
     pushes = len(commits)
+    pace = f"at {args.rows_per_s:,.0f} rows/s" if args.rows_per_s else "back to back"
     print(f"drm2 {args.size}, 4 shards; {args.rate:g} req/s of 16 samples for "
-          f"{args.duration:g} s; updates of {args.rows} rows back to back")  # fmt: skip
+          f"{args.duration:g} s; updates of {args.rows} rows {pace}")  # fmt: skip
     rows = [
         [name, f"{r['latency_ms']['p50']:.1f}", f"{r['latency_ms']['p99']:.1f}",
          sum(r["errors"].values()), f"{r['samples_per_s']:.0f}"]
@@ -137,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         f"serving P99 with / without updates: "
         f"{fmt_ratio(busy['latency_ms']['p99'], quiet['latency_ms']['p99'])} (target <= 1.2x)"
     )
+    done = [i["compactions"] for i in infos]
+    print(f"compactions per shard (--compact-at {args.compact_at}): {done}")
     lost = [v for v in versions if v != pushes]
     print(f"shard replicas at version {pushes}: {len(versions) - len(lost)} of {len(versions)}"
           f" ({'none lost' if not lost else f'behind: {lost}'})")  # fmt: skip

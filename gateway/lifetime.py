@@ -69,6 +69,8 @@ async def running(config: GatewayConfig) -> AsyncIterator[Gateway]:
                 task.cancel()
             await asyncio.gather(*gw.tasks, return_exceptions=True)
             await pooler.close()
+            if gw.updater is not None:
+                gw.updater.close()
     finally:
         ctx.term()
         executor.shutdown(wait=False, cancel_futures=True)

@@ -25,6 +25,7 @@ import hmac
 import io
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from recserve.contracts.manifest import Manifest
 from recserve.contracts.plan import Plan
 from recserve.rpc.deadline import Deadline
 from recserve.rpc.wire import StagePart
+from recserve.runtime.priority import lower_priority
 
 log = logging.getLogger("gateway")
 PHASE_MS = 30_000  # each phase's deadline
@@ -148,6 +150,14 @@ class Updater:
         self.pooler = pooler  # a ShardedPooler: its replica sets and the version it reads
         self.metrics = metrics
         self.lock = asyncio.Lock()
+        # Parsing and splitting updates on a thread of their own at a lower priority: never
+        # ahead of a batch in the serving executor, and yielding the CPU to it.
+        self.executor = ThreadPoolExecutor(
+            1, thread_name_prefix="gateway-update", initializer=lower_priority
+        )
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
 
     def _replicas(self, live: bool = False) -> list[tuple[int, Any]]:
         """(shard, client) of every replica, or with ``live`` of those in rotation (a replica
@@ -189,7 +199,8 @@ class Updater:
     async def apply(self, update: dict[str, tuple]) -> dict[str, Any]:
         async with self.lock:
             version = self.pooler.version + 1
-            by_shard = split(update, self.plan)
+            loop = asyncio.get_running_loop()
+            by_shard = await loop.run_in_executor(self.executor, split, update, self.plan)
             replicas = self._replicas(live=True)
             begin = time.perf_counter()
             deadline = Deadline.after(PHASE_MS)
@@ -256,6 +267,6 @@ async def handle(request: web.Request, gw: Any) -> dict[str, Any]:
     body = await gw.read_body(request)  # the same size, time and encoding limits
     ctype = request.content_type
     update = await asyncio.get_running_loop().run_in_executor(
-        gw.executor, parse_update, body, ctype, gw.manifest
+        gw.updater.executor, parse_update, body, ctype, gw.manifest
     )
     return await gw.updater.apply(update)

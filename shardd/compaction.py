@@ -97,10 +97,13 @@ def write_part(
     ids: np.ndarray,
     values: np.ndarray,
     dest: Path,
+    *,
+    keep_cached: bool = False,
 ) -> PartFile:
     """Write the part's ``rows`` rows from ``src`` to ``dest`` with global rows ``ids``
     (sorted) replaced by ``values`` (float32, stored as the table stores them); fsync'ed,
-    under a temporary name until whole."""
+    under a temporary name until whole. ``keep_cached``: leave the new file's pages in the
+    page cache (a resident part maps it next)."""
     dtype, width = storage(spec)
     encoded = _encode(spec.dtype, values)
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
@@ -127,7 +130,8 @@ def write_part(
                 out.write(chunk.data)
             out.flush()
             os.fsync(out.fileno())
-            os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            if not keep_cached:
+                os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         os.replace(tmp, dest)
         _sync_dir(dest.parent)
     finally:

@@ -17,8 +17,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,13 +45,13 @@ from recserve.rpc.wire import (
     reply,
     stage_columns,
 )
+from recserve.runtime.priority import lower_priority
 from shardd.cpus import pin
 from shardd.metrics import ShardMetrics
 from shardd.store import Group, Job, PartStore
 
 log = logging.getLogger(__name__)
 UPDATE_OPS = frozenset({"stage", "commit", "abort", "log"})
-UPDATE_NICE = 10
 INLINE_FLOATS = 1 << 20  # pooled floats (4 MiB) a lookup pooled on the loop may write
 
 
@@ -130,7 +128,7 @@ class ShardServer:
             settings.workers, thread_name_prefix="shardd-kernel", initializer=self._start_worker
         )
         self.updates = ThreadPoolExecutor(
-            1, thread_name_prefix="shardd-update", initializer=_lower_priority
+            1, thread_name_prefix="shardd-update", initializer=lower_priority
         )
         self.inflight = 0
         self.draining = False
@@ -396,13 +394,6 @@ class ShardServer:
         """Stop reading the socket (the caller closes it)."""
         if self.io is not None:
             self.io.close()
-
-
-def _lower_priority() -> None:
-    """The update thread yields the CPU to lookups (Linux nice is per thread): an update's
-    overlay building waits, a request's pooling does not."""
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPDATE_NICE)
 
 
 def _past_deadline(header: dict[str, Any]) -> bool:

@@ -95,7 +95,6 @@ class PartStore:
         self.digest = manifest.digest()
         self.base = compaction.read_base(state_dir, self.digest) if state_dir else None
         self.hugepages = False
-        self.compactions = 0
         tables: dict[str, Table] = {}
         for p in shard.parts:
             spec = manifest.table(p.table)
@@ -275,7 +274,7 @@ class PartStore:
                 values = base_rows(part, flat.keys) + flat.deltas
                 written[slot] = compaction.write_part(
                     part.source, part.spec, part.row_start, part.row_end - part.row_start,
-                    flat.keys, values, tables / f"{stem}.npy",
+                    flat.keys, values, tables / f"{stem}.npy", keep_cached=part.cache is None,
                 )  # fmt: skip
                 ids = flat.keys
                 if key in changed:
@@ -286,7 +285,6 @@ class PartStore:
             self._swap(view, flats, written)
             v.compacted(version)
             old, self.base = base, Base(version, files, changed)
-            self.compactions += 1
             for key in {part_key(view.by_slot[s].spec.name, view.by_slot[s].row_start)
                         for s in flats}:  # fmt: skip
                 for name in (old.files.get(key), old.changed.get(key)):

@@ -141,6 +141,7 @@ class Versions:
         self.current = base_version
         self.staged: tuple[int, dict[int, Levels]] | None = None
         self.rows_updated = 0
+        self.compactions = 0  # by this process
         self.lock = threading.Lock()  # stage/commit/abort/compaction, one at a time
         self.log = UpdateLog(state_dir / "updates.log") if state_dir is not None else None
         if self.log is not None:
@@ -238,6 +239,7 @@ class Versions:
             "staged": self.staged[0] if self.staged else None,
             "oldest": min(self.committed),
             "compacted": self.base_version,
+            "compactions": self.compactions,
             "rows_updated": self.rows_updated,
             "log_bytes": self.log.bytes if self.log else 0,
         }
@@ -270,6 +272,7 @@ class Versions:
         assert self.log is not None and version == self.current and self.staged is None
         self.base_version = version
         self.rows_updated = 0
+        self.compactions += 1
         self.log.reset()
 
     # --- internals --------------------------------------------------------------------------

@@ -82,6 +82,7 @@ class LocalCluster:
         port: int = 8080,
         singular: bool = False,
         gateway_args: tuple[str, ...] = (),
+        shard_args: tuple[str, ...] = (),
         curve_keys: Path | None = None,
         cache_bytes: int | None = None,
         admin_token_file: Path | None = None,
@@ -96,6 +97,7 @@ class LocalCluster:
         self.url = f"http://127.0.0.1:{port}"
         self.singular = singular
         self.gateway_args = gateway_args
+        self.shard_args = shard_args
         self.plan_path: Path | None = None
         self.shards: list[subprocess.Popen] = []
         self.gateway: subprocess.Popen | None = None
@@ -176,8 +178,9 @@ class LocalCluster:
             memory = ["--cache-bytes", str(self.cache_bytes), "--warm-from", str(trace)]
         state = ["--state-dir", str(self.run_dir / f"state{shard}-{replica}")]  # online updates
         argv = shardd_argv(
-            self.plan_path, self.model, shard, *memory, *state, *self.curve, replica=replica
-        )
+            self.plan_path, self.model, shard, *memory, *state, *self.curve, *self.shard_args,
+            replica=replica,
+        )  # fmt: skip
         return _spawn(argv, self.run_dir / f"shard{shard}-{replica}.log")
 
     def wait_ready(self, shard: int, replica: int, proc: subprocess.Popen, timeout: float) -> None:
