@@ -62,13 +62,13 @@ class Batcher:
     def __init__(
         self,
         pooler: Pooler,
-        dense: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        dense: Callable[[int], Callable[[np.ndarray, np.ndarray], np.ndarray]],
         settings: BatchSettings,
         executor: Executor,
         metrics: GatewayMetrics,
     ) -> None:
         self.pooler = pooler
-        self.dense = dense
+        self.dense = dense  # the dense forward of a model version
         self.settings = settings
         self.executor = executor
         self.metrics = metrics
@@ -203,6 +203,7 @@ class Batcher:
     async def _run(self, batches: list[Batch], deadline: Deadline) -> tuple[np.ndarray, int]:
         loop = asyncio.get_running_loop()
         version = self.pooler.version  # one version for the whole batch, on every shard
+        forward = self.dense(version)  # and its dense weights
         start = time.perf_counter()
         batch, prepared = await loop.run_in_executor(self.executor, self._assemble, batches)
         self.metrics.batch_samples.observe(batch.size)
@@ -212,7 +213,7 @@ class Batcher:
             batch,
             prepared,
             lookup_deadline(deadline),
-            lambda pooled: self._dense(batch, pooled),
+            lambda pooled: self._dense(forward, batch, pooled),
             version,
         )
         self.metrics.pooling.observe(time.perf_counter() - start - dense_s)
@@ -254,10 +255,13 @@ class Batcher:
         batch = merge(batches)
         return batch, self.pooler.prepare(batch)
 
-    def _dense(self, batch: Batch, pooled: np.ndarray) -> tuple[np.ndarray, float]:
+    @staticmethod
+    def _dense(
+        forward: Callable[[np.ndarray, np.ndarray], np.ndarray], batch: Batch, pooled: np.ndarray
+    ) -> tuple[np.ndarray, float]:
         """In the executor, right after pooling: the scores and the seconds they took."""
         start = time.perf_counter()
-        return self.dense(batch.dense, pooled), time.perf_counter() - start
+        return forward(batch.dense, pooled), time.perf_counter() - start
 
     async def drain(self, timeout: float) -> None:
         """Refuse new requests; wait up to ``timeout`` s for queued and running ones."""

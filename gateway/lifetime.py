@@ -17,14 +17,15 @@ import kernels
 from gateway import updates
 from gateway.batcher import Batcher
 from gateway.config import GatewayConfig
+from gateway.dense import DenseVersions
 from gateway.metrics import GatewayMetrics
 from gateway.pooler import LocalPooler, Pooler, ShardedPooler
 from gateway.state import Gateway
 from kernels import DenseNet
 from recserve.contracts.errors import RecserveError
-from recserve.contracts.manifest import Manifest, read_manifest
+from recserve.contracts.manifest import DENSE_FILE, Manifest, read_manifest
 from recserve.contracts.plan import read_plan
-from recserve.model.artifact import huge_page_bytes, load_dense
+from recserve.model.artifact import dense_net, huge_page_bytes, read_dense
 from recserve.model.scorer import Model
 from recserve.rpc.curve import CurveKeys
 from recserve.rpc.deadline import Deadline
@@ -45,19 +46,23 @@ async def running(config: GatewayConfig) -> AsyncIterator[Gateway]:
         if config.plan is None:
             model = await loop.run_in_executor(executor, _open_model, config)
             pooler, dense = LocalPooler(model, executor), model.dense
+            weights: dict[str, np.ndarray] = {}  # a singular gateway takes no updates
         else:
             plan = read_plan(config.plan)
             plan.check(manifest)
             keys = CurveKeys.for_client(config.curve_keys) if config.curve_keys else None
             pooler = ShardedPooler(manifest, plan, ctx, executor, metrics, config.replicas, keys)
-            dense = load_dense(config.model, manifest)
+            path = config.model / DENSE_FILE
+            weights = read_dense(path)
+            dense = dense_net(manifest, weights, str(path))
         # Load the compiled kernel and run one dense forward before serving: the first
         # requests must not pay for them (they decided the P99 of short runs).
         await loop.run_in_executor(executor, _warm_up, dense, manifest)
-        batcher = Batcher(pooler, dense.forward, config.batching, executor, metrics)
+        nets = DenseVersions(dense, weights)
+        batcher = Batcher(pooler, nets.at, config.batching, executor, metrics)
         gw = Gateway(config, manifest, plan, pooler, batcher, executor, metrics)
         if isinstance(pooler, ShardedPooler) and plan is not None:
-            gw.updater = updates.Updater(plan, pooler, metrics)  # versions, also without admin
+            gw.updater = updates.Updater(plan, manifest, pooler, nets, metrics)  # also not admin
         if config.api.admin_token_file is not None:
             gw.admin_token = updates.read_token(config.api.admin_token_file)
         gw.tasks.append(loop.create_task(batcher.run()))

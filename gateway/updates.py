@@ -25,7 +25,9 @@ import hmac
 import io
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,8 @@ import msgpack
 import numpy as np
 from aiohttp import web
 
+from gateway.dense import DenseVersions
+from kernels.dense import DenseNet
 from recserve.contracts.errors import (
     BadRequest,
     ConfigError,
@@ -46,6 +50,7 @@ from recserve.contracts.errors import (
 )
 from recserve.contracts.manifest import Manifest
 from recserve.contracts.plan import Plan
+from recserve.model.artifact import dense_bytes, dense_net, read_dense
 from recserve.rpc.deadline import Deadline
 from recserve.rpc.wire import StagePart
 from recserve.runtime.priority import lower_priority
@@ -72,17 +77,31 @@ def check_auth(header: str | None, token: str) -> None:
         raise Forbidden("this token may not update the model", field="Authorization")
 
 
-def parse_update(body: bytes, content_type: str, manifest: Manifest) -> dict[str, tuple]:
-    """Per table (ids int64, rows float32 [n, dim]), every value checked."""
+@dataclass(frozen=True)
+class Update:
+    tables: dict[str, tuple[np.ndarray, np.ndarray]]  # per table (ids int64, rows [n, dim])
+    dense: dict[str, np.ndarray]  # new dense arrays by their dense.npz name
+
+
+def parse_update(
+    body: bytes, content_type: str, manifest: Manifest, dense: Mapping[str, np.ndarray]
+) -> Update:
+    """The update's rows per table and its dense arrays (checked against ``dense``, the
+    current ones), every value checked."""
     tables: dict[str, tuple[Any, Any]] = {}
+    given: dict[str, Any] = {}
     if content_type == NPZ or content_type == "application/octet-stream":
         try:
             with np.load(io.BytesIO(body), allow_pickle=False) as npz:
                 for key in npz.files:
+                    if key.startswith("dense."):
+                        given[key.removeprefix("dense.")] = npz[key]
+                        continue
                     name, _, what = key.rpartition(".")
                     if what not in ("ids", "rows") or not name:
                         raise BadRequest(
-                            f"{key}: entries are <table>.ids and <table>.rows", field=key
+                            f"{key}: entries are <table>.ids, <table>.rows and dense.<array>",
+                            field=key,
                         )
                     ids, rows = tables.get(name, (None, None))
                     tables[name] = (npz[key], rows) if what == "ids" else (ids, npz[key])
@@ -91,14 +110,16 @@ def parse_update(body: bytes, content_type: str, manifest: Manifest) -> dict[str
     else:
         try:
             doc = msgpack.unpackb(body, raw=False)
-            given = doc["tables"]
-            tables = {str(t): (v["ids"], v["rows"]) for t, v in given.items()}
+            tables = {str(t): (v["ids"], v["rows"]) for t, v in doc.get("tables", {}).items()}
+            given = {str(k): v for k, v in doc.get("dense", {}).items()}
         except Exception:
             raise BadRequest(
-                'expected {"tables": {name: {"ids": [...], "rows": [[...]]}}}', field="tables"
+                'expected {"tables": {name: {"ids": [...], "rows": [[...]]}}, '
+                '"dense": {array: [...]}}',
+                field="tables",
             ) from None
-    if not tables:
-        raise BadRequest("the update names no table", field="tables")
+    if not tables and not given:
+        raise BadRequest("the update names no table and no dense array", field="tables")
     out = {}
     for name, (ids, rows) in tables.items():
         field = f"tables.{name}"
@@ -130,7 +151,24 @@ def parse_update(body: bytes, content_type: str, manifest: Manifest) -> dict[str
             i = int(np.flatnonzero(~finite)[0])
             raise BadRequest("rows must be finite (NaN or Inf)", field=f"{field}.rows[{i}]")
         out[name] = (ids, rows)
-    return out
+    return Update(out, {key: _dense_array(key, value, dense) for key, value in given.items()})
+
+
+def _dense_array(key: str, value: Any, current: Mapping[str, np.ndarray]) -> np.ndarray:
+    field = f"dense.{key}"
+    if key not in current:
+        raise BadRequest(f"the model has no dense array {key!r}", field=field)
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError, OverflowError):
+        raise BadRequest("a dense array must hold numbers", field=field) from None
+    if array.shape != current[key].shape:
+        raise BadRequest(
+            f"must be {list(current[key].shape)}, got {list(array.shape)}", field=field
+        )
+    if not np.isfinite(array).all():
+        raise BadRequest("must be finite (NaN or Inf)", field=field)
+    return array
 
 
 def split(update: dict[str, tuple], plan: Plan) -> dict[int, list[StagePart]]:
@@ -145,9 +183,14 @@ def split(update: dict[str, tuple], plan: Plan) -> dict[int, list[StagePart]]:
 
 
 class Updater:
-    def __init__(self, plan: Plan, pooler: Any, metrics: Any) -> None:
+    def __init__(
+        self, plan: Plan, manifest: Manifest, pooler: Any, nets: DenseVersions, metrics: Any
+    ) -> None:
         self.plan = plan
+        self.manifest = manifest
         self.pooler = pooler  # a ShardedPooler: its replica sets and the version it reads
+        self.nets = nets  # the dense weights by version, which the batcher scores with
+        self.dense_shard = plan.shards[0].id  # its replicas keep the dense weights
         self.metrics = metrics
         self.lock = asyncio.Lock()
         # Parsing and splitting updates on a thread of their own at a lower priority: never
@@ -192,22 +235,62 @@ class Updater:
                     log.info("settled version %d staged on %s: %s", staged, client.name, op)
                 except RecserveError as exc:
                     log.warning("could not %s version %d on %s: %s", op, staged, client.name, exc)
+            await self._sync_dense(committed, deadline)
             self.pooler.version = committed
             self.metrics.model_version.set(committed)
             return committed
 
-    async def apply(self, update: dict[str, tuple]) -> dict[str, Any]:
+    async def _sync_dense(self, committed: int, deadline: Deadline) -> None:
+        """Take the newest dense weights the dense shard's replicas keep (pushed before this
+        gateway started)."""
+        replicas = [c for sid, c in self._replicas() if sid == self.dense_shard]
+        found = await asyncio.gather(
+            *(c.dense(deadline=deadline) for c in replicas), return_exceptions=True
+        )
+        kept = [f for f in found if isinstance(f, tuple) and f[0] is not None]
+        kept = [f for f in kept if f[0] <= committed]
+        if not kept:
+            return
+        version, blob = max(kept, key=lambda f: f[0])
+        if version <= self.nets.newest:
+            return
+        net, weights = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._net_of_bytes, blob
+        )
+        self.nets.add(version, net, weights)
+        log.info("dense weights of version %d from the shards", version)
+
+    def _net_of_bytes(self, blob: bytes) -> tuple[DenseNet, dict[str, np.ndarray]]:
+        weights = read_dense(blob, "the shards' dense weights")
+        return dense_net(self.manifest, weights, "the shards' dense weights"), weights
+
+    def _net_of(
+        self, dense: dict[str, np.ndarray]
+    ) -> tuple[DenseNet, dict[str, np.ndarray], bytes]:
+        weights = {**self.nets.weights, **dense}
+        return dense_net(self.manifest, weights), weights, dense_bytes(weights)
+
+    async def apply(self, update: Update) -> dict[str, Any]:
         async with self.lock:
             version = self.pooler.version + 1
             loop = asyncio.get_running_loop()
-            by_shard = await loop.run_in_executor(self.executor, split, update, self.plan)
+            by_shard = await loop.run_in_executor(self.executor, split, update.tables, self.plan)
+            net = None
+            if update.dense:
+                net, weights, blob = await loop.run_in_executor(
+                    self.executor, self._net_of, update.dense
+                )
             replicas = self._replicas(live=True)
             begin = time.perf_counter()
             deadline = Deadline.after(PHASE_MS)
             staged = await asyncio.gather(
-                *(c.stage(version, by_shard[sid], deadline=deadline) for sid, c in replicas),
+                *(
+                    c.stage(version, by_shard[sid], deadline=deadline,
+                            dense=blob if net is not None and sid == self.dense_shard else None)
+                    for sid, c in replicas
+                ),
                 return_exceptions=True,
-            )
+            )  # fmt: skip
             # A replica that is down misses the version (it fetches it from a peer when it
             # starts again); any other failure, or a shard with no replica staged, aborts.
             down = {"shard_unavailable", "not_ready"}
@@ -237,13 +320,16 @@ class Updater:
                     log.warning(
                         "shard %d (%s) did not commit version %d: %s", sid, c.name, version, r
                     )
+            if net is not None:
+                self.nets.add(version, net, weights)  # before any batch reads the version
             self.pooler.version = version
             seconds = time.perf_counter() - begin
-            rows = sum(ids.size for ids, _ in update.values())
+            rows = sum(ids.size for ids, _ in update.tables.values())
             self.metrics.updated(version, rows, seconds)
             return {
                 "version": version,
                 "rows": rows,
+                "dense": sorted(update.dense),
                 "stage_ms": round(staged_s * 1e3, 3),
                 "commit_ms": round((seconds - staged_s) * 1e3, 3),
             }
@@ -267,6 +353,6 @@ async def handle(request: web.Request, gw: Any) -> dict[str, Any]:
     body = await gw.read_body(request)  # the same size, time and encoding limits
     ctype = request.content_type
     update = await asyncio.get_running_loop().run_in_executor(
-        gw.updater.executor, parse_update, body, ctype, gw.manifest
+        gw.updater.executor, parse_update, body, ctype, gw.manifest, gw.updater.nets.weights
     )
     return await gw.updater.apply(update)

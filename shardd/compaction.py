@@ -54,6 +54,7 @@ class Base:
     version: int
     files: dict[str, str]
     changed: dict[str, str]
+    dense: tuple[int, str] | None = None  # the newest dense weights: version, file
 
 
 def part_key(table: str, row_start: int) -> str:
@@ -69,12 +70,14 @@ def read_base(state_dir: Path, digest: str) -> Base | None:
         return None
     if raw.get("model_digest") != digest:
         return None
-    return Base(int(raw["version"]), dict(raw["files"]), dict(raw["changed"]))
+    dense = raw.get("dense")
+    return Base(int(raw["version"]), dict(raw["files"]), dict(raw["changed"]),
+                (int(dense[0]), str(dense[1])) if dense else None)  # fmt: skip
 
 
 def write_base(state_dir: Path, base: Base, digest: str) -> None:
     body = {"model_digest": digest, "version": base.version, "files": base.files,
-            "changed": base.changed}  # fmt: skip
+            "changed": base.changed, "dense": base.dense}  # fmt: skip
     _replace(state_dir / BASE, json.dumps(body, indent=1).encode())
 
 
@@ -140,8 +143,11 @@ def write_part(
 
 
 def write_ids(dest: Path, ids: np.ndarray) -> None:
-    buf = _npy_bytes(np.ascontiguousarray(ids, np.int64))
-    _replace(dest, buf)
+    _replace(dest, _npy_bytes(np.ascontiguousarray(ids, np.int64)))
+
+
+def write_bytes(dest: Path, data: bytes) -> None:
+    _replace(dest, data)
 
 
 def read_rows(src: PartFile, spec: TableSpec, ids: np.ndarray) -> np.ndarray:

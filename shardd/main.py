@@ -390,6 +390,9 @@ async def catch_up(store: PartStore, shard: ShardPlan, config: ShardConfig) -> N
                 log.info(
                     "caught up %d versions from %s: at %d", applied, peer, store.versions.current
                 )
+                version, dense = await client.dense(deadline=Deadline.after(CATCH_UP_MS))
+                if version is not None and dense is not None:
+                    await loop.run_in_executor(None, store.versions.adopt_dense, version, dense)
                 return
             except RecserveError as exc:
                 log.warning("could not catch up from %s: %s", peer, exc)

@@ -43,6 +43,7 @@ from recserve.rpc.wire import (
     error_reply,
     pack_header,
     reply,
+    split_dense,
     stage_columns,
 )
 from recserve.runtime.priority import lower_priority
@@ -51,7 +52,7 @@ from shardd.metrics import ShardMetrics
 from shardd.store import Group, Job, PartStore
 
 log = logging.getLogger(__name__)
-UPDATE_OPS = frozenset({"stage", "commit", "abort", "log"})
+UPDATE_OPS = frozenset({"stage", "commit", "abort", "log", "dense"})
 INLINE_FLOATS = 1 << 20  # pooled floats (4 MiB) a lookup pooled on the loop may write
 
 
@@ -210,11 +211,17 @@ class ShardServer:
         if op == "log":
             self._history(ident, header)
             return
+        if op == "dense":
+            kept = versions.dense
+            msg = [pack_header(reply(header, version=kept[0] if kept else None))]
+            self._send(ident, [*msg, *([kept[1]] if kept else [])], op, "ok")
+            return
         version = check_version(header, required=True)
         assert version is not None
         if op == "stage":
-            parts = decode_stage(header, [f.buffer for f in frames])
-            work = functools.partial(versions.stage, version, parts)
+            rows, dense = split_dense(header, [f.buffer for f in frames])
+            parts = decode_stage(header, rows)
+            work = functools.partial(versions.stage, version, parts, dense=dense)
         elif frames:
             raise BadRequest(f"{op} takes no data frames", field="frames")
         else:

@@ -44,6 +44,7 @@ from shardd.disk import TableFile
 from shardd.updates import Levels, Overlay, Versions, base_rows, unknown_part
 
 log = logging.getLogger(__name__)
+LOG_BYTES = 256 << 20  # an update log this long is compacted whatever its rows
 
 
 @dataclass(frozen=True)
@@ -125,11 +126,16 @@ class PartStore:
         self.max_dim = max((p.spec.dim for p in self.parts.values()), default=0)
         self.swap = threading.Lock()  # a generation's view and versions, read as one
         self.view = self._resolve(0)
+        dense = None
+        if self.base is not None and self.base.dense is not None and state_dir is not None:
+            version, name = self.base.dense
+            dense = (version, (state_dir / compaction.TABLES / name).read_bytes())
         self.versions = Versions(
             self.view.by_slot,
             state_dir,
             base_version=self.base.version if self.base else 0,
             snapshot=self.snapshot,
+            dense=dense,
         )
 
     def _resolve(self, gen: int) -> View:
@@ -246,10 +252,13 @@ class PartStore:
     # --- compaction ---------------------------------------------------------------------------
 
     def wants_compaction(self) -> bool:
-        """Whether the newest version's corrections hold ``compact_at`` of the rows."""
+        """Whether the newest version's corrections hold ``compact_at`` of the rows, or the
+        log ``LOG_BYTES`` (dense weights, rewritten rows)."""
         v = self.versions
+        if not self.compact_at or v.log is None:
+            return False
         total = sum(p.row_end - p.row_start for p in self.parts.values())
-        return bool(self.compact_at) and v.enabled and v.rows_updated >= self.compact_at * total
+        return v.rows_updated >= self.compact_at * total or v.log.bytes >= LOG_BYTES
 
     def compact(self) -> int:
         """Fold the newest version into new part files and swap them in (on the update
@@ -261,7 +270,7 @@ class PartStore:
                 return 0  # the next commit tries again
             version, view = v.current, self.view
             flats = {s: f for s in range(len(view.by_slot)) if (f := v.flat(s)).size}
-            if not flats:
+            if not flats and not (v.log and v.log.bytes):
                 return 0
             base = self.base or Base(0, {}, {})
             files, changed = dict(base.files), dict(base.changed)
@@ -281,10 +290,17 @@ class PartStore:
                     ids = np.union1d(np.load(tables / changed[key]), ids)
                 compaction.write_ids(tables / f"{stem}.ids.npy", ids)
                 files[key], changed[key] = f"{stem}.npy", f"{stem}.ids.npy"
-            compaction.write_base(self.state_dir, Base(version, files, changed), self.digest)
+            dense = base.dense
+            if v.dense is not None and (dense is None or dense[0] != v.dense[0]):
+                dense = (v.dense[0], f"dense.v{v.dense[0]}.npz")
+                compaction.write_bytes(self.state_dir / compaction.TABLES / dense[1], v.dense[1])
+            new = Base(version, files, changed, dense)
+            compaction.write_base(self.state_dir, new, self.digest)
             self._swap(view, flats, written)
             v.compacted(version)
-            old, self.base = base, Base(version, files, changed)
+            old, self.base = base, new
+            if old.dense is not None and old.dense != dense:
+                (self.state_dir / compaction.TABLES / old.dense[1]).unlink(missing_ok=True)
             for key in {part_key(view.by_slot[s].spec.name, view.by_slot[s].row_start)
                         for s in flats}:  # fmt: skip
                 for name in (old.files.get(key), old.changed.get(key)):

@@ -132,6 +132,7 @@ class Versions:
         *,
         base_version: int = 0,
         snapshot: Callable[[], list[StagePart]] | None = None,
+        dense: tuple[int, bytes] | None = None,
     ) -> None:
         self.parts = parts
         self.index = {(p.spec.name, p.row_start): i for i, p in enumerate(parts)}
@@ -140,6 +141,9 @@ class Versions:
         self.state: tuple[int, dict[int, dict[int, Levels]]] = (0, {base_version: {}})
         self.current = base_version
         self.staged: tuple[int, dict[int, Levels]] | None = None
+        self.staged_dense: bytes | None = None
+        # The newest committed dense weights (version, .npz bytes), kept for the gateways.
+        self.dense: tuple[int, bytes] | None = dense
         self.rows_updated = 0
         self.compactions = 0  # by this process
         self.lock = threading.Lock()  # stage/commit/abort/compaction, one at a time
@@ -177,14 +181,25 @@ class Versions:
             )
         return found
 
-    def stage(self, version: int, parts: list[StagePart], *, jump: bool = False) -> None:
-        """Check, build and durably log ``version``; nothing changes on any error. ``jump``:
-        ``version`` may skip versions (a peer's compacted snapshot, when catching up)."""
+    def stage(
+        self,
+        version: int,
+        parts: list[StagePart],
+        *,
+        dense: bytes | None = None,
+        jump: bool = False,
+    ) -> None:
+        """Check, build and durably log ``version`` (with ``dense``: the model's new dense
+        weights, kept as they are); nothing changes on any error. ``jump``: ``version`` may
+        skip versions (a peer's compacted snapshot, when catching up)."""
         with self.lock:
             self._check_stage(version, jump)
             built = self._build(parts)
-            self._append({"op": "stage", "version": version, "parts": _pack(parts)})
-            self.staged = (version, built)
+            record = {"op": "stage", "version": version, "parts": _pack(parts)}
+            if dense is not None:
+                record["dense"] = dense
+            self._append(record)
+            self.staged, self.staged_dense = (version, built), dense
 
     def commit(self, version: int) -> None:
         with self.lock:
@@ -199,7 +214,17 @@ class Versions:
         with self.lock:
             if self.staged is not None and self.staged[0] == version:
                 self._append({"op": "abort", "version": version})
-                self.staged = None
+                self.staged, self.staged_dense = None, None
+
+    def adopt_dense(self, version: int, dense: bytes) -> bool:
+        """Keep a peer's newer dense weights (a replica catching up), logged; whether they
+        were newer."""
+        with self.lock:
+            if (self.dense is not None and self.dense[0] >= version) or version > self.current:
+                return False
+            self._append({"op": "dense", "version": version, "dense": dense})
+            self.dense = (version, dense)
+            return True
 
     def history(self, since: int) -> list[tuple[int, list[StagePart]]]:
         """The committed versions after ``since``, with their rows as staged (from the log),
@@ -240,6 +265,7 @@ class Versions:
             "oldest": min(self.committed),
             "compacted": self.base_version,
             "compactions": self.compactions,
+            "dense": self.dense[0] if self.dense else None,
             "rows_updated": self.rows_updated,
             "log_bytes": self.log.bytes if self.log else 0,
         }
@@ -333,7 +359,9 @@ class Versions:
         committed[version] = built
         self.state = (gen, committed)  # readers of older versions keep theirs
         self.current = version
-        self.staged = None
+        if self.staged_dense is not None:
+            self.dense = (version, self.staged_dense)
+        self.staged, self.staged_dense = None, None
 
     def _append(self, record: dict[str, Any]) -> None:
         assert self.log is not None
@@ -347,10 +375,13 @@ class Versions:
         for r in records:
             if r["op"] == "stage":
                 self.staged = (r["version"], self._build(_unpack(r["parts"])))
+                self.staged_dense = r.get("dense")
             elif r["op"] == "commit" and self.staged and self.staged[0] == r["version"]:
                 self._commit(r["version"])
             elif r["op"] == "abort":
-                self.staged = None
+                self.staged, self.staged_dense = None, None
+            elif r["op"] == "dense":
+                self.dense = (r["version"], r["dense"])
         if records:
             log.info(
                 "replayed %d update records: version %d%s",

@@ -146,6 +146,10 @@ class LocalCluster:
             for (name, ep), proc in zip(names, self.shards, strict=True):
                 while not ready(ep, keys=self.keys):
                     self._check(proc, name, deadline)
+        self.start_gateway(deadline)
+
+    def start_gateway(self, deadline: float) -> None:
+        """Start the gateway (again, after it stopped) and wait until it is ready."""
         extra = ["--preload"] if self.plan_path is None else []
         argv = gateway_argv(
             self.model,

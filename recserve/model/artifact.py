@@ -17,7 +17,6 @@ import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -118,10 +117,7 @@ class ArtifactWriter:
         self.write_table(spec, (data[i : i + step] for i in range(0, spec.rows, step)))
 
     def write_dense(self, weights: dict[str, np.ndarray]) -> None:
-        buf = io.BytesIO()
-        arrays: dict[str, Any] = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
-        np.savez(buf, **arrays)
-        self._write(DENSE_FILE, [buf.getvalue()])
+        self._write(DENSE_FILE, [dense_bytes(weights)])
 
     def finish(self, manifest: Manifest) -> Manifest:
         final = replace(manifest, files=dict(sorted(self.files.items())))
@@ -281,14 +277,33 @@ def interaction_kernel(
 
 def load_dense(root: Path | str, manifest: Manifest) -> DenseNet:
     path = Path(root) / DENSE_FILE
-    spec = manifest.dense
+    return dense_net(manifest, read_dense(path), str(path))
+
+
+def read_dense(source: Path | bytes, path: str = DENSE_FILE) -> dict[str, np.ndarray]:
+    """The arrays of a ``dense.npz`` file or its bytes (``path`` names the bytes)."""
+    name = str(source) if isinstance(source, Path) else path
     try:
-        with np.load(path) as npz:
-            weights = {k: npz[k] for k in npz.files}
+        with np.load(source if isinstance(source, Path) else io.BytesIO(source)) as npz:
+            return {k: npz[k] for k in npz.files}
     except FileNotFoundError as exc:
-        raise ArtifactError("missing dense weights", path=str(path)) from exc
+        raise ArtifactError("missing dense weights", path=name) from exc
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise ArtifactError(f"not a readable .npz file ({exc})", path=str(path)) from exc
+        raise ArtifactError(f"not a readable .npz file ({exc})", path=name) from exc
+
+
+def dense_bytes(weights: Mapping[str, np.ndarray]) -> bytes:
+    """``weights`` as ``dense.npz`` holds them."""
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in weights.items()})  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def dense_net(
+    manifest: Manifest, weights: Mapping[str, np.ndarray], path: str = DENSE_FILE
+) -> DenseNet:
+    """The dense part the manifest describes, from ``dense.npz``'s arrays (checked)."""
+    spec = manifest.dense
 
     def layers(part: str, sizes: tuple[int, ...], acts: tuple[str, ...]) -> tuple[Linear, ...]:
         out = []
@@ -297,19 +312,19 @@ def load_dense(root: Path | str, manifest: Manifest) -> DenseNet:
             w = weights.get(dense_key(part, i, "weight"))
             b = weights.get(dense_key(part, i, "bias"))
             if w is None or b is None:
-                raise ArtifactError(f"lacks {key}.weight or {key}.bias", path=str(path))
+                raise ArtifactError(f"lacks {key}.weight or {key}.bias", path=path)
             if w.shape != (sizes[i + 1], sizes[i]) or b.shape != (sizes[i + 1],):
                 raise ArtifactError(
                     f"{key} has shape {w.shape}/{b.shape}, manifest says "
                     f"{(sizes[i + 1], sizes[i])}",
-                    path=str(path),
+                    path=path,
                 )
             out.append(Linear(w.astype(np.float32), b.astype(np.float32), act))  # type: ignore[arg-type]
         return tuple(out)
 
     return DenseNet(
         layers("bottom", spec.bottom.sizes, spec.bottom.activations),
-        interaction_kernel(spec.interaction, weights, spec.top.sizes[0], str(path)),
+        interaction_kernel(spec.interaction, weights, spec.top.sizes[0], path),
         layers("top", spec.top.sizes, spec.top.activations),
     )
 

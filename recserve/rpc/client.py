@@ -158,14 +158,33 @@ class ShardClient:
             raise ShardUnavailable(f"shard {self.name}: malformed lookup reply ({exc})") from None
 
     async def stage(
-        self, version: int, parts: Sequence[StagePart], *, deadline: Deadline
+        self,
+        version: int,
+        parts: Sequence[StagePart],
+        *,
+        deadline: Deadline,
+        dense: bytes | None = None,
     ) -> dict[str, Any]:
-        """Stage ``version`` (new rows of this shard's parts); the reply holds its versions."""
+        """Stage ``version`` (new rows of this shard's parts, and maybe the model's new dense
+        weights for the shard to keep); the reply holds its versions."""
         req_id = next(self.ids)
         header, _ = await self.call(
-            encode_stage(req_id, deadline.at_ms, version, parts), req_id, deadline
+            encode_stage(req_id, deadline.at_ms, version, parts, dense), req_id, deadline
         )
         return header
+
+    async def dense(self, *, deadline: Deadline) -> tuple[int | None, bytes | None]:
+        """The newest committed dense weights the shard keeps: (version, ``.npz`` bytes),
+        or (None, None)."""
+        req_id = next(self.ids)
+        frames = [pack_header(request("dense", req_id, deadline.at_ms))]
+        header, data = await self.call(frames, req_id, deadline)
+        version = header.get("version")
+        if version is None:
+            return None, None
+        if type(version) is not int or len(data) != 1:
+            raise ShardUnavailable(f"shard {self.name}: malformed dense reply")
+        return version, bytes(data[0].buffer)
 
     async def decide(self, op: str, version: int, *, deadline: Deadline) -> dict[str, Any]:
         """``commit`` or ``abort`` a staged version."""

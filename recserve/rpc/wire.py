@@ -17,9 +17,13 @@ decoding 44 of them cold spent 0.2-0.3 ms on the header alone (version 2: four l
 ``lookup`` may name the model ``version`` to read (an int, updates committed so far; absent:
 the shard's newest). ``stage`` carries ``version`` and ``parts`` ``{"table", "row_start",
 "rows": [n], "dim": [d]}`` lists, then two frames: every part's int64 global row ids, then
-their new float32 rows, concatenated in part order; ``commit`` and ``abort`` carry the
-``version`` only. ``log`` asks a replica for the committed versions after ``since``: the
-reply lists ``versions`` and their ``parts`` (as ``stage`` does) with two frames per version.
+their new float32 rows, concatenated in part order; with ``dense`` (a byte count) a third
+frame holds the model's whole new dense weights as ``.npz`` bytes, for the shard to keep.
+``commit`` and ``abort`` carry the ``version`` only. ``log`` asks a replica for the committed
+versions after ``since``: the reply lists ``versions`` and their ``parts`` (as ``stage``
+does) with two frames per version (versions a replica compacted come as one: every row
+changed up to it). ``dense`` asks for the newest committed dense weights: the reply's
+``version`` (None: none were pushed) and one frame of ``.npz`` bytes.
 
 Replies echo ``v``, ``op`` and ``id`` with ``"ok": true`` or ``"ok": false, "error":
 {"kind", "message", "field"?}``. A ``lookup`` reply lists ``groups``: ``{"parts": [indices], "bags",
@@ -45,7 +49,7 @@ from recserve.contracts.errors import (
 )
 
 VERSION = 2
-OPS = ("lookup", "info", "health", "stats", "stage", "commit", "abort", "log")
+OPS = ("lookup", "info", "health", "stats", "stage", "commit", "abort", "log", "dense")
 ID_DTYPES: dict[str, np.dtype[Any]] = {"<i8": np.dtype("<i8"), "<i4": np.dtype("<i4")}
 MODES = ("sum", "mean")
 MAX_HEADER = 1 << 20
@@ -144,13 +148,30 @@ class StagePart(NamedTuple):
 
 
 def encode_stage(
-    req_id: int, deadline_ms: float | None, version: int, parts: Sequence[StagePart]
+    req_id: int,
+    deadline_ms: float | None,
+    version: int,
+    parts: Sequence[StagePart],
+    dense: bytes | None = None,
 ) -> list[Buffer]:
+    """A ``stage``: the parts' columns and two frames, and with ``dense`` (the model's
+    whole dense weights as ``.npz`` bytes, kept by the shard for the gateways) a third."""
     cols, frames = stage_columns(parts)
-    return [
-        pack_header(request("stage", req_id, deadline_ms, version=version, parts=cols)),
-        *frames,
-    ]
+    extra = {} if dense is None else {"dense": len(dense)}
+    head = pack_header(request("stage", req_id, deadline_ms, version=version, parts=cols, **extra))
+    return [head, *frames, *([dense] if dense is not None else [])]
+
+
+def split_dense(
+    header: dict[str, Any], frames: Sequence[Buffer]
+) -> tuple[Sequence[Buffer], bytes | None]:
+    """A ``stage``'s row frames and its dense weights' bytes (None without)."""
+    size = header.get("dense")
+    if size is None:
+        return frames, None
+    if type(size) is not int or len(frames) != 3 or memoryview(frames[2]).nbytes != size:
+        raise BadRequest("dense must be the byte size of a third frame", field="dense")
+    return frames[:2], bytes(frames[2])
 
 
 def stage_columns(parts: Sequence[StagePart]) -> tuple[dict[str, list[Any]], list[Buffer]]:

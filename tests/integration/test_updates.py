@@ -20,14 +20,16 @@ import numpy as np
 import pytest
 
 from recserve.cli import main as cli
-from recserve.contracts.manifest import read_manifest
+from recserve.contracts.manifest import DENSE_FILE, read_manifest
 from recserve.local.cluster import LocalCluster, free_port
 from recserve.local.offline import predict
+from recserve.model.artifact import dense_bytes, read_dense
 from recserve.model.scorer import Model
 from recserve.model.workload import Workload
 from tests.integration.shards import header, raw
 
 TOKEN = "s3cret-token-of-the-test-0123456789"
+NPZ = "application/x-npz"
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +196,90 @@ def test_push_commits_one_version_on_every_shard(model: Path, tmp_path: Path) ->
             version, got = scores(c.url, samples)
             assert version == 3
             np.testing.assert_allclose(got, want[3], rtol=1e-5, atol=1e-6)
+
+
+def with_dense(model: Path, dest: Path, rows: list[dict], dense: list[dict]) -> Model:
+    """A copy of the artifact with the updates' rows and dense arrays written in."""
+    replaced(model, dest, rows)
+    weights = read_dense(dest / DENSE_FILE)
+    for d in dense:
+        weights.update(d)
+    (dest / DENSE_FILE).write_bytes(dense_bytes(weights))
+    return Model.open(dest)
+
+
+def test_dense_weights_update_with_the_rows(model: Path, tmp_path: Path) -> None:
+    """An update's dense arrays score from its version on, with or without rows; bad ones
+    change nothing; a gateway started later, and a replica that was down, get them from the
+    shards."""
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    manifest = read_manifest(model)
+    samples = Workload(manifest, seed=5).samples(32)
+    current = read_dense(model / DENSE_FILE)
+    rng = np.random.default_rng(8)
+
+    def new(*keys: str) -> dict[str, np.ndarray]:
+        return {k: rng.standard_normal(current[k].shape).astype(np.float32) * 0.1 for k in keys}
+
+    cluster = LocalCluster(model, shards=2, replicas=2, strategy="capacity", port=free_port(),
+                           admin_token_file=token, gateway_args=("--timeout-ms", "5000"),
+                           )  # fmt: skip
+    with cluster as c:
+        split = c.plan.report["split_tables"][0]
+        rows1, dense1 = an_update(model, 11, split), new("top.0.bias", "bottom.0.weight")
+        arrays = {f"dense.{k}": v for k, v in dense1.items()}
+        for name, (ids, rows) in rows1.items():
+            arrays[f"{name}.ids"], arrays[f"{name}.rows"] = ids, rows
+        np.savez(tmp_path / "u1.npz", **arrays)
+        argv = ["push", "--url", c.url, "--token-file", str(token)]
+        assert cli([*argv, "--updates", str(tmp_path / "u1.npz")]) == 0
+        want1 = predict(with_dense(model, tmp_path / "v1", [rows1], [dense1]), samples)
+        version, got = scores(c.url, samples)
+        assert version == 1
+        np.testing.assert_allclose(got, want1, rtol=1e-5, atol=1e-6)
+
+        # Dense arrays alone (msgpack); then bad ones, refused with nothing applied.
+        dense2 = new("top.1.weight")
+        body = msgpack.packb({"dense": {k: v.tolist() for k, v in dense2.items()}})
+        status, doc = post(c.url + "/v1/updates", body, "application/msgpack")
+        assert status == 200 and doc["version"] == 2 and doc["dense"] == ["top.1.weight"], doc
+        want2 = predict(with_dense(model, tmp_path / "v2", [rows1], [dense1, dense2]), samples)
+        nan = current["top.0.bias"].copy()
+        nan[0] = np.nan
+        for arrays, field in [
+            ({"dense.nope": current["top.0.bias"]}, "dense.nope"),
+            ({"dense.top.0.bias": current["top.0.weight"]}, "dense.top.0.bias"),
+            ({"dense.top.0.bias": nan}, "dense.top.0.bias"),
+        ]:
+            np.savez(tmp_path / "bad.npz", **arrays)
+            status, doc = post(c.url + "/v1/updates", (tmp_path / "bad.npz").read_bytes(), NPZ)
+            assert status == 400 and doc["error"]["field"] == field, doc
+        version, got = scores(c.url, samples)
+        assert version == 2
+        np.testing.assert_allclose(got, want2, rtol=1e-5, atol=1e-6)
+
+        # A replica of the dense shard down during a dense update catches up on it, and a
+        # restarted gateway takes the dense weights from the shards.
+        dense_shard = c.plan.shards[0].id
+        down = c.shards[2 * dense_shard + 1]
+        down.send_signal(signal.SIGKILL)
+        down.wait(10)
+        time.sleep(4.5)  # out of rotation
+        dense3 = new("top.0.bias")
+        np.savez(tmp_path / "u3.npz", **{f"dense.{k}": v for k, v in dense3.items()})
+        status, doc = post(c.url + "/v1/updates", (tmp_path / "u3.npz").read_bytes(), NPZ)
+        assert status == 200 and doc["version"] == 3, doc
+        want3 = predict(with_dense(model, tmp_path / "v3", [rows1], [dense1, dense2, dense3]),
+                        samples)  # fmt: skip
+        c.shards[2 * dense_shard + 1] = c.start_shard(dense_shard, 1)
+        c.wait_ready(dense_shard, 1, c.shards[2 * dense_shard + 1], 60)
+        caught = raw(c.plan.shard(dense_shard).endpoints[1], [header("info")])[0]
+        assert msgpack.unpackb(caught)["versions"]["dense"] == 3
+        assert c.gateway is not None
+        c.gateway.terminate()
+        c.gateway.wait(30)
+        c.start_gateway(time.monotonic() + 60)
+        version, got = scores(c.url, samples)
+        assert version == 3
+        np.testing.assert_allclose(got, want3, rtol=1e-5, atol=1e-6)

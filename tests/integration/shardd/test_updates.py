@@ -26,8 +26,8 @@ from tests.integration.shards import header, raw, running, start_shard, stop, wa
 ROWS = 64
 
 
-def stage(endpoint: str, version: int, parts: list[StagePart]) -> dict:
-    return msgpack.unpackb(raw(endpoint, encode_stage(1, None, version, parts))[0])
+def stage(endpoint: str, version: int, parts: list[StagePart], dense: bytes | None = None) -> dict:
+    return msgpack.unpackb(raw(endpoint, encode_stage(1, None, version, parts, dense))[0])
 
 
 def op(endpoint: str, name: str, **fields) -> dict:
@@ -225,7 +225,7 @@ def wait_compacted(endpoint: str, version: int) -> dict:
 def test_compaction_folds_versions_into_files(cached_model, tmp_path, memory) -> None:  # noqa: F811
     """Each commit past --compact-at is folded into new part files and the log emptied;
     every version still readable pools as before, and a shard killed after it comes back
-    from the files with the newest version."""
+    from the files with the newest version and the dense weights it keeps."""
     model, plan_path, plan = cached_model
     endpoint = f"ipc://{tmp_path}/u.sock"
     state = tmp_path / "state"
@@ -238,7 +238,8 @@ def test_compaction_folds_versions_into_files(cached_model, tmp_path, memory) ->
     try:
         wait_healthy(endpoint, proc)
         check(endpoint, plan, 0, v0, seed=1)  # cache the old rows first
-        assert stage(endpoint, 1, v1_parts)["ok"] and op(endpoint, "commit", version=1)["ok"]
+        dense = b"dense weights the shard keeps as they are"
+        assert stage(endpoint, 1, v1_parts, dense)["ok"] and op(endpoint, "commit", version=1)["ok"]
         assert wait_compacted(endpoint, 1)["versions"]["log_bytes"] == 0
         for version, tables in [(1, v1), (0, v0)]:
             check(endpoint, plan, version, tables, seed=2)
@@ -247,13 +248,16 @@ def test_compaction_folds_versions_into_files(cached_model, tmp_path, memory) ->
         for version, tables in [(2, v2), (1, v1), (0, v0)]:
             check(endpoint, plan, version, tables, seed=3)
         files = sorted(f.name for f in (state / "tables").iterdir())
-        assert files and all(".v2." in f for f in files), files  # version 1's are gone
+        assert files == ["a.0.v2.ids.npy", "a.0.v2.npy", "b.0.v2.ids.npy", "b.0.v2.npy",
+                         "dense.v1.npz"], files  # version 1's parts are gone  # fmt: skip
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         proc = start_shard(plan_path, model, 0, endpoint, *flags)
         wait_healthy(endpoint, proc)
         info = op(endpoint, "info")
         assert info["versions"]["version"] == 2 and info["versions"]["compacted"] == 2
+        kept = raw(endpoint, [header("dense")])  # kept through compaction and the restart
+        assert msgpack.unpackb(kept[0])["version"] == 1 and kept[1] == dense
         check(endpoint, plan, 2, v2, seed=4)
         check(endpoint, plan, None, v2, seed=5)
     finally:

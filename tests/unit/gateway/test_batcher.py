@@ -61,7 +61,9 @@ def dense_sum(dense: np.ndarray, pooled: np.ndarray) -> np.ndarray:
 async def with_batcher(settings: BatchSettings, fn: Any) -> Any:
     pooler = FakePooler()
     executor = ThreadPoolExecutor(2)
-    batcher = Batcher(pooler, dense_sum, settings, executor, GatewayMetrics.create())
+    batcher = Batcher(
+        pooler, lambda version: dense_sum, settings, executor, GatewayMetrics.create()
+    )
     runner = asyncio.get_running_loop().create_task(batcher.run())
     try:
         return await fn(batcher, pooler)
@@ -136,7 +138,9 @@ def test_stopping_fails_queued_requests_at_once() -> None:
         pooler = FakePooler()
         pooler.gate.clear()
         executor = ThreadPoolExecutor(1)
-        batcher = Batcher(pooler, dense_sum, settings, executor, GatewayMetrics.create())
+        batcher = Batcher(
+            pooler, lambda version: dense_sum, settings, executor, GatewayMetrics.create()
+        )
         runner = asyncio.get_running_loop().create_task(batcher.run())
         stalled = asyncio.ensure_future(batcher.score(batch(1), Deadline.after(30_000)))
         queued = asyncio.ensure_future(batcher.score(batch(1), Deadline.after(30_000)))
