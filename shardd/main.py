@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import resource
@@ -21,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvloop
 import zmq
@@ -29,7 +31,7 @@ import kernels
 from kernels import rowcache as rc
 from recserve.contracts.errors import ConfigError, RecserveError
 from recserve.contracts.manifest import Manifest, read_manifest
-from recserve.contracts.plan import ShardPlan, read_plan
+from recserve.contracts.plan import Plan, ShardPlan, read_plan
 from recserve.contracts.units import format_size, parse_size
 from recserve.model.artifact import huge_page_bytes
 from recserve.rpc.client import ShardClient
@@ -44,6 +46,7 @@ from shardd.cache import CacheTier
 from shardd.cpus import parse_cpus, pin_process, split
 from shardd.endpoint import bound
 from shardd.metrics import ShardMetrics
+from shardd.models import Loaded, Models, deployed
 from shardd.server import ServerSettings, ShardServer
 from shardd.store import PartStore
 
@@ -198,9 +201,7 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
             sorted(config.kernel_cpus),
             sorted(rest),
         )
-    manifest = read_manifest(config.model)
     plan = read_plan(config.plan)
-    plan.check(manifest)
     shard = plan.shard(config.shard)
     if config.replica >= len(shard.endpoints):
         raise ConfigError(
@@ -208,30 +209,13 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
             f"--replica {config.replica} does not exist"
         )
     endpoint = config.bind or shard.endpoints[config.replica]
-    store = open_store(config, manifest, shard)
-    if config.hugepages:
-        seconds = store.preload(hugepages=True)
-        log.info(
-            "copied %d parts (%d MiB) into huge-page memory in %.2f s: %d MiB backed by "
-            "2 MiB pages; max RSS %d MiB",
-            len(store.parts),
-            store.nbytes >> 20,
-            seconds,
-            huge_page_bytes(p.view for p in store.parts.values()) >> 20,
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
-        )
-    elif config.preload:
-        seconds = store.preload()
-        log.info(
-            "preloaded %d parts (%d bytes) in %.2f s; max RSS %d MiB",
-            len(store.parts),
-            store.nbytes,
-            seconds,
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
-        )
+    peers = await probe_peers(shard, config)
+    path, since = serving(config, peers)
+    opener = functools.partial(open_model, config, plan)
+    manifest, store = opener(path, since)
     loop = asyncio.get_running_loop()
     if store.versions.enabled:
-        await catch_up(store, shard, config)
+        await catch_up(store, peers)
     if store.tier is not None:
         await loop.run_in_executor(None, warm_cache, store.tier, config, manifest.digest())
     warm = await loop.run_in_executor(None, kernels.warm_up)
@@ -265,7 +249,8 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
         config.kernel_cpus,
         config.max_reply_bytes // 4,
     )
-    server = ShardServer(sock, store, manifest, settings, metrics)
+    models = Models(Loaded(since, path, manifest, store), opener, config.state_dir)
+    server = ShardServer(sock, models, settings, metrics)
     try:
         with bound(sock, endpoint) as actual:
             server.start()
@@ -274,10 +259,10 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
                 loop.add_signal_handler(sig, stop.set)
             traces: set[asyncio.Future[None]] = set()
             if store.tier is not None and config.warm_from is not None:
-                tier, path, digest = store.tier, config.warm_from, manifest.digest()
+                trace = config.warm_from
 
-                def on_usr1() -> None:
-                    f = loop.run_in_executor(None, save_trace, tier, path, digest)
+                def on_usr1() -> None:  # the trace of the artifact served now
+                    f = loop.run_in_executor(None, save_trace, models.current, trace)
                     traces.add(f)
                     f.add_done_callback(traces.discard)
 
@@ -309,9 +294,7 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
                 )
             if store.tier is not None and config.warm_from is not None:
                 await asyncio.gather(*traces, return_exceptions=True)
-                await loop.run_in_executor(
-                    None, save_trace, store.tier, config.warm_from, manifest.digest()
-                )
+                await loop.run_in_executor(None, save_trace, models.current, config.warm_from)
             # Keep the loop (and its socket) up a moment after the last reply: closing
             # right after it lost a reply 1 run in 7 under load, even with a linger.
             await asyncio.sleep(FLUSH_S)
@@ -329,12 +312,45 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
         ctx.term()
         if http is not None:
             http[0].shutdown()
-        store.close()
+        models.close()
     log.info("shard %d stopped", config.shard)
     return 0
 
 
-def open_store(config: ShardConfig, manifest: Manifest, shard: ShardPlan) -> PartStore:
+def open_model(
+    config: ShardConfig, plan: Plan, path: Path, since: int
+) -> tuple[Manifest, PartStore]:
+    """Open the artifact at ``path`` (first serving version ``since``) for this shard, and
+    load it into memory as the flags say; a deploy opens the next one the same way."""
+    manifest = read_manifest(path)
+    plan.check(manifest)
+    store = open_store(config, manifest, plan.shard(config.shard), path, since)
+    if config.hugepages:
+        seconds = store.preload(hugepages=True)
+        log.info(
+            "copied %d parts (%d MiB) into huge-page memory in %.2f s: %d MiB backed by "
+            "2 MiB pages; max RSS %d MiB",
+            len(store.parts),
+            store.nbytes >> 20,
+            seconds,
+            huge_page_bytes(p.view for p in store.parts.values()) >> 20,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
+        )
+    elif config.preload:
+        seconds = store.preload()
+        log.info(
+            "preloaded %d parts (%d bytes) in %.2f s; max RSS %d MiB",
+            len(store.parts),
+            store.nbytes,
+            seconds,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
+        )
+    return manifest, store
+
+
+def open_store(
+    config: ShardConfig, manifest: Manifest, shard: ShardPlan, root: Path, since: int = 0
+) -> PartStore:
     if config.cache_bytes is not None:
         widest = max((manifest.table(p.table).row_bytes for p in shard.parts), default=0)
         if config.cache_bytes < widest + rc.state_bytes(1):
@@ -342,14 +358,16 @@ def open_store(config: ShardConfig, manifest: Manifest, shard: ShardPlan) -> Par
                 f"--cache-bytes {config.cache_bytes} is less than one row of this shard's "
                 f"widest table ({widest} bytes) and its bookkeeping ({rc.state_bytes(1)})"
             )
+    state = config.state_dir / manifest.digest()[:16] if config.state_dir else None
     store = PartStore(
-        config.model,
+        root,
         manifest,
         shard,
         cache_bytes=config.cache_bytes,
         io_threads=config.io_threads,
-        state_dir=config.state_dir,
+        state_dir=state,
         compact_at=config.compact_at,
+        first_version=since,
     )
     if store.tier is not None:
         tier = store.tier
@@ -364,24 +382,62 @@ def open_store(config: ShardConfig, manifest: Manifest, shard: ShardPlan) -> Par
     return store
 
 
-async def catch_up(store: PartStore, shard: ShardPlan, config: ShardConfig) -> None:
-    """Before reporting ready: fetch from a peer replica the versions committed while this
-    one was down (the peers are the plan's other endpoints of this shard)."""
+async def probe_peers(shard: ShardPlan, config: ShardConfig) -> list[tuple[str, dict[str, Any]]]:
+    """The ``info`` of the peer replicas that answer (the plan's other endpoints of this
+    shard), for the artifact they serve and the versions they hold."""
     peers = [ep for r, ep in enumerate(shard.endpoints) if r != config.replica]
-    if not peers:
-        return
+    if not peers or config.state_dir is None:
+        return []
     if config.curve_keys is not None:
         log.warning("CURVE on: replicas do not fetch missed updates from each other")
-        return
+        return []
     ctx = zmq.Context()
+    out = []
     try:
         for peer in peers:
             client = ShardClient(peer, ctx, name=f"{shard.id}/peer")
             try:
                 # Short: at a cluster's first start the peers start too, and wait alike.
-                health = await client.simple("health", Deadline.after(PEER_PROBE_MS))
-                if int(health.get("version") or 0) <= store.versions.current:
-                    continue
+                out.append((peer, await client.simple("info", Deadline.after(PEER_PROBE_MS))))
+            except RecserveError as exc:
+                log.info("peer %s did not answer: %s", peer, exc)
+            finally:
+                await client.close()
+    finally:
+        ctx.term()
+    return out
+
+
+def serving(config: ShardConfig, peers: list[tuple[str, dict[str, Any]]]) -> tuple[Path, int]:
+    """The artifact to serve and its first version: ``--model``, unless the state directory
+    records a deploy, or a peer serves a later one (deployed while this replica was down)."""
+    path, since = config.model, 0
+    recorded = deployed(config.state_dir)
+    if recorded is not None:
+        path, since = recorded
+    for peer, info in peers:
+        model = info.get("model") or {}
+        later = int(model.get("since") or 0) > since and model.get("path")
+        if later and Path(model["path"]).is_dir():
+            path, since = Path(model["path"]), int(model["since"])
+            log.info("peer %s serves %s from version %d: serving it too", peer, path, since)
+        elif later:
+            log.warning("peer %s serves %s, which this host lacks", peer, model["path"])
+    if path != config.model:
+        log.info("serving %s (deployed from version %d), not --model", path, since)
+    return path, since
+
+
+async def catch_up(store: PartStore, peers: list[tuple[str, dict[str, Any]]]) -> None:
+    """Before reporting ready: fetch from a peer replica the versions committed while this
+    one was down, and its dense weights."""
+    ctx = zmq.Context()
+    try:
+        for peer, info in peers:
+            if int((info.get("versions") or {}).get("version") or 0) <= store.versions.current:
+                continue
+            client = ShardClient(peer, ctx, name="peer")
+            try:
                 history = await client.history(
                     store.versions.current, deadline=Deadline.after(CATCH_UP_MS)
                 )
@@ -413,9 +469,13 @@ def warm_cache(tier: CacheTier, config: ShardConfig, digest: str) -> None:
     log.info("warmed the cache with %d rows from %s in %.2f s", rows, path, seconds)
 
 
-def save_trace(tier: CacheTier, path: Path, digest: str) -> None:
+def save_trace(loaded: Loaded, path: Path) -> None:
+    """Write the cache trace of the artifact ``loaded`` serves."""
+    tier = loaded.store.tier
+    if tier is None:
+        return
     try:
-        rows = tier.save_trace(path, digest)
+        rows = tier.save_trace(path, loaded.manifest.digest())
     except OSError as exc:
         log.error("could not write the cache trace %s: %s", path, exc)
         return

@@ -20,6 +20,7 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -31,7 +32,6 @@ from recserve.contracts.errors import (
     Overloaded,
     RecserveError,
 )
-from recserve.contracts.manifest import Manifest
 from recserve.rpc.deadline import Deadline
 from recserve.rpc.loopsocket import LoopSocket
 from recserve.rpc.wire import (
@@ -49,10 +49,11 @@ from recserve.rpc.wire import (
 from recserve.runtime.priority import lower_priority
 from shardd.cpus import pin
 from shardd.metrics import ShardMetrics
+from shardd.models import RELEASE_S, Models
 from shardd.store import Group, Job, PartStore
 
 log = logging.getLogger(__name__)
-UPDATE_OPS = frozenset({"stage", "commit", "abort", "log", "dense"})
+UPDATE_OPS = frozenset({"stage", "commit", "abort", "log", "dense", "load"})
 INLINE_FLOATS = 1 << 20  # pooled floats (4 MiB) a lookup pooled on the loop may write
 
 
@@ -115,14 +116,12 @@ class ShardServer:
     def __init__(
         self,
         sock: zmq.Socket,
-        store: PartStore,
-        manifest: Manifest,
+        models: Models,
         settings: ServerSettings,
         metrics: ShardMetrics,
     ) -> None:
         self.sock = sock
-        self.store = store
-        self.manifest = manifest
+        self.models = models
         self.settings = settings
         self.metrics = metrics
         self.pool = ThreadPoolExecutor(
@@ -136,6 +135,11 @@ class ShardServer:
         self.idle = asyncio.Event()
         self.idle.set()
         self.io: LoopSocket | None = None
+
+    @property
+    def store(self) -> PartStore:
+        """The store of the artifact served now (updates apply to it)."""
+        return self.models.current.store
 
     def _start_worker(self) -> None:
         if self.settings.kernel_cpus is not None:
@@ -182,7 +186,8 @@ class ShardServer:
             )
             threads = 1 if inline else self.settings.kernel_threads
             version = check_version(header, required=False)
-            job = self.store.prepare(lookup, threads, self.settings.max_reply_floats, version)
+            store = self.models.store_for(version)
+            job = store.prepare(lookup, threads, self.settings.max_reply_floats, version)
         except Exception as exc:
             if not isinstance(exc, RecserveError):
                 log.exception("preparing lookup %s failed", header and header.get("id"))
@@ -224,8 +229,13 @@ class ShardServer:
             work = functools.partial(versions.stage, version, parts, dense=dense)
         elif frames:
             raise BadRequest(f"{op} takes no data frames", field="frames")
+        elif op == "load":
+            path = header.get("model")
+            if not isinstance(path, str) or not path:
+                raise BadRequest("model must name the artifact's directory", field="model")
+            work = functools.partial(self._load, version, Path(path))
         else:
-            work = functools.partial(versions.commit if op == "commit" else versions.abort, version)
+            work = functools.partial(self._decide, op, version)
 
         def done(f: Future[None]) -> None:
             exc = f.exception()
@@ -233,8 +243,9 @@ class ShardServer:
                 log.error("%s of version %d failed", op, version, exc_info=exc)
                 exc = RecserveError("internal error; see the shard's log")
             if exc is None:
-                self.metrics.updated(versions.describe())
-                msg, outcome = pack_header(reply(header, **versions.describe())), "ok"
+                described = self._versions()
+                self.metrics.updated(described)
+                msg, outcome = pack_header(reply(header, **described)), "ok"
                 if op == "commit" and self.store.wants_compaction():
                     self.updates.submit(self._compact)  # after this reply, on the same thread
             else:
@@ -243,6 +254,29 @@ class ShardServer:
             self.loop.call_soon_threadsafe(self._send, ident, [msg], op, outcome)
 
         self.updates.submit(work).add_done_callback(done)
+
+    def _load(self, version: int, path: Path) -> None:
+        self.models.load(version, path)
+
+    def _decide(self, op: str, version: int) -> None:
+        """``commit`` or ``abort`` (on the update thread): of a deploy, or of an update."""
+        models = self.models
+        if op == "commit":
+            if models.commit(version):
+                self.loop.call_soon_threadsafe(self.loop.call_later, RELEASE_S, self._release)
+            else:
+                models.current.store.versions.commit(version)
+        elif not models.abort(version):
+            models.current.store.versions.abort(version)
+
+    def _release(self) -> None:
+        """Close the artifacts a deploy replaced (on the update thread: not under a load)."""
+        if not self.draining:
+            self.updates.submit(self.models.release)
+
+    def _versions(self) -> dict[str, Any]:
+        """The current store's versions, with a deploy under way as the staged one."""
+        return {**self.store.versions.describe(), "staged": self.models.staged()}
 
     def _compact(self) -> None:
         """Fold the newest version into new part files (on the update thread). A failure
@@ -326,8 +360,7 @@ class ShardServer:
         self.metrics.latency.observe(time.perf_counter() - call.started)
 
     def _answer(self, header: dict[str, Any]) -> dict[str, Any]:
-        m = self.manifest
-        versions = self.store.versions.describe()
+        versions = self._versions()
         if header["op"] == "health":
             return reply(
                 header,
@@ -341,7 +374,7 @@ class ShardServer:
                 header,
                 shard=self.settings.shard,
                 replica=self.settings.replica,
-                model={"name": m.name, "version": m.version, "digest": m.digest()},
+                model=self.models.current.describe(),
                 parts=self.store.describe(),
                 bytes=self.store.nbytes,
                 kernel_cpus=sorted(self.settings.kernel_cpus or ()),

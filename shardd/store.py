@@ -88,6 +88,7 @@ class PartStore:
         io_threads: int = 32,
         state_dir: Path | None = None,
         compact_at: float = 0.0,
+        first_version: int = 0,
     ) -> None:
         self.parts: dict[tuple[str, int], Part] = {}
         self.tier: CacheTier | None = None
@@ -133,7 +134,7 @@ class PartStore:
         self.versions = Versions(
             self.view.by_slot,
             state_dir,
-            base_version=self.base.version if self.base else 0,
+            base_version=max(first_version, self.base.version if self.base else 0),
             snapshot=self.snapshot,
             dense=dense,
         )
