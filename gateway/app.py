@@ -208,6 +208,12 @@ async def post_updates(request: web.Request) -> web.Response:
     return encode(await updates.handle(request, gw), request)
 
 
+async def post_deploy(request: web.Request) -> web.Response:
+    gw = request.config_dict[GATEWAY]
+    gw.admit()
+    return encode(await updates.handle_deploy(request, gw), request)
+
+
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.config_dict[GATEWAY].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -228,6 +234,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/model", model_info)
     app.router.add_post("/v1/updates", post_updates)
+    app.router.add_post("/v1/deploy", post_deploy)
     app.router.add_get("/metrics", metrics)
     app.add_subapp("/v2", kserve.create_app())
     return app

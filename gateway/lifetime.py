@@ -62,7 +62,7 @@ async def running(config: GatewayConfig) -> AsyncIterator[Gateway]:
         batcher = Batcher(pooler, nets.at, config.batching, executor, metrics)
         gw = Gateway(config, manifest, plan, pooler, batcher, executor, metrics)
         if isinstance(pooler, ShardedPooler) and plan is not None:
-            gw.updater = updates.Updater(plan, manifest, pooler, nets, metrics)  # also not admin
+            gw.updater = updates.Updater(gw, plan, nets)  # versions, also without admin
         if config.api.admin_token_file is not None:
             gw.admin_token = updates.read_token(config.api.admin_token_file)
         gw.tasks.append(loop.create_task(batcher.run()))

@@ -23,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import io
+import json
 import logging
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +50,7 @@ from recserve.contracts.errors import (
     Unauthorized,
     UnknownTable,
 )
-from recserve.contracts.manifest import Manifest
+from recserve.contracts.manifest import DENSE_FILE, Manifest, read_manifest
 from recserve.contracts.plan import Plan
 from recserve.model.artifact import dense_bytes, dense_net, read_dense
 from recserve.rpc.deadline import Deadline
@@ -57,7 +59,9 @@ from recserve.runtime.priority import lower_priority
 
 log = logging.getLogger("gateway")
 PHASE_MS = 30_000  # each phase's deadline
+LOAD_MS = 600_000  # a deploy's first phase: every replica loads the new artifact
 NPZ = "application/x-npz"
+MSGPACK = "application/msgpack"
 
 
 def read_token(path: Path) -> str:
@@ -183,15 +187,13 @@ def split(update: dict[str, tuple], plan: Plan) -> dict[int, list[StagePart]]:
 
 
 class Updater:
-    def __init__(
-        self, plan: Plan, manifest: Manifest, pooler: Any, nets: DenseVersions, metrics: Any
-    ) -> None:
+    def __init__(self, gw: Any, plan: Plan, nets: DenseVersions) -> None:
+        self.gw = gw  # the Gateway: its manifest changes with a deploy
         self.plan = plan
-        self.manifest = manifest
-        self.pooler = pooler  # a ShardedPooler: its replica sets and the version it reads
+        self.pooler = gw.pooler  # a ShardedPooler: its replica sets and the version it reads
         self.nets = nets  # the dense weights by version, which the batcher scores with
         self.dense_shard = plan.shards[0].id  # its replicas keep the dense weights
-        self.metrics = metrics
+        self.metrics = gw.metrics
         self.lock = asyncio.Lock()
         # Parsing and splitting updates on a thread of their own at a lower priority: never
         # ahead of a batch in the serving executor, and yielding the CPU to it.
@@ -214,19 +216,20 @@ class Updater:
         ]
 
     async def sync(self) -> int:
-        """Learn the newest committed version and settle versions left staged."""
+        """Learn the newest committed version and the artifact it is of, and settle
+        versions left staged."""
         async with self.lock:
             replicas = self._replicas()
             deadline = Deadline.after(PHASE_MS)
             found = await asyncio.gather(
-                *(c.simple("health", deadline) for _, c in replicas), return_exceptions=True
+                *(c.simple("info", deadline) for _, c in replicas), return_exceptions=True
             )
-            health = [
-                (c, h) for (_, c), h in zip(replicas, found, strict=True) if isinstance(h, dict)
+            infos = [
+                (c, i) for (_, c), i in zip(replicas, found, strict=True) if isinstance(i, dict)
             ]
-            committed = max((h.get("version", 0) for _, h in health), default=0)
-            for client, h in health:
-                staged = h.get("staged")
+            committed = max((i["versions"]["version"] for _, i in infos), default=0)
+            for client, i in infos:
+                staged = i["versions"].get("staged")
                 if staged is None:
                     continue
                 op = "commit" if staged <= committed else "abort"
@@ -235,10 +238,29 @@ class Updater:
                     log.info("settled version %d staged on %s: %s", staged, client.name, op)
                 except RecserveError as exc:
                     log.warning("could not %s version %d on %s: %s", op, staged, client.name, exc)
+            newest = max(infos, key=lambda ci: ci[1]["versions"]["version"], default=None)
+            if newest is not None:
+                await self._sync_model(newest[1]["model"])
             await self._sync_dense(committed, deadline)
             self.pooler.version = committed
             self.metrics.model_version.set(committed)
             return committed
+
+    async def _sync_model(self, model: dict[str, Any]) -> None:
+        """Serve the artifact the shards serve (deployed after this gateway's ``--model``)."""
+        if model.get("digest") == self.gw.manifest.digest():
+            return
+        path, since = Path(model["path"]), int(model["since"])
+        loop = asyncio.get_running_loop()
+        try:
+            manifest, net, weights = await loop.run_in_executor(self.executor, self._model_at, path)
+        except BadRequest as exc:
+            raise ConfigError(
+                f"the shards serve {path}, which this gateway cannot: {exc}"
+            ) from None
+        self.nets.add(since, net, weights)
+        self.gw.manifest = manifest
+        log.info("the shards serve %s from version %d: serving it too", path, since)
 
     async def _sync_dense(self, committed: int, deadline: Deadline) -> None:
         """Take the newest dense weights the dense shard's replicas keep (pushed before this
@@ -262,13 +284,13 @@ class Updater:
 
     def _net_of_bytes(self, blob: bytes) -> tuple[DenseNet, dict[str, np.ndarray]]:
         weights = read_dense(blob, "the shards' dense weights")
-        return dense_net(self.manifest, weights, "the shards' dense weights"), weights
+        return dense_net(self.gw.manifest, weights, "the shards' dense weights"), weights
 
     def _net_of(
         self, dense: dict[str, np.ndarray]
     ) -> tuple[DenseNet, dict[str, np.ndarray], bytes]:
         weights = {**self.nets.weights, **dense}
-        return dense_net(self.manifest, weights), weights, dense_bytes(weights)
+        return dense_net(self.gw.manifest, weights), weights, dense_bytes(weights)
 
     async def apply(self, update: Update) -> dict[str, Any]:
         async with self.lock:
@@ -280,46 +302,13 @@ class Updater:
                 net, weights, blob = await loop.run_in_executor(
                     self.executor, self._net_of, update.dense
                 )
-            replicas = self._replicas(live=True)
+
+            def stage(sid: int, client: Any, deadline: Deadline) -> Awaitable[Any]:
+                dense = blob if net is not None and sid == self.dense_shard else None
+                return client.stage(version, by_shard[sid], deadline=deadline, dense=dense)
+
             begin = time.perf_counter()
-            deadline = Deadline.after(PHASE_MS)
-            staged = await asyncio.gather(
-                *(
-                    c.stage(version, by_shard[sid], deadline=deadline,
-                            dense=blob if net is not None and sid == self.dense_shard else None)
-                    for sid, c in replicas
-                ),
-                return_exceptions=True,
-            )  # fmt: skip
-            # A replica that is down misses the version (it fetches it from a peer when it
-            # starts again); any other failure, or a shard with no replica staged, aborts.
-            down = {"shard_unavailable", "not_ready"}
-            ok = [
-                (sid, c)
-                for (sid, c), r in zip(replicas, staged, strict=True)
-                if not isinstance(r, BaseException)
-            ]
-            failed = [r for r in staged if isinstance(r, BaseException)]
-            fatal = [e for e in failed if getattr(e, "kind", None) not in down]
-            if fatal or {sid for sid, _ in ok} != set(by_shard):
-                await self._decide(replicas, "abort", version)
-                exc = (fatal or failed)[0]
-                if isinstance(exc, RecserveError):
-                    raise exc
-                raise ShardUnavailable(f"staging version {version} failed: {exc}")
-            for (_, c), r in zip(replicas, staged, strict=True):
-                if isinstance(r, BaseException):
-                    log.warning(
-                        "%s is down: it catches up on version %d when it starts", c.name, version
-                    )
-            replicas = ok
-            staged_s = time.perf_counter() - begin
-            done = await self._decide(replicas, "commit", version)
-            for (sid, c), r in zip(replicas, done, strict=True):
-                if isinstance(r, BaseException):  # decided: it commits when it is back (sync)
-                    log.warning(
-                        "shard %d (%s) did not commit version %d: %s", sid, c.name, version, r
-                    )
+            staged_s = await self._two_phases(version, stage, PHASE_MS)
             if net is not None:
                 self.nets.add(version, net, weights)  # before any batch reads the version
             self.pooler.version = version
@@ -334,6 +323,95 @@ class Updater:
                 "commit_ms": round((seconds - staged_s) * 1e3, 3),
             }
 
+    async def deploy(self, path: Path) -> dict[str, Any]:
+        """Serve the artifact at ``path`` (on every host, as the shards see it) from the
+        next version on: every replica loads it beside the one it serves, then all switch
+        at once; requests under way finish on the old one."""
+        loop = asyncio.get_running_loop()
+        manifest, net, weights = await loop.run_in_executor(self.executor, self._model_at, path)
+        async with self.lock:
+            version = self.pooler.version + 1
+            begin = time.perf_counter()
+
+            def load(sid: int, client: Any, deadline: Deadline) -> Awaitable[Any]:
+                return client.load(version, str(path), deadline=deadline)
+
+            loaded_s = await self._two_phases(version, load, LOAD_MS)
+            self.nets.add(version, net, weights)
+            self.gw.manifest = manifest
+            self.pooler.version = version
+            self.metrics.model_version.set(version)
+            log.info("serving %s from version %d", path, version)
+            m = manifest
+            return {
+                "version": version,
+                "model": {"name": m.name, "version": m.version, "digest": m.digest()},
+                "load_ms": round(loaded_s * 1e3, 3),
+                "commit_ms": round((time.perf_counter() - begin - loaded_s) * 1e3, 3),
+            }
+
+    def _model_at(self, path: Path) -> tuple[Manifest, DenseNet, dict[str, np.ndarray]]:
+        """A new artifact's manifest and dense weights, checked to serve the same requests
+        over the same plan (else it needs a new plan: a restart)."""
+        try:
+            manifest = read_manifest(path)
+            self.plan.check(manifest, same_model=False)
+            weights = read_dense(path / DENSE_FILE)
+            net = dense_net(manifest, weights, str(path / DENSE_FILE))
+        except RecserveError as exc:
+            raise BadRequest(f"{path}: {exc.message}", field="model") from None
+        old = self.gw.manifest
+        if _shape(manifest) != _shape(old):
+            raise BadRequest(
+                f"{path} has other tables, features or dense layers than the model served; "
+                "deploy it with a new plan (restart the cluster)",
+                field="model",
+            )
+        return manifest, net, weights
+
+    async def _two_phases(
+        self,
+        version: int,
+        stage: Callable[[int, Any, Deadline], Awaitable[Any]],
+        stage_ms: int,
+    ) -> float:
+        """Stage ``version`` on every replica in rotation, then commit it on all; aborted
+        everywhere (and the error raised) if any replica fails to stage, or a shard has no
+        replica that staged it. Returns the seconds the stage took."""
+        replicas = self._replicas(live=True)
+        begin = time.perf_counter()
+        deadline = Deadline.after(stage_ms)
+        staged = await asyncio.gather(
+            *(stage(sid, c, deadline) for sid, c in replicas), return_exceptions=True
+        )
+        # A replica that is down misses the version (it fetches it from a peer when it
+        # starts again); any other failure, or a shard with no replica staged, aborts.
+        down = {"shard_unavailable", "not_ready"}
+        ok = [
+            (sid, c)
+            for (sid, c), r in zip(replicas, staged, strict=True)
+            if not isinstance(r, BaseException)
+        ]
+        failed = [r for r in staged if isinstance(r, BaseException)]
+        fatal = [e for e in failed if getattr(e, "kind", None) not in down]
+        if fatal or {sid for sid, _ in ok} != {s.id for s in self.plan.shards}:
+            await self._decide(replicas, "abort", version)
+            exc = (fatal or failed)[0]
+            if isinstance(exc, RecserveError):
+                raise exc
+            raise ShardUnavailable(f"staging version {version} failed: {exc}")
+        for (_, c), r in zip(replicas, staged, strict=True):
+            if isinstance(r, BaseException):
+                log.warning(
+                    "%s is down: it catches up on version %d when it starts", c.name, version
+                )
+        staged_s = time.perf_counter() - begin
+        done = await self._decide(ok, "commit", version)
+        for (sid, c), r in zip(ok, done, strict=True):
+            if isinstance(r, BaseException):  # decided: it commits when it is back (sync)
+                log.warning("shard %d (%s) did not commit version %d: %s", sid, c.name, version, r)
+        return staged_s
+
     @staticmethod
     async def _decide(replicas: list[tuple[int, Any]], op: str, version: int) -> list[Any]:
         deadline = Deadline.after(PHASE_MS)
@@ -341,6 +419,24 @@ class Updater:
             *(c.decide(op, version, deadline=deadline) for _, c in replicas),
             return_exceptions=True,
         )
+
+
+async def handle_deploy(request: web.Request, gw: Any) -> dict[str, Any]:
+    """The ``POST /v1/deploy`` handler's work: ``{"model": "/path/to/artifact"}``."""
+    if gw.updater is None or gw.admin_token is None:
+        raise web.HTTPNotFound()
+    check_auth(request.headers.get("Authorization"), gw.admin_token)
+    if not gw.serving:
+        raise NotReady("the gateway is not ready; retry when /v2/health/ready says so")
+    body = await gw.read_body(request)
+    try:
+        path = msgpack.unpackb(body) if request.content_type == MSGPACK else json.loads(body)
+        path = path["model"]
+    except Exception:
+        raise BadRequest('expected {"model": "/path/to/artifact"}', field="model") from None
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise BadRequest("model must be an absolute path to an artifact directory", field="model")
+    return await gw.updater.deploy(Path(path))
 
 
 async def handle(request: web.Request, gw: Any) -> dict[str, Any]:
@@ -356,3 +452,9 @@ async def handle(request: web.Request, gw: Any) -> dict[str, Any]:
         gw.updater.executor, parse_update, body, ctype, gw.manifest, gw.updater.nets.weights
     )
     return await gw.updater.apply(update)
+
+
+def _shape(m: Manifest) -> tuple[Any, ...]:
+    """What requests, routing and the plan depend on: equal for a deployable artifact."""
+    tables = tuple((t.name, t.rows, t.dim, t.features) for t in m.tables)
+    return tables, tuple(m.features()), m.dense_width, m.embedding_dim, m.dense

@@ -187,11 +187,24 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", required=True, type=Path)
 
-    p = sub.add_parser("push", help="send an online update (new rows) to a gateway")
+    p = sub.add_parser("push", help="send an online update (rows, dense arrays) to a gateway")
     p.add_argument("--url", required=True, help="the gateway, e.g. http://127.0.0.1:8080")
-    p.add_argument("--updates", required=True, type=Path, help=".npz of <table>.ids/.rows")
+    p.add_argument(
+        "--updates", required=True, type=Path, help=".npz of <table>.ids/.rows, dense.<array>"
+    )
     p.add_argument("--token-file", type=Path, help="the gateway's --admin-token-file token")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+
+    p = sub.add_parser(
+        "deploy", help="switch a running cluster to a new artifact, with no failed request"
+    )
+    p.add_argument("--url", required=True, help="the gateway, e.g. http://127.0.0.1:8080")
+    p.add_argument(
+        "--model", required=True, type=Path,
+        help="the new artifact (same tables and layers), at this path on every host",
+    )  # fmt: skip
+    p.add_argument("--token-file", type=Path, help="the gateway's --admin-token-file token")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait")
 
     p = sub.add_parser("keygen", help="write CURVE key pairs for shards and gateways")
     p.add_argument("--out", required=True, type=Path)
@@ -372,23 +385,27 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_push(args: argparse.Namespace) -> int:
+def _admin_post(
+    name: str, url: str, body: bytes, ctype: str, token_file: Path | None, timeout: float
+) -> dict[str, Any] | None:
+    """POST to a gateway's admin endpoint with the token; the JSON reply, or None after
+    printing the error."""
     import json
     import urllib.error
     import urllib.request
 
     try:
-        body = args.updates.read_bytes()
-        token = args.token_file.read_text().strip() if args.token_file else None
+        token = token_file.read_text().strip() if token_file else None
     except OSError as exc:
         raise ConfigError(f"{exc.filename}: {exc.strerror}") from None
-    headers = {"Content-Type": "application/x-npz", "Accept": "application/json"}
+    headers = {"Content-Type": ctype, "Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(args.url.rstrip("/") + "/v1/updates", data=body, headers=headers)
+    req = urllib.request.Request(url, data=body, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=args.timeout) as r:
-            doc = json.loads(r.read())
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            doc: dict[str, Any] = json.loads(r.read())
+            return doc
     except urllib.error.HTTPError as exc:
         with exc:
             try:
@@ -396,14 +413,45 @@ def cmd_push(args: argparse.Namespace) -> int:
                 what = f"{err.get('field', '')}: {err['message']}".lstrip(": ")
             except Exception:
                 what = f"HTTP {exc.code}"
-        print(f"recserve push: error: {what} (HTTP {exc.code})", file=sys.stderr)
-        return 2
+        print(f"recserve {name}: error: {what} (HTTP {exc.code})", file=sys.stderr)
     except (urllib.error.URLError, TimeoutError) as exc:
-        print(f"recserve push: error: {args.url}: {exc}", file=sys.stderr)
+        print(f"recserve {name}: error: {url}: {exc}", file=sys.stderr)
+    return None
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    try:
+        body = args.updates.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{exc.filename}: {exc.strerror}") from None
+    url = args.url.rstrip("/") + "/v1/updates"
+    doc = _admin_post("push", url, body, "application/x-npz", args.token_file, args.timeout)
+    if doc is None:
         return 2
+    dense = f" and dense {', '.join(doc['dense'])}" if doc.get("dense") else ""
     print(
-        f"committed version {doc['version']}: {doc['rows']} rows (stage {doc['stage_ms']:.1f} "
-        f"ms, commit {doc['commit_ms']:.1f} ms)"
+        f"committed version {doc['version']}: {doc['rows']} rows{dense} (stage "
+        f"{doc['stage_ms']:.1f} ms, commit {doc['commit_ms']:.1f} ms)"
+    )
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    import json
+
+    from recserve.contracts.manifest import read_manifest
+
+    model = args.model.resolve()
+    read_manifest(model)  # a clear error here rather than from every shard
+    url = args.url.rstrip("/") + "/v1/deploy"
+    body = json.dumps({"model": str(model)}).encode()
+    doc = _admin_post("deploy", url, body, "application/json", args.token_file, args.timeout)
+    if doc is None:
+        return 2
+    m = doc["model"]
+    print(
+        f"serving {m['name']} {m['version']} ({m['digest'][:12]}) from version "
+        f"{doc['version']} (load {doc['load_ms'] / 1e3:.1f} s, commit {doc['commit_ms']:.1f} ms)"
     )
     return 0
 
@@ -455,6 +503,7 @@ COMMANDS = {
     "up": cmd_up,
     "keygen": cmd_keygen,
     "push": cmd_push,
+    "deploy": cmd_deploy,
     "study": cmd_study,
     "verify": cmd_verify,
     "info": cmd_info,

@@ -323,7 +323,7 @@ def open_model(
     """Open the artifact at ``path`` (first serving version ``since``) for this shard, and
     load it into memory as the flags say; a deploy opens the next one the same way."""
     manifest = read_manifest(path)
-    plan.check(manifest)
+    plan.check(manifest, same_model=since == 0)  # a deployed artifact: the same tables
     store = open_store(config, manifest, plan.shard(config.shard), path, since)
     if config.hugepages:
         seconds = store.preload(hugepages=True)

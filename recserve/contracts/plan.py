@@ -98,9 +98,10 @@ class Plan:
     def to_json(self) -> bytes:
         return orjson.dumps(self.to_dict(), option=orjson.OPT_INDENT_2)
 
-    def check(self, manifest: Manifest) -> None:
-        """The plan is for this model and covers every row exactly once."""
-        if self.model_digest != manifest.digest():
+    def check(self, manifest: Manifest, *, same_model: bool = True) -> None:
+        """The plan is for this model and covers every row exactly once; without
+        ``same_model``, for a model of the same tables (a deployed retraining of it)."""
+        if same_model and self.model_digest != manifest.digest():
             raise PlanError(
                 f"the plan was made for model {self.model_name} {self.model_version} "
                 f"(digest {self.model_digest[:12]}), not for {manifest.name} "

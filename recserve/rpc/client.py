@@ -186,6 +186,14 @@ class ShardClient:
             raise ShardUnavailable(f"shard {self.name}: malformed dense reply")
         return version, bytes(data[0].buffer)
 
+    async def load(self, version: int, path: str, *, deadline: Deadline) -> dict[str, Any]:
+        """Open the artifact at ``path`` beside the served one as ``version`` (a deploy's
+        stage; ``decide`` commits or aborts it)."""
+        req_id = next(self.ids)
+        head = request("load", req_id, deadline.at_ms, version=version, model=path)
+        header, _ = await self.call([pack_header(head)], req_id, deadline)
+        return header
+
     async def decide(self, op: str, version: int, *, deadline: Deadline) -> dict[str, Any]:
         """``commit`` or ``abort`` a staged version."""
         req_id = next(self.ids)

@@ -23,7 +23,9 @@ frame holds the model's whole new dense weights as ``.npz`` bytes, for the shard
 versions after ``since``: the reply lists ``versions`` and their ``parts`` (as ``stage``
 does) with two frames per version (versions a replica compacted come as one: every row
 changed up to it). ``dense`` asks for the newest committed dense weights: the reply's
-``version`` (None: none were pushed) and one frame of ``.npz`` bytes.
+``version`` (None: none were pushed) and one frame of ``.npz`` bytes. ``load`` (``version``,
+``model``: an artifact directory) stages a deploy: the shard opens that artifact to serve
+from ``version`` on, once committed (``shardd.models``).
 
 Replies echo ``v``, ``op`` and ``id`` with ``"ok": true`` or ``"ok": false, "error":
 {"kind", "message", "field"?}``. A ``lookup`` reply lists ``groups``: ``{"parts": [indices], "bags",
@@ -49,7 +51,7 @@ from recserve.contracts.errors import (
 )
 
 VERSION = 2
-OPS = ("lookup", "info", "health", "stats", "stage", "commit", "abort", "log", "dense")
+OPS = ("lookup", "info", "health", "stats", "stage", "commit", "abort", "log", "dense", "load")
 ID_DTYPES: dict[str, np.dtype[Any]] = {"<i8": np.dtype("<i8"), "<i4": np.dtype("<i4")}
 MODES = ("sum", "mean")
 MAX_HEADER = 1 << 20
