@@ -343,8 +343,10 @@ class Versions:
                 raise BadRequest(f"an id of table {sp.table} repeats", field=f"parts[{i}].ids")
             levels = out.get(slot, ())
             large, small = levels if levels else (_EMPTY, _EMPTY)
-            now = base_rows(part, ids) + _at(levels, ids, part.spec.dim)
-            small = _add(small, ids, _stored(part.spec.dtype, sp.rows) - now)
+            # Relative to the file and the large level (a row's small entry is replaced, not
+            # added to: its error does not grow with the times it was updated).
+            below = base_rows(part, ids).astype(np.float64) + _at((large,), ids, part.spec.dim)
+            small = _put(small, ids, _stored(part.spec.dtype, sp.rows) - below)
             if small.size > max(FOLD_MIN, large.size // 4):
                 large, small = _add(large, small.keys, small.deltas), _EMPTY
             out[slot] = (large, small)
@@ -449,6 +451,16 @@ def _add(old: Overlay, ids: np.ndarray, deltas: np.ndarray) -> Overlay:
         np.ascontiguousarray(keys[order]),
         np.ascontiguousarray(np.concatenate([summed, deltas[~found]])[order]),
     )
+
+
+def _put(old: Overlay, ids: np.ndarray, deltas: np.ndarray) -> Overlay:
+    """A new level: ``old`` with the rows ``ids`` (unique) set to ``deltas``."""
+    keep = ~np.isin(old.keys, ids) if old.size else np.zeros(0, bool)
+    keys = np.concatenate([old.keys[keep], ids])
+    order = np.argsort(keys, kind="stable")
+    values = np.concatenate([old.deltas[keep].reshape(-1, deltas.shape[1]), deltas])
+    return Overlay(np.ascontiguousarray(keys[order]),
+                   np.ascontiguousarray(values[order], dtype=np.float32))  # fmt: skip
 
 
 def _flatten(levels: Levels) -> Overlay:

@@ -1,8 +1,8 @@
-"""Online updates through the gateway: ``recserve push`` to 2 shards x 2 replicas (a table
+"""Online updates through the gateway: ``recserve push`` to 3 shards x 2 replicas (a table
 split by rows) commits a version whose scores equal ``recserve predict`` on a copy of the
 artifact with the same rows replaced; responses name their version, also while pushes run
 concurrently; bad updates and bad tokens change nothing; a replica killed after a commit
-comes back with it."""
+comes back with it; dense arrays update with the rows."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from recserve.cli import main as cli
 from recserve.contracts.manifest import DENSE_FILE, read_manifest
 from recserve.local.cluster import LocalCluster, free_port
 from recserve.local.offline import predict
-from recserve.model.artifact import dense_bytes, read_dense
+from recserve.model.artifact import dense_bytes, open_table, read_dense
 from recserve.model.scorer import Model
 from recserve.model.workload import Workload
 from tests.integration.shards import header, raw
@@ -61,14 +61,17 @@ def scores(url: str, samples: list) -> tuple[int, np.ndarray]:
 
 
 def an_update(model: Path, seed: int, split: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Rows for the split table (ids on both sides of the split) and one more table."""
+    """Rows for the split table (ids on both sides of the split) and one more table, of
+    the scale of the tables' own rows."""
     manifest = read_manifest(model)
     rng = np.random.default_rng(seed)
     other = next(t for t in manifest.tables if t.name != split)
     out = {}
     for t in (manifest.table(split), other):
         ids = rng.choice(t.rows, min(t.rows, 300), replace=False).astype(np.int64)
-        out[t.name] = (ids, rng.standard_normal((ids.size, t.dim)).astype(np.float32))
+        scale = float(np.std(np.asarray(open_table(model, t), np.float32)))  # a retraining's
+        rows = rng.normal(0.0, scale, (ids.size, t.dim)).astype(np.float32)
+        out[t.name] = (ids, rows)
     return out
 
 
@@ -99,7 +102,7 @@ def test_push_commits_one_version_on_every_shard(model: Path, tmp_path: Path) ->
     original = predict(Model.open(model), samples)
     cluster = LocalCluster(
         model,
-        shards=2,
+        shards=3,
         replicas=2,
         strategy="capacity",
         port=free_port(),
@@ -121,31 +124,40 @@ def test_push_commits_one_version_on_every_shard(model: Path, tmp_path: Path) ->
         assert version == 1
         np.testing.assert_allclose(got, want1, rtol=1e-5, atol=1e-6)
 
-        # Concurrent reads while version 2 is pushed: each matches the version it names.
-        second = an_update(model, 2, split)
-        want = {1: want1, 2: predict(replaced(model, tmp_path / "v2", [first, second]), samples)}
+        # Two pushes at once, with reads: each update gets a version of its own, and each
+        # response matches the version it names.
+        pushed = {2: an_update(model, 2, split), 3: an_update(model, 4, split)}
         seen: list[tuple[int, np.ndarray]] = []
+        got_versions: dict[int, int] = {}
         stop = threading.Event()
 
         def read() -> None:
             while not stop.is_set():
                 seen.append(scores(c.url, samples))
 
-        readers = [threading.Thread(target=read) for _ in range(2)]
-        for t in readers:
+        def push(key: int) -> None:
+            body = write_npz(tmp_path / f"u{key}.npz", pushed[key]).read_bytes()
+            status, doc = post(c.url + "/v1/updates", body, "application/x-npz")
+            assert status == 200, doc
+            got_versions[key] = doc["version"]
+
+        workers = [threading.Thread(target=read) for _ in range(2)]
+        workers += [threading.Thread(target=push, args=(k,)) for k in pushed]
+        for t in workers:
             t.start()
-        try:
-            status, doc = post(c.url + "/v1/updates", write_npz(tmp_path / "u2.npz", second)
-                               .read_bytes(), "application/x-npz")  # fmt: skip
-        finally:
-            stop.set()
-            for t in readers:
-                t.join()
-        rows_sent = sum(ids.size for ids, _ in second.values())
-        assert status == 200 and doc["version"] == 2 and doc["rows"] == rows_sent, doc
-        assert {v for v, _ in seen} <= {1, 2} and seen
+        for t in workers[2:]:
+            t.join()
+        stop.set()
+        for t in workers[:2]:
+            t.join()
+        assert sorted(got_versions.values()) == [2, 3], got_versions
+        order = [pushed[k] for k in sorted(pushed, key=got_versions.__getitem__)]
+        want = {1: want1, 2: predict(replaced(model, tmp_path / "v2", [first, order[0]]), samples)}
+        want[3] = predict(replaced(model, tmp_path / "v3", [first, *order]), samples)
+        assert {v for v, _ in seen} <= {1, 2, 3} and seen
         for v, got in seen:
             np.testing.assert_allclose(got, want[v], rtol=1e-5, atol=1e-6)
+        second = order[1]  # rows for the bad updates below
 
         # Bad updates and tokens: a 4xx naming the field, and nothing applied anywhere.
         ids, rows = second[split]
@@ -164,18 +176,18 @@ def test_push_commits_one_version_on_every_shard(model: Path, tmp_path: Path) ->
             status, doc = post(c.url + "/v1/updates", body, "application/x-npz", tok)
             assert status == status_want and doc["error"]["field"] == field, doc
         version, got = scores(c.url, samples)
-        assert version == 2
-        np.testing.assert_allclose(got, want[2], rtol=1e-5, atol=1e-6)
+        assert version == 3
+        np.testing.assert_allclose(got, want[3], rtol=1e-5, atol=1e-6)
 
-        # A replica killed after the commit comes back from its log with version 2.
+        # A replica killed after the commit comes back from its log with version 3.
         c.shards[0].send_signal(signal.SIGKILL)
         c.shards[0].wait(10)
         c.shards[0] = c.start_shard(0, 0)
         c.wait_ready(0, 0, c.shards[0], 60)
         for _ in range(4):  # both replicas of shard 0 answer in turn
             version, got = scores(c.url, samples)
-            assert version == 2
-            np.testing.assert_allclose(got, want[2], rtol=1e-5, atol=1e-6)
+            assert version == 3
+            np.testing.assert_allclose(got, want[3], rtol=1e-5, atol=1e-6)
 
         # A replica down during an update: the update commits on the others, and the
         # replica fetches the version from its peer before it reports ready again.
@@ -183,19 +195,19 @@ def test_push_commits_one_version_on_every_shard(model: Path, tmp_path: Path) ->
         c.shards[down].send_signal(signal.SIGKILL)
         c.shards[down].wait(10)
         time.sleep(4.5)  # the gateway's probe (every 2 s) takes it out of rotation
-        third = an_update(model, 3, split)
-        body = write_npz(tmp_path / "u3.npz", third).read_bytes()
+        fourth = an_update(model, 3, split)
+        body = write_npz(tmp_path / "u4.npz", fourth).read_bytes()
         status, doc = post(c.url + "/v1/updates", body, "application/x-npz")
-        assert status == 200 and doc["version"] == 3, doc
-        want[3] = predict(replaced(model, tmp_path / "v3", [first, second, third]), samples)
+        assert status == 200 and doc["version"] == 4, doc
+        want[4] = predict(replaced(model, tmp_path / "v4", [first, *order, fourth]), samples)
         c.shards[down] = c.start_shard(1, 1)
         c.wait_ready(1, 1, c.shards[down], 60)
         health = msgpack.unpackb(raw(c.plan.shard(1).endpoints[1], [header("health")])[0])
-        assert health["version"] == 3, health
-        for _ in range(4):
+        assert health["version"] == 4, health
+        for _ in range(6):
             version, got = scores(c.url, samples)
-            assert version == 3
-            np.testing.assert_allclose(got, want[3], rtol=1e-5, atol=1e-6)
+            assert version == 4
+            np.testing.assert_allclose(got, want[4], rtol=1e-5, atol=1e-6)
 
 
 def with_dense(model: Path, dest: Path, rows: list[dict], dense: list[dict]) -> Model:
