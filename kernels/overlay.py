@@ -16,10 +16,25 @@ import numpy as np
 from numba import njit
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _find(keys, x):
+    """The index of ``x`` in sorted ``keys``, or -1."""
+    lo, hi = 0, keys.size
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if keys[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo if lo < keys.size and keys[lo] == x else -1
+
+
 @njit(nogil=True, cache=True)
-def apply_deltas(out, j, ids, bounds, weights, weighted, mean, keys, deltas):
+def apply_deltas(out, j, ids, bounds, weights, weighted, mean, bits, first, keys, deltas):
     """Add ``deltas`` of the ids of ``keys`` (sorted) found in each bag of column ``j`` of
-    ``out`` ``[bags, parts, dim]``; bag ``b`` is ``ids[bounds[b]:bounds[b + 1]]``."""
+    ``out`` ``[bags, parts, dim]``; bag ``b`` is ``ids[bounds[b]:bounds[b + 1]]``. Only
+    ids whose bit is set in ``bits`` (local row ``id - first``) are looked for: most ids of
+    a lookup are rows no update touched, passed over with one bit test."""
     if keys.size == 0:
         return
     dim = deltas.shape[1]
@@ -29,8 +44,11 @@ def apply_deltas(out, j, ids, bounds, weights, weighted, mean, keys, deltas):
             continue
         scale0 = 1.0 / (hi - lo) if mean else 1.0
         for i in range(lo, hi):
-            k = np.searchsorted(keys, ids[i])
-            if k < keys.size and keys[k] == ids[i]:
+            r = ids[i] - first
+            if (bits[r >> 3] >> (r & 7)) & 1 == 0:
+                continue
+            k = _find(keys, ids[i])
+            if k >= 0:
                 scale = scale0 * (weights[i] if weighted else 1.0)
                 for d in range(dim):
                     out[b, j, d] += np.float32(scale * deltas[k, d])

@@ -41,7 +41,7 @@ from shardd import compaction
 from shardd.cache import CacheTier, Fetched, PartCache
 from shardd.compaction import Base, PartFile, part_key
 from shardd.disk import TableFile
-from shardd.updates import Levels, Overlay, Versions, base_rows, unknown_part
+from shardd.updates import Overlay, Patch, Versions, base_rows, unknown_part
 
 log = logging.getLogger(__name__)
 LOG_BYTES = 256 << 20  # an update log this long is compacted whatever its rows
@@ -259,7 +259,8 @@ class PartStore:
         if not self.compact_at or v.log is None:
             return False
         total = sum(p.row_end - p.row_start for p in self.parts.values())
-        return v.rows_updated >= self.compact_at * total or v.log.bytes >= LOG_BYTES
+        rows = v.rows_updated > 0 and v.rows_updated >= self.compact_at * total
+        return rows or v.log.bytes >= LOG_BYTES
 
     def compact(self) -> int:
         """Fold the newest version into new part files and swap them in (on the update
@@ -373,7 +374,7 @@ class Job:
         resolved: list[Part],
         lookup: Lookup,
         tier: CacheTier | None = None,
-        updated: dict[int, Levels] | None = None,
+        updated: dict[int, Patch] | None = None,
         at: tuple[int, int | None, list[int]] = (0, None, []),
     ) -> None:
         self.calls = calls
@@ -430,9 +431,13 @@ class Job:
         global ids, as the request sent them)."""
         out = call.run()
         for j, i in enumerate(members):
-            for ov in self.updated.get(i, ()):
+            patch = self.updated.get(i)
+            if patch is None:
+                continue
+            for ov in patch.levels:
                 apply_deltas(out, j, ids, call.bounds[j], call.weights, call.weighted,
-                             bool(call.layout[j, MEAN]), ov.keys, ov.deltas)  # fmt: skip
+                             bool(call.layout[j, MEAN]), patch.bits, self.resolved[i].row_start,
+                             ov.keys, ov.deltas)  # fmt: skip
         return Group(members, out)
 
 

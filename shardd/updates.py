@@ -1,7 +1,7 @@
 """Online updates on a shard: staged, committed versions of updated rows, durable in a log.
 
 A version is, per part, the rows updated up to it as corrections over the part's file:
-``Levels``, a few ``Overlay`` s (sorted global ids and per row a difference), summed, applied
+a ``Patch``: a few ``Overlay`` s (sorted global ids and per row a difference), summed, applied
 by ``kernels.overlay`` after pooling. The newest versions have two levels: a large one
 shared by many versions and a small one each stage copies and extends; the small one is
 folded into the large one once it reaches a quarter of it, so a stage costs what it adds,
@@ -67,7 +67,18 @@ class Overlay:
         return int(self.keys.size)
 
 
-Levels = tuple[Overlay, ...]  # summed: (large, small) for the newest versions
+@dataclass(frozen=True)
+class Patch:
+    """A version's corrections of one part: levels, summed ((large, small) for the newest
+    versions), and a bitmap of the part's rows any of them holds, so a lookup's id that is
+    not updated is passed over without a search."""
+
+    levels: tuple[Overlay, ...]
+    bits: np.ndarray  # uint8 [(rows + 7) // 8]: bit r of local row r
+
+    @property
+    def size(self) -> int:
+        return sum(lv.size for lv in self.levels)
 
 
 class UpdateLog:
@@ -120,7 +131,7 @@ class UpdateLog:
 class Versions:
     """The versions of one shard's parts (the store's ``Part`` s, by slot).
 
-    ``state`` is ``(generation, committed)``: the committed versions' ``Levels`` by slot,
+    ``state`` is ``(generation, committed)``: the committed versions' ``Patch`` es by slot,
     over the part files of that generation; both are replaced, never changed, so a reader
     takes one consistent pair (the store bumps the generation when compaction swaps files).
     """
@@ -138,9 +149,9 @@ class Versions:
         self.index = {(p.spec.name, p.row_start): i for i, p in enumerate(parts)}
         self.base_version = base_version  # what the compacted files hold
         self.snapshot = snapshot  # every row changed up to base_version, from those files
-        self.state: tuple[int, dict[int, dict[int, Levels]]] = (0, {base_version: {}})
+        self.state: tuple[int, dict[int, dict[int, Patch]]] = (0, {base_version: {}})
         self.current = base_version
-        self.staged: tuple[int, dict[int, Levels]] | None = None
+        self.staged: tuple[int, dict[int, Patch]] | None = None
         self.staged_dense: bytes | None = None
         # The newest committed dense weights (version, .npz bytes), kept for the gateways.
         self.dense: tuple[int, bytes] | None = dense
@@ -156,20 +167,20 @@ class Versions:
         return self.log is not None
 
     @property
-    def committed(self) -> dict[int, dict[int, Levels]]:
+    def committed(self) -> dict[int, dict[int, Patch]]:
         return self.state[1]
 
     def overlays(
-        self, version: int | None, committed: dict[int, dict[int, Levels]] | None = None
-    ) -> dict[int, Levels]:
+        self, version: int | None, committed: dict[int, dict[int, Patch]] | None = None
+    ) -> dict[int, Patch]:
         """The levels of ``version`` (None: the newest) by slot, in ``committed`` (default:
         the published versions); raises ``VersionUnavailable``."""
         return self.overlays_in((0, self.committed if committed is None else committed), version)
 
     @staticmethod
     def overlays_in(
-        state: tuple[int, dict[int, dict[int, Levels]]], version: int | None
-    ) -> dict[int, Levels]:
+        state: tuple[int, dict[int, dict[int, Patch]]], version: int | None
+    ) -> dict[int, Patch]:
         committed = state[1]
         if version is None:
             return committed[max(committed)]
@@ -274,21 +285,27 @@ class Versions:
 
     def flat(self, slot: int) -> Overlay:
         """The newest version's corrections of ``slot`` as one level."""
-        return _flatten(self.committed[self.current].get(slot, ()))
+        patch = self.committed[self.current].get(slot)
+        return _flatten(patch.levels) if patch else _EMPTY
 
-    def rebased(self, flats: dict[int, Overlay]) -> dict[int, dict[int, Levels]]:
+    def rebased(self, flats: dict[int, Overlay]) -> dict[int, dict[int, Patch]]:
         """The committed versions over new files holding the newest version's rows of the
         slots of ``flats`` (their corrections there): the newest has none left, the older
         ones subtract what the files absorbed."""
         out = {}
-        negated = {s: Overlay(f.keys, -f.deltas) for s, f in flats.items()}
-        for v, levels in self.committed.items():
-            mine = dict(levels)
+        negated = {
+            s: Patch((Overlay(f.keys, -f.deltas),), self.committed[self.current][s].bits)
+            for s, f in flats.items()
+        }
+        for v, patches in self.committed.items():
+            mine = dict(patches)
             for slot, neg in negated.items():
                 if v == self.current:
                     mine.pop(slot, None)
+                elif (p := mine.get(slot)) is not None:
+                    mine[slot] = Patch((*p.levels, *neg.levels), p.bits | neg.bits)
                 else:
-                    mine[slot] = (*mine.get(slot, ()), neg)
+                    mine[slot] = neg
             out[v] = mine
         return out
 
@@ -316,7 +333,7 @@ class Versions:
                 f"version {version} does not follow this shard's {self.current}", field="version"
             )
 
-    def _build(self, parts: list[StagePart]) -> dict[int, Levels]:
+    def _build(self, parts: list[StagePart]) -> dict[int, Patch]:
         out = dict(self.committed[self.current])
         for i, sp in enumerate(parts):
             slot = self.index.get((sp.table, sp.row_start))
@@ -341,21 +358,25 @@ class Versions:
                 )
             if np.unique(ids).size != ids.size:
                 raise BadRequest(f"an id of table {sp.table} repeats", field=f"parts[{i}].ids")
-            levels = out.get(slot, ())
-            large, small = levels if levels else (_EMPTY, _EMPTY)
+            prev = out.get(slot)
+            large, small = prev.levels if prev else (_EMPTY, _EMPTY)
+            rows = part.row_end - part.row_start
+            bits = prev.bits.copy() if prev else np.zeros((rows + 7) // 8, np.uint8)
+            local = ids - part.row_start
+            np.bitwise_or.at(bits, local >> 3, (1 << (local & 7)).astype(np.uint8))
             # Relative to the file and the large level (a row's small entry is replaced, not
             # added to: its error does not grow with the times it was updated).
             below = base_rows(part, ids).astype(np.float64) + _at((large,), ids, part.spec.dim)
             small = _put(small, ids, _stored(part.spec.dtype, sp.rows) - below)
             if small.size > max(FOLD_MIN, large.size // 4):
                 large, small = _add(large, small.keys, small.deltas), _EMPTY
-            out[slot] = (large, small)
+            out[slot] = Patch((large, small), bits)
         return out
 
     def _commit(self, version: int) -> None:
         assert self.staged is not None
         built = self.staged[1]
-        self.rows_updated = sum(lv.size for levels in built.values() for lv in levels)
+        self.rows_updated = sum(p.size for p in built.values())
         gen, old = self.state
         committed = {v: old[v] for v in sorted(old)[-(KEEP - 1) :]}
         committed[version] = built
@@ -421,7 +442,7 @@ def base_rows(part: Any, ids: np.ndarray) -> np.ndarray:
 _EMPTY = Overlay(np.zeros(0, np.int64), np.zeros((0, 0), np.float32))
 
 
-def _at(levels: Levels, ids: np.ndarray, dim: int) -> np.ndarray:
+def _at(levels: tuple[Overlay, ...], ids: np.ndarray, dim: int) -> np.ndarray:
     """The summed corrections of ``levels`` at rows ``ids``, float32 ``[n, dim]``."""
     out = np.zeros((ids.size, dim), np.float32)
     for lv in levels:
@@ -463,7 +484,7 @@ def _put(old: Overlay, ids: np.ndarray, deltas: np.ndarray) -> Overlay:
                    np.ascontiguousarray(values[order], dtype=np.float32))  # fmt: skip
 
 
-def _flatten(levels: Levels) -> Overlay:
+def _flatten(levels: tuple[Overlay, ...]) -> Overlay:
     out = _EMPTY
     for lv in levels:
         if lv.size:
