@@ -30,7 +30,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from benchmarks.common import fmt_ratio, print_table, run_cli
+from benchmarks.common import print_table, run_cli
 from recserve.contracts.manifest import read_manifest
 from recserve.local.argv import loadgen_argv
 from recserve.local.cluster import LocalCluster, free_port
@@ -139,18 +139,22 @@ def main(argv: list[str] | None = None) -> int:
             after = load(c.url, model, args.rate, args.duration, root / "after.json")
     pushes = len(commits)
     pace = f"at {args.rows_per_s:,.0f} rows/s" if args.rows_per_s else "back to back"
-    print(f"drm2 {args.size}, 4 shards; {args.rate:g} req/s of 16 samples, {args.rounds} rounds "
-          f"of {args.duration:g} s without and with updates of {args.rows} rows {pace}")  # fmt: skip
+    print(f"drm2 {args.size}, 4 shards; {args.rate:g} req/s of 16 samples, {args.rounds} "
+          f"rounds of {args.duration:g} s without and with updates of {args.rows} rows "
+          f"{pace}")  # fmt: skip
 
     def row(name: str, r: dict) -> list:
         lat = r["latency_ms"]
         return [name, f"{lat['p50']:.1f}", f"{lat['p99']:.1f}", sum(r["errors"].values()),
-                f"{r['samples_per_s']:.0f}"]  # fmt: skip
+                f"{r['samples_per_s']:.0f}", ""]  # fmt: skip
 
     table = []
     for k, (quiet, busy) in enumerate(rounds):
         ratio = busy["latency_ms"]["p99"] / quiet["latency_ms"]["p99"]
-        table += [row(f"{k + 1}: without", quiet), row(f"{k + 1}: with", busy) + [f"{ratio:.2f}x"]]
+        table += [
+            row(f"{k + 1}: without", quiet),
+            [*row(f"{k + 1}: with", busy)[:-1], f"{ratio:.2f}x"],
+        ]
     table.append(row("after updates", after))
     print_table(["serving", "p50 ms", "p99 ms", "failed", "samples/s", "p99 ratio"], table)
     lat = np.array(commits) * 1e3 if commits else np.zeros(1)
