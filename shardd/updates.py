@@ -340,8 +340,9 @@ class Versions:
             if slot is None:
                 raise unknown_part(sp.table, sp.row_start, i)
             part = self.parts[slot]
-            ids = np.asarray(sp.ids, np.int64)
-            if ids.size and (int(ids.min()) < part.row_start or int(ids.max()) >= part.row_end):
+            order = np.argsort(sp.ids, kind="stable")  # sorted: merges and reads in order
+            ids = np.asarray(sp.ids, np.int64)[order]
+            if ids.size and (int(ids[0]) < part.row_start or int(ids[-1]) >= part.row_end):
                 bad = int(ids[(ids < part.row_start) | (ids >= part.row_end)][0])
                 raise IdOutOfRange(
                     f"id {bad} of table {sp.table} is outside [{part.row_start}, {part.row_end})",
@@ -356,18 +357,17 @@ class Versions:
                 raise BadRequest(
                     f"rows of table {sp.table} hold NaN or Inf", field=f"parts[{i}].rows"
                 )
-            if np.unique(ids).size != ids.size:
+            if (ids[1:] == ids[:-1]).any():
                 raise BadRequest(f"an id of table {sp.table} repeats", field=f"parts[{i}].ids")
             prev = out.get(slot)
             large, small = prev.levels if prev else (_EMPTY, _EMPTY)
             rows = part.row_end - part.row_start
             bits = prev.bits.copy() if prev else np.zeros((rows + 7) // 8, np.uint8)
-            local = ids - part.row_start
-            np.bitwise_or.at(bits, local >> 3, (1 << (local & 7)).astype(np.uint8))
+            _set_bits(bits, ids - part.row_start)
             # Relative to the file and the large level (a row's small entry is replaced, not
             # added to: its error does not grow with the times it was updated).
             below = base_rows(part, ids).astype(np.float64) + _at((large,), ids, part.spec.dim)
-            small = _put(small, ids, _stored(part.spec.dtype, sp.rows) - below)
+            small = _put(small, ids, _stored(part.spec.dtype, sp.rows[order]) - below)
             if small.size > max(FOLD_MIN, large.size // 4):
                 large, small = _add(large, small.keys, small.deltas), _EMPTY
             out[slot] = Patch((large, small), bits)
@@ -472,6 +472,16 @@ def _add(old: Overlay, ids: np.ndarray, deltas: np.ndarray) -> Overlay:
         np.ascontiguousarray(keys[order]),
         np.ascontiguousarray(np.concatenate([summed, deltas[~found]])[order]),
     )
+
+
+def _set_bits(bits: np.ndarray, rows: np.ndarray) -> None:
+    """Set the bits of local ``rows`` (sorted, unique) in ``bits``."""
+    if rows.size == 0:
+        return
+    byte = rows >> 3
+    starts = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
+    masks = np.left_shift(1, rows & 7).astype(np.uint8)
+    bits[byte[starts]] |= np.bitwise_or.reduceat(masks, starts)
 
 
 def _put(old: Overlay, ids: np.ndarray, deltas: np.ndarray) -> Overlay:
