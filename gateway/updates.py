@@ -256,9 +256,8 @@ class Updater:
         try:
             manifest, net, weights = await loop.run_in_executor(self.executor, self._model_at, path)
         except BadRequest as exc:
-            raise ConfigError(
-                f"the shards serve {path}, which this gateway cannot: {exc}"
-            ) from None
+            msg = f"the shards serve an artifact this gateway cannot: {exc.message}"
+            raise ConfigError(msg) from None
         self.nets.add(since, net, weights)
         self.gw.manifest = manifest
         log.info("the shards serve %s from version %d: serving it too", path, since)
@@ -362,6 +361,8 @@ class Updater:
         except RecserveError as exc:
             raise BadRequest(f"{path}: {exc.message}", field="model") from None
         old = self.gw.manifest
+        if manifest.digest() == old.digest():
+            raise BadRequest(f"{path} is the artifact served now", field="model")
         if _shape(manifest) != _shape(old):
             raise BadRequest(
                 f"{path} has other tables, features or dense layers than the model served; "

@@ -17,12 +17,13 @@ import functools
 import logging
 import os
 import resource
+import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import uvloop
 import zmq
@@ -50,6 +51,7 @@ from shardd.models import Loaded, Models, deployed
 from shardd.server import ServerSettings, ShardServer
 from shardd.store import PartStore
 
+T = TypeVar("T")
 log = logging.getLogger("shardd")
 REPLY_FLUSH_MS = 2000
 CATCH_UP_MS = 30_000
@@ -318,12 +320,18 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
 
 
 def open_model(
-    config: ShardConfig, plan: Plan, path: Path, since: int
+    config: ShardConfig, plan: Plan, path: Path, since: int, fresh: bool = False
 ) -> tuple[Manifest, PartStore]:
     """Open the artifact at ``path`` (first serving version ``since``) for this shard, and
-    load it into memory as the flags say; a deploy opens the next one the same way."""
+    load it into memory as the flags say; a deploy opens the next one the same way, with
+    ``fresh`` state (updates from an earlier time it was served are dropped)."""
     manifest = read_manifest(path)
     plan.check(manifest, same_model=since == 0)  # a deployed artifact: the same tables
+    if fresh and config.state_dir is not None:
+        stale = config.state_dir / manifest.digest()[:16]
+        if stale.exists():
+            log.info("dropping %s: the state of an earlier deployment of %s", stale, path)
+            shutil.rmtree(stale)
     store = open_store(config, manifest, plan.shard(config.shard), path, since)
     if config.hugepages:
         seconds = store.preload(hugepages=True)
@@ -395,17 +403,29 @@ async def probe_peers(shard: ShardPlan, config: ShardConfig) -> list[tuple[str, 
     out = []
     try:
         for peer in peers:
-            client = ShardClient(peer, ctx, name=f"{shard.id}/peer")
-            try:
-                # Short: at a cluster's first start the peers start too, and wait alike.
-                out.append((peer, await client.simple("info", Deadline.after(PEER_PROBE_MS))))
-            except RecserveError as exc:
-                log.info("peer %s did not answer: %s", peer, exc)
-            finally:
-                await client.close()
+            # Short: at a cluster's first start the peers start too, and wait alike.
+            info = await on_peer(
+                ctx, peer, lambda c: c.simple("info", Deadline.after(PEER_PROBE_MS)), logging.INFO
+            )
+            if info is not None:
+                out.append((peer, info))
     finally:
         ctx.term()
     return out
+
+
+async def on_peer(
+    ctx: zmq.Context, peer: str, work: Callable[[ShardClient], Awaitable[T]], level: int
+) -> T | None:
+    """``work`` on a client of ``peer``; None (logged at ``level``) if the peer fails."""
+    client = ShardClient(peer, ctx, name="peer")
+    try:
+        return await work(client)
+    except RecserveError as exc:
+        log.log(level, "peer %s: %s", peer, exc)
+        return None
+    finally:
+        await client.close()
 
 
 def serving(config: ShardConfig, peers: list[tuple[str, dict[str, Any]]]) -> tuple[Path, int]:
@@ -431,29 +451,25 @@ def serving(config: ShardConfig, peers: list[tuple[str, dict[str, Any]]]) -> tup
 async def catch_up(store: PartStore, peers: list[tuple[str, dict[str, Any]]]) -> None:
     """Before reporting ready: fetch from a peer replica the versions committed while this
     one was down, and its dense weights."""
+    loop = asyncio.get_running_loop()
+
+    async def fetch(client: ShardClient) -> bool:
+        history = await client.history(store.versions.current, deadline=Deadline.after(CATCH_UP_MS))
+        applied = await loop.run_in_executor(None, store.versions.catch_up, history)
+        log.info("caught up %d versions from %s: at %d", applied, client.name,
+                 store.versions.current)  # fmt: skip
+        version, dense = await client.dense(deadline=Deadline.after(CATCH_UP_MS))
+        if version is not None and dense is not None:
+            await loop.run_in_executor(None, store.versions.adopt_dense, version, dense)
+        return True
+
     ctx = zmq.Context()
     try:
         for peer, info in peers:
             if int((info.get("versions") or {}).get("version") or 0) <= store.versions.current:
                 continue
-            client = ShardClient(peer, ctx, name="peer")
-            try:
-                history = await client.history(
-                    store.versions.current, deadline=Deadline.after(CATCH_UP_MS)
-                )
-                loop = asyncio.get_running_loop()
-                applied = await loop.run_in_executor(None, store.versions.catch_up, history)
-                log.info(
-                    "caught up %d versions from %s: at %d", applied, peer, store.versions.current
-                )
-                version, dense = await client.dense(deadline=Deadline.after(CATCH_UP_MS))
-                if version is not None and dense is not None:
-                    await loop.run_in_executor(None, store.versions.adopt_dense, version, dense)
+            if await on_peer(ctx, peer, fetch, logging.WARNING):
                 return
-            except RecserveError as exc:
-                log.warning("could not catch up from %s: %s", peer, exc)
-            finally:
-                await client.close()
     finally:
         ctx.term()
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recserve.contracts.errors import BadRequest, VersionUnavailable
-from recserve.contracts.manifest import Manifest
+from recserve.contracts.manifest import Manifest, read_manifest
 from shardd.store import PartStore
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ class Loaded:
                 "path": str(self.path), "since": self.since}  # fmt: skip
 
 
-Opener = Callable[[Path, int], tuple[Manifest, PartStore]]  # (artifact, first version)
+# (artifact, first version, fresh: a deploy, whose state starts empty) -> what it opened
+Opener = Callable[[Path, int, bool], tuple[Manifest, PartStore]]
 
 
 class Models:
@@ -90,7 +91,10 @@ class Models:
                 "(or an update is staged)",
                 field="version",
             )
-        manifest, store = self.opener(path, version)
+        digest = read_manifest(path).digest()
+        if any(m.manifest.digest() == digest for m in self.loaded):
+            raise BadRequest(f"this shard serves {path} already", field="model")
+        manifest, store = self.opener(path, version, True)
         self.loading = Loaded(version, path, manifest, store)
         return self.loading
 

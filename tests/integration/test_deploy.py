@@ -68,7 +68,7 @@ def test_deploy_switches_with_no_failed_request(models, tmp_path: Path) -> None:
                            )  # fmt: skip
     with cluster as c:
         deploy = ["deploy", "--url", c.url, "--token-file", str(token)]
-        for bad in (other, tmp_path / "missing"):
+        for bad in (other, tmp_path / "missing", a):  # another shape, none, the one served
             body = json.dumps({"model": str(bad)}).encode()
             status, doc = post(c.url + "/v1/deploy", body, "application/json")
             assert status == 400 and doc["error"]["field"] == "model", doc
