@@ -252,7 +252,11 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
         config.max_reply_bytes // 4,
     )
     models = Models(Loaded(since, path, manifest, store), opener, config.state_dir)
-    server = ShardServer(sock, models, settings, metrics)
+
+    async def behind(store: PartStore) -> None:
+        await catch_up(store, await probe_peers(shard, config))
+
+    server = ShardServer(sock, models, settings, metrics, behind if config.state_dir else None)
     try:
         with bound(sock, endpoint) as actual:
             server.start()

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,9 +120,14 @@ class ShardServer:
         models: Models,
         settings: ServerSettings,
         metrics: ShardMetrics,
+        catch_up: Callable[[PartStore], Awaitable[None]] | None = None,
     ) -> None:
         self.sock = sock
         self.models = models
+        # Fetches the versions this replica missed from its peers: asked for a version past
+        # the next one (it was out of rotation, not restarted), it catches up first.
+        self.catch_up = catch_up
+        self.catching_up: asyncio.Task[None] | None = None
         self.settings = settings
         self.metrics = metrics
         self.pool = ThreadPoolExecutor(
@@ -236,6 +242,30 @@ class ShardServer:
             work = functools.partial(self._load, version, Path(path))
         else:
             work = functools.partial(self._decide, op, version)
+        behind = op in ("stage", "load") and version > versions.current + 1
+        if behind and self.catch_up is not None:
+            self.catching_up = self.loop.create_task(self._behind(ident, header, work, version))
+            return
+        self._submit(ident, header, work, version)
+
+    async def _behind(
+        self, ident: zmq.Frame, header: dict[str, Any], work: Callable[[], None], version: int
+    ) -> None:
+        """Catch up from the peers (the versions this replica missed), then stage."""
+        assert self.catch_up is not None
+        log.info("asked to stage version %d at %d: catching up first", version,
+                 self.store.versions.current)  # fmt: skip
+        try:
+            await self.catch_up(self.store)
+        except Exception:
+            log.exception("catching up failed")
+        self._submit(ident, header, work, version)
+
+    def _submit(
+        self, ident: zmq.Frame, header: dict[str, Any], work: Callable[[], None], version: int
+    ) -> None:
+        """Run ``work`` (an update op) on the update thread and answer it on the loop."""
+        op = header["op"]
 
         def done(f: Future[None]) -> None:
             exc = f.exception()

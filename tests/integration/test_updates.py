@@ -295,3 +295,40 @@ def test_dense_weights_update_with_the_rows(model: Path, tmp_path: Path) -> None
         version, got = scores(c.url, samples)
         assert version == 3
         np.testing.assert_allclose(got, want3, rtol=1e-5, atol=1e-6)
+
+
+def test_replica_back_from_a_partition_catches_up(model: Path, tmp_path: Path) -> None:
+    """A replica out of rotation for a while (stopped, not restarted) misses a version; asked
+    to stage the next one it fetches the missed one from its peer first, so updates go on."""
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    samples = Workload(read_manifest(model), seed=4).samples(24)
+    cluster = LocalCluster(model, shards=2, replicas=2, strategy="capacity", port=free_port(),
+                           admin_token_file=token, gateway_args=("--timeout-ms", "5000"),
+                           )  # fmt: skip
+    with cluster as c:
+        split = c.plan.report["split_tables"][0]
+        pushed = [an_update(model, 20 + k, split) for k in range(3)]
+
+        def push(k: int) -> None:
+            body = write_npz(tmp_path / f"p{k}.npz", pushed[k]).read_bytes()
+            status, doc = post(c.url + "/v1/updates", body, "application/x-npz")
+            assert status == 200 and doc["version"] == k + 1, doc
+
+        push(0)
+        lagging = c.shards[1]  # shard 0, replica 1
+        lagging.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(4.5)  # the gateway's probe takes it out of rotation
+            push(1)
+        finally:
+            lagging.send_signal(signal.SIGCONT)
+        time.sleep(4.5)  # and back in
+        push(2)
+        health = msgpack.unpackb(raw(c.plan.shard(0).endpoints[1], [header("health")])[0])
+        assert health["version"] == 3, health
+        want = predict(replaced(model, tmp_path / "v3", pushed), samples)
+        for _ in range(6):
+            version, got = scores(c.url, samples)
+            assert version == 3
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
