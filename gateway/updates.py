@@ -1,11 +1,16 @@
-"""``POST /v1/updates``: new rows for live shards, committed as one version on all of them.
+"""``POST /v1/updates`` and ``POST /v1/deploy``: new rows and dense weights, or a new
+artifact, for live shards, committed as one version on all of them.
 
 Enabled by ``--admin-token-file``; a request needs ``Authorization: Bearer <token>`` (401
-without, 403 with another). The body is an ``.npz`` (``<table>.ids`` int64, ``<table>.rows``
-float32 ``[n, dim]`` per table; ``Content-Type: application/x-npz``) or msgpack
-``{"tables": {t: {"ids": [...], "rows": [[...], ...]}}}``. Everything is checked before any
-shard hears of it (unknown table, id out of range or repeated, wrong dim, NaN/Inf: a 4xx
-naming the field, nothing applied anywhere).
+without, 403 with another). An update's body is an ``.npz`` (``<table>.ids`` int64,
+``<table>.rows`` float32 ``[n, dim]`` per table, ``dense.<array>`` for new dense arrays;
+``Content-Type: application/x-npz``) or msgpack ``{"tables": {t: {"ids": [...], "rows":
+[[...], ...]}}, "dense": {array: [...]}}``. Everything is checked before any shard hears of
+it (unknown table or array, id out of range or repeated, wrong dim or shape, NaN/Inf: a 4xx
+naming the field, nothing applied anywhere). New dense weights score from their version on
+(``gateway.dense``); the first shard's replicas keep them for gateways started later. A
+deploy (``{"model": "/path"}``) is a version whose stage is every replica loading the new
+artifact (``shardd.models``).
 
 Two phases, one update at a time: the rows go to every replica of the shards owning them
 under the plan (every shard stages the version, with or without rows, so all hold the same
