@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from recserve.contracts.errors import BadRequest, VersionUnavailable
 from recserve.contracts.manifest import Manifest, read_manifest
+from shardd.compaction import write_bytes
 from shardd.store import PartStore
 
 log = logging.getLogger(__name__)
@@ -133,14 +133,7 @@ class Models:
 
 def record(state_dir: Path, loaded: Loaded) -> None:
     """Write ``deployed.json`` (to a temporary name, fsync'ed, renamed into place)."""
-    body = json.dumps(loaded.describe(), indent=1).encode()
-    tmp = state_dir / (DEPLOYED + ".tmp")
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as f:
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, state_dir / DEPLOYED)
+    write_bytes(state_dir / DEPLOYED, json.dumps(loaded.describe(), indent=1).encode())
 
 
 def deployed(state_dir: Path | None) -> tuple[Path, int] | None:
