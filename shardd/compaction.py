@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import kernels
+from recserve.contracts.errors import ArtifactError
 from recserve.contracts.manifest import TableSpec
 from recserve.model.artifact import storage
 
@@ -84,10 +85,15 @@ def write_base(state_dir: Path, base: Base, digest: str) -> None:
 def open_part(state_dir: Path, name: str, spec: TableSpec, rows: int, row_start: int) -> PartFile:
     """A compacted part file, checked against the part's shape."""
     path = state_dir / TABLES / name
-    array = np.load(path, mmap_mode="r")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as exc:
+        raise ArtifactError(f"a compacted part base.json names is unreadable ({exc})",
+                            path=str(path)) from None  # fmt: skip
     dtype, width = storage(spec)
     if array.dtype != dtype or array.shape != (rows, width):
-        raise ValueError(f"{path} holds {array.dtype} {array.shape}, not {dtype} {(rows, width)}")
+        raise ArtifactError(f"holds {array.dtype} {array.shape}, not {dtype} {(rows, width)}",
+                            path=str(path))  # fmt: skip
     assert isinstance(array, np.memmap)
     return PartFile(path, int(array.offset) - row_start * spec.row_bytes)
 
