@@ -3,7 +3,7 @@
 An online update may carry new dense weights (``POST /v1/updates``); they take effect at the
 update's version, like its rows. A batch reads one version on every shard and scores with
 the dense weights of that version: the newest set that came at or before it. Sets are kept
-while a batch may still read a version they serve (``KEEP`` versions, as the shards keep).
+while a batch may still read a version they serve (``VERSIONS_KEPT``, as the shards keep).
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from kernels.dense import DenseNet
-
-KEEP = 16  # versions a batch may lag the newest (the shards keep as many readable)
+from recserve.rpc.wire import VERSIONS_KEPT
 
 
 class DenseVersions:
@@ -38,5 +37,5 @@ class DenseVersions:
         self.versions.append(version)
         self.nets.append(net)
         self.weights = weights
-        while len(self.versions) > 1 and self.versions[1] <= version - KEEP:
+        while len(self.versions) > 1 and self.versions[1] <= version - VERSIONS_KEPT:
             del self.versions[0], self.nets[0]

@@ -8,7 +8,7 @@ folded into the large one once it reaches a quarter of it, so a stage costs what
 not the whole history. A version is built in full at ``stage`` and never changed after:
 ``commit`` makes it the newest by publishing a new dict of versions, so a lookup that took
 the previous version keeps reading it, and no row is ever read half-written. The last
-``KEEP`` versions stay readable: the gateway names the version each request reads, so a
+``VERSIONS_KEPT`` versions stay readable: the gateway names the version each request reads, so a
 request never mixes versions across shards while a commit reaches them one by one.
 
 New rows are stored as the table stores them: int8 tables quantize each row as ``recserve
@@ -48,10 +48,9 @@ from recserve.contracts.errors import (
     UnknownTable,
     VersionUnavailable,
 )
-from recserve.rpc.wire import StagePart
+from recserve.rpc.wire import VERSIONS_KEPT, StagePart
 
 log = logging.getLogger(__name__)
-KEEP = 16  # committed versions kept readable
 FOLD_MIN = 4096  # rows the small level may hold before it is folded into the large one
 MAGIC = 0x52535550  # "RSUP"
 _HEAD = struct.Struct("<III")  # magic, payload length, crc32 of the payload
@@ -378,7 +377,7 @@ class Versions:
         built = self.staged[1]
         self.rows_updated = sum(p.size for p in built.values())
         gen, old = self.state
-        committed = {v: old[v] for v in sorted(old)[-(KEEP - 1) :]}
+        committed = {v: old[v] for v in sorted(old)[-(VERSIONS_KEPT - 1) :]}
         committed[version] = built
         self.state = (gen, committed)  # readers of older versions keep theirs
         self.current = version

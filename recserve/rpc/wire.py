@@ -51,6 +51,7 @@ from recserve.contracts.errors import (
 )
 
 VERSION = 2
+VERSIONS_KEPT = 16  # committed versions a shard keeps readable, and a batch may lag the newest
 OPS = ("lookup", "info", "health", "stats", "stage", "commit", "abort", "log", "dense", "load")
 ID_DTYPES: dict[str, np.dtype[Any]] = {"<i8": np.dtype("<i8"), "<i4": np.dtype("<i4")}
 MODES = ("sum", "mean")
