@@ -8,8 +8,8 @@ folded into the large one once it reaches a quarter of it, so a stage costs what
 not the whole history. A version is built in full at ``stage`` and never changed after:
 ``commit`` makes it the newest by publishing a new dict of versions, so a lookup that took
 the previous version keeps reading it, and no row is ever read half-written. The last
-``VERSIONS_KEPT`` versions stay readable: the gateway names the version each request reads, so a
-request never mixes versions across shards while a commit reaches them one by one.
+``VERSIONS_KEPT`` versions stay readable: the gateway names the version each request reads,
+so a request never mixes versions across shards while a commit reaches them one by one.
 
 New rows are stored as the table stores them: int8 tables quantize each row as ``recserve
 quantize`` does (``kernels.quantize_rows``), fp16 tables round to fp16, and the difference is
