@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,10 +119,13 @@ class Models:
         return True
 
     def release(self) -> None:
-        """Close the artifacts older than the current one (``RELEASE_S`` after a deploy)."""
+        """Close the artifacts older than the current one (``RELEASE_S`` after a deploy) and
+        delete their update state (a later deploy of one of them starts afresh anyway)."""
         while len(self.loaded) > 1:
             old = self.loaded.pop(0)
             old.store.close()
+            if old.store.state_dir is not None:
+                shutil.rmtree(old.store.state_dir, ignore_errors=True)
             log.info("released %s", old.path)
 
     def close(self) -> None:
