@@ -53,6 +53,17 @@ def cached_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     return root / "m", root / "plan.json", plan
 
 
+async def lookup_once(endpoint: str, reqs, ids, lengths):
+    """One lookup through a fresh ``ShardClient`` (its typed errors raised)."""
+    ctx = zmq.Context()
+    client = ShardClient(endpoint, ctx)
+    try:
+        return await client.lookup(reqs, ids, lengths, deadline=Deadline.after(10_000))
+    finally:
+        await client.close()
+        ctx.term()
+
+
 def shard_bytes(model: Path, plan: Plan, shard: int) -> int:
     manifest = read_manifest(model)
     return sum(p.rows * manifest.table(p.table).row_bytes for p in plan.shard(shard).parts)
@@ -184,16 +195,8 @@ def test_failed_disk_read_is_an_error_reply_and_the_shard_stays_up(cached_model,
         high = np.arange(part.row_end - 50, part.row_end)
         req = [PartRequest(part.table, part.row_start, 50)]
 
-        async def ask(ids):
-            ctx = zmq.Context()
-            client = ShardClient(endpoint, ctx)
-            try:
-                return await client.lookup(
-                    req, ids, np.ones(50, np.int32), deadline=Deadline.after(10_000)
-                )
-            finally:
-                await client.close()
-                ctx.term()
+        def ask(ids):
+            return lookup_once(endpoint, req, ids, np.ones(50, np.int32))
 
         with pytest.raises(DiskReadError, match="ends before"):
             asyncio.run(ask(high))
@@ -235,16 +238,8 @@ def test_cached_shard_refuses_an_id_outside_its_part(cached_model, tmp_path) -> 
     bad = good.copy()
     bad[3] = second.row_end + 5
 
-    async def ask(ids):
-        ctx = zmq.Context()
-        client = ShardClient(endpoint, ctx)
-        try:
-            return await client.lookup(
-                reqs, ids, np.ones(4, np.int32), deadline=Deadline.after(10_000)
-            )
-        finally:
-            await client.close()
-            ctx.term()
+    def ask(ids):
+        return lookup_once(endpoint, reqs, ids, np.ones(4, np.int32))
 
     with running(plan_path, model, 0, endpoint, "--cache-bytes", "1MiB"):
         with pytest.raises(IdOutOfRange, match="outside the rows this part serves") as err:
