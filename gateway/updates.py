@@ -274,8 +274,7 @@ class Updater:
         found = await asyncio.gather(
             *(c.dense(deadline=deadline) for c in replicas), return_exceptions=True
         )
-        kept = [f for f in found if isinstance(f, tuple) and f[0] is not None]
-        kept = [f for f in kept if f[0] <= committed]
+        kept = [f for f in found if isinstance(f, tuple) and f[0] is not None and f[0] <= committed]
         if not kept:
             return
         version, blob = max(kept, key=lambda f: f[0])

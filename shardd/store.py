@@ -41,7 +41,7 @@ from shardd import compaction
 from shardd.cache import CacheTier, Fetched, PartCache
 from shardd.compaction import Base, PartFile, part_key
 from shardd.disk import TableFile
-from shardd.updates import Overlay, Patch, Versions, base_rows, unknown_part
+from shardd.updates import Overlay, Patch, Versions, base_rows, patches_at, unknown_part
 
 log = logging.getLogger(__name__)
 LOG_BYTES = 256 << 20  # an update log this long is compacted whatever its rows
@@ -209,7 +209,7 @@ class PartStore:
         with self.swap:  # one generation's parts and versions
             view, (gen, committed) = self.view, self.versions.state
         assert gen == view.gen
-        overlays = self.versions.overlays(version, committed)  # the lookup's version
+        overlays = patches_at(committed, version)  # the lookup's version
         slots, resolved = [], []
         for i, req in enumerate(lookup.parts):
             slot = self.index.get((req.table, req.row_start))
@@ -410,7 +410,7 @@ class Job:
         try:
             gen, version, slots = self.at
             if got.gen != gen:  # compacted since prepare: the cache holds the new files' rows
-                overlays = Versions.overlays_in(got.published, version)
+                overlays = patches_at(got.published[1], version)
                 for i, _, _, _ in spans:
                     self.updated.pop(i, None)
                     if slots[i] in overlays:

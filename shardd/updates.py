@@ -169,28 +169,6 @@ class Versions:
     def committed(self) -> dict[int, dict[int, Patch]]:
         return self.state[1]
 
-    def overlays(
-        self, version: int | None, committed: dict[int, dict[int, Patch]] | None = None
-    ) -> dict[int, Patch]:
-        """The levels of ``version`` (None: the newest) by slot, in ``committed`` (default:
-        the published versions); raises ``VersionUnavailable``."""
-        return self.overlays_in((0, self.committed if committed is None else committed), version)
-
-    @staticmethod
-    def overlays_in(
-        state: tuple[int, dict[int, dict[int, Patch]]], version: int | None
-    ) -> dict[int, Patch]:
-        committed = state[1]
-        if version is None:
-            return committed[max(committed)]
-        found = committed.get(version)
-        if found is None:
-            raise VersionUnavailable(
-                f"this shard holds versions {min(committed)}..{max(committed)}, not {version}",
-                field="version",
-            )
-        return found
-
     def stage(
         self,
         version: int,
@@ -411,6 +389,20 @@ class Versions:
                 self.current,
                 f", version {self.staged[0]} staged" if self.staged else "",
             )
+
+
+def patches_at(committed: dict[int, dict[int, Patch]], version: int | None) -> dict[int, Patch]:
+    """The patches of ``version`` (None: the newest) by slot among ``committed`` versions;
+    raises ``VersionUnavailable``."""
+    if version is None:
+        return committed[max(committed)]
+    found = committed.get(version)
+    if found is None:
+        raise VersionUnavailable(
+            f"this shard holds versions {min(committed)}..{max(committed)}, not {version}",
+            field="version",
+        )
+    return found
 
 
 def unknown_part(table: str, row_start: int, i: int) -> UnknownTable:
