@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,torch,plot]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,torch,plot,mkl]'
 	touch $(STAMP)
 
 demo: $(STAMP)

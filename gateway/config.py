@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernels.blas import BACKENDS
 from recserve.contracts.errors import ConfigError
 from recserve.runtime.config import option
 
@@ -118,6 +119,11 @@ class GatewayConfig:
     blas_threads: int = option(
         1, "BLAS threads per dense MLP (1: batches run side by side instead)"
     )
+    blas: str = option(
+        "auto",
+        "the dense MLP's GEMMs: mkl (the mkl extra, one thread a GEMM), openblas (numpy's), "
+        "or auto: mkl when installed and --blas-threads is 1",
+    )
     drain_timeout: float = option(10.0, "seconds to finish requests on SIGTERM")
     curve_keys: Path | None = option(
         None,
@@ -135,5 +141,9 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if self.threads < 1 or self.blas_threads < 1:
             raise ConfigError("--threads and --blas-threads must be >= 1")
+        if self.blas not in BACKENDS:
+            raise ConfigError(f"--blas must be one of {', '.join(BACKENDS)}, not {self.blas!r}")
+        if self.blas == "mkl" and self.blas_threads > 1:
+            raise ConfigError("--blas mkl runs one thread a GEMM: --blas-threads must be 1")
         if self.drain_timeout < 0:
             raise ConfigError("--drain-timeout must be >= 0")

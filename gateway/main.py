@@ -25,6 +25,8 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.listener import listen
 from gateway.state import GATEWAY
+from kernels import KernelError
+from kernels.blas import select as select_blas
 from recserve.contracts.errors import ConfigError, RecserveError
 from recserve.runtime import logs
 from recserve.runtime.config import add_arguments, from_args
@@ -54,6 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # doubled the CPU per sample (1.12 -> 0.43 CPU s per 1k drm2 samples with one BLAS
         # thread, bench_gateway); the executor runs batches side by side instead.
         threadpool_limits(limits=config.blas_threads, user_api="blas")
+        try:
+            blas = select_blas(
+                "openblas" if config.blas == "auto" and config.blas_threads > 1 else config.blas
+            )
+        except KernelError as exc:
+            raise ConfigError(str(exc)) from None
+        log.info("dense GEMMs by %s", blas)
         return uvloop.run(serve(config))
     except RecserveError as exc:
         print(f"recserve gateway: error: {exc.message}", file=sys.stderr)

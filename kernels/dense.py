@@ -26,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 
+from kernels.blas import matmul
 from kernels.errors import KernelError
 
 Activation = Literal["relu", "sigmoid", "none"]
@@ -64,7 +65,7 @@ class Linear:
         return int(self.weight.shape[0])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        y: np.ndarray = x @ self._weight_t  # type: ignore[attr-defined]
+        y = matmul(x, self._weight_t)  # type: ignore[attr-defined]
         y += self.bias
         if self.activation == "relu":
             np.maximum(y, 0.0, out=y)
@@ -142,7 +143,7 @@ class CrossLayer:
         object.__setattr__(self, "_b", np.ascontiguousarray(self.bias, np.float32))
 
     def __call__(self, x0: np.ndarray, xl: np.ndarray) -> np.ndarray:
-        y: np.ndarray = (xl @ self._vt) @ self._wt  # type: ignore[attr-defined]
+        y = matmul(matmul(xl, self._vt), self._wt)  # type: ignore[attr-defined]
         y += self._b  # type: ignore[attr-defined]
         y *= x0
         y += xl

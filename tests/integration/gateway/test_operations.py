@@ -160,3 +160,14 @@ def test_batch_limits_are_checked_at_start(tmp_path: Path, capsys) -> None:
     for flag, value in (("--max-concurrent-batches", "0"), ("--max-batch-samples", "0")):
         code = main(["--model", str(tmp_path), "--singular", flag, value])
         assert code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_blas_choice_is_checked_at_start(tmp_path: Path, capsys) -> None:
+    from gateway.main import main
+
+    for args, says in (
+        (["--blas", "atlas"], "--blas must be one of auto, mkl, openblas"),
+        (["--blas", "mkl", "--blas-threads", "2"], "--blas-threads must be 1"),
+    ):
+        assert main(["--model", str(tmp_path), "--singular", *args]) == 2
+        assert says in capsys.readouterr().err
