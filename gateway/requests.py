@@ -212,9 +212,9 @@ def batch_from_arrays(
                 f"{feature}.values has {ids.size} ids, its lengths add up to {int(bounds[-1])}",
                 field=f"{feature}.values",
             )
-        bad = (ids < 0) | (ids >= rows[feature])
-        if bad.any():
-            pos = int(np.flatnonzero(bad)[0])
+        # One pass: as unsigned, a negative id is larger than any row count.
+        if ids.size and int(ids.view(np.uint64).max()) >= rows[feature]:
+            pos = int(np.flatnonzero(ids.view(np.uint64) >= rows[feature])[0])
             raise IdOutOfRange(
                 f"{feature}.values[{pos}]: id {int(ids[pos])} is outside [0, {rows[feature]})",
                 field=f"{feature}.values[{pos}]",

@@ -28,6 +28,7 @@ import numpy as np
 
 from kernels.blas import matmul
 from kernels.errors import KernelError
+from kernels.interact import dot_pairs
 
 Activation = Literal["relu", "sigmoid", "none"]
 InteractionOrder = Literal["dlrm_tril", "torchrec_triu"]
@@ -113,12 +114,20 @@ class Interaction:
     def __call__(self, x: np.ndarray, pooled: np.ndarray) -> np.ndarray:
         """``x`` ``[B, d]`` (bottom MLP output), ``pooled`` ``[B, T, d]`` -> ``[B, width]``."""
         batch = x.shape[0]
-        stacked = np.concatenate([x[:, None, :], pooled], axis=1)
         if self.kind == "cat":
-            return stacked.reshape(batch, -1)
-        rows, cols = pair_indices(stacked.shape[1], self.order, self.self_interaction)
-        gram = np.matmul(stacked, stacked.transpose(0, 2, 1))
-        return np.concatenate([x, gram[:, rows, cols]], axis=1)
+            return np.concatenate([x[:, None, :], pooled], axis=1).reshape(batch, -1)
+        if pooled.ndim != 3 or pooled.shape[::2] != x.shape:
+            raise KernelError(f"pooled shape {pooled.shape} does not fit {x.shape}")
+        rows, cols = pair_indices(pooled.shape[1] + 1, self.order, self.self_interaction)
+        out = np.empty((batch, x.shape[1] + rows.size), np.float32)
+        dot_pairs(
+            np.ascontiguousarray(x, np.float32),
+            np.ascontiguousarray(pooled, np.float32),
+            rows,
+            cols,
+            out,
+        )
+        return out
 
 
 @dataclass(frozen=True)

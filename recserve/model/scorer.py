@@ -72,6 +72,8 @@ class Model:
             groups.setdefault(batch.bags[feature].n_bags, []).append(k)
         for members in groups.values():
             bags = [batch.bags[features[k][0]] for k in members]
+            # Every feature, in order, one bag a sample (the usual request): pool into out.
+            whole = len(members) == len(features) and all(b.index is None for b in bags)
             starts = np.cumsum([0] + [b.ids.size for b in bags])
             weights = concat_weights([b.weights for b in bags], [b.ids.size for b in bags])
             try:
@@ -81,12 +83,14 @@ class Model:
                     np.stack([b.bounds + s for b, s in zip(bags, starts, strict=False)]),
                     weights=weights,
                     modes=[features[k][1].pooling for k in members],
+                    out=out if whole else None,
                 )
             except kernels.IdOutOfRangeError as exc:
                 j = int(np.searchsorted(starts, exc.position, side="right")) - 1
                 raise IdOutOfRange(str(exc), field=features[members[j]][0]) from exc
             for j, (k, b) in enumerate(zip(members, bags, strict=True)):
-                out[:, k, :] = pooled[:, j, :] if b.index is None else pooled[b.index, j, :]
+                if not whole:
+                    out[:, k, :] = pooled[:, j, :] if b.index is None else pooled[b.index, j, :]
         return out
 
     def score(self, batch: Batch) -> np.ndarray:
