@@ -215,7 +215,7 @@ async def post_deploy(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.config_dict[GATEWAY].metrics.registry)
+    body = generate_latest(request.config_dict[GATEWAY].metrics.scrape)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

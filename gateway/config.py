@@ -115,6 +115,11 @@ class GatewayConfig:
     batching: BatchSettings = field(default_factory=BatchSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     replicas: ReplicaSettings = field(default_factory=ReplicaSettings)
+    workers: int = option(
+        1,
+        "gateway processes sharing the port, each with its own GIL and executor (connections "
+        "are balanced, not requests); above 1 no online updates",
+    )
     threads: int = option(2, "executor threads (parsing, routing, merging, dense MLP)")
     blas_threads: int = option(
         1, "BLAS threads per dense MLP (1: batches run side by side instead)"
@@ -141,6 +146,14 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if self.threads < 1 or self.blas_threads < 1:
             raise ConfigError("--threads and --blas-threads must be >= 1")
+        if self.workers < 1:
+            raise ConfigError("--workers must be >= 1")
+        if self.workers > 1 and self.api.admin_token_file is not None:
+            raise ConfigError(
+                "--admin-token-file needs --workers 1: online updates are ordered by one process"
+            )
+        if self.workers > 1 and self.hugepages:
+            raise ConfigError("--hugepages needs --workers 1: each worker would copy the tables")
         if self.blas not in BACKENDS:
             raise ConfigError(f"--blas must be one of {', '.join(BACKENDS)}, not {self.blas!r}")
         if self.blas == "mkl" and self.blas_threads > 1:

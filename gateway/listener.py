@@ -10,7 +10,8 @@ connection that never completes its headers is closed by aiohttp's keep-alive ti
 from __future__ import annotations
 
 import asyncio
-from typing import cast
+import socket
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -55,13 +56,55 @@ class ConnectionLimit:
         return self.server()
 
 
+class HandedOver:
+    """A worker's connections: accepted by the supervisor (``gateway.workers``) and passed
+    over ``channel``, a unix socket, as descriptors. ``close`` stops taking them."""
+
+    def __init__(
+        self, channel: socket.socket, protocol: ConnectionLimit, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.channel = channel
+        self.protocol = protocol
+        self.loop = loop
+        self.tasks: set[asyncio.Task[Any]] = set()
+        channel.setblocking(False)
+        loop.add_reader(channel.fileno(), self._receive)
+
+    def _receive(self) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.channel, 64, 64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, fds = b"", []
+        if not data and not fds:  # the supervisor is gone
+            self.close()
+            return
+        for fd in fds:
+            conn = socket.socket(fileno=fd)
+            task = self.loop.create_task(self.loop.connect_accepted_socket(self.protocol, conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def close(self) -> None:
+        if self.channel.fileno() >= 0:
+            self.loop.remove_reader(self.channel.fileno())
+            self.channel.close()
+
+
 async def listen(
-    runner: web.AppRunner, host: str, port: int, limit: int, metrics: GatewayMetrics
-) -> asyncio.AbstractServer:
-    """Serve ``runner``'s app on ``host:port``; the caller closes the returned server
-    before ``runner.cleanup()``."""
+    runner: web.AppRunner,
+    host: str,
+    port: int,
+    limit: int,
+    metrics: GatewayMetrics,
+    channel: socket.socket | None = None,
+) -> asyncio.AbstractServer | HandedOver:
+    """Serve ``runner``'s app on ``host:port``, or, in a worker, on the connections handed
+    over ``channel``; the caller closes the returned server before ``runner.cleanup()``."""
     assert runner.server is not None, "runner.setup() first"
     loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        ConnectionLimit(runner.server, limit, metrics), host, port, backlog=1024
-    )
+    protocol = ConnectionLimit(runner.server, limit, metrics)
+    if channel is not None:
+        return HandedOver(channel, protocol, loop)
+    return await loop.create_server(protocol, host, port, backlog=1024)

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.listener import listen
 from gateway.state import GATEWAY
+from gateway.workers import supervise
 from kernels import KernelError
 from kernels.blas import select as select_blas
 from recserve.contracts.errors import ConfigError, RecserveError
@@ -63,13 +65,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KernelError as exc:
             raise ConfigError(str(exc)) from None
         log.info("dense GEMMs by %s", blas)
+        if config.workers > 1:
+            return supervise(config, run_worker)
         return uvloop.run(serve(config))
     except RecserveError as exc:
         print(f"recserve gateway: error: {exc.message}", file=sys.stderr)
         return 2
 
 
-async def serve(config: GatewayConfig, notifier: Notifier | None = None) -> int:
+def run_worker(config: GatewayConfig, notifier: Notifier, channel: socket.socket) -> int:
+    """One of ``--workers``: a gateway serving the connections handed over ``channel``."""
+    return uvloop.run(serve(config, notifier, channel))
+
+
+async def serve(
+    config: GatewayConfig,
+    notifier: Notifier | None = None,
+    channel: socket.socket | None = None,
+) -> int:
     notifier = notifier or Notifier()
     app = create_app(config)
     runner = web.AppRunner(
@@ -86,7 +99,7 @@ async def serve(config: GatewayConfig, notifier: Notifier | None = None) -> int:
         gw = app[GATEWAY]
         try:
             server = await listen(
-                runner, config.host, config.port, config.api.max_connections, gw.metrics
+                runner, config.host, config.port, config.api.max_connections, gw.metrics, channel
             )
         except OSError as exc:
             raise ConfigError(

@@ -1,10 +1,35 @@
-"""Prometheus metrics of the gateway, in a registry owned by the app (no globals)."""
+"""Prometheus metrics of the gateway, in a registry owned by the app (no globals).
+
+With ``--workers`` above 1 each worker process calls ``use_multiprocess`` first: values then
+live in prometheus_client's per-process files, and ``scrape`` reads all workers' (gauges
+declare how they combine: ``livesum``, or ``livemax`` for the version).
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    multiprocess,
+    values,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def use_multiprocess(path: str) -> None:
+    """Keep this process's metric values in ``path``, beside its sibling workers'. Before
+    any metric is made: prometheus_client picks its value class from the environment at
+    import, so the class is chosen again here (the worker was forked after the import)."""
+    os.environ[MULTIPROC_ENV] = path
+    values.ValueClass = values.get_value_class()
+
 
 SECONDS = (
     100e-6,
@@ -32,7 +57,8 @@ SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 @dataclass(frozen=True)
 class GatewayMetrics:
-    registry: CollectorRegistry
+    registry: CollectorRegistry  # this process's metrics
+    scrape: CollectorRegistry  # what /metrics shows: the same, or every worker's
     requests: Counter
     latency: Histogram
     queue_wait: Histogram
@@ -64,7 +90,13 @@ class GatewayMetrics:
     @classmethod
     def create(cls) -> GatewayMetrics:
         reg = CollectorRegistry()
-        ProcessCollector(registry=reg)
+        shared = os.environ.get(MULTIPROC_ENV)
+        if shared:  # a worker: what /metrics shows is every worker's, summed
+            scrape = CollectorRegistry()
+            multiprocess.MultiProcessCollector(scrape, path=shared)
+        else:
+            scrape = reg
+            ProcessCollector(registry=reg)
 
         def stage(name: str, what: str) -> Histogram:
             return Histogram(
@@ -73,6 +105,7 @@ class GatewayMetrics:
 
         return cls(
             registry=reg,
+            scrape=scrape,
             requests=Counter(
                 "recserve_gateway_requests",
                 "HTTP requests by route and status",
@@ -90,7 +123,10 @@ class GatewayMetrics:
                 "recserve_gateway_batch_samples", "Samples per batch", buckets=SIZES, registry=reg
             ),
             inflight=Gauge(
-                "recserve_gateway_inflight_samples", "Samples queued or being scored", registry=reg
+                "recserve_gateway_inflight_samples",
+                "Samples queued or being scored",
+                registry=reg,
+                multiprocess_mode="livesum",
             ),
             shard_rpc=Histogram(
                 "recserve_gateway_shard_rpc_seconds",
@@ -122,6 +158,7 @@ class GatewayMetrics:
                 "Lookups sent to a replica and not answered yet",
                 ["shard", "replica"],
                 registry=reg,
+                multiprocess_mode="livesum",
             ),
             ejections=Counter(
                 "recserve_gateway_replica_ejections",
@@ -142,7 +179,10 @@ class GatewayMetrics:
                 registry=reg,
             ),
             model_version=Gauge(
-                "recserve_gateway_model_version", "The version requests are scored at", registry=reg
+                "recserve_gateway_model_version",
+                "The version requests are scored at",
+                registry=reg,
+                multiprocess_mode="livemax",
             ),
             versions=Counter(
                 "recserve_gateway_versions_committed", "Online updates committed", registry=reg

@@ -161,6 +161,12 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument(
         "--admin-token-file", type=Path, help="take online updates (recserve push) with this token"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway processes (gateway --workers; not with updates)",
+    )
 
     p = sub.add_parser(
         "study", help="Lui et al.'s strategy study over simulated hosts with a network between"
@@ -358,6 +364,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         cache_bytes=args.cache_bytes,
         admin_token_file=args.admin_token_file,
+        workers=args.workers,
     )
 
 

@@ -43,19 +43,37 @@ def free_port() -> int:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds the processes ``pids`` have used so far."""
+    """User + system CPU seconds the processes ``pids`` and their children (a gateway's
+    workers) have used so far."""
     total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
+    for pid in {d for p in pids for d in family(p)}:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
     return total / TICK
 
 
+def family(pid: int) -> list[int]:
+    """``pid`` and its descendants alive now."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in children.read_text().split()]
+    return out
+
+
 def rss_mib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) // 1024
-    return 0
+    """Resident memory of ``pid`` and its children (shared pages count in each)."""
+    kib = 0
+    for p in family(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    kib += int(line.split()[1])
+    return kib // 1024
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -243,6 +261,7 @@ def run_up(
     replicas: int = 1,
     cache_bytes: int | None = None,
     admin_token_file: Path | None = None,
+    workers: int = 1,
 ) -> int:
     """The ``recserve up`` command: start, print the endpoints, wait for Ctrl-C/SIGTERM."""
     cluster = LocalCluster(
@@ -256,6 +275,7 @@ def run_up(
         curve_keys=curve_keys,
         cache_bytes=cache_bytes,
         admin_token_file=admin_token_file,
+        gateway_args=("--workers", str(workers)) if workers != 1 else (),
     )
     stop = False
 

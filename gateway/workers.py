@@ -1,0 +1,217 @@
+"""``--workers N``: N gateway processes serving one listening socket, each with its own GIL.
+
+A gateway process runs its event loop, the requests' parsing, the batching and the Python
+around the compiled kernels under one GIL; under a closed loop of large requests the three
+threads queue for it and a quarter of two cores stayed idle (``bench_e2e_throughput``).
+
+The process started (by systemd, ``recserve up`` or a shell) is the supervisor: it binds the
+socket, forks the workers before any thread exists, and once every worker is ready it
+accepts connections and hands them to the workers in turn (over a unix socket, the
+descriptor itself: ``SCM_RIGHTS``), as Node's cluster module does. Left to the kernel, a
+shared socket is not fair: libuv accepts every pending connection on each wake-up, and a
+client's four connections split unevenly (44-52k samples/s from run to run where handing
+them over gives 55k). Connections are balanced, not requests, so a
+client should keep several open (``recserve.client``, loadgen and HTTP pools do). The
+supervisor passes SIGTERM/SIGINT on; each worker drains as a lone gateway does. The
+supervisor exits 0 when every worker did; when a worker dies unasked it stops the others and
+exits 1, so ``Restart=on-failure`` restarts the service whole. Metrics are prometheus_client's
+multiprocess mode in a directory the supervisor makes and removes: ``/metrics`` on any worker
+reports the sums over all (gauges: ``livesum``, the version ``livemax``; no ``process_*``).
+
+Online updates and deploys need one process that orders versions: ``--workers`` above 1 is
+refused with ``--admin-token-file`` (run updates through a one-worker gateway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from gateway.config import GatewayConfig
+from gateway.metrics import use_multiprocess
+from recserve.contracts.errors import ConfigError, RecserveError
+from recserve.runtime.systemd import Notifier
+
+log = logging.getLogger("gateway")
+PR_SET_PDEATHSIG = 1
+STOP_GRACE_S = 10.0  # beyond --drain-timeout, before a worker is killed
+
+
+class PipeNotifier(Notifier):
+    """A worker's notifier: readiness goes to the supervisor as one byte on a pipe."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__({})
+        self.fd = fd
+
+    def ready(self, status: str = "") -> bool:
+        with contextlib.suppress(OSError):
+            os.write(self.fd, b"r")
+            return True
+        return False
+
+
+def bind(config: GatewayConfig) -> socket.socket:
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    return socket.create_server((config.host, config.port), family=family, backlog=1024)
+
+
+Serve = Callable[[GatewayConfig, Notifier, socket.socket], int]
+
+
+def supervise(config: GatewayConfig, serve: Serve, notifier: Notifier | None = None) -> int:
+    """Fork ``config.workers`` processes running ``serve(config, notifier, channel)`` (the
+    unix socket their connections arrive on); hand them connections; wait."""
+    notifier = notifier or Notifier()
+    try:
+        sock = bind(config)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    port = sock.getsockname()[1]
+    metrics_dir = tempfile.mkdtemp(prefix="recserve-gateway-metrics-")
+    ready_r, ready_w = os.pipe()
+    stop: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    workers: list[int] = []
+    channels: list[socket.socket] = []
+    try:
+        for _ in range(config.workers):
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            pid = os.fork()
+            if pid == 0:  # the worker: never returns into the supervisor's code
+                os.close(ready_r)
+                for other in (sock, mine, *channels):
+                    other.close()
+                os._exit(_worker(config, serve, theirs, metrics_dir, ready_w))
+            theirs.close()
+            workers.append(pid)
+            channels.append(mine)
+        os.close(ready_w)
+        log.info("%d workers on port %d: %s", len(workers), port, workers)
+        url = f"http://{config.host}:{port}"
+        return _watch(config, notifier, workers, channels, sock, ready_r, stop, url)
+    finally:
+        sock.close()
+        for channel in channels:
+            channel.close()
+        for pid in workers:  # whatever is still running (the supervisor failed)
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _worker(
+    config: GatewayConfig,
+    serve: Serve,
+    channel: socket.socket,
+    metrics_dir: str,
+    ready_fd: int,
+) -> int:
+    with contextlib.suppress(OSError):  # gone with the supervisor, even if it is SIGKILLed
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)  # serve() installs its own on its loop
+    try:
+        use_multiprocess(metrics_dir)
+        return serve(config, PipeNotifier(ready_fd), channel)
+    except RecserveError as exc:
+        print(f"recserve gateway worker {os.getpid()}: error: {exc.message}", file=sys.stderr)
+        return 2
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stderr.flush()
+
+
+def _watch(
+    config: GatewayConfig,
+    notifier: Notifier,
+    workers: list[int],
+    channels: list[socket.socket],
+    sock: socket.socket,
+    ready_fd: int,
+    stop: list[int],
+    url: str,
+) -> int:
+    live, failed, ready, deadline = set(workers), False, 0, None
+    return_code, turn = 1, 0
+    while live:
+        if stop and deadline is None:
+            log.info("stopping %d workers", len(live))
+            notifier.stopping()
+            sock.close()  # new connections are refused; the workers drain theirs
+            _signal(live, signal.SIGTERM)
+            deadline = time.monotonic() + config.drain_timeout + STOP_GRACE_S
+        if deadline is not None and time.monotonic() > deadline:
+            log.error("workers %s did not stop in time: killed", sorted(live))
+            _signal(live, signal.SIGKILL)
+            failed, deadline = True, float("inf")
+        waiting: list[Any] = [ready_fd] if ready < len(workers) else []
+        if ready == len(workers) and deadline is None:
+            waiting.append(sock)
+        with contextlib.suppress(InterruptedError):
+            readable, _, _ = select.select(waiting, [], [], 0.2)
+            if ready_fd in readable:
+                ready += len(os.read(ready_fd, 64))
+                if ready == len(workers):
+                    log.info("all %d workers ready", ready)
+                    notifier.ready(url)
+            if sock in readable:
+                turn = _hand_over(sock, channels, turn)
+        for pid in list(live):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if not done:
+                continue
+            live.discard(pid)
+            code = os.waitstatus_to_exitcode(status)
+            if code == 2 and ready < len(workers):
+                return_code = 2  # it could not start: the configuration, not a crash
+            if code != 0 or deadline is None:
+                failed = True
+                log.error("worker %d exited with %d%s", pid, code, "" if stop else " unasked")
+                if not stop:
+                    stop.append(signal.SIGTERM)  # stop the rest: the service restarts whole
+    return return_code if failed else 0
+
+
+def _hand_over(sock: socket.socket, channels: list[socket.socket], turn: int) -> int:
+    """Accept what is pending; each connection to the next worker in turn. Returns the
+    next turn."""
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return turn
+        except OSError as exc:  # out of descriptors, a connection reset while queued
+            log.warning("accept failed: %s", exc)
+            return turn
+        with conn:  # the worker has its own descriptor once sent
+            for _ in channels:
+                channel, turn = channels[turn], (turn + 1) % len(channels)
+                try:
+                    socket.send_fds(channel, [b"c"], [conn.fileno()])
+                    break
+                except OSError:
+                    continue  # that worker is gone: the watch loop stops the service
+
+
+def _signal(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
