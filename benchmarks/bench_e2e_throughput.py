@@ -6,10 +6,12 @@ bottom MLP 13-512-256-64, dot interaction, top 415-512-256-1. The baseline is th
 ``DLRM_Net`` builds them) on the artifact's weights, torch's default threads, batches of
 ``--batch`` back to back. recserve serves the same batches as ``--batch``-sample requests,
 ``--inflight`` in flight from a client on the same cores, singular and on ``--shards``
-shards, in three request forms: KServe v2 binary tensors, the columnar msgpack form (what
-``recserve.client`` sends) and msgpack samples. Scores are checked against torch's.
+shards, with each ``--workers`` setting of the gateway, in three request forms: KServe v2
+binary tensors, the columnar msgpack form (what ``recserve.client`` sends) and msgpack
+samples. Scores are checked against torch's.
 
     python -m benchmarks.bench_e2e_throughput [--batch 256] [--inflight 4] [--duration 10]
+                                              [--workers 1,2]
 """
 
 from __future__ import annotations
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--rows", type=int, default=ROWS, help="rows of all tables together")
+    parser.add_argument(
+        "--workers", default="1,2", help="gateway --workers settings to run, comma-separated"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -142,9 +147,18 @@ def main(argv: list[str] | None = None) -> int:
         base, want = run_torch(torch_dlrm(model), inputs, args.duration)
         rows = [["torch in-process", "-", f"{base:,.0f}", "1.00x"]]
         stages: list[list[str]] = []
-        for where, plan_path in (("singular", None), (f"{args.shards} shards", plan)):
+        setups = [
+            (f"{where}, {n} worker{'s' if n > 1 else ''}", plan_path, n)
+            for n in (int(w) for w in args.workers.split(","))
+            for where, plan_path in (("singular", None), (f"{args.shards} shards", plan))
+        ]
+        for where, plan_path, workers in setups:
             with LocalCluster(
-                root / "m", plan=plan_path, singular=plan_path is None, port=free_port()
+                root / "m",
+                plan=plan_path,
+                singular=plan_path is None,
+                port=free_port(),
+                gateway_args=("--workers", str(workers)),
             ) as cluster:
                 for form, (bodies, decode, path) in forms(manifest, batches).items():
                     cpu, before = cluster.cpu_seconds(), stage_seconds(cluster.url)
@@ -178,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["setup", "form", "CPU", *STAGES], stages)
     ratios = {(r[0], r[1]): float(r[3][:-1]) for r in rows[1:]}
     cols = statistics.median(
-        ratios[(w, "msgpack columns")] / ratios[(w, "KServe binary")]
-        for w in ("singular", f"{args.shards} shards")
+        ratios[(w, "msgpack columns")] / ratios[(w, "KServe binary")] for w, _, _ in setups
     )
     print(f"\nmsgpack columns against KServe binary: {cols:.2f}x (target >= 0.8x)")
     return 0
