@@ -16,7 +16,7 @@ class BatchSettings:
     max_batch_samples: int = option(1024, "samples in one batch (a larger request is its own)")
     max_queue_delay_us: int = option(500, "how long a request waits for company")
     max_inflight_samples: int = option(
-        32768, "samples queued or being scored; more are refused with 429"
+        32768, "samples queued or being scored (per worker); more are refused with 429"
     )
     max_concurrent_batches: int = option(
         2, "batches pooled and scored at once; the next waits (and grows) in the queue"
@@ -44,7 +44,9 @@ class ApiSettings:
     header_timeout_s: float = option(
         15.0, "seconds a connection may stay without a complete request (then it is closed)"
     )
-    max_connections: int = option(4096, "open connections; more get 503 and are closed")
+    max_connections: int = option(
+        4096, "open connections (per worker); more get 503 and are closed"
+    )
     enable_embeddings: bool = option(
         False, "serve POST /v1/embeddings (it returns the tables' learned values: opt in)"
     )

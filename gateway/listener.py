@@ -10,6 +10,7 @@ connection that never completes its headers is closed by aiohttp's keep-alive ti
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from typing import Any, cast
 
@@ -17,6 +18,8 @@ import orjson
 from aiohttp import web
 
 from gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
 
 _BODY = orjson.dumps(
     {
@@ -84,7 +87,12 @@ class HandedOver:
             conn = socket.socket(fileno=fd)
             task = self.loop.create_task(self.loop.connect_accepted_socket(self.protocol, conn))
             self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(self._adopted)
+
+    def _adopted(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # closed by its client
+            log.debug("a handed-over connection failed: %s", task.exception())
 
     def close(self) -> None:
         if self.channel.fileno() >= 0:
