@@ -86,8 +86,9 @@ def supervise(config: GatewayConfig, serve: Serve, notifier: Notifier | None = N
     stop: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
-    workers: list[int] = []
+    live: set[int] = set()  # forked and not reaped yet
     channels: list[socket.socket] = []
+    supervisor = os.getpid()
     try:
         for _ in range(config.workers):
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -96,19 +97,19 @@ def supervise(config: GatewayConfig, serve: Serve, notifier: Notifier | None = N
                 os.close(ready_r)
                 for other in (sock, mine, *channels):
                     other.close()
-                os._exit(_worker(config, serve, theirs, metrics_dir, ready_w))
+                os._exit(_worker(config, serve, theirs, metrics_dir, ready_w, supervisor))
             theirs.close()
-            workers.append(pid)
+            live.add(pid)
             channels.append(mine)
         os.close(ready_w)
-        log.info("%d workers on port %d: %s", len(workers), port, workers)
+        log.info("%d workers on port %d: %s", len(live), port, sorted(live))
         url = f"http://{config.host}:{port}"
-        return _watch(config, notifier, workers, channels, sock, ready_r, stop, url)
+        return _watch(config, notifier, live, channels, sock, ready_r, stop, url)
     finally:
         sock.close()
         for channel in channels:
             channel.close()
-        for pid in workers:  # whatever is still running (the supervisor failed)
+        for pid in live:  # whatever still runs: the supervisor itself failed
             with contextlib.suppress(ProcessLookupError, ChildProcessError):
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
@@ -121,9 +122,12 @@ def _worker(
     channel: socket.socket,
     metrics_dir: str,
     ready_fd: int,
+    supervisor: int,
 ) -> int:
     with contextlib.suppress(OSError):  # gone with the supervisor, even if it is SIGKILLed
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before the request above took effect
+        return 1
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)  # serve() installs its own on its loop
     try:
@@ -142,14 +146,16 @@ def _worker(
 def _watch(
     config: GatewayConfig,
     notifier: Notifier,
-    workers: list[int],
+    live: set[int],
     channels: list[socket.socket],
     sock: socket.socket,
     ready_fd: int,
     stop: list[int],
     url: str,
 ) -> int:
-    live, failed, ready, deadline = set(workers), False, 0, None
+    """Until every worker in ``live`` has exited (each is removed once reaped)."""
+    workers = list(live)
+    failed, ready, deadline = False, 0, None
     return_code, turn = 1, 0
     while live:
         if stop and deadline is None:
