@@ -45,7 +45,10 @@ async def running(config: GatewayConfig) -> AsyncIterator[Gateway]:
     try:
         if config.plan is None:
             model = await loop.run_in_executor(executor, _open_model, config)
-            pooler, dense = LocalPooler(model, executor), model.dense
+            # Workers share the cores: each pools on its share of them (two workers on two
+            # cores: one thread each, whose batches never wait for an OpenMP team's wake-up).
+            threads = max(1, kernels.default_threads() // config.workers)
+            pooler, dense = LocalPooler(model, executor, threads), model.dense
             weights: dict[str, np.ndarray] = {}  # a singular gateway takes no updates
         else:
             plan = read_plan(config.plan)

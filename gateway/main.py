@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -58,6 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # doubled the CPU per sample (1.12 -> 0.43 CPU s per 1k drm2 samples with one BLAS
         # thread, bench_gateway); the executor runs batches side by side instead.
         threadpool_limits(limits=config.blas_threads, user_api="blas")
+        # numba's OpenMP threads sleep between kernels instead of spinning for the next one:
+        # spinning, they took the cores from the executor and the other workers (two workers
+        # of one executor thread each served 26k samples/s spinning, 53k sleeping). Read when
+        # the first parallel kernel starts the runtime, so a setting of the user's wins.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             blas = select_blas(
                 "openblas" if config.blas == "auto" and config.blas_threads > 1 else config.blas

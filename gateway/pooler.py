@@ -60,9 +60,10 @@ class Pooler(Protocol):
 class LocalPooler:
     """Every table in this process: the single-server baseline."""
 
-    def __init__(self, model: Model, executor: Executor) -> None:
+    def __init__(self, model: Model, executor: Executor, threads: int | None = None) -> None:
         self.model = model
         self.executor = executor
+        self.threads = threads  # the pooling kernel's (None: the process's cores)
         self.version = 0  # a singular gateway serves its files as they are
 
     def prepare(self, batch: Batch) -> None:
@@ -77,7 +78,7 @@ class LocalPooler:
         version: int | None = None,
     ) -> T:
         return await asyncio.get_running_loop().run_in_executor(
-            self.executor, lambda: finish(self.model.pool(batch))
+            self.executor, lambda: finish(self.model.pool(batch, self.threads))
         )
 
     async def probe(self, deadline: Deadline) -> list[str]:

@@ -62,9 +62,10 @@ class Model:
                 touch(table)
         return time.perf_counter() - start
 
-    def pool(self, batch: Batch) -> np.ndarray:
+    def pool(self, batch: Batch, threads: int | None = None) -> np.ndarray:
         """Pooled vectors ``[B, features, dim]`` in interaction order: one kernel call per
-        distinct bag count (shared context bags are pooled once, then expanded)."""
+        distinct bag count (shared context bags are pooled once, then expanded), on
+        ``threads`` threads (default: the process's cores)."""
         features = list(self.manifest.features())
         out = np.empty((batch.size, len(features), self.manifest.embedding_dim), np.float32)
         groups: dict[int, list[int]] = {}
@@ -84,6 +85,7 @@ class Model:
                     weights=weights,
                     modes=[features[k][1].pooling for k in members],
                     out=out if whole else None,
+                    threads=threads,
                 )
             except kernels.IdOutOfRangeError as exc:
                 j = int(np.searchsorted(starts, exc.position, side="right")) - 1
