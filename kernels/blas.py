@@ -2,7 +2,7 @@
 installed, numpy's (OpenBLAS) otherwise.
 
 On this project's Xeons MKL runs the dense layers' GEMMs 10-15 % faster than the OpenBLAS
-numpy ships (140-160 against 155-175 GFLOP/s on one core at the DLRM-v2 shapes), and the
+numpy ships (140-165 against 155-179 GFLOP/s on one core at the DLRM and DLRM-v2 shapes), and the
 dense MLP is most of a DLRM-v2 sample's work. MKL comes from the ``mkl`` wheel (``pip install
 recserve[mkl]``): its ``libmkl_rt`` is found through the wheel's file list and called through
 ``ctypes`` (which releases the GIL), in MKL's sequential threading layer: the gateway runs

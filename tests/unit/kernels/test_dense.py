@@ -93,3 +93,15 @@ def test_cross_network_matches_a_loop_over_samples() -> None:
 def test_cross_layer_rejects_shapes_that_do_not_fit() -> None:
     with pytest.raises(KernelError, match="do not fit"):
         CrossLayer(np.zeros((2, 6)), np.zeros((5, 2)), np.zeros(6))
+
+
+def test_dot_interaction_keeps_nan_and_infinity() -> None:
+    # The compiled dots may reorder a sum, never assume its terms finite: the gateway
+    # answers 400 for a sample whose score is not a number.
+    x = np.ones((2, 4), np.float32)
+    pooled = np.ones((2, 3, 4), np.float32)
+    pooled[0, 1, 2], pooled[1, 0, 0] = np.inf, np.nan
+    out = Interaction("dot")(x, pooled)
+    assert np.isinf(out[0]).any() and not np.isnan(out[0, :4]).any()
+    assert np.isnan(out[1]).any()
+    np.testing.assert_array_equal(out[:, :4], x)
