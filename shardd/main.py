@@ -217,7 +217,7 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
     manifest, store = opener(path, since)
     loop = asyncio.get_running_loop()
     if store.versions.enabled:
-        await catch_up(store, peers)
+        await catch_up(store, peers, peer_keys(config))
     if store.tier is not None:
         await loop.run_in_executor(None, warm_cache, store.tier, config, manifest.digest())
     warm = await loop.run_in_executor(None, kernels.warm_up)
@@ -254,7 +254,7 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
     models = Models(Loaded(since, path, manifest, store), opener, config.state_dir)
 
     async def behind(store: PartStore) -> None:
-        await catch_up(store, await probe_peers(shard, config))
+        await catch_up(store, await probe_peers(shard, config), peer_keys(config))
 
     server = ShardServer(sock, models, settings, metrics, behind if config.state_dir else None)
     try:
@@ -400,16 +400,18 @@ async def probe_peers(shard: ShardPlan, config: ShardConfig) -> list[tuple[str, 
     peers = [ep for r, ep in enumerate(shard.endpoints) if r != config.replica]
     if not peers or config.state_dir is None:
         return []
-    if config.curve_keys is not None:
-        log.warning("CURVE on: replicas do not fetch missed updates from each other")
-        return []
+    keys = peer_keys(config)
     ctx = zmq.Context()
     out = []
     try:
         for peer in peers:
             # Short: at a cluster's first start the peers start too, and wait alike.
             info = await on_peer(
-                ctx, peer, lambda c: c.simple("info", Deadline.after(PEER_PROBE_MS)), logging.INFO
+                ctx,
+                peer,
+                lambda c: c.simple("info", Deadline.after(PEER_PROBE_MS)),
+                logging.INFO,
+                keys,
             )
             if info is not None:
                 out.append((peer, info))
@@ -418,11 +420,21 @@ async def probe_peers(shard: ShardPlan, config: ShardConfig) -> list[tuple[str, 
     return out
 
 
+def peer_keys(config: ShardConfig) -> CurveKeys | None:
+    """With ``--curve-keys``, the keys to talk to the peer replicas with."""
+    return CurveKeys.for_peer(config.curve_keys) if config.curve_keys else None
+
+
 async def on_peer(
-    ctx: zmq.Context, peer: str, work: Callable[[ShardClient], Awaitable[T]], level: int
+    ctx: zmq.Context,
+    peer: str,
+    work: Callable[[ShardClient], Awaitable[T]],
+    level: int,
+    keys: CurveKeys | None = None,
 ) -> T | None:
-    """``work`` on a client of ``peer``; None (logged at ``level``) if the peer fails."""
-    client = ShardClient(peer, ctx, name="peer")
+    """``work`` on a client of ``peer`` (CURVE with ``keys``); None (logged at ``level``)
+    if the peer fails."""
+    client = ShardClient(peer, ctx, name="peer", keys=keys)
     try:
         return await work(client)
     except RecserveError as exc:
@@ -452,7 +464,9 @@ def serving(config: ShardConfig, peers: list[tuple[str, dict[str, Any]]]) -> tup
     return path, since
 
 
-async def catch_up(store: PartStore, peers: list[tuple[str, dict[str, Any]]]) -> None:
+async def catch_up(
+    store: PartStore, peers: list[tuple[str, dict[str, Any]]], keys: CurveKeys | None = None
+) -> None:
     """Before reporting ready: fetch from a peer replica the versions committed while this
     one was down, and its dense weights."""
     loop = asyncio.get_running_loop()
@@ -472,7 +486,7 @@ async def catch_up(store: PartStore, peers: list[tuple[str, dict[str, Any]]]) ->
         for peer, info in peers:
             if int((info.get("versions") or {}).get("version") or 0) <= store.versions.current:
                 continue
-            if await on_peer(ctx, peer, fetch, logging.WARNING):
+            if await on_peer(ctx, peer, fetch, logging.WARNING, keys):
                 return
     finally:
         ctx.term()

@@ -77,7 +77,7 @@ def settings(name: str) -> dict[str, list[str]]:
 @pytest.mark.parametrize(
     "name, credentials",
     [
-        ("recserve-shardd@.service", {"server.key_secret", "client.key"}),
+        ("recserve-shardd@.service", {"server.key_secret", "client.key", "server.key"}),
         ("recserve-gateway.service", {"client.key_secret", "server.key"}),
     ],
 )

@@ -7,7 +7,9 @@
 files of DIR (checked by ZAP, ``zmq.auth``'s authenticator); a gateway with ``--curve-keys
 DIR`` loads ``client.key_secret`` and ``server.key``. Each service needs only its own files:
 a shard ``server.key_secret`` and the clients' ``*.key``, a gateway ``client.key_secret``
-and ``server.key`` (systemd ``LoadCredential=`` in the units).
+and ``server.key`` (systemd ``LoadCredential=`` in the units). Replicas of a shard fetch
+missed updates from each other as clients holding the server pair: a shard that also has
+``server.key`` among its allowed keys admits its peers.
 """
 
 from __future__ import annotations
@@ -60,6 +62,14 @@ class CurveKeys:
         public, secret = _load(Path(directory) / f"{CLIENT}.key_secret", secret=True)
         server, _ = _load(Path(directory) / f"{SERVER}.key", secret=False)
         return cls(Path(directory), public, secret, server)
+
+    @classmethod
+    def for_peer(cls, directory: Path | str) -> CurveKeys:
+        """A shard's keys as a client of its peer replicas (catching up on missed updates):
+        the server pair every shard holds, so a peer admits it when ``server.key`` is among
+        its allowed ``*.key`` files, and talks to the peer's (the same) server key."""
+        public, secret = _load(Path(directory) / f"{SERVER}.key_secret", secret=True)
+        return cls(Path(directory), public, secret, public)
 
     def secure_server(self, sock: zmq.Socket[Any]) -> None:
         """Before bind: CURVE server with this key pair, clients checked by ZAP."""

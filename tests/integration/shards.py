@@ -15,6 +15,7 @@ import zmq
 
 from recserve.local.argv import shardd_argv
 from recserve.local.cluster import free_port  # noqa: F401 - the tests' import point
+from recserve.rpc.curve import CurveKeys
 from recserve.rpc.deadline import Deadline
 from recserve.rpc.probe import ready
 from recserve.rpc.wire import pack_header, request
@@ -41,11 +42,16 @@ def start_shard(
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def raw(endpoint: str, frames: Sequence[Any], timeout: float = 5.0) -> list[bytes]:
-    """One request on a fresh DEALER; the reply's frames (raises on timeout)."""
+def raw(
+    endpoint: str, frames: Sequence[Any], timeout: float = 5.0, keys: CurveKeys | None = None
+) -> list[bytes]:
+    """One request on a fresh DEALER (CURVE with client ``keys``); the reply's frames
+    (raises on timeout)."""
     ctx = zmq.Context.instance()
     with ctx.socket(zmq.DEALER) as sock:
         sock.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            keys.secure_client(sock)
         sock.connect(endpoint)
         sock.send_multipart(list(frames))
         if not sock.poll(int(timeout * 1000)):

@@ -26,6 +26,7 @@ from recserve.local.offline import predict
 from recserve.model.artifact import dense_bytes, open_table, read_dense
 from recserve.model.scorer import Model
 from recserve.model.workload import Workload
+from recserve.rpc.curve import CurveKeys, keygen
 from tests.integration.shards import header, raw
 
 TOKEN = "s3cret-token-of-the-test-0123456789"
@@ -297,15 +298,20 @@ def test_dense_weights_update_with_the_rows(model: Path, tmp_path: Path) -> None
         np.testing.assert_allclose(got, want3, rtol=1e-5, atol=1e-6)
 
 
-def test_replica_back_from_a_partition_catches_up(model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("curve", [False, True], ids=["plaintext", "curve"])
+def test_replica_back_from_a_partition_catches_up(model: Path, tmp_path: Path, curve: bool) -> None:
     """A replica out of rotation for a while (stopped, not restarted) misses a version; asked
-    to stage the next one it fetches the missed one from its peer first, so updates go on."""
+    to stage the next one it fetches the missed one from its peer first, so updates go on.
+    Under CURVE too: the peers talk with the server pair every shard holds."""
     token = tmp_path / "token"
     token.write_text(TOKEN)
+    keys = tmp_path / "curve" if curve else None
+    if keys is not None:
+        keygen(keys)
     samples = Workload(read_manifest(model), seed=4).samples(24)
     cluster = LocalCluster(model, shards=2, replicas=2, strategy="capacity", port=free_port(),
                            admin_token_file=token, gateway_args=("--timeout-ms", "5000"),
-                           )  # fmt: skip
+                           curve_keys=keys)  # fmt: skip
     with cluster as c:
         split = c.plan.report["split_tables"][0]
         pushed = [an_update(model, 20 + k, split) for k in range(3)]
@@ -325,7 +331,9 @@ def test_replica_back_from_a_partition_catches_up(model: Path, tmp_path: Path) -
             lagging.send_signal(signal.SIGCONT)
         time.sleep(4.5)  # and back in
         push(2)
-        health = msgpack.unpackb(raw(c.plan.shard(0).endpoints[1], [header("health")])[0])
+        client = CurveKeys.for_client(keys) if keys is not None else None
+        reply = raw(c.plan.shard(0).endpoints[1], [header("health")], keys=client)
+        health = msgpack.unpackb(reply[0])
         assert health["version"] == 3, health
         want = predict(replaced(model, tmp_path / "v3", pushed), samples)
         for _ in range(6):
