@@ -12,7 +12,7 @@ waking half a dozen sleeping threads (gateway loop, ZeroMQ IO threads, the shard
 a 2048-bag shard lookup took 0.4-0.7 ms back to back and 1.6-2.2 ms after 50 ms idle.
 
     python -m benchmarks.bench_gateway [--size 256MiB] [--samples 16] [--rates 20,40]
-                                       [--duration 30]
+                                       [--duration 30] [--workers 1]
 """
 
 from __future__ import annotations
@@ -40,7 +40,13 @@ def prepare(root: Path, size: str, samples: int) -> tuple[Path, list[bytes]]:
 
 
 def measure(
-    model: Path, plan: Path | None, bodies: list[bytes], rate: float, duration: float, samples: int
+    model: Path,
+    plan: Path | None,
+    bodies: list[bytes],
+    rate: float,
+    duration: float,
+    samples: int,
+    workers: int = 1,
 ) -> tuple[dict[str, float], list[int]]:
     """Run the cluster of ``plan`` (none: singular) under the open-loop load. Returns the
     results (with CPU s per 1k samples) and RSS per process (gateway first)."""
@@ -49,7 +55,7 @@ def measure(
         plan=plan,
         singular=plan is None,
         port=free_port(),
-        gateway_args=("--timeout-ms", "5000"),
+        gateway_args=("--timeout-ms", "5000", "--workers", str(workers)),
     ) as cluster:
         before = cluster.cpu_seconds()
         run = Run(samples)
@@ -81,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rates", default="20,40", help="offered requests per second, comma-separated"
     )
     parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--workers", type=int, default=1, help="each gateway's --workers")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode in ("distributed", "singular"):
                 where = plan if mode == "distributed" else None
                 results[rate][mode], rss[mode] = measure(
-                    model, where, bodies, rate, args.duration, args.samples
+                    model, where, bodies, rate, args.duration, args.samples, args.workers
                 )
     rows = []
     for rate, by_mode in results.items():
