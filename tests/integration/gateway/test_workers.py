@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,29 +32,31 @@ def gateway(
     model: Path, *extra: str, plan: Path | None = None
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
-    proc = subprocess.Popen(
-        gateway_argv(model, "--workers", "2", *extra, plan=plan, port=port),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(1200):
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            with (
-                contextlib.suppress(urllib.error.URLError, ConnectionError),
-                urllib.request.urlopen(url + "/v2/health/ready", timeout=1) as r,
-            ):
-                if r.status == 200:
-                    break
-            time.sleep(0.05)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
+    # A file, not a pipe: nobody reads the log while the gateway runs.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            gateway_argv(model, "--workers", "2", *extra, plan=plan, port=port),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(1200):
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise AssertionError(log.read().decode())
+                with (
+                    contextlib.suppress(urllib.error.URLError, ConnectionError),
+                    urllib.request.urlopen(url + "/v2/health/ready", timeout=1) as r,
+                ):
+                    if r.status == 200:
+                        break
+                time.sleep(0.05)
+            yield url, proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
 
 
 def established(pid: int, port: int) -> int:
