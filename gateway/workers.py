@@ -99,6 +99,7 @@ def supervise(config: GatewayConfig, serve: Serve, notifier: Notifier | None = N
                     other.close()
                 os._exit(_worker(config, serve, theirs, metrics_dir, ready_w, supervisor))
             theirs.close()
+            mine.setblocking(False)  # a stuck worker's full channel must not stop the accepts
             live.add(pid)
             channels.append(mine)
         os.close(ready_w)
@@ -213,8 +214,8 @@ def _hand_over(sock: socket.socket, channels: list[socket.socket], turn: int) ->
                 try:
                     socket.send_fds(channel, [b"c"], [conn.fileno()])
                     break
-                except OSError:
-                    continue  # that worker is gone: the watch loop stops the service
+                except OSError:  # full (busy) or gone: the next worker takes it
+                    continue
 
 
 def _signal(pids: set[int], sig: int) -> None:
