@@ -427,14 +427,22 @@ class Updater:
         )
 
 
-async def handle_deploy(request: web.Request, gw: Any) -> dict[str, Any]:
-    """The ``POST /v1/deploy`` handler's work: ``{"model": "/path/to/artifact"}``."""
+async def admin_body(request: web.Request, gw: Any) -> bytes:
+    """An admin request's body, once the endpoint is enabled (404), the caller holds the
+    token (401/403) and the gateway is ready (it learns the shards' version as it becomes
+    ready); read under the same size, time and encoding limits as any body."""
     if gw.updater is None or gw.admin_token is None:
         raise web.HTTPNotFound()
     check_auth(request.headers.get("Authorization"), gw.admin_token)
     if not gw.serving:
         raise NotReady("the gateway is not ready; retry when /v2/health/ready says so")
-    body = await gw.read_body(request)
+    body: bytes = await gw.read_body(request)
+    return body
+
+
+async def handle_deploy(request: web.Request, gw: Any) -> dict[str, Any]:
+    """The ``POST /v1/deploy`` handler's work: ``{"model": "/path/to/artifact"}``."""
+    body = await admin_body(request, gw)
     try:
         path = msgpack.unpackb(body) if request.content_type == MSGPACK else json.loads(body)
         path = path["model"]
@@ -447,12 +455,7 @@ async def handle_deploy(request: web.Request, gw: Any) -> dict[str, Any]:
 
 async def handle(request: web.Request, gw: Any) -> dict[str, Any]:
     """The ``POST /v1/updates`` handler's work (``gateway.app`` encodes the reply)."""
-    if gw.updater is None or gw.admin_token is None:
-        raise web.HTTPNotFound()
-    check_auth(request.headers.get("Authorization"), gw.admin_token)
-    if not gw.serving:  # it learns the shards' version as it becomes ready
-        raise NotReady("the gateway is not ready; retry when /v2/health/ready says so")
-    body = await gw.read_body(request)  # the same size, time and encoding limits
+    body = await admin_body(request, gw)
     ctype = request.content_type
     update = await asyncio.get_running_loop().run_in_executor(
         gw.updater.executor, parse_update, body, ctype, gw.manifest, gw.updater.nets.weights

@@ -9,7 +9,7 @@ socket, forks the workers before any thread exists, and once every worker is rea
 accepts connections and hands them to the workers in turn (over a unix socket, the
 descriptor itself: ``SCM_RIGHTS``), as Node's cluster module does. Left to the kernel, a
 shared socket is not fair: libuv accepts every pending connection on each wake-up, and a
-client's four connections split unevenly (44-52k samples/s from run to run where handing
+client's four connections split unevenly (43-52k samples/s from run to run where handing
 them over gives 55k). Connections are balanced, not requests, so a
 client should keep several open (``recserve.client``, loadgen and HTTP pools do). The
 supervisor passes SIGTERM/SIGINT on; each worker drains as a lone gateway does. The
@@ -25,7 +25,6 @@ refused with ``--admin-token-file`` (run updates through a one-worker gateway).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import select
@@ -42,10 +41,10 @@ from typing import Any
 from gateway.config import GatewayConfig
 from gateway.metrics import use_multiprocess
 from recserve.contracts.errors import ConfigError, RecserveError
+from recserve.runtime.parent import die_with_parent
 from recserve.runtime.systemd import Notifier
 
 log = logging.getLogger("gateway")
-PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 10.0  # beyond --drain-timeout, before a worker is killed
 
 
@@ -125,8 +124,7 @@ def _worker(
     ready_fd: int,
     supervisor: int,
 ) -> int:
-    with contextlib.suppress(OSError):  # gone with the supervisor, even if it is SIGKILLed
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent()  # gone with the supervisor, even if it is SIGKILLed
     if os.getppid() != supervisor:  # it died before the request above took effect
         return 1
     for sig in (signal.SIGTERM, signal.SIGINT):

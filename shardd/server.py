@@ -229,6 +229,7 @@ class ShardServer:
             return
         version = check_version(header, required=True)
         assert version is not None
+        work: Callable[[], object]  # run on the update thread; what it returns is dropped
         if op == "stage":
             rows, dense = split_dense(header, [f.buffer for f in frames])
             parts = decode_stage(header, rows)
@@ -239,7 +240,7 @@ class ShardServer:
             path = header.get("model")
             if not isinstance(path, str) or not path:
                 raise BadRequest("model must name the artifact's directory", field="model")
-            work = functools.partial(self._load, version, Path(path))
+            work = functools.partial(self.models.load, version, Path(path))
         else:
             work = functools.partial(self._decide, op, version)
         behind = op in ("stage", "load") and version > versions.current + 1
@@ -249,7 +250,7 @@ class ShardServer:
         self._submit(ident, header, work, version)
 
     async def _behind(
-        self, ident: zmq.Frame, header: dict[str, Any], work: Callable[[], None], version: int
+        self, ident: zmq.Frame, header: dict[str, Any], work: Callable[[], object], version: int
     ) -> None:
         """Catch up from the peers (the versions this replica missed), then stage."""
         assert self.catch_up is not None
@@ -262,12 +263,12 @@ class ShardServer:
         self._submit(ident, header, work, version)
 
     def _submit(
-        self, ident: zmq.Frame, header: dict[str, Any], work: Callable[[], None], version: int
+        self, ident: zmq.Frame, header: dict[str, Any], work: Callable[[], object], version: int
     ) -> None:
         """Run ``work`` (an update op) on the update thread and answer it on the loop."""
         op = header["op"]
 
-        def done(f: Future[None]) -> None:
+        def done(f: Future[object]) -> None:
             exc = f.exception()
             if exc is not None and not isinstance(exc, RecserveError):
                 log.error("%s of version %d failed", op, version, exc_info=exc)
@@ -284,9 +285,6 @@ class ShardServer:
             self.loop.call_soon_threadsafe(self._send, ident, [msg], op, outcome)
 
         self.updates.submit(work).add_done_callback(done)
-
-    def _load(self, version: int, path: Path) -> None:
-        self.models.load(version, path)
 
     def _decide(self, op: str, version: int) -> None:
         """``commit`` or ``abort`` (on the update thread): of a deploy, or of an update."""

@@ -9,7 +9,6 @@ to the gateway, then the shards, waits, and removes the run directory.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -30,8 +29,8 @@ from recserve.local.argv import gateway_argv, shardd_argv
 from recserve.planning import build
 from recserve.rpc.curve import CurveKeys
 from recserve.rpc.probe import ready
+from recserve.runtime.parent import die_with_parent
 
-PR_SET_PDEATHSIG = 1
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -76,15 +75,10 @@ def rss_mib(pid: int) -> int:
     return kib // 1024
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _spawn(argv: list[str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            argv, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
         )
 
 
