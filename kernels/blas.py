@@ -1,13 +1,13 @@
 """Float32 matrix products for the dense MLP: MKL's ``sgemm`` when the ``mkl`` extra is
 installed, numpy's (OpenBLAS) otherwise.
 
-On this project's Xeons MKL runs the dense layers' GEMMs 10-15 % faster than the OpenBLAS
-numpy ships (140-165 against 155-179 GFLOP/s on one core at the DLRM and DLRM-v2 shapes), and the
-dense MLP is most of a DLRM-v2 sample's work. MKL comes from the ``mkl`` wheel (``pip install
-recserve[mkl]``): its ``libmkl_rt`` is found through the wheel's file list and called through
-``ctypes`` (which releases the GIL), in MKL's sequential threading layer: the gateway runs
-batches side by side, one thread each, and a second OpenMP runtime beside numba's would only
-spin. The two backends differ in the last bits of a sum's rounding, not more.
+On this project's Xeons MKL runs the dense layers' GEMMs 4-17 % faster than the OpenBLAS
+numpy ships (140-165 against 155-179 GFLOP/s on one core at the DLRM and DLRM-v2 shapes),
+and the dense MLP is most of a DLRM-v2 sample's work. MKL comes from the ``mkl`` wheel (``pip
+install recserve[mkl]``): its ``libmkl_rt`` is found through the wheel's file list and called
+through ``ctypes`` (which releases the GIL), in MKL's sequential threading layer: the gateway
+runs batches side by side, one thread each, and a second OpenMP runtime beside numba's would
+only spin. The two backends differ in the last bits of a sum's rounding, not more.
 
 ``select(name)`` chooses the backend for the process once, before the first product
 (``auto``, the default: MKL when it loads); ``matmul(a, b)`` is ``a @ b``.
