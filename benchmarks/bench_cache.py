@@ -47,7 +47,7 @@ from recserve.local.cluster import free_port
 from recserve.model.workload import TableTraffic
 from recserve.planning.hits import DEFAULT_ZIPF, SLOT_BYTES, CachedPart, expected_hit_rate
 from recserve.rpc.probe import ready
-from shardd.cache import slots_for
+from shardd.cache import split_budget
 
 
 def block_stat(path: Path) -> tuple[int, int]:
@@ -165,7 +165,8 @@ def per_k(run: dict[str, Any]) -> str:
 
 
 def curve(model: Path, sizes: list[int], requests: int, samples: int) -> list[tuple]:
-    """Hit rate against cache size: the shard's split and compiled cache, replayed."""
+    """Hit rate against cache size: the shard's split (parts held whole are all hits) and
+    compiled cache, replayed."""
     manifest = read_manifest(model)
     specs = list(manifest.tables)
     traffic = [(t, f, TableTraffic.of(t)) for t in specs for f in t.features]
@@ -179,13 +180,20 @@ def curve(model: Path, sizes: list[int], requests: int, samples: int) -> list[tu
         stream.append({k: np.concatenate(v) for k, v in per_table.items()})
     out = []
     for size in sizes:
-        slots = slots_for([(t, 0, t.rows) for t in specs], size)
-        states = {t.name: rc.new_state(n) for t, n in zip(specs, slots, strict=True)}
+        whole, slots = split_budget([(t, 0, t.rows) for t in specs], size)
+        states = {t.name: rc.new_state(0 if w else n)
+                  for t, w, n in zip(specs, whole, slots, strict=True)}  # fmt: skip
+        resident = {t.name for t, w in zip(specs, whole, strict=True) if w}
         hits = total = 0
         for k, req in enumerate(stream):
             for name, ids in req.items():
                 st = states[name]
                 n = ids.size
+                if name in resident:  # read whole at start: every id a hit
+                    if k >= requests // 2:
+                        hits += n
+                        total += n
+                    continue
                 reads = np.unique(ids).size  # no slots: every distinct row read around it
                 if st.slot_id.size:
                     counts = np.zeros(4, np.int64)

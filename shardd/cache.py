@@ -1,8 +1,10 @@
 """The row cache of a larger-than-memory shard: hot rows in memory, the rest read from disk.
 
 ``--cache-bytes`` is split over the shard's parts by their expected hits
-(``recserve.planning.hits``: each part's Zipf exponent and traffic from the manifest); each
-part gets an arena of whole rows in the table's stored dtype (int8 rows are 4x as many per
+(``recserve.planning.hits``: each part's Zipf exponent and traffic from the manifest). A
+part the split gives all its rows is read whole at start and served resident, like a
+preloaded part (no misses, no bookkeeping; see ``split_budget``); every other part gets an
+arena of whole rows in the table's stored dtype (int8 rows are 4x as many per
 byte as fp32) and the compiled W-TinyLFU bookkeeping of ``kernels.rowcache``, both inside
 the budget. A lookup's ids of a cached part are mapped to arena slots in one compiled pass,
 its misses (each row once) are read from the table file around the page cache
@@ -32,6 +34,7 @@ from kernels import Int8RowwiseTable, Table
 from kernels import rowcache as rc
 from recserve.contracts.errors import ConfigError
 from recserve.contracts.manifest import TableSpec
+from recserve.contracts.units import format_size
 from recserve.planning.hits import DEFAULT_ZIPF, SLOT_BYTES, CachedPart, split
 from shardd.disk import ReadJob, RowReader, TableFile
 
@@ -92,31 +95,74 @@ class CacheTier:
         self.epoch = 0
         self.gen = 0  # bumped by the store when compaction swaps a part's file
         self.published: Any = None
+        self._specs = [spec for spec, _, _, _, _ in parts]
+        self._ranges = [(start, end) for _, start, end, _, _ in parts]
         self.reader = RowReader(io_threads)
-        sizes = slots_for([(spec, start, end) for spec, start, end, _, _ in parts], budget)
+        whole, sizes = split_budget([(spec, start, end) for spec, start, end, _, _ in parts],
+                                    budget)  # fmt: skip
         self.parts: list[PartCache] = []
-        for (spec, start, end, path, base), slots in zip(parts, sizes, strict=True):
-            self.parts.append(
-                PartCache(
-                    spec,
-                    start,
-                    end,
-                    TableFile(path, base, spec.row_bytes),
-                    slots,
-                    np.zeros((slots, spec.row_bytes), np.uint8),
-                    rc.new_state(slots),
-                )
+        self.by_index: list[PartCache | None] = []  # None: the part is resident
+        self.resident: dict[int, np.ndarray] = {}  # part index -> its rows, uint8
+        begin, resident_bytes = time.perf_counter(), 0
+        for i, ((spec, start, end, path, base), slots) in enumerate(zip(parts, sizes,
+                                                                        strict=True)):  # fmt: skip
+            file = TableFile(path, base, spec.row_bytes)
+            if whole[i]:
+                try:
+                    self.resident[i] = file.read_range(start, end - start)
+                finally:
+                    file.close()
+                resident_bytes += self.resident[i].nbytes
+                self.by_index.append(None)
+                continue
+            pc = PartCache(
+                spec,
+                start,
+                end,
+                file,
+                slots,
+                np.zeros((slots, spec.row_bytes), np.uint8),
+                rc.new_state(slots),
             )
+            self.parts.append(pc)
+            self.by_index.append(pc)
+        if self.resident:
+            log.info("read %d parts of %s whole into the cache's budget in %.2f s",
+                     len(self.resident), format_size(resident_bytes),
+                     time.perf_counter() - begin)  # fmt: skip
+
+    def table(self, index: int) -> Table:
+        """Part ``index``'s rows as the kernel reads them: a resident part's own rows
+        (row ``i`` is the part's ``i``), or a cached part's arena (row ``s`` is slot ``s``)."""
+        pc = self.by_index[index]
+        if pc is None:
+            return _as_table(self._specs[index], self.resident[index])
+        return pc.table()
+
+    def reload(self, index: int, path: Path, base: int) -> Table:
+        """A resident part's rows read again from its new file (after compaction)."""
+        spec = self._specs[index]
+        start, end = self._ranges[index]
+        file = TableFile(path, base, spec.row_bytes)
+        try:
+            self.resident[index] = file.read_range(start, end - start)
+        finally:
+            file.close()
+        return self.table(index)
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts)
+        return sum(p.nbytes for p in self.parts) + self.resident_bytes()
+
+    def resident_bytes(self) -> int:
+        return sum(a.nbytes for a in self.resident.values())
 
     def rows_cached(self) -> int:
-        return sum(p.occupied() for p in self.parts)
+        return sum(p.occupied() for p in self.parts) + sum(a.shape[0] for a in
+                                                           self.resident.values())  # fmt: skip
 
     def bytes_cached(self) -> int:
-        return sum(p.occupied() * p.spec.row_bytes for p in self.parts)
+        return sum(p.occupied() * p.spec.row_bytes for p in self.parts) + self.resident_bytes()
 
     @property
     def direct(self) -> bool:
@@ -307,6 +353,34 @@ class CacheTier:
         self.reader.close()
         for pc in self.parts:
             pc.file.close()
+
+
+def split_budget(
+    parts: list[tuple[TableSpec, int, int]], budget: int
+) -> tuple[list[bool], list[int]]:
+    """Which parts (table, row_start, row_end) the budget holds whole, and slots for the
+    others. A part the split by expected hits (``slots_for``) gives all its rows is read
+    whole at start and served as a resident part: no misses, no map, and no bookkeeping
+    (its rows cost only their bytes, which leaves the other parts more); the rest are split
+    again until no further part fits whole."""
+    whole = [False] * len(parts)
+    while True:
+        rest = budget - sum(
+            (end - start) * spec.row_bytes
+            for (spec, start, end), w in zip(parts, whole, strict=True)
+            if w
+        )
+        others = [i for i, w in enumerate(whole) if not w]
+        sizes = slots_for([parts[i] for i in others], rest) if others and rest > 0 else []
+        slots = [end - start if w else 0 for (_, start, end), w in zip(parts, whole, strict=True)]
+        for i, n in zip(others, sizes, strict=False):
+            slots[i] = n
+        fits = [i for i, n in zip(others, sizes, strict=False)
+                if n and n >= parts[i][2] - parts[i][1]]  # fmt: skip
+        if not fits:
+            return whole, slots
+        for i in fits:
+            whole[i] = True
 
 
 def slots_for(parts: list[tuple[TableSpec, int, int]], budget: int) -> list[int]:

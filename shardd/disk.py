@@ -103,6 +103,32 @@ class TableFile:
             if direct:
                 log.warning("%s: no O_DIRECT here; reads are buffered and dropped after", path)
 
+    def read_range(self, first: int, rows: int, chunk: int = 8 << 20) -> np.ndarray:
+        """Rows ``[first, first + rows)`` read whole into memory of their own (``uint8
+        [rows, row_bytes]``), in aligned chunks around the page cache, as the cache reads
+        its misses. A failed or short read raises ``DiskReadError``."""
+        start = self.base + first * self.row_bytes
+        end = start + rows * self.row_bytes
+        align = ALIGN if self.direct else 1
+        a = start - start % align
+        b = end + (align - end % align) % align
+        buf = _aligned(b - a)
+        at = a
+        while at < b:
+            n = min(chunk, b - at)
+            try:
+                got = os.preadv(self.fd, [buf[at - a : at - a + n]], at)  # type: ignore[list-item]
+            except OSError as exc:
+                raise DiskReadError(f"reading {self.path.name} failed: {exc.strerror}") from None
+            if not self.direct:
+                _fadvise(self.fd, at, n, DONTNEED)
+            if got < n:  # the end of the file: short only past the rows
+                if at + got < end:
+                    raise DiskReadError(f"reading {self.path.name} failed: the file ends early")
+                break
+            at += n
+        return buf[start - a : end - a].reshape(rows, self.row_bytes)
+
     def close(self) -> None:
         os.close(self.fd)
 

@@ -384,11 +384,15 @@ def open_store(
     if store.tier is not None:
         tier = store.tier
         log.info(
-            "row cache of %s for %s of parts: %d of %d rows fit; misses read %s",
+            "row cache of %s for %s of parts: %d parts resident (%s), %d of %d rows of %d "
+            "others fit; misses read %s",
             format_size(tier.nbytes),
             format_size(store.nbytes),
+            len(tier.resident),
+            format_size(tier.resident_bytes()),
             sum(p.slots for p in tier.parts),
             sum(p.row_end - p.row_start for p in tier.parts),
+            len(tier.parts),
             "with O_DIRECT" if tier.direct else "buffered, then dropped from the page cache",
         )
     return store

@@ -429,6 +429,7 @@ class ShardServer:
             "bytes": tier.nbytes,
             "budget": tier.budget,
             "slots": sum(p.slots for p in tier.parts),
+            "resident_parts": len(tier.resident),
             "rows_cached": tier.rows_cached(),
             "row_bytes_cached": tier.bytes_cached(),
             "direct_io": tier.direct,

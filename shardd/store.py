@@ -56,6 +56,7 @@ class Part:
     source: PartFile  # the file the rows are read from
     cache: PartCache | None = None
     base: Table | None = None  # the file's rows (mapped, read only for updates)
+    resident: int | None = None  # with a cache: read whole into its budget (the tier's index)
 
     @property
     def nbytes(self) -> int:
@@ -120,9 +121,11 @@ class PartStore:
                 (p.spec, p.row_start, p.row_end, p.source.path, p.source.origin)
                 for p in self.parts.values()
             ]
-            self.tier = CacheTier(parts, cache_bytes, io_threads)
-            for key, pc in zip(list(self.parts), self.tier.parts, strict=True):
-                self.parts[key] = replace(self.parts[key], view=pc.table(), cache=pc)
+            self.tier = tier = CacheTier(parts, cache_bytes, io_threads)
+            for i, key in enumerate(list(self.parts)):
+                pc = tier.by_index[i]
+                self.parts[key] = replace(self.parts[key], view=tier.table(i), cache=pc,
+                                          resident=None if pc else i)  # fmt: skip
         self.index = {key: i for i, key in enumerate(self.parts)}
         self.max_dim = max((p.spec.dim for p in self.parts.values()), default=0)
         self.swap = threading.Lock()  # a generation's view and versions, read as one
@@ -285,7 +288,8 @@ class PartStore:
                 values = base_rows(part, flat.keys) + flat.deltas
                 written[slot] = compaction.write_part(
                     part.source, part.spec, part.row_start, part.row_end - part.row_start,
-                    flat.keys, values, tables / f"{stem}.npy", keep_cached=part.cache is None,
+                    flat.keys, values, tables / f"{stem}.npy",
+                    keep_cached=part.cache is None and part.resident is None,
                 )  # fmt: skip
                 ids = flat.keys
                 if key in changed:
@@ -317,6 +321,10 @@ class PartStore:
             mapped = _map(source.path, part.spec)
             if part.cache is not None:
                 new = replace(part, source=source, base=mapped)
+            elif part.resident is not None:
+                assert self.tier is not None
+                rows = self.tier.reload(part.resident, source.path, source.origin)
+                new = replace(part, view=rows, source=source, base=mapped)
             elif self.hugepages:
                 new = replace(part, view=hugepage_copies([mapped])[0], source=source, base=mapped)
             else:
@@ -384,7 +392,7 @@ class Job:
         self.lookup = lookup
         self.ids = int(lookup.ids.size)
         self.bags = int(lookup.lengths.size)
-        self.tier = tier if any(p.cache for p in resolved) else None
+        self.tier = tier if any(p.cache or p.resident is not None for p in resolved) else None
         self.fetched: Fetched | None = None
 
     def run(self) -> list[Group]:
@@ -400,13 +408,19 @@ class Job:
         if not self.calls:
             return []
         ids = self.calls[0][1].ids  # as the kernel takes them (every call shares them)
-        spans = []
+        spans, resident = [], 0
         for i, (_, _, first, n) in enumerate(self.lookup.spans()):
             pc = self.resolved[i].cache
             if pc is not None and n:  # the cache's map checks the ids against the part's rows
                 spans.append((i, pc, first, n))
+            elif self.resolved[i].resident is not None:
+                resident += n  # hits (the kernel checks these ids)
+        if not spans:
+            self.fetched = Fetched(hits=resident)
+            return [self._pooled(members, call, call.ids) for members, call in self.calls]
         mapped = ids.copy()
         self.fetched = got = tier.fetch(ids, mapped, spans)
+        got.hits += resident
         try:
             gen, version, slots = self.at
             if got.gen != gen:  # compacted since prepare: the cache holds the new files' rows

@@ -247,3 +247,23 @@ def test_cached_shard_refuses_an_id_outside_its_part(cached_model, tmp_path) -> 
         assert err.value.field == "parts[1]"
         assert sum(g.pooled.shape[1] for g in asyncio.run(ask(good))) == 2
         assert asyncio.run(stats(endpoint))["inflight"] == 0
+
+
+def test_parts_the_budget_holds_whole_are_resident(cached_model, tmp_path) -> None:
+    """Shard 1 with 600 KiB: the split gives the fp16 table all its rows, so it is read whole
+    and served without misses, beside the other part's row cache; both pool as resident."""
+    model, plan_path, plan = cached_model
+    resident, cached = f"ipc://{tmp_path}/r.sock", f"ipc://{tmp_path}/c.sock"
+    with (
+        running(plan_path, model, 1, resident, "--preload"),
+        running(plan_path, model, 1, cached, "--cache-bytes", "600KiB"),
+    ):
+        seen = asyncio.run(compare([resident, cached], plan, 1, rounds=20, seed=4))
+        for _, (want, got) in seen:
+            for w, g in zip(want, got, strict=True):
+                np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+        cache = asyncio.run(stats(cached))["cache"]
+    assert cache["resident_parts"] == 1 and cache["misses"] > 0, cache
+    whole = next(p.rows for p in plan.shard(1).parts if p.table == "c")
+    assert whole < cache["rows_cached"] <= whole + cache["slots"], (cache, whole)
+    assert cache["bytes"] <= 600 << 10, cache

@@ -108,11 +108,17 @@ def originals(model: Path, plan: Plan) -> dict:
     return out
 
 
-@pytest.mark.parametrize("memory", ["--preload", "--cache-bytes"])
+# Resident, row-cached (200 KiB: every part cached) and with a cache that holds the shard's
+# parts whole (4 MiB: every part read whole into it, and read again after compaction).
+MEMORY = {"preload": ["--preload"], "cached": ["--cache-bytes", "200KiB"],
+          "whole": ["--cache-bytes", "4MiB"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("memory", list(MEMORY))
 def test_committed_version_pools_the_new_rows(cached_model, tmp_path, memory) -> None:  # noqa: F811
     model, plan_path, plan = cached_model
     endpoint = f"ipc://{tmp_path}/u.sock"
-    flags = [memory] if memory == "--preload" else [memory, "200KiB"]
+    flags = MEMORY[memory]
     old = originals(model, plan)
     with running(plan_path, model, 0, endpoint, *flags, "--state-dir", str(tmp_path / "state")):
         parts, new = updates_for(plan, model, seed=1)
@@ -130,6 +136,8 @@ def test_committed_version_pools_the_new_rows(cached_model, tmp_path, memory) ->
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
         missing = msgpack.unpackb(raw(endpoint, [header("health")])[0])
         assert missing["version"] == 1 and missing["staged"] is None
+        if memory == "whole":
+            assert op(endpoint, "stats")["cache"]["resident_parts"] == len(plan.shard(0).parts)
 
 
 def test_bad_updates_change_nothing(cached_model, tmp_path) -> None:  # noqa: F811
@@ -221,7 +229,7 @@ def wait_compacted(endpoint: str, version: int) -> dict:
     raise AssertionError(f"version {version} was not compacted: {info}")
 
 
-@pytest.mark.parametrize("memory", ["--preload", "--cache-bytes"])
+@pytest.mark.parametrize("memory", list(MEMORY))
 def test_compaction_folds_versions_into_files(cached_model, tmp_path, memory) -> None:  # noqa: F811
     """Each commit past --compact-at is folded into new part files and the log emptied;
     every version still readable pools as before, and a shard killed after it comes back
@@ -229,8 +237,7 @@ def test_compaction_folds_versions_into_files(cached_model, tmp_path, memory) ->
     model, plan_path, plan = cached_model
     endpoint = f"ipc://{tmp_path}/u.sock"
     state = tmp_path / "state"
-    flags = ["--preload"] if memory == "--preload" else [memory, "200KiB"]
-    flags += ["--state-dir", str(state), "--compact-at", "0.0001"]
+    flags = [*MEMORY[memory], "--state-dir", str(state), "--compact-at", "0.0001"]
     v0 = originals(model, plan)
     v1_parts, v1 = near_rows(plan, model, 11, v0)
     v2_parts, v2 = near_rows(plan, model, 12, v1)  # overlaps version 1's rows

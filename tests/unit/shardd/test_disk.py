@@ -38,3 +38,22 @@ def test_rows_read_equal_the_file(tmp_path: Path, direct: bool, threads: int) ->
         file.close()
     finally:
         path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_range_read_whole_equals_the_file(tmp_path: Path, direct: bool) -> None:
+    """Unaligned first rows and ends, ranges across chunk edges and up to the file's end."""
+    path = tmp_path / "rows.npy"
+    try:
+        data, base = write(path, 5_000, 72)
+        file = TableFile(path, base, 72, direct=direct)
+        for first, rows, chunk in [(0, 5_000, 8 << 20), (3, 4_997, 4096), (1_234, 10, 4096),
+                                   (4_999, 1, 8 << 20), (17, 3_000, 12288)]:  # fmt: skip
+            got = file.read_range(first, rows, chunk)
+            assert got.shape == (rows, 72)
+            np.testing.assert_array_equal(got, data[first : first + rows])
+        with pytest.raises(DiskReadError, match="ends early"):
+            file.read_range(4_990, 11)
+        file.close()
+    finally:
+        path.unlink(missing_ok=True)
