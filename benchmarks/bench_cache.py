@@ -12,13 +12,15 @@ the same traffic (another seed) and with the page cache dropped before the shard
 
 Printed: hit rate, disk reads per second and MB/s (the block device's counters over the
 measured window), P50/P99, samples/s, errors and peak memory (the cgroup's), and the ratios
-the targets are set on. Then the hit rate against cache size, replayed through the same
-compiled cache (``kernels.rowcache``, the shard's budget split) on the same traffic without
-disk reads, beside the Zipf model's upper bound; ``--plot`` draws it. Needs root and
-/sys/fs/cgroup/memory.
+the targets are set on; with ``--rounds N`` the runs alternate N times and each ratio is
+the median of the rounds' ratios (the host is noisy). Then the hit rate against cache size,
+replayed through the same compiled cache (``kernels.rowcache``, the shard's budget split) on
+the same traffic without disk reads, beside the Zipf model's upper bound; ``--plot`` draws
+it. Needs root and /sys/fs/cgroup/memory.
 
     sudo python -m benchmarks.bench_cache [--size 4GiB] [--limit 1GiB] [--cache 768MiB]
-        [--rate 10] [--warmup 40] [--duration 30] [--workdir DIR] [--plot curve.png]
+        [--rate 10] [--warmup 40] [--duration 30] [--rounds 1] [--workdir DIR]
+        [--plot curve.png]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from benchmarks.common import fmt_ratio, print_table, run_cli
+from benchmarks.common import print_table, run_cli
 from kernels import rowcache as rc
 from recserve.contracts.manifest import read_manifest
 from recserve.contracts.plan import read_plan
@@ -158,6 +160,17 @@ def one_run(name: str, args: argparse.Namespace, model: Path, plan: Path, shard_
         }
 
 
+def summary(run: dict[str, Any]) -> str:
+    return (f"{run['name']} P50 {run['p50']:.1f} ms, P99 {run['p99']:.1f} ms, "
+            f"{run['errors']} errors")  # fmt: skip
+
+
+def per_round(ratios: list[float]) -> str:
+    """The median of per-round ratios, and each round's."""
+    each = ", ".join(f"{r:.2f}" for r in ratios)
+    return f"{float(np.median(ratios)):.2f}x" + (f" (rounds: {each})" if len(ratios) > 1 else "")
+
+
 def per_k(run: dict[str, Any]) -> str:
     if not run["samples_per_s"]:
         return "-"
@@ -235,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=40.0)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/recserve-bench-cache"))
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of the runs")
     parser.add_argument("--curve-requests", type=int, default=800, help="0: no curve")
     parser.add_argument("--plot", type=Path)
     parser.add_argument(
@@ -262,14 +276,16 @@ def main(argv: list[str] | None = None) -> int:
         "mmap": ([], limit),
         "cache": (["--cache-bytes", str(cache)], limit),
     }
-    runs = {
-        name: one_run(name, args, model, plan, flags, lim)
-        for name, (flags, lim) in configs.items()
-        if not args.only or name in args.only
-    }
+    names = [n for n in configs if not args.only or n in args.only]
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for r in range(args.rounds):  # alternating: each round runs every config once
+        for name in names:
+            flags, lim = configs[name]
+            runs[name].append(one_run(name, args, model, plan, flags, lim))
+            print(f"round {r + 1}: {summary(runs[name][-1])}", flush=True)
     rows = [
         [
-            r["name"],
+            f"{r['name']}" + (f" #{k + 1}" if args.rounds > 1 else ""),
             "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}",
             f"{r['reads_per_s']:.0f}",
             per_k(r),
@@ -281,23 +297,27 @@ def main(argv: list[str] | None = None) -> int:
             r["peak_mib"],
             "yes" if r["alive"] and not r["ooms"] else f"no ({r['ooms']} OOM kills)",
         ]
-        for r in runs.values()
+        for name in names
+        for k, r in enumerate(runs[name])
     ]
     print_table(["run", "hit rate", "reads/s", "reads/1k samples", "MB/s", "p50 ms", "p99 ms",
                  "samples/s", "errors", "peak MiB", "survived"], rows)  # fmt: skip
     a, b, c = runs.get("resident"), runs.get("mmap"), runs.get("cache")
     if a and c:
-        print(f"(c) P99 / (a) P99: {fmt_ratio(c['p99'], a['p99'])} (target <= 1.5x)")
+        ratios = [x["p99"] / y["p99"] for x, y in zip(c, a, strict=True)]
+        print(f"(c) P99 / (a) P99: {per_round(ratios)} (target <= 1.5x)")
     if b and c:
-        if b["samples_per_s"] and c["samples_per_s"]:
-            ratio = (b["reads_per_s"] / b["samples_per_s"]) / (
-                c["reads_per_s"] / c["samples_per_s"]
-            )
-            print(f"(b) disk reads per sample / (c): {ratio:.2f}x (target >= 3x)")
+        if all(x["samples_per_s"] for x in b + c):
+            ratios = [
+                (x["reads_per_s"] / x["samples_per_s"]) / (y["reads_per_s"] / y["samples_per_s"])
+                for x, y in zip(b, c, strict=True)
+            ]
+            print(f"(b) disk reads per sample / (c): {per_round(ratios)} (target >= 3x)")
         else:
-            print("(b) served no request: reads per sample unbounded")
-    if c and c["hit_rate"] is not None:
-        print(f"(c) hit rate: {c['hit_rate']:.3f} (target >= 0.95)")
+            print("(b) served no request in some round: its reads per sample are unbounded")
+    if c and all(x["hit_rate"] is not None for x in c):
+        rates = [x["hit_rate"] for x in c]
+        print(f"(c) hit rate: {float(np.median(rates)):.3f} (target >= 0.95)")
     sizes = [parse_size(s) for s in ("64MiB", "128MiB", "256MiB", "512MiB", "768MiB", "1GiB",
                                      "2GiB")]  # fmt: skip
     if not args.curve_requests:
