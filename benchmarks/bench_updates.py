@@ -33,7 +33,7 @@ import numpy as np
 from benchmarks.common import print_table, run_cli
 from recserve.contracts.manifest import read_manifest
 from recserve.local.argv import loadgen_argv
-from recserve.local.cluster import LocalCluster, free_port
+from recserve.local.cluster import LocalCluster, cpu_seconds, free_port
 from tests.integration.shards import header, raw
 
 TOKEN = "bench-updates-token-0123456789abcdef"
@@ -117,17 +117,29 @@ def main(argv: list[str] | None = None) -> int:
 
             rounds: list[tuple[dict, dict]] = []
             pushing = 0.0
+            pids = c.pids  # the gateway (with its workers), then each shard daemon
+            cpu: dict[str, np.ndarray] = {"without": np.zeros(len(pids) + 1),
+                                          "with": np.zeros(len(pids) + 1)}  # fmt: skip
+
+            def cpu_now() -> np.ndarray:  # ... and this process's own: the pusher
+                return np.array([*(cpu_seconds([p]) for p in pids), time.process_time()])
+
             for k in range(args.rounds):  # alternating: the host's drift hits both alike
+                before = cpu_now()
                 quiet = load(c.url, model, args.rate, args.duration, root / f"quiet{k}.json")
+                cpu["without"] += cpu_now() - before
                 stop = threading.Event()
                 pusher = threading.Thread(target=push, args=(stop,))
                 began = time.perf_counter()
+                before = cpu_now()
                 pusher.start()
                 busy = load(c.url, model, args.rate, args.duration, root / f"busy{k}.json")
                 stop.set()
                 pusher.join()
+                cpu["with"] += cpu_now() - before
                 pushing += time.perf_counter() - began
                 rounds.append((quiet, busy))
+            names = ["gateway"] + [f"shard {i}" for i in range(len(pids) - 1)] + ["pusher"]
             infos = [
                 msgpack.unpackb(raw(ep, [header("info")])[0])["versions"]
                 for s in c.plan.shards
@@ -166,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [b["latency_ms"]["p99"] / q["latency_ms"]["p99"] for q, b in rounds]
     print(f"serving P99 with / without updates, median of the rounds: "
           f"{float(np.median(ratios)):.2f}x (target <= 1.2x)")  # fmt: skip
+    spent = args.rounds * args.duration
+    print("CPU % of one core, without / with updates (where the updates' CPU goes):")
+    print_table(["process", "without", "with", "added"],
+                [[n, f"{w / spent * 100:.1f}", f"{b / spent * 100:.1f}",
+                  f"{(b - w) / spent * 100:+.1f}"]
+                 for n, w, b in zip(names, cpu["without"], cpu["with"], strict=True)])  # fmt: skip
     done = [i["compactions"] for i in infos]
     print(f"compactions per shard (--compact-at {args.compact_at}): {done}")
     lost = [v for v in versions if v != pushes]
