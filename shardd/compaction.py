@@ -120,23 +120,25 @@ def write_part(
     tmp = dest.with_name(dest.name + ".tmp")
     dest.parent.mkdir(parents=True, exist_ok=True)
     per_chunk = max(1, CHUNK_BYTES // spec.row_bytes)
+    buf = np.empty((min(rows, per_chunk), spec.row_bytes), np.uint8)  # read into, then written
     src_fd = os.open(src.path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        with open(tmp, "wb") as out:
+        with open(tmp, "wb", buffering=0) as out:
             np.lib.format.write_array_header_1_0(out, header)
             offset = out.tell()
             local = ids - row_start
             for lo in range(0, rows, per_chunk):
                 hi = min(rows, lo + per_chunk)
+                chunk = buf[: hi - lo]
                 at = src.origin + (row_start + lo) * spec.row_bytes
-                data = os.pread(src_fd, (hi - lo) * spec.row_bytes, at)
-                if len(data) != (hi - lo) * spec.row_bytes:
+                if os.preadv(src_fd, [chunk], at) != chunk.nbytes:  # type: ignore[list-item]
                     raise OSError(f"{src.path}: short read at byte {at}")
-                os.posix_fadvise(src_fd, at, len(data), os.POSIX_FADV_DONTNEED)
-                chunk = np.frombuffer(data, np.uint8).reshape(hi - lo, spec.row_bytes).copy()
+                os.posix_fadvise(src_fd, at, chunk.nbytes, os.POSIX_FADV_DONTNEED)
                 a, b = np.searchsorted(local, [lo, hi])
                 chunk[local[a:b] - lo] = encoded[a:b]
-                out.write(chunk.data)
+                view = chunk.data.cast("B")
+                while view:  # an unbuffered write may take less than it was given
+                    view = view[out.write(view) :]
             out.flush()
             os.fsync(out.fileno())
             if not keep_cached:
@@ -148,8 +150,34 @@ def write_part(
     return PartFile(dest, offset - row_start * spec.row_bytes)
 
 
-def write_ids(dest: Path, ids: np.ndarray) -> None:
-    _replace(dest, _npy_bytes(np.ascontiguousarray(ids, np.int64)))
+def write_changed(dest: Path, bits: np.ndarray) -> None:
+    """The set of a part's rows changed since the artifact, as a bitmap (bit ``r`` of the
+    part's local row ``r``, little-endian within each byte): an ``OR`` merges a compaction's
+    rows into it, where a sorted id list had to be merged and rewritten whole."""
+    _replace(dest, _npy_bytes(np.ascontiguousarray(bits, np.uint8)))
+
+
+def changed_bits(path: Path | None, row_start: int, rows: int) -> np.ndarray:
+    """A part's changed-rows bitmap from ``path`` (None: no row changed yet). A list of
+    global ids (``*.ids.npy``, as compactions wrote it before the bitmaps) is read too."""
+    bits = np.zeros((rows + 7) // 8, np.uint8)
+    if path is None:
+        return bits
+    saved = np.load(path)
+    if path.name.endswith(".ids.npy"):
+        local = np.asarray(saved, np.int64) - row_start
+        np.bitwise_or.at(bits, local >> 3, np.left_shift(1, local & 7).astype(np.uint8))
+        return bits
+    if saved.dtype != np.uint8 or saved.shape != bits.shape:
+        raise ArtifactError(f"holds {saved.dtype} {saved.shape}, not a bitmap of {rows} rows",
+                            path=str(path))  # fmt: skip
+    return np.asarray(saved)
+
+
+def changed_ids(path: Path, row_start: int, rows: int) -> np.ndarray:
+    """The global ids (sorted) a part's changed-rows file holds."""
+    bits = changed_bits(path, row_start, rows)
+    return np.flatnonzero(np.unpackbits(bits, bitorder="little")[:rows]) + row_start
 
 
 def write_bytes(dest: Path, data: bytes) -> None:

@@ -41,7 +41,15 @@ from shardd import compaction
 from shardd.cache import CacheTier, Fetched, PartCache
 from shardd.compaction import Base, PartFile, part_key
 from shardd.disk import TableFile
-from shardd.updates import Overlay, Patch, Versions, base_rows, patches_at, unknown_part
+from shardd.updates import (
+    Overlay,
+    Patch,
+    Versions,
+    base_rows,
+    patches_at,
+    set_bits,
+    unknown_part,
+)
 
 log = logging.getLogger(__name__)
 LOG_BYTES = 256 << 20  # an update log this long is compacted whatever its rows
@@ -291,11 +299,13 @@ class PartStore:
                     flat.keys, values, tables / f"{stem}.npy",
                     keep_cached=part.cache is None and part.resident is None,
                 )  # fmt: skip
-                ids = flat.keys
-                if key in changed:
-                    ids = np.union1d(np.load(tables / changed[key]), ids)
-                compaction.write_ids(tables / f"{stem}.ids.npy", ids)
-                files[key], changed[key] = f"{stem}.npy", f"{stem}.ids.npy"
+                rows = part.row_end - part.row_start
+                bits = compaction.changed_bits(
+                    tables / changed[key] if key in changed else None, part.row_start, rows
+                )
+                set_bits(bits, flat.keys - part.row_start)
+                compaction.write_changed(tables / f"{stem}.bits.npy", bits)
+                files[key], changed[key] = f"{stem}.npy", f"{stem}.bits.npy"
             dense = base.dense
             if v.dense is not None and (dense is None or dense[0] != v.dense[0]):
                 dense = (v.dense[0], f"dense.v{v.dense[0]}.npz")
@@ -364,7 +374,8 @@ class PartStore:
             name = self.base.changed.get(part_key(table, row_start))
             if name is None:
                 continue
-            ids = np.load(self.state_dir / compaction.TABLES / name)
+            ids = compaction.changed_ids(self.state_dir / compaction.TABLES / name, row_start,
+                                         part.row_end - row_start)  # fmt: skip
             rows = compaction.read_rows(part.source, part.spec, ids)
             out.append(StagePart(table, row_start, ids, rows))
         return out

@@ -340,7 +340,7 @@ class Versions:
             large, small = prev.levels if prev else (_EMPTY, _EMPTY)
             rows = part.row_end - part.row_start
             bits = prev.bits.copy() if prev else np.zeros((rows + 7) // 8, np.uint8)
-            _set_bits(bits, ids - part.row_start)
+            set_bits(bits, ids - part.row_start)
             # Relative to the file and the large level (a row's small entry is replaced, not
             # added to: its error does not grow with the times it was updated).
             below = base_rows(part, ids).astype(np.float64) + _at((large,), ids, part.spec.dim)
@@ -465,7 +465,7 @@ def _add(old: Overlay, ids: np.ndarray, deltas: np.ndarray) -> Overlay:
     )
 
 
-def _set_bits(bits: np.ndarray, rows: np.ndarray) -> None:
+def set_bits(bits: np.ndarray, rows: np.ndarray) -> None:
     """Set the bits of local ``rows`` (sorted, unique) in ``bits``."""
     if rows.size == 0:
         return

@@ -256,7 +256,7 @@ def test_compaction_folds_versions_into_files(cached_model, tmp_path, memory) ->
             check(endpoint, plan, version, tables, seed=3)
         (tables,) = state.glob("*/tables")  # the model's own state: state/<digest>/
         files = sorted(f.name for f in tables.iterdir())
-        assert files == ["a.0.v2.ids.npy", "a.0.v2.npy", "b.0.v2.ids.npy", "b.0.v2.npy",
+        assert files == ["a.0.v2.bits.npy", "a.0.v2.npy", "b.0.v2.bits.npy", "b.0.v2.npy",
                          "dense.v1.npz"], files  # version 1's parts are gone  # fmt: skip
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
