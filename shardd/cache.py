@@ -362,7 +362,7 @@ def split_budget(
     others. A part the split by expected hits (``slots_for``) gives all its rows is read
     whole at start and served as a resident part: no misses, no map, and no bookkeeping
     (its rows cost only their bytes, which leaves the other parts more); the rest are split
-    again until no further part fits whole."""
+    again until no further part fits whole, or the rest of the budget holds them all."""
     whole = [False] * len(parts)
     while True:
         rest = budget - sum(
@@ -371,6 +371,8 @@ def split_budget(
             if w
         )
         others = [i for i, w in enumerate(whole) if not w]
+        if sum((parts[i][2] - parts[i][1]) * parts[i][0].row_bytes for i in others) <= rest:
+            return [True] * len(parts), [end - start for _, start, end in parts]  # all fit
         sizes = slots_for([parts[i] for i in others], rest) if others and rest > 0 else []
         slots = [end - start if w else 0 for (_, start, end), w in zip(parts, whole, strict=True)]
         for i, n in zip(others, sizes, strict=False):
