@@ -75,6 +75,9 @@ def summary(run: Run, label: str, offered: float | None) -> dict[str, Any]:
         "errors": dict(sorted((k, v) for k, v in run.statuses.items() if k != "200")),
         "latency_ms": {f"p{p:g}": run.percentile_ms(p) for p in PERCENTILES}
         | {"max": run.histogram.get_max_value() / 1e3},
+        # Every latency (us) in HdrHistogram's compressed base64 form, so runs can be pooled
+        # (``HdrHistogram.decode`` then ``add``) for percentiles over all their requests.
+        "histogram_us": run.histogram.encode().decode("ascii"),
     }
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from hdrh.histogram import HdrHistogram
 
 from loadgen.main import main as loadgen
 from recserve.cli import main as cli
@@ -63,6 +64,9 @@ def test_open_loop_report_and_plot(
     run = json.loads(report.read_text())["runs"][0]
     assert run["ok"] > 40 and not run["errors"]
     assert 0 < run["latency_ms"]["p50"] <= run["latency_ms"]["p99"] <= run["latency_ms"]["max"]
+    every = HdrHistogram.decode(run["histogram_us"])  # every request's latency, to pool runs
+    assert every.get_total_count() == run["ok"]
+    assert every.get_value_at_percentile(99) / 1e3 == pytest.approx(run["latency_ms"]["p99"])
     assert run["samples_per_s"] == pytest.approx(run["achieved_qps"] * 8)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "p99.9 ms" in capsys.readouterr().out
