@@ -140,7 +140,9 @@ class CacheTier:
         return pc.table()
 
     def reload(self, index: int, path: Path, base: int) -> Table:
-        """A resident part's rows read again from its new file (after compaction)."""
+        """A resident part's rows read again from its new file (after compaction). Lookups on
+        the old generation keep the old rows until they finish: meanwhile the part is held
+        twice, beyond the budget by its size (README, online updates)."""
         spec = self._specs[index]
         start, end = self._ranges[index]
         file = TableFile(path, base, spec.row_bytes)

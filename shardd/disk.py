@@ -113,6 +113,7 @@ class TableFile:
         a = start - start % align
         b = end + (align - end % align) % align
         buf = _aligned(b - a)
+        chunk = max(ALIGN, chunk - chunk % ALIGN)  # each read's buffer stays aligned
         at = a
         while at < b:
             n = min(chunk, b - at)
