@@ -68,6 +68,16 @@ class PartCache:
 
 
 @dataclass
+class Resident:
+    """A part the budget holds whole: its rows, read at start (and after each compaction)."""
+
+    spec: TableSpec
+    row_start: int
+    row_end: int
+    rows: np.ndarray  # uint8 [row_end - row_start, row_bytes]
+
+
+@dataclass
 class Fetched:
     """One lookup's use of the cache, until ``CacheTier.release``."""
 
@@ -95,31 +105,25 @@ class CacheTier:
         self.epoch = 0
         self.gen = 0  # bumped by the store when compaction swaps a part's file
         self.published: Any = None
-        self._specs = [spec for spec, _, _, _, _ in parts]
-        self._ranges = [(start, end) for _, start, end, _, _ in parts]
         self.reader = RowReader(io_threads)
         whole, sizes = split_budget([(spec, start, end) for spec, start, end, _, _ in parts],
                                     budget)  # fmt: skip
         self.parts: list[PartCache] = []
         self.by_index: list[PartCache | None] = []  # None: the part is resident
-        self.resident: dict[int, np.ndarray] = {}  # part index -> its rows, uint8
-        begin, resident_bytes = time.perf_counter(), 0
-        for i, ((spec, start, end, path, base), slots) in enumerate(zip(parts, sizes,
-                                                                        strict=True)):  # fmt: skip
-            file = TableFile(path, base, spec.row_bytes)
+        self.resident: dict[int, Resident] = {}  # by part index
+        begin = time.perf_counter()
+        for i, (spec, start, end, path, base) in enumerate(parts):
             if whole[i]:
-                try:
-                    self.resident[i] = file.read_range(start, end - start)
-                finally:
-                    file.close()
-                resident_bytes += self.resident[i].nbytes
+                self.resident[i] = Resident(spec, start, end, _read_whole(spec, start, end,
+                                                                          path, base))  # fmt: skip
                 self.by_index.append(None)
                 continue
+            slots = sizes[i]
             pc = PartCache(
                 spec,
                 start,
                 end,
-                file,
+                TableFile(path, base, spec.row_bytes),
                 slots,
                 np.zeros((slots, spec.row_bytes), np.uint8),
                 rc.new_state(slots),
@@ -128,7 +132,7 @@ class CacheTier:
             self.by_index.append(pc)
         if self.resident:
             log.info("read %d parts of %s whole into the cache's budget in %.2f s",
-                     len(self.resident), format_size(resident_bytes),
+                     len(self.resident), format_size(self.resident_bytes()),
                      time.perf_counter() - begin)  # fmt: skip
 
     def table(self, index: int) -> Table:
@@ -136,20 +140,16 @@ class CacheTier:
         (row ``i`` is the part's ``i``), or a cached part's arena (row ``s`` is slot ``s``)."""
         pc = self.by_index[index]
         if pc is None:
-            return _as_table(self._specs[index], self.resident[index])
+            r = self.resident[index]
+            return _as_table(r.spec, r.rows)
         return pc.table()
 
     def reload(self, index: int, path: Path, base: int) -> Table:
         """A resident part's rows read again from its new file (after compaction). Lookups on
         the old generation keep the old rows until they finish: meanwhile the part is held
         twice, beyond the budget by its size (README, online updates)."""
-        spec = self._specs[index]
-        start, end = self._ranges[index]
-        file = TableFile(path, base, spec.row_bytes)
-        try:
-            self.resident[index] = file.read_range(start, end - start)
-        finally:
-            file.close()
+        r = self.resident[index]
+        r.rows = _read_whole(r.spec, r.row_start, r.row_end, path, base)
         return self.table(index)
 
     @property
@@ -157,11 +157,11 @@ class CacheTier:
         return sum(p.nbytes for p in self.parts) + self.resident_bytes()
 
     def resident_bytes(self) -> int:
-        return sum(a.nbytes for a in self.resident.values())
+        return sum(r.rows.nbytes for r in self.resident.values())
 
     def rows_cached(self) -> int:
-        return sum(p.occupied() for p in self.parts) + sum(a.shape[0] for a in
-                                                           self.resident.values())  # fmt: skip
+        resident = sum(r.row_end - r.row_start for r in self.resident.values())
+        return sum(p.occupied() for p in self.parts) + resident
 
     def bytes_cached(self) -> int:
         return sum(p.occupied() * p.spec.row_bytes for p in self.parts) + self.resident_bytes()
@@ -365,23 +365,20 @@ def split_budget(
     whole at start and served as a resident part: no misses, no map, and no bookkeeping
     (its rows cost only their bytes, which leaves the other parts more); the rest are split
     again until no further part fits whole, or the rest of the budget holds them all."""
+    rows = [end - start for _, start, end in parts]
+    raw = [n * spec.row_bytes for (spec, _, _), n in zip(parts, rows, strict=True)]
     whole = [False] * len(parts)
     while True:
-        rest = budget - sum(
-            (end - start) * spec.row_bytes
-            for (spec, start, end), w in zip(parts, whole, strict=True)
-            if w
-        )
+        rest = budget - sum(b for b, w in zip(raw, whole, strict=True) if w)
         others = [i for i, w in enumerate(whole) if not w]
-        if sum((parts[i][2] - parts[i][1]) * parts[i][0].row_bytes for i in others) <= rest:
-            return [True] * len(parts), [end - start for _, start, end in parts]  # all fit
-        sizes = slots_for([parts[i] for i in others], rest) if others and rest > 0 else []
-        slots = [end - start if w else 0 for (_, start, end), w in zip(parts, whole, strict=True)]
-        for i, n in zip(others, sizes, strict=False):
-            slots[i] = n
-        fits = [i for i, n in zip(others, sizes, strict=False)
-                if n and n >= parts[i][2] - parts[i][1]]  # fmt: skip
+        if sum(raw[i] for i in others) <= rest:
+            return [True] * len(parts), rows  # the rest holds every remaining part
+        sizes = slots_for([parts[i] for i in others], rest) if rest > 0 else [0] * len(others)
+        fits = [i for i, n in zip(others, sizes, strict=True) if n >= rows[i] > 0]
         if not fits:
+            slots = [n if w else 0 for n, w in zip(rows, whole, strict=True)]
+            for i, n in zip(others, sizes, strict=True):
+                slots[i] = n
             return whole, slots
         for i in fits:
             whole[i] = True
@@ -422,6 +419,14 @@ def fit_slots(row_bytes: int, budget: int, rows: int) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+def _read_whole(spec: TableSpec, start: int, end: int, path: Path, base: int) -> np.ndarray:
+    file = TableFile(path, base, spec.row_bytes)
+    try:
+        return file.read_range(start, end - start)
+    finally:
+        file.close()
 
 
 def _as_table(spec: TableSpec, data: np.ndarray) -> Table:

@@ -32,6 +32,7 @@ import kernels
 from recserve.contracts.errors import ArtifactError
 from recserve.contracts.manifest import TableSpec
 from recserve.model.artifact import storage
+from shardd.updates import set_bits
 
 BASE = "base.json"
 TABLES = "tables"
@@ -164,9 +165,8 @@ def changed_bits(path: Path | None, row_start: int, rows: int) -> np.ndarray:
     if path is None:
         return bits
     saved = np.load(path)
-    if path.name.endswith(".ids.npy"):
-        local = np.asarray(saved, np.int64) - row_start
-        np.bitwise_or.at(bits, local >> 3, np.left_shift(1, local & 7).astype(np.uint8))
+    if path.name.endswith(".ids.npy"):  # sorted and unique (np.union1d wrote them)
+        set_bits(bits, np.asarray(saved, np.int64) - row_start)
         return bits
     if saved.dtype != np.uint8 or saved.shape != bits.shape:
         raise ArtifactError(f"holds {saved.dtype} {saved.shape}, not a bitmap of {rows} rows",
