@@ -4,14 +4,15 @@ updates cost the requests being served, in one run.
 A ``drm2`` model on a 4-shard local cluster (the demo's shape); loadgen's open-loop load at
 ``--rate`` requests/s for ``--duration`` s in ``--rounds`` alternating pairs: alone, then
 while a client pushes updates of ``--rows`` rows (spread over random tables) through ``POST
-/v1/updates`` (back to back or paced at ``--rows-per-s``); then once more with the updates
-applied and none arriving. Printed: rows/s applied, commit latency P50/P99 (arrival to
-commit on every replica), serving P50/P99 of each phase and the median of the rounds' P99
-ratios, failed requests and updates, and whether every committed version reached every
-shard (none lost).
+/v1/updates`` (back to back or paced at ``--rows-per-s``), to the gateway's admin worker
+(``--admin-port``; ``--intake serving``: to the serving gateway itself); then once more
+with the updates applied and none arriving. Printed: rows/s applied, commit latency P50/P99
+(arrival to commit on every replica), serving P50/P99 of each phase and the median of the
+rounds' P99 ratios, failed requests and updates, and whether every committed version
+reached every shard (none lost).
 
     python -m benchmarks.bench_updates [--size 256MiB] [--rate 20] [--duration 30] [--rows 10000]
-        [--rows-per-s 0] [--compact-at 0.1] [--rounds 3]
+        [--rows-per-s 0] [--compact-at 0.1] [--rounds 3] [--intake admin|serving]
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--compact-at", default="0.1", help="the shards' --compact-at")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    parser.add_argument(
+        "--intake", choices=("admin", "serving"), default="admin",
+        help="updates to the gateway's admin worker (--admin-port) or its serving process",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-updates-") as tmp:
         root = Path(tmp)
@@ -99,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster = LocalCluster(
             model, shards=4, strategy="net", port=free_port(), admin_token_file=token,
             gateway_args=("--timeout-ms", "5000"), shard_args=("--compact-at", args.compact_at),
+            admin_port=free_port() if args.intake == "admin" else None,
         )  # fmt: skip
         with cluster as c:
             commits: list[float] = []
@@ -116,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                     body = bodies[len(commits) % BODIES]  # pushed again: a new version
                     headers = {"Content-Type": "application/x-npz",
                                "Authorization": f"Bearer {TOKEN}"}  # fmt: skip
-                    req = urllib.request.Request(c.url + "/v1/updates", data=body, headers=headers)
+                    req = urllib.request.Request(
+                        c.admin_url + "/v1/updates", data=body, headers=headers
+                    )
                     start = time.perf_counter()
                     try:
                         with urllib.request.urlopen(req, timeout=60) as r:
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     pace = f"at {args.rows_per_s:,.0f} rows/s" if args.rows_per_s else "back to back"
     print(f"drm2 {args.size}, 4 shards; {args.rate:g} req/s of 16 samples, {args.rounds} "
           f"rounds of {args.duration:g} s without and with updates of {args.rows} rows "
-          f"{pace}")  # fmt: skip
+          f"{pace}, taken by the gateway's {args.intake} process")  # fmt: skip
 
     def row(name: str, r: dict) -> list:
         lat = r["latency_ms"]

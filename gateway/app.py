@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import kserve, updates
 from gateway.config import GatewayConfig
+from gateway.follow import Role
 from gateway.lifetime import running
 from gateway.requests import decode_body, parse_request
 from gateway.state import GATEWAY, status_and_headers
@@ -219,13 +220,13 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_app(config: GatewayConfig) -> web.Application:
+def create_app(config: GatewayConfig, role: Role | None = None) -> web.Application:
     """The whole HTTP app; its state (``app[GATEWAY]``) is built when the app starts and torn
     down when it stops (``cleanup_ctx``)."""
     app = web.Application(middlewares=[errors], client_max_size=config.api.max_body_bytes)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        async with running(config) as gw:
+        async with running(config, role) as gw:
             app[GATEWAY] = gw
             yield
 

@@ -69,6 +69,7 @@ class Batcher:
     ) -> None:
         self.pooler = pooler
         self.dense = dense  # the dense forward of a model version
+        self.version: Callable[[], int] = lambda: pooler.version  # the version to read
         self.settings = settings
         self.executor = executor
         self.metrics = metrics
@@ -202,7 +203,7 @@ class Batcher:
 
     async def _run(self, batches: list[Batch], deadline: Deadline) -> tuple[np.ndarray, int]:
         loop = asyncio.get_running_loop()
-        version = self.pooler.version  # one version for the whole batch, on every shard
+        version = self.version()  # one version for the whole batch, on every shard
         forward = self.dense(version)  # and its dense weights
         start = time.perf_counter()
         batch, prepared = await loop.run_in_executor(self.executor, self._assemble, batches)

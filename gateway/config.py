@@ -114,13 +114,19 @@ class GatewayConfig:
     plan: Path | None = None  # None: --singular (main declares the two as exclusive)
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(8080, "port to listen on (0: any free port)")
+    admin_port: int | None = option(
+        None,
+        "take POST /v1/updates and /v1/deploy on this port, in a worker process of their own "
+        "(the serving workers follow its versions): updates cost the served requests less",
+        metavar="PORT",
+    )
     batching: BatchSettings = field(default_factory=BatchSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     replicas: ReplicaSettings = field(default_factory=ReplicaSettings)
     workers: int = option(
         1,
         "gateway processes sharing the port, each with its own GIL and executor (connections "
-        "are balanced, not requests); above 1 no online updates",
+        "are balanced, not requests); above 1 online updates need --admin-port",
     )
     threads: int = option(2, "executor threads (parsing, routing, merging, dense MLP)")
     blas_threads: int = option(
@@ -150,9 +156,15 @@ class GatewayConfig:
             raise ConfigError("--threads and --blas-threads must be >= 1")
         if self.workers < 1:
             raise ConfigError("--workers must be >= 1")
-        if self.workers > 1 and self.api.admin_token_file is not None:
+        if self.admin_port is not None:
+            if self.api.admin_token_file is None or self.plan is None:
+                raise ConfigError("--admin-port needs --admin-token-file and --plan")
+            if not 0 < self.admin_port < 65536 or self.admin_port == self.port:
+                raise ConfigError("--admin-port must be a port (1-65535) other than --port")
+        elif self.workers > 1 and self.api.admin_token_file is not None:
             raise ConfigError(
-                "--admin-token-file needs --workers 1: online updates are ordered by one process"
+                "--admin-token-file with --workers above 1 needs --admin-port: online updates "
+                "are ordered by one process"
             )
         if self.workers > 1 and self.hugepages:
             raise ConfigError("--hugepages needs --workers 1: each worker would copy the tables")

@@ -18,6 +18,7 @@ from gateway import updates
 from gateway.batcher import Batcher
 from gateway.config import GatewayConfig
 from gateway.dense import DenseVersions
+from gateway.follow import Follower, Role
 from gateway.metrics import GatewayMetrics
 from gateway.pooler import LocalPooler, Pooler, ShardedPooler
 from gateway.state import Gateway
@@ -34,7 +35,7 @@ log = logging.getLogger("gateway")
 
 
 @contextlib.asynccontextmanager
-async def running(config: GatewayConfig) -> AsyncIterator[Gateway]:
+async def running(config: GatewayConfig, role: Role | None = None) -> AsyncIterator[Gateway]:
     manifest = read_manifest(config.model)
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(config.threads, thread_name_prefix="gateway")
@@ -66,8 +67,15 @@ async def running(config: GatewayConfig) -> AsyncIterator[Gateway]:
         gw = Gateway(config, manifest, plan, pooler, batcher, executor, metrics)
         if isinstance(pooler, ShardedPooler) and plan is not None:
             gw.updater = updates.Updater(gw, plan, nets)  # versions, also without admin
-        if config.api.admin_token_file is not None:
+        if role is not None and not role.admin:  # a serving worker: the admin's versions
+            gw.follower = Follower(gw, role)
+            gw.admin_port = config.admin_port
+            batcher.version = gw.follower.version
+            gw.tasks.append(loop.create_task(gw.follower.run()))
+        elif config.api.admin_token_file is not None:
             gw.admin_token = updates.read_token(config.api.admin_token_file)
+            if role is not None and gw.updater is not None:
+                gw.updater.cell = role.cell  # the admin: it publishes the versions
         gw.tasks.append(loop.create_task(batcher.run()))
         gw.tasks.append(loop.create_task(_readiness(gw)))
         try:
@@ -117,8 +125,10 @@ async def _readiness(gw: Gateway) -> None:
         missing = await gw.pooler.probe(Deadline.after(1000))
         if not missing and not gw.ready and gw.updater is not None:
             try:  # the version the shards hold, before the first request reads one
-                version = await gw.updater.sync()
+                version = await gw.updater.sync(settle=gw.follower is None)
                 log.info("shards at model version %d", version)
+                if gw.follower is not None and not gw.follower.start():
+                    missing = ["the admin worker's version"]
             except RecserveError as exc:
                 log.warning("could not learn the shards' version: %s", exc)
                 missing = ["the shards' version"]

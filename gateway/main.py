@@ -25,6 +25,7 @@ from threadpoolctl import threadpool_limits
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from gateway.follow import Role
 from gateway.listener import listen
 from gateway.state import GATEWAY
 from gateway.workers import supervise
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KernelError as exc:
             raise ConfigError(str(exc)) from None
         log.info("dense GEMMs by %s", blas)
-        if config.workers > 1:
+        if config.workers > 1 or config.admin_port is not None:
             return supervise(config, run_worker)
         return uvloop.run(serve(config))
     except RecserveError as exc:
@@ -79,18 +80,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def run_worker(config: GatewayConfig, notifier: Notifier, channel: socket.socket) -> int:
-    """One of ``--workers``: a gateway serving the connections handed over ``channel``."""
-    return uvloop.run(serve(config, notifier, channel))
+def run_worker(
+    config: GatewayConfig, notifier: Notifier, channel: socket.socket, role: Role | None
+) -> int:
+    """One of ``--workers`` (or the admin worker): a gateway serving the connections handed
+    over ``channel``."""
+    return uvloop.run(serve(config, notifier, channel, role))
 
 
 async def serve(
     config: GatewayConfig,
     notifier: Notifier | None = None,
     channel: socket.socket | None = None,
+    role: Role | None = None,
 ) -> int:
     notifier = notifier or Notifier()
-    app = create_app(config)
+    app = create_app(config, role)
     runner = web.AppRunner(
         app,
         access_log=None,
@@ -116,10 +121,11 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info(
-            "serving %s on http://%s:%d (%s)",
+            "%s %s on http://%s:%d (%s)",
+            "updating" if role is not None and role.admin else "serving",
             gw.manifest.name,
             config.host,
-            config.port,
+            config.admin_port if role is not None and role.admin else config.port,
             "singular" if gw.plan is None else f"{len(gw.plan.shards)} shards",
         )
         frozen = freeze_startup_heap()

@@ -45,6 +45,8 @@ class Gateway:
     draining: bool = False
     updater: Any = None  # gateway.updates.Updater when --admin-token-file and a plan
     admin_token: str | None = None
+    follower: Any = None  # gateway.follow.Follower: a serving worker under --admin-port
+    admin_port: int | None = None  # ... which sends updates there
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property

@@ -43,12 +43,14 @@ import numpy as np
 from aiohttp import web
 
 from gateway.dense import DenseVersions
+from gateway.follow import VersionCell, publish
 from kernels.dense import DenseNet
 from recserve.contracts.errors import (
     BadRequest,
     ConfigError,
     Forbidden,
     IdOutOfRange,
+    Misdirected,
     NotReady,
     RecserveError,
     ShardUnavailable,
@@ -200,6 +202,7 @@ class Updater:
         self.nets = nets  # the dense weights by version, which the batcher scores with
         self.dense_shard = plan.shards[0].id  # its replicas keep the dense weights
         self.metrics = gw.metrics
+        self.cell: VersionCell | None = None  # the admin under --admin-port publishes here
         self.lock = asyncio.Lock()
         # Parsing and splitting updates on a thread of their own at a lower priority: never
         # ahead of a batch in the serving executor, and yielding the CPU to it.
@@ -221,9 +224,11 @@ class Updater:
             if not live or r.in_rotation(now)
         ]
 
-    async def sync(self) -> int:
-        """Learn the newest committed version and the artifact it is of, and settle
-        versions left staged."""
+    async def sync(self, *, settle: bool = True) -> int:
+        """Learn the newest committed version, the artifact it is of and its dense weights;
+        with ``settle`` (the gateway that orders versions) settle versions left staged and
+        serve the newest (a serving worker under ``--admin-port`` serves what the admin
+        publishes: ``gateway.follow``)."""
         async with self.lock:
             replicas = self._replicas()
             deadline = Deadline.after(PHASE_MS)
@@ -236,7 +241,7 @@ class Updater:
             committed = max((i["versions"]["version"] for _, i in infos), default=0)
             for client, i in infos:
                 staged = i["versions"].get("staged")
-                if staged is None:
+                if staged is None or not settle:
                     continue
                 op = "commit" if staged <= committed else "abort"
                 try:
@@ -248,9 +253,15 @@ class Updater:
             if newest is not None:
                 await self._sync_model(newest[1]["model"])
             await self._sync_dense(committed, deadline)
-            self.pooler.version = committed
-            self.metrics.model_version.set(committed)
+            if settle:
+                self.pooler.version = committed
+                self.metrics.model_version.set(committed)
+                await self._publish(committed)
             return committed
+
+    async def _publish(self, version: int) -> None:
+        if self.cell is not None:
+            await publish(self.cell, version, self.nets.newest)
 
     async def _sync_model(self, model: dict[str, Any]) -> None:
         """Serve the artifact the shards serve (deployed after this gateway's ``--model``)."""
@@ -316,6 +327,7 @@ class Updater:
             if net is not None:
                 self.nets.add(version, net, weights)  # before any batch reads the version
             self.pooler.version = version
+            await self._publish(version)
             seconds = time.perf_counter() - begin
             rows = sum(ids.size for ids, _ in update.tables.values())
             self.metrics.updated(version, rows, seconds)
@@ -344,6 +356,7 @@ class Updater:
             self.nets.add(version, net, weights)
             self.gw.manifest = manifest
             self.pooler.version = version
+            await self._publish(version)
             self.metrics.model_version.set(version)
             log.info("serving %s from version %d", path, version)
             m = manifest
@@ -431,6 +444,12 @@ async def admin_body(request: web.Request, gw: Any) -> bytes:
     """An admin request's body, once the endpoint is enabled (404), the caller holds the
     token (401/403) and the gateway is ready (it learns the shards' version as it becomes
     ready); read under the same size, time and encoding limits as any body."""
+    if gw.admin_port is not None:
+        raise Misdirected(
+            f"this port serves predictions; send updates and deploys to the admin port "
+            f"{gw.admin_port}",
+            field="port",
+        )
     if gw.updater is None or gw.admin_token is None:
         raise web.HTTPNotFound()
     check_auth(request.headers.get("Authorization"), gw.admin_token)

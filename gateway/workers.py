@@ -18,8 +18,10 @@ exits 1, so ``Restart=on-failure`` restarts the service whole. Metrics are prome
 multiprocess mode in a directory the supervisor makes and removes: ``/metrics`` on any worker
 reports the sums over all (gauges: ``livesum``, the version ``livemax``; no ``process_*``).
 
-Online updates and deploys need one process that orders versions: ``--workers`` above 1 is
-refused with ``--admin-token-file`` (run updates through a one-worker gateway).
+Online updates and deploys need one process that orders versions: with ``--admin-port`` the
+supervisor forks one more worker, the admin, and hands it the connections of that port; the
+serving workers follow the versions it publishes (``gateway.follow``). ``--workers`` above 1
+with ``--admin-token-file`` needs ``--admin-port``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.config import GatewayConfig
+from gateway.follow import Role, VersionCell
 from gateway.metrics import use_multiprocess
 from recserve.contracts.errors import ConfigError, RecserveError
 from recserve.runtime.parent import die_with_parent
@@ -62,51 +65,70 @@ class PipeNotifier(Notifier):
         return False
 
 
-def bind(config: GatewayConfig) -> socket.socket:
+def bind(config: GatewayConfig, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    return socket.create_server((config.host, config.port), family=family, backlog=1024)
+    try:
+        sock = socket.create_server((config.host, port), family=family, backlog=1024)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {config.host}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
 
 
-Serve = Callable[[GatewayConfig, Notifier, socket.socket], int]
+Serve = Callable[[GatewayConfig, Notifier, socket.socket, Role | None], int]
 
 
 def supervise(config: GatewayConfig, serve: Serve, notifier: Notifier | None = None) -> int:
-    """Fork ``config.workers`` processes running ``serve(config, notifier, channel)`` (the
-    unix socket their connections arrive on); hand them connections; wait."""
+    """Fork ``config.workers`` processes running ``serve(config, notifier, channel, role)``
+    (``channel``: the unix socket their connections arrive on), and with ``--admin-port``
+    the admin worker; hand them connections; wait."""
     notifier = notifier or Notifier()
+    sock = bind(config, config.port)
     try:
-        sock = bind(config)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
-    sock.setblocking(False)
+        admin = bind(config, config.admin_port) if config.admin_port is not None else None
+    except ConfigError:
+        sock.close()
+        raise
     port = sock.getsockname()[1]
+    cell = VersionCell(config.workers) if admin is not None else None
     metrics_dir = tempfile.mkdtemp(prefix="recserve-gateway-metrics-")
     ready_r, ready_w = os.pipe()
     stop: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
     live: set[int] = set()  # forked and not reaped yet
-    channels: list[socket.socket] = []
+    channels: list[socket.socket] = []  # the serving workers', then the admin's
     supervisor = os.getpid()
+    roles: list[Role | None] = [None] * config.workers
+    if cell is not None:
+        roles = [*(Role(cell, i) for i in range(config.workers)), Role(cell, None)]
     try:
-        for _ in range(config.workers):
+        for role in roles:
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             pid = os.fork()
             if pid == 0:  # the worker: never returns into the supervisor's code
                 os.close(ready_r)
-                for other in (sock, mine, *channels):
-                    other.close()
-                os._exit(_worker(config, serve, theirs, metrics_dir, ready_w, supervisor))
+                for other in (sock, admin, mine, *channels):
+                    if other is not None:
+                        other.close()
+                os._exit(_worker(config, serve, theirs, role, metrics_dir, ready_w, supervisor))
             theirs.close()
             mine.setblocking(False)  # a stuck worker's full channel must not stop the accepts
             live.add(pid)
             channels.append(mine)
         os.close(ready_w)
-        log.info("%d workers on port %d: %s", len(live), port, sorted(live))
+        log.info("%d workers on port %d%s: %s", config.workers, port,
+                 f", the admin on port {config.admin_port}" if admin else "",
+                 sorted(live))  # fmt: skip
         url = f"http://{config.host}:{port}"
-        return _watch(config, notifier, live, channels, sock, ready_r, stop, url)
+        listening = [(sock, channels[: config.workers])]
+        if admin is not None:
+            listening.append((admin, channels[config.workers :]))
+        return _watch(config, notifier, live, listening, ready_r, stop, url)
     finally:
         sock.close()
+        if admin is not None:
+            admin.close()
         for channel in channels:
             channel.close()
         for pid in live:  # whatever still runs: the supervisor itself failed
@@ -120,6 +142,7 @@ def _worker(
     config: GatewayConfig,
     serve: Serve,
     channel: socket.socket,
+    role: Role | None,
     metrics_dir: str,
     ready_fd: int,
     supervisor: int,
@@ -131,7 +154,7 @@ def _worker(
         signal.signal(sig, signal.SIG_DFL)  # serve() installs its own on its loop
     try:
         use_multiprocess(metrics_dir)
-        return serve(config, PipeNotifier(ready_fd), channel)
+        return serve(config, PipeNotifier(ready_fd), channel, role)
     except RecserveError as exc:
         print(f"recserve gateway worker {os.getpid()}: error: {exc.message}", file=sys.stderr)
         return 2
@@ -146,21 +169,23 @@ def _watch(
     config: GatewayConfig,
     notifier: Notifier,
     live: set[int],
-    channels: list[socket.socket],
-    sock: socket.socket,
+    listening: list[tuple[socket.socket, list[socket.socket]]],
     ready_fd: int,
     stop: list[int],
     url: str,
 ) -> int:
-    """Until every worker in ``live`` has exited (each is removed once reaped)."""
+    """Until every worker in ``live`` has exited (each is removed once reaped); the
+    connections of each listening socket go to its workers' channels in turn."""
     workers = list(live)
     failed, ready, deadline = False, 0, None
-    return_code, turn = 1, 0
+    return_code = 1
+    turns = [0] * len(listening)
     while live:
         if stop and deadline is None:
             log.info("stopping %d workers", len(live))
             notifier.stopping()
-            sock.close()  # new connections are refused; the workers drain theirs
+            for sock, _ in listening:
+                sock.close()  # new connections are refused; the workers drain theirs
             _signal(live, signal.SIGTERM)
             deadline = time.monotonic() + config.drain_timeout + STOP_GRACE_S
         if deadline is not None and time.monotonic() > deadline:
@@ -169,7 +194,7 @@ def _watch(
             failed, deadline = True, float("inf")
         waiting: list[Any] = [ready_fd] if ready < len(workers) else []
         if ready == len(workers) and deadline is None:
-            waiting.append(sock)
+            waiting += [sock for sock, _ in listening]
         with contextlib.suppress(InterruptedError):
             readable, _, _ = select.select(waiting, [], [], 0.2)
             if ready_fd in readable:
@@ -177,8 +202,9 @@ def _watch(
                 if ready == len(workers):
                     log.info("all %d workers ready", ready)
                     notifier.ready(url)
-            if sock in readable:
-                turn = _hand_over(sock, channels, turn)
+            for k, (sock, channels) in enumerate(listening):
+                if sock in readable:
+                    turns[k] = _hand_over(sock, channels, turns[k])
         for pid in list(live):
             done, status = os.waitpid(pid, os.WNOHANG)
             if not done:

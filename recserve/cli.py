@@ -162,10 +162,15 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
         "--admin-token-file", type=Path, help="take online updates (recserve push) with this token"
     )
     p.add_argument(
+        "--admin-port",
+        type=int,
+        help="take updates on this port, in a gateway worker of their own (gateway --admin-port)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=1,
-        help="gateway processes (gateway --workers; not with updates)",
+        help="gateway processes (gateway --workers; with updates, needs --admin-port)",
     )
 
     p = sub.add_parser(
@@ -364,6 +369,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         cache_bytes=args.cache_bytes,
         admin_token_file=args.admin_token_file,
+        admin_port=args.admin_port,
         workers=args.workers,
     )
 

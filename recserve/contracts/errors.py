@@ -77,6 +77,13 @@ class Forbidden(BadRequest):
     kind = "forbidden"
 
 
+class Misdirected(BadRequest):
+    """Sent to a port that does not serve it (an update to a serving port under
+    ``--admin-port``)."""
+
+    kind = "misdirected"
+
+
 class RequestTimeout(BadRequest):
     """The client did not send its request in time."""
 
@@ -178,6 +185,7 @@ HTTP_STATUS: dict[str, int] = {
     "request_timeout": 408,
     "unauthorized": 401,
     "forbidden": 403,
+    "misdirected": 421,
     "overloaded": 429,
     "deadline_exceeded": 504,
     "shard_unavailable": 503,

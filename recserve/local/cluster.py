@@ -98,15 +98,19 @@ class LocalCluster:
         curve_keys: Path | None = None,
         cache_bytes: int | None = None,
         admin_token_file: Path | None = None,
+        admin_port: int | None = None,
     ) -> None:
         self.model = Path(model)
         self.admin = ["--admin-token-file", str(admin_token_file)] if admin_token_file else []
+        if admin_port is not None:  # updates on a port (and a worker process) of their own
+            self.admin += ["--admin-port", str(admin_port)]
         self.cache_bytes = cache_bytes
         self.curve = ["--curve-keys", str(curve_keys)] if curve_keys else []
         self.keys = CurveKeys.for_client(curve_keys) if curve_keys else None
         self.run_dir = Path(tempfile.mkdtemp(prefix="recserve-"))
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.admin_url = f"http://127.0.0.1:{admin_port}" if admin_port else self.url
         self.singular = singular
         self.gateway_args = gateway_args
         self.shard_args = shard_args
@@ -255,6 +259,7 @@ def run_up(
     replicas: int = 1,
     cache_bytes: int | None = None,
     admin_token_file: Path | None = None,
+    admin_port: int | None = None,
     workers: int = 1,
 ) -> int:
     """The ``recserve up`` command: start, print the endpoints, wait for Ctrl-C/SIGTERM."""
@@ -269,6 +274,7 @@ def run_up(
         curve_keys=curve_keys,
         cache_bytes=cache_bytes,
         admin_token_file=admin_token_file,
+        admin_port=admin_port,
         gateway_args=("--workers", str(workers)) if workers != 1 else (),
     )
     stop = False
@@ -281,6 +287,8 @@ def run_up(
     try:
         with cluster:
             print(f"gateway: {cluster.url}  (POST /v1/predict, GET /v1/model, /metrics)")
+            if admin_port is not None:
+                print(f"updates: {cluster.admin_url}  (POST /v1/updates, /v1/deploy)")
             if not singular:
                 for shard in cluster.plan.shards:
                     print(

@@ -130,7 +130,8 @@ def test_a_worker_that_dies_stops_the_gateway(deployments) -> None:
     "args, says",
     [
         (["--workers", "0"], "--workers must be >= 1"),
-        (["--workers", "2", "--admin-token-file", "/dev/null"], "--admin-token-file needs"),
+        (["--workers", "2", "--admin-token-file", "/dev/null"], "needs --admin-port"),
+        (["--admin-port", "9", "--admin-token-file", "/dev/null"], "--admin-port needs"),
         (["--workers", "2", "--hugepages"], "--hugepages needs --workers 1"),
     ],
 )
