@@ -1,18 +1,19 @@
 """Online updates under serving load: rows applied per second, commit latency, and what the
 updates cost the requests being served, in one run.
 
-A ``drm2`` model on a 4-shard local cluster (the demo's shape); loadgen's open-loop load at
-``--rate`` requests/s for ``--duration`` s in ``--rounds`` alternating pairs: alone, then
-while a client pushes updates of ``--rows`` rows (spread over random tables) through ``POST
-/v1/updates`` (back to back or paced at ``--rows-per-s``), to the gateway's admin worker
-(``--admin-port``; ``--intake serving``: to the serving gateway itself); then once more
-with the updates applied and none arriving. Printed: rows/s applied, commit latency P50/P99
+A ``drm2`` model on a 4-shard local cluster (the demo's shape); after ``--warmup`` s of load
+and pushes (not measured), loadgen's open-loop load at ``--rate`` requests/s for
+``--duration`` s in ``--rounds`` alternating pairs: alone, then while a client pushes
+updates of ``--rows`` rows (spread over random tables) through ``POST /v1/updates`` (back
+to back or paced at ``--rows-per-s``), to the gateway's admin worker (``--admin-port``;
+``--intake serving``: to the serving gateway itself); then once more with the updates
+applied and none arriving. Printed: rows/s applied, commit latency P50/P99
 (arrival to commit on every replica), serving P50/P99 of each phase and the median of the
 rounds' P99 ratios, failed requests and updates, and whether every committed version
 reached every shard (none lost).
 
     python -m benchmarks.bench_updates [--size 256MiB] [--rate 20] [--duration 30] [--rows 10000]
-        [--rows-per-s 0] [--compact-at 0.1] [--rounds 3] [--intake admin|serving]
+        [--rows-per-s 0] [--compact-at 0.1] [--rounds 3] [--warmup 10] [--intake admin|serving]
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compact-at", default="0.1", help="the shards' --compact-at")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument(
+        "--warmup", type=float, default=10.0,
+        help="seconds of load and pushes before the rounds, not measured",
+    )  # fmt: skip
+    parser.add_argument(
         "--intake", choices=("admin", "serving"), default="admin",
         help="updates to the gateway's admin worker (--admin-port) or its serving process",
     )  # fmt: skip
@@ -142,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
             def cpu_now() -> np.ndarray:  # ... and this process's own: the pusher
                 return np.array([*(cpu_seconds([p]) for p in pids), time.process_time()])
 
+            if args.warmup > 0:  # unmeasured: the first loads, pushes and compactions
+                stop = threading.Event()
+                pusher = threading.Thread(target=push, args=(stop,))
+                pusher.start()
+                load(c.url, model, args.rate, args.warmup, root / "warmup.json")
+                stop.set()
+                pusher.join()
+            warm = len(commits)
             for k in range(args.rounds):  # alternating: the host's drift hits both alike
                 before = cpu_now()
                 quiet = load(c.url, model, args.rate, args.duration, root / f"quiet{k}.json")
@@ -167,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             # The same load once more with the updates applied and none arriving: what the
             # corrections cost a lookup, apart from the CPU the updates take.
             after = load(c.url, model, args.rate, args.duration, root / "after.json")
-    pushes = len(commits)
+    pushes = len(commits)  # the versions committed, warm-up included
+    measured = commits[warm:]
     pace = f"at {args.rows_per_s:,.0f} rows/s" if args.rows_per_s else "back to back"
     print(f"drm2 {args.size}, 4 shards; {args.rate:g} req/s of 16 samples, {args.rounds} "
           f"rounds of {args.duration:g} s without and with updates of {args.rows} rows "
@@ -187,10 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         ]
     table.append(row("after updates", after))
     print_table(["serving", "p50 ms", "p99 ms", "failed", "samples/s", "p99 ratio"], table)
-    lat = np.array(commits) * 1e3 if commits else np.zeros(1)
+    lat = np.array(measured) * 1e3 if measured else np.zeros(1)
     print(
-        f"updates: {pushes} committed, {len(failed)} failed; {pushes * args.rows / pushing:,.0f} "
-        f"rows/s applied while pushing (target >= 100,000); commit latency p50 "
+        f"updates: {len(measured)} committed in the rounds ({pushes - len(measured)} in the "
+        f"warm-up), {len(failed)} failed; {len(measured) * args.rows / pushing:,.0f} rows/s "
+        f"applied while pushing (target >= 100,000); commit latency p50 "
         f"{np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms"
     )
     ratios = [b["latency_ms"]["p99"] / q["latency_ms"]["p99"] for q, b in rounds]

@@ -45,6 +45,7 @@ from gateway.follow import Role, VersionCell
 from gateway.metrics import use_multiprocess
 from recserve.contracts.errors import ConfigError, RecserveError
 from recserve.runtime.parent import die_with_parent
+from recserve.runtime.priority import lower_priority
 from recserve.runtime.systemd import Notifier
 
 log = logging.getLogger("gateway")
@@ -152,6 +153,8 @@ def _worker(
         return 1
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)  # serve() installs its own on its loop
+    if role is not None and role.admin:
+        lower_priority()  # updates wait for the cores, serving does not (before any thread)
     try:
         use_multiprocess(metrics_dir)
         return serve(config, PipeNotifier(ready_fd), channel, role)
