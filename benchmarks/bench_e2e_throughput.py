@@ -6,9 +6,10 @@ bottom MLP 13-512-256-64, dot interaction, top 415-512-256-1. The baseline is th
 ``DLRM_Net`` builds them) on the artifact's weights, torch's default threads, batches of
 ``--batch`` back to back. recserve serves the same batches as ``--batch``-sample requests,
 ``--inflight`` in flight from a client on the same cores, singular and on ``--shards``
-shards, with each ``--workers`` setting of the gateway, in three request forms: KServe v2
-binary tensors, the columnar msgpack form (what ``recserve.client`` sends) and msgpack
-samples. Scores are checked against torch's.
+shards, with each ``--workers`` setting of the gateway, in four request forms: KServe v2
+binary tensors (ids as INT32 where they fit, as ``recserve.client`` sends them; and as
+INT64), the columnar msgpack form (what ``recserve.client`` sends) and msgpack samples.
+Scores are checked against torch's.
 
     python -m benchmarks.bench_e2e_throughput [--batch 256] [--inflight 4] [--duration 10]
                                               [--workers 1,2]
@@ -102,6 +103,11 @@ def forms(manifest: Manifest, batches: list[Batch]) -> dict[str, Any]:
     return {
         "KServe binary": (
             [kserve_body(manifest, b) for b in batches],
+            kserve_scores,
+            f"/v2/models/{manifest.name}/infer",
+        ),
+        "KServe, INT64 ids": (
+            [kserve_body(manifest, b, wide=True) for b in batches],
             kserve_scores,
             f"/v2/models/{manifest.name}/infer",
         ),

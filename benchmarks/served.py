@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 
 from recserve.contracts.batch import Batch
+from recserve.contracts.columns import narrow_ids
 from recserve.contracts.manifest import Manifest
 
 HEADER = "Inference-Header-Content-Length"
@@ -67,12 +68,15 @@ def run_torch(module: Any, inputs: list[Any], duration: float) -> tuple[float, n
         return done / (time.perf_counter() - start), first
 
 
-def kserve_body(manifest: Manifest, batch: Batch) -> Body:
-    """A KServe v2 infer request in binary tensors, with its headers."""
+def kserve_body(manifest: Manifest, batch: Batch, wide: bool = False) -> Body:
+    """A KServe v2 infer request in binary tensors, with its headers; ids as INT32 where
+    they fit, as ``recserve.client`` sends them (``wide``: INT64 always)."""
     tensors = [("dense", "FP32", batch.dense.astype("<f4"))]
     for feature, _ in manifest.features():
         b = batch.bags[feature]
-        tensors.append((f"{feature}.values", "INT64", b.ids.astype("<i8")))
+        ids = b.ids if wide else narrow_ids(b.ids)
+        kind = "INT32" if ids.dtype == np.int32 else "INT64"
+        tensors.append((f"{feature}.values", kind, ids.astype(ids.dtype.newbyteorder("<"))))
         tensors.append((f"{feature}.lengths", "INT32", b.lengths().astype("<i4")))
     head = orjson.dumps(
         {

@@ -40,15 +40,28 @@ def typed(array: np.ndarray) -> dict[str, Any]:
     return {"dtype": dtype.str, "shape": list(arr.shape), "data": arr.astype(dtype).tobytes()}
 
 
+def narrow_ids(ids: Any) -> np.ndarray:
+    """``ids`` as int32 when every one fits (half the bytes to send, read and copy; tables
+    of fewer than 2**31 rows), else int64."""
+    arr = np.asarray(ids)
+    if arr.dtype == np.int32:
+        return arr
+    arr = np.asarray(arr, np.int64)
+    if arr.size and (arr.min() < -(2**31) or arr.max() >= 2**31):
+        return arr
+    return arr.astype(np.int32)
+
+
 def columns_body(
     dense: np.ndarray, sparse: Mapping[str, tuple[np.ndarray, np.ndarray]], **extra: Any
 ) -> dict[str, Any]:
-    """A columnar request document of typed arrays, for msgpack."""
+    """A columnar request document of typed arrays, for msgpack; ids as int32 where they
+    fit (``narrow_ids``)."""
     return {
         "columns": {
             "dense": typed(np.asarray(dense, np.float32)),
             "sparse": {
-                f: {"values": typed(np.asarray(v, np.int64)), "lengths": typed(np.asarray(n))}
+                f: {"values": typed(narrow_ids(v)), "lengths": typed(np.asarray(n))}
                 for f, (v, n) in sparse.items()
             },
         },

@@ -15,6 +15,7 @@ import pytest
 
 from gateway.config import ApiSettings, GatewayConfig
 from recserve.client import AsyncClient, Client, columns_of
+from recserve.contracts import columns
 from recserve.contracts.columns import columns_body
 from recserve.contracts.errors import IdOutOfRange, UnknownFeature
 from tests.integration.gateway.helpers import post, serve
@@ -37,13 +38,22 @@ def test_columns_and_the_client_score_as_the_reference(
     features = [str(k) for k in range(len(samples[0]["sparse"]))]
     dense, sparse = columns_of(samples, features)
 
+    narrow = columns_body(dense, sparse)
+    assert {c["values"]["dtype"] for c in narrow["columns"]["sparse"].values()} == {"<i4"}
+    wide = columns_body(dense, sparse)
+    for f, (v, _) in sparse.items():
+        wide["columns"]["sparse"][f]["values"] = columns.typed(np.asarray(v, np.int64))
+
     async def check(session: aiohttp.ClientSession, url: str) -> None:
-        typed = msgpack.packb(columns_body(dense, sparse), use_bin_type=True)
-        async with session.post(
-            url + "/v1/predict", data=typed, headers={"Content-Type": "application/msgpack"}
-        ) as r:
-            assert r.status == 200
-            np.testing.assert_allclose(msgpack.unpackb(await r.read())["scores"], want, atol=1e-5)
+        for doc in (narrow, wide):  # ids as int32 (the client's) and int64
+            async with session.post(
+                url + "/v1/predict",
+                data=msgpack.packb(doc, use_bin_type=True),
+                headers={"Content-Type": "application/msgpack"},
+            ) as r:
+                assert r.status == 200
+                scores = msgpack.unpackb(await r.read())["scores"]
+                np.testing.assert_allclose(scores, want, atol=1e-5)
         lists = {
             "columns": {
                 "dense": dense.tolist(),
