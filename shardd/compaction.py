@@ -112,8 +112,9 @@ def write_part(
 ) -> PartFile:
     """Write the part's ``rows`` rows from ``src`` to ``dest`` with global rows ``ids``
     (sorted) replaced by ``values`` (float32, stored as the table stores them); fsync'ed,
-    under a temporary name until whole. ``keep_cached``: leave the new file's pages in the
-    page cache (a resident part maps it next)."""
+    under a temporary name until whole; the caller syncs the directory (``sync_dir``, once
+    for all the files it writes) before anything names the file. ``keep_cached``: leave
+    the new file's pages in the page cache (a resident part maps it next)."""
     dtype, width = storage(spec)
     encoded = _encode(spec.dtype, values)
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
@@ -145,7 +146,6 @@ def write_part(
             if not keep_cached:
                 os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         os.replace(tmp, dest)
-        _sync_dir(dest.parent)
     finally:
         os.close(src_fd)
     return PartFile(dest, offset - row_start * spec.row_bytes)
@@ -154,8 +154,9 @@ def write_part(
 def write_changed(dest: Path, bits: np.ndarray) -> None:
     """The set of a part's rows changed since the artifact, as a bitmap (bit ``r`` of the
     part's local row ``r``, little-endian within each byte): an ``OR`` merges a compaction's
-    rows into it, where a sorted id list had to be merged and rewritten whole."""
-    _replace(dest, _npy_bytes(np.ascontiguousarray(bits, np.uint8)))
+    rows into it, where a sorted id list had to be merged and rewritten whole. The caller
+    syncs the directory, as for ``write_part``."""
+    _replace(dest, _npy_bytes(np.ascontiguousarray(bits, np.uint8)), sync_parent=False)
 
 
 def changed_bits(path: Path | None, row_start: int, rows: int) -> np.ndarray:
@@ -215,7 +216,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _replace(path: Path, data: bytes) -> None:
+def _replace(path: Path, data: bytes, *, sync_parent: bool = True) -> None:
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "wb") as f:
@@ -223,10 +224,13 @@ def _replace(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _sync_dir(path.parent)
+    if sync_parent:
+        sync_dir(path.parent)
 
 
-def _sync_dir(path: Path) -> None:
+def sync_dir(path: Path) -> None:
+    """Make the names created in ``path`` durable (the files' own data is fsync'ed by
+    whoever wrote them)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -310,6 +310,7 @@ class PartStore:
             if v.dense is not None and (dense is None or dense[0] != v.dense[0]):
                 dense = (v.dense[0], f"dense.v{v.dense[0]}.npz")
                 compaction.write_bytes(self.state_dir / compaction.TABLES / dense[1], v.dense[1])
+            compaction.sync_dir(self.state_dir / compaction.TABLES)  # once for every file
             new = Base(version, files, changed, dense)
             compaction.write_base(self.state_dir, new, self.digest)
             self._swap(view, flats, written)
