@@ -137,3 +137,31 @@ async def closed_loop(
 
         await asyncio.gather(*(worker(k) for k in range(inflight)))
     return done / (time.perf_counter() - start), first
+
+
+async def client_loop(
+    url: str,
+    columns: Sequence[tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]],
+    samples: int,
+    inflight: int,
+    duration: float,
+) -> tuple[float, np.ndarray]:
+    """``closed_loop`` through ``recserve.client.AsyncClient``: each call encodes its
+    ``(dense, sparse)`` arrays as a user's would, the client's CPU included."""
+    from recserve.client import AsyncClient
+
+    done = 0
+    async with AsyncClient(url, timeout=60) as client:
+        first = await client.predict(*columns[0])
+        end = time.perf_counter() + duration
+        start = time.perf_counter()
+
+        async def worker(k: int) -> None:
+            nonlocal done
+            while time.perf_counter() < end:
+                await client.predict(*columns[k % len(columns)])
+                done += samples
+                k += inflight
+
+        await asyncio.gather(*(worker(k) for k in range(inflight)))
+    return done / (time.perf_counter() - start), first

@@ -32,12 +32,15 @@ _TYPED_KEYS = frozenset({"dtype", "shape", "data"})
 
 
 def typed(array: np.ndarray) -> dict[str, Any]:
-    """``array`` as a msgpack typed array (the encoder's side)."""
+    """``array`` as a msgpack typed array (the encoder's side); ``data`` is a view of the
+    array's bytes, which msgpack packs as a bin without copying them first."""
     arr = np.ascontiguousarray(array)
     dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
     if dtype.str not in DTYPES:
         raise ValueError(f"typed arrays are float32, int64 or int32, not {arr.dtype}")
-    return {"dtype": dtype.str, "shape": list(arr.shape), "data": arr.astype(dtype).tobytes()}
+    if arr.dtype != dtype:
+        arr = arr.astype(dtype)
+    return {"dtype": dtype.str, "shape": list(arr.shape), "data": arr.data.cast("B")}
 
 
 def narrow_ids(ids: Any) -> np.ndarray:
@@ -47,7 +50,9 @@ def narrow_ids(ids: Any) -> np.ndarray:
     if arr.dtype == np.int32:
         return arr
     arr = np.asarray(arr, np.int64)
-    if arr.size and (arr.min() < -(2**31) or arr.max() >= 2**31):
+    if arr.size == 0 or 0 <= np.bitwise_or.reduce(arr) < 2**31:  # one pass: ids are >= 0
+        return arr.astype(np.int32)
+    if arr.min() < -(2**31) or arr.max() >= 2**31:
         return arr
     return arr.astype(np.int32)
 
