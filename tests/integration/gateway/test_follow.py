@@ -6,6 +6,7 @@ a deploy too; the serving port refuses updates with 421 naming the admin port.""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -32,6 +33,7 @@ from tests.integration.test_updates import (
     with_dense,
     write_npz,
 )
+from tests.promtool import check_metrics
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +116,14 @@ def test_serving_workers_follow_the_admin_workers_versions(model: Path, tmp_path
         version, got = scores(c.url, samples)
         assert version == 5
         np.testing.assert_allclose(got, want[5], rtol=1e-5, atol=1e-6)
+
+        # Either port's /metrics: every worker's, the admin's updates among them.
+        for url in (c.url, c.admin_url):
+            with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+                text = r.read().decode()
+            check_metrics(text)
+            assert re.search(r"^recserve_gateway_versions_committed_total 5\.0$", text, re.M)
+            assert re.search(r"^recserve_gateway_model_version 5\.0$", text, re.M)
 
 
 def test_a_deploy_through_the_admin_port_reaches_every_serving_worker(
