@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,15 @@ from recserve.local.offline import predict
 from recserve.model.scorer import Model
 from recserve.model.workload import Workload
 from tests.integration.shards import header, raw
-from tests.integration.test_updates import TOKEN, an_update, post, replaced, scores, write_npz
+from tests.integration.test_updates import (
+    TOKEN,
+    an_update,
+    post,
+    reading,
+    replaced,
+    scores,
+    write_npz,
+)
 
 
 def get_json(url: str) -> tuple[int, dict]:
@@ -56,23 +63,9 @@ def test_deploy_switches_with_no_failed_request(models, tmp_path: Path) -> None:
         c.shards[3].wait(10)
         time.sleep(4.5)  # the gateway's probe takes it out of rotation
 
-        seen: list[tuple[int, np.ndarray]] = []
-        stop = threading.Event()
-
-        def read() -> None:
-            while not stop.is_set():
-                seen.append(scores(c.url, samples))  # asserts every response is a 200
-
-        readers = [threading.Thread(target=read) for _ in range(2)]
-        for t in readers:
-            t.start()
-        try:
+        with reading(c.url, samples) as seen:  # every response a 200
             assert cli([*deploy, "--model", str(b)]) == 0
             time.sleep(0.3)
-        finally:
-            stop.set()
-            for t in readers:
-                t.join()
         assert {v for v, _ in seen} == {0, 1}, {v for v, _ in seen}
         for v, got in seen:
             np.testing.assert_allclose(got, want[v], rtol=1e-5, atol=1e-6)

@@ -6,6 +6,7 @@ comes back with it; dense arrays update with the rows."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -13,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -59,6 +61,34 @@ def scores(url: str, samples: list) -> tuple[int, np.ndarray]:
                        "application/json", None)  # fmt: skip
     assert status == 200, doc
     return doc["version"], np.asarray(doc["scores"])
+
+
+@contextlib.contextmanager
+def reading(url: str, samples: list, threads: int = 2) -> Iterator[list[tuple[int, np.ndarray]]]:
+    """Threads scoring ``samples`` back to back while the block runs; yields the (version,
+    scores) they got. Any failed request fails the block once the threads have stopped."""
+    seen: list[tuple[int, np.ndarray]] = []
+    failed: list[BaseException] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                seen.append(scores(url, samples))
+        except BaseException as exc:  # reported in the test's thread
+            failed.append(exc)
+
+    readers = [threading.Thread(target=read) for _ in range(threads)]
+    for t in readers:
+        t.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    if failed:
+        raise failed[0]
 
 
 def an_update(model: Path, seed: int, split: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -128,13 +158,7 @@ def test_push_commits_one_version_on_every_shard(model: Path, tmp_path: Path) ->
         # Two pushes at once, with reads: each update gets a version of its own, and each
         # response matches the version it names.
         pushed = {2: an_update(model, 2, split), 3: an_update(model, 4, split)}
-        seen: list[tuple[int, np.ndarray]] = []
         got_versions: dict[int, int] = {}
-        stop = threading.Event()
-
-        def read() -> None:
-            while not stop.is_set():
-                seen.append(scores(c.url, samples))
 
         def push(key: int) -> None:
             body = write_npz(tmp_path / f"u{key}.npz", pushed[key]).read_bytes()
@@ -142,15 +166,12 @@ def test_push_commits_one_version_on_every_shard(model: Path, tmp_path: Path) ->
             assert status == 200, doc
             got_versions[key] = doc["version"]
 
-        workers = [threading.Thread(target=read) for _ in range(2)]
-        workers += [threading.Thread(target=push, args=(k,)) for k in pushed]
-        for t in workers:
-            t.start()
-        for t in workers[2:]:
-            t.join()
-        stop.set()
-        for t in workers[:2]:
-            t.join()
+        with reading(c.url, samples) as seen:
+            pushers = [threading.Thread(target=push, args=(k,)) for k in pushed]
+            for t in pushers:
+                t.start()
+            for t in pushers:
+                t.join()
         assert sorted(got_versions.values()) == [2, 3], got_versions
         order = [pushed[k] for k in sorted(pushed, key=got_versions.__getitem__)]
         want = {1: want1, 2: predict(replaced(model, tmp_path / "v2", [first, order[0]]), samples)}

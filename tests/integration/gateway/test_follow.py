@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -28,6 +27,7 @@ from tests.integration.test_updates import (
     TOKEN,
     an_update,
     post,
+    reading,
     replaced,
     scores,
     with_dense,
@@ -87,25 +87,11 @@ def test_serving_workers_follow_the_admin_workers_versions(model: Path, tmp_path
 
         # Pushes while both workers serve: every response matches the version it names.
         pushed = [an_update(model, 10 + k, split) for k in range(3)]
-        seen: list[tuple[int, np.ndarray]] = []
-        stop = threading.Event()
-
-        def read() -> None:
-            while not stop.is_set():
-                seen.append(scores(c.url, samples))
-
-        readers = [threading.Thread(target=read) for _ in range(2)]
-        for t in readers:
-            t.start()
-        try:
+        with reading(c.url, samples) as seen:
             for k, update in enumerate(pushed):
                 body = write_npz(tmp_path / f"p{k}.npz", update).read_bytes()
                 status, doc = post(c.admin_url + "/v1/updates", body, NPZ)
                 assert status == 200 and doc["version"] == 3 + k, doc
-        finally:
-            stop.set()
-            for t in readers:
-                t.join()
         want = {2: want2}
         for k in range(3):
             copy = with_dense(model, tmp_path / f"w{k}", [first, *pushed[: k + 1]], [dense])
@@ -139,24 +125,10 @@ def test_a_deploy_through_the_admin_port_reaches_every_serving_worker(
         admin_port=free_port(), gateway_args=("--workers", "2", "--timeout-ms", "5000"),
     )  # fmt: skip
     with cluster as c:
-        seen: list[tuple[int, np.ndarray]] = []
-        stop = threading.Event()
-
-        def read() -> None:
-            while not stop.is_set():
-                seen.append(scores(c.url, samples))  # asserts every response is a 200
-
-        readers = [threading.Thread(target=read) for _ in range(2)]
-        for t in readers:
-            t.start()
-        try:
+        with reading(c.url, samples) as seen:  # every response a 200
             deploy = ["deploy", "--url", c.admin_url, "--token-file", str(token)]
             assert cli([*deploy, "--model", str(b)]) == 0
             time.sleep(0.3)
-        finally:
-            stop.set()
-            for t in readers:
-                t.join()
         assert {v for v, _ in seen} == {0, 1}, {v for v, _ in seen}
         for v, got in seen:
             np.testing.assert_allclose(got, want[v], rtol=1e-5, atol=1e-6)
