@@ -23,6 +23,7 @@ import asyncio
 import re
 import statistics
 import tempfile
+import time
 import urllib.request
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -44,7 +45,7 @@ from benchmarks.served import (
 )
 from recserve.contracts.batch import Batch
 from recserve.contracts.manifest import AccessStats, Manifest, TableSpec
-from recserve.local.cluster import LocalCluster, free_port
+from recserve.local.cluster import LocalCluster, cpu_seconds, free_port
 from recserve.model.scorer import Model
 from recserve.model.workload import Workload, to_samples
 from tests.models import manifest_of, write_random
@@ -123,15 +124,37 @@ def forms(manifest: Manifest, batches: list[Batch], args: argparse.Namespace) ->
 STAGES = ("request", "queue_wait", "batch_assembly", "pooling", "dense")
 
 
+CPU_STAGES = ("parse", "assembly", "pooling", "merge", "dense")
+
+
 def stage_seconds(url: str) -> dict[str, float]:
-    """Seconds summed per gateway stage so far (its Prometheus histograms' ``_sum``)."""
+    """Seconds summed per gateway stage so far: wall time (its histograms' ``_sum``) by
+    stage name, and executor CPU time as ``cpu:<stage>``."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
     out = {}
     for stage in STAGES:
         found = re.search(rf"^recserve_gateway_{stage}_seconds_sum ([0-9.e+-]+)$", text, re.M)
         out[stage] = float(found.group(1)) if found else 0.0
+    for stage in CPU_STAGES:
+        found = re.search(
+            rf'^recserve_gateway_stage_cpu_seconds_total{{stage="{stage}"}} ([0-9.e+-]+)$',
+            text,
+            re.M,
+        )
+        out[f"cpu:{stage}"] = float(found.group(1)) if found else 0.0
     return out
+
+
+def cpu_now(cluster: LocalCluster) -> np.ndarray:
+    """CPU seconds so far: the gateway (its workers too), the shards, this process (the
+    client)."""
+    shards = [p.pid for p in cluster.shards]
+    assert cluster.gateway is not None
+    return np.array(
+        [cpu_seconds([cluster.gateway.pid]), cpu_seconds(shards) if shards else 0.0,
+         time.process_time()]
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         base, want = run_torch(torch_dlrm(model), inputs, args.duration)
         rows = [["torch in-process", "-", f"{base:,.0f}", "1.00x"]]
         stages: list[list[str]] = []
+        cpus: list[list[str]] = []
         setups = [
             (f"{where}, {n} worker{'s' if n > 1 else ''}", plan_path, n)
             for n in (int(w) for w in args.workers.split(","))
@@ -171,15 +195,23 @@ def main(argv: list[str] | None = None) -> int:
                 gateway_args=("--workers", str(workers)),
             ) as cluster:
                 for form, run in forms(manifest, batches, args).items():
-                    cpu, before = cluster.cpu_seconds(), stage_seconds(cluster.url)
+                    cpu, before = cpu_now(cluster), stage_seconds(cluster.url)
                     rate, got = asyncio.run(run(cluster.url))
                     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
                     rows.append([where, form, f"{rate:,.0f}", f"{rate / base:.2f}x"])
-                    per_1k = 1000 / (rate * args.duration)  # per 1k samples served
+                    ms = 1e6 / (rate * args.duration)  # ms per 1k samples, per second
+                    gateway, shards, client = (cpu_now(cluster) - cpu) * ms
                     after = stage_seconds(cluster.url)
+                    took = {k: (after[k] - before[k]) * ms for k in after}
+                    staged = sum(took[f"cpu:{s}"] for s in CPU_STAGES)
                     stages.append(
-                        [where, form, f"{(cluster.cpu_seconds() - cpu) * 1e3 * per_1k:.0f}"]
-                        + [f"{(after[s] - before[s]) * 1e3 * per_1k:.0f}" for s in STAGES]
+                        [where, form, f"{gateway + shards:.0f}"]
+                        + [f"{took[s]:.0f}" for s in STAGES]
+                    )
+                    cpus.append(
+                        [where, form, f"{gateway:.1f}"]
+                        + [f"{took[f'cpu:{s}']:.1f}" for s in CPU_STAGES]
+                        + [f"{gateway - staged:.1f}", f"{shards:.1f}", f"{client:.1f}"]
                     )
     print(
         f"\nDLRM_Net shape ({TABLES} tables, {args.rows:,} rows x {DIM}, {BAG} ids a bag), "
@@ -191,6 +223,15 @@ def main(argv: list[str] | None = None) -> int:
         "summed per gateway stage (stages of concurrent requests overlap)"
     )
     print_table(["setup", "form", "CPU", *STAGES], stages)
+    print(
+        "\nCPU, ms per 1k samples: the gateway's processes; of it the executor's stages "
+        "(parse, assembly = merging and routing, pooling in-process, merge of shard "
+        "replies, dense) and the rest (the event loop: HTTP, shard RPCs, batching; and the "
+        "pooling kernel's own threads when it runs more than one: one worker on 2 cores); "
+        "the shards; the client"
+    )
+    print_table(["setup", "form", "gateway", *CPU_STAGES, "loop+rest", "shards", "client"],
+                cpus)  # fmt: skip
     ratios = {(r[0], r[1]): float(r[3][:-1]) for r in rows[1:]}
     cols = statistics.median(
         ratios[(w, "recserve.client")] / ratios[(w, "KServe binary")] for w, _, _ in setups

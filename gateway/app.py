@@ -116,12 +116,13 @@ async def read_batch(request: web.Request) -> tuple[Batch, Deadline]:
     arrived = now_ms()  # the deadline runs from here, the executor's queue included
 
     def parse() -> tuple[Batch, Deadline]:
-        doc = decode_body(body, ctype)
-        asked = doc.get("timeout_ms") if isinstance(doc, dict) else None
-        deadline = gw.deadline(asked, "timeout_ms", arrived)
-        batch = parse_request(doc, gw.manifest, gw.limits)
-        gw.check_limits(batch)
-        return batch, deadline
+        with gw.metrics.cpu("parse"):
+            doc = decode_body(body, ctype)
+            asked = doc.get("timeout_ms") if isinstance(doc, dict) else None
+            deadline = gw.deadline(asked, "timeout_ms", arrived)
+            batch = parse_request(doc, gw.manifest, gw.limits)
+            gw.check_limits(batch)
+            return batch, deadline
 
     return await asyncio.get_running_loop().run_in_executor(gw.executor, parse)
 

@@ -253,16 +253,20 @@ class Batcher:
     def _assemble(self, batches: list[Batch]) -> tuple[Batch, object]:
         """In the executor: one batch of the requests, prepared for the pooler (the sharded
         one routes it), in one hop."""
-        batch = merge(batches)
-        return batch, self.pooler.prepare(batch)
+        with self.metrics.cpu("assembly"):
+            batch = merge(batches)
+            return batch, self.pooler.prepare(batch)
 
-    @staticmethod
     def _dense(
-        forward: Callable[[np.ndarray, np.ndarray], np.ndarray], batch: Batch, pooled: np.ndarray
+        self,
+        forward: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        batch: Batch,
+        pooled: np.ndarray,
     ) -> tuple[np.ndarray, float]:
         """In the executor, right after pooling: the scores and the seconds they took."""
         start = time.perf_counter()
-        return forward(batch.dense, pooled), time.perf_counter() - start
+        with self.metrics.cpu("dense"):
+            return forward(batch.dense, pooled), time.perf_counter() - start
 
     async def drain(self, timeout: float) -> None:
         """Refuse new requests; wait up to ``timeout`` s for queued and running ones."""

@@ -216,9 +216,12 @@ async def infer(request: web.Request) -> web.Response:
     header_len = int(raw_len) if raw_len and raw_len.isdigit() else None
     if header_len is not None and header_len > len(body):
         raise BadRequest(f"{HEADER} exceeds the body", field=HEADER)
-    batch, deadline, binary = await asyncio.get_running_loop().run_in_executor(
-        gw.executor, parse_infer, body, header_len, gw, arrived
-    )
+
+    def parse() -> tuple[Batch, Deadline, bool]:
+        with gw.metrics.cpu("parse"):
+            return parse_infer(body, header_len, gw, arrived)
+
+    batch, deadline, binary = await asyncio.get_running_loop().run_in_executor(gw.executor, parse)
     scores, version = await gw.batcher.score(batch, deadline)
     out = np.ascontiguousarray(scores, dtype="<f4").reshape(-1, 1)
     meta: dict[str, Any] = {

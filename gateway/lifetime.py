@@ -49,7 +49,7 @@ async def running(config: GatewayConfig, role: Role | None = None) -> AsyncItera
             # Workers share the cores: each pools on its share of them (two workers on two
             # cores: one thread each, whose batches never wait for an OpenMP team's wake-up).
             threads = max(1, kernels.default_threads() // config.workers)
-            pooler, dense = LocalPooler(model, executor, threads), model.dense
+            pooler, dense = LocalPooler(model, executor, metrics, threads), model.dense
             weights: dict[str, np.ndarray] = {}  # a singular gateway takes no updates
         else:
             plan = read_plan(config.plan)

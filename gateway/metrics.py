@@ -7,7 +7,10 @@ declare how they combine: ``livesum``, or ``livemax`` for the version).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -65,6 +68,7 @@ class GatewayMetrics:
     assembly: Histogram
     pooling: Histogram
     dense: Histogram
+    stage_cpu: Counter
     batch_samples: Histogram
     inflight: Gauge
     shard_rpc: Histogram
@@ -79,6 +83,15 @@ class GatewayMetrics:
     versions: Counter
     rows_updated: Counter
     update_seconds: Histogram
+
+    @contextlib.contextmanager
+    def cpu(self, stage: str) -> Iterator[None]:
+        """Count the calling thread's CPU time in the block as ``stage``'s."""
+        start = time.thread_time()
+        try:
+            yield
+        finally:
+            self.stage_cpu.labels(stage=stage).inc(time.thread_time() - start)
 
     def updated(self, version: int, rows: int, seconds: float) -> None:
         """One committed update: its version, rows, and push-to-commit seconds."""
@@ -119,6 +132,14 @@ class GatewayMetrics:
             ),
             pooling=stage("pooling", "Embedding lookups (all shards, or in-process)"),
             dense=stage("dense", "Dense MLP of a batch"),
+            stage_cpu=Counter(
+                "recserve_gateway_stage_cpu_seconds",
+                "CPU time of the executor's stages: parse (request bodies), assembly "
+                "(merging requests, routing), pooling (in-process), merge (shard replies), "
+                "dense; the rest of the process's CPU is its event loop's (HTTP, RPC)",
+                ["stage"],
+                registry=reg,
+            ),
             batch_samples=Histogram(
                 "recserve_gateway_batch_samples", "Samples per batch", buckets=SIZES, registry=reg
             ),

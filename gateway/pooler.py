@@ -60,9 +60,16 @@ class Pooler(Protocol):
 class LocalPooler:
     """Every table in this process: the single-server baseline."""
 
-    def __init__(self, model: Model, executor: Executor, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Model,
+        executor: Executor,
+        metrics: GatewayMetrics,
+        threads: int | None = None,
+    ) -> None:
         self.model = model
         self.executor = executor
+        self.metrics = metrics
         self.threads = threads  # the pooling kernel's (None: the process's cores)
         self.version = 0  # a singular gateway serves its files as they are
 
@@ -77,9 +84,13 @@ class LocalPooler:
         finish: Callable[[np.ndarray], T],
         version: int | None = None,
     ) -> T:
-        return await asyncio.get_running_loop().run_in_executor(
-            self.executor, lambda: finish(self.model.pool(batch, self.threads))
-        )
+
+        def pool() -> T:
+            with self.metrics.cpu("pooling"):
+                pooled = self.model.pool(batch, self.threads)
+            return finish(pooled)
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, pool)
 
     async def probe(self, deadline: Deadline) -> list[str]:
         return []
@@ -127,9 +138,13 @@ class ShardedPooler:
             *(self._lookup(routes[s], s, deadline, version) for s in ids)
         )
         by_shard = dict(zip(ids, replies, strict=True))
-        return await asyncio.get_running_loop().run_in_executor(
-            self.executor, lambda: finish(self.merger.merge(batch, routes, by_shard))
-        )
+
+        def merge() -> T:
+            with self.metrics.cpu("merge"):
+                pooled = self.merger.merge(batch, routes, by_shard)
+            return finish(pooled)
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, merge)
 
     async def _lookup(
         self, req: ShardRequest, shard: int, deadline: Deadline, version: int | None

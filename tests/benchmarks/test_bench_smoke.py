@@ -55,5 +55,5 @@ def test_bench_e2e_throughput_small(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_e2e_throughput.main(args) == 0
     out = capsys.readouterr().out
     for row in ("KServe binary", "INT64 ids", "recserve.client", "msgpack samples",
-                "against KServe binary"):  # fmt: skip
+                "against KServe binary", "loop+rest"):  # fmt: skip
         assert row in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def test_model_health_and_metrics(deployments) -> None:
             assert f'recserve_gateway_shard_rpc_seconds_count{{shard="{shard}"}} 1.0' in text
         assert "recserve_gateway_shards_contacted_count 1.0" in text
         assert 'recserve_gateway_shard_bytes_total{direction="received"}' in text
+        for stage in ("parse", "assembly", "merge", "dense"):  # CPU the request took in each
+            found = re.search(
+                rf'^recserve_gateway_stage_cpu_seconds_total{{stage="{stage}"}} (\S+)$', text, re.M
+            )
+            assert found and float(found.group(1)) > 0, stage
         check_metrics(text)
 
     asyncio.run(serve(GatewayConfig(model=model, plan=plan, port=0), check))
