@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,12 +91,17 @@ def memory_group(limit: int | None, name: str = "recserve") -> Iterator[MemoryGr
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.1)
-        # Charged page cache can keep a group busy for a moment after its last process.
-        for _ in range(50):
+        # Charged page cache (or a process still exiting) can keep a group busy for a
+        # while after its last process: retry for up to 30 s, then say it was left.
+        deadline = time.monotonic() + 30.0
+        while True:
             try:
                 path.rmdir()
                 break
-            except OSError:
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    warnings.warn(f"memory cgroup {path} left behind: {exc}", stacklevel=2)
+                    break
                 with contextlib.suppress(OSError):
                     (path / "memory.force_empty").write_text("0\n")
                 time.sleep(0.1)
