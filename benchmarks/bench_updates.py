@@ -19,6 +19,7 @@ reached every shard (none lost).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import subprocess
@@ -27,6 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -147,26 +149,30 @@ def main(argv: list[str] | None = None) -> int:
             def cpu_now() -> np.ndarray:  # ... and this process's own: the pusher
                 return np.array([*(cpu_seconds([p]) for p in pids), time.process_time()])
 
-            if args.warmup > 0:  # unmeasured: the first loads, pushes and compactions
+            @contextlib.contextmanager
+            def updating() -> Iterator[None]:
+                """Pushes from a thread of this process while the block runs."""
                 stop = threading.Event()
                 pusher = threading.Thread(target=push, args=(stop,))
                 pusher.start()
-                load(c.url, model, args.rate, args.warmup, root / "warmup.json")
-                stop.set()
-                pusher.join()
+                try:
+                    yield
+                finally:
+                    stop.set()
+                    pusher.join()
+
+            if args.warmup > 0:  # unmeasured: the first loads, pushes and compactions
+                with updating():
+                    load(c.url, model, args.rate, args.warmup, root / "warmup.json")
             warm = len(commits)
             for k in range(args.rounds):  # alternating: the host's drift hits both alike
                 before = cpu_now()
                 quiet = load(c.url, model, args.rate, args.duration, root / f"quiet{k}.json")
                 cpu["without"] += cpu_now() - before
-                stop = threading.Event()
-                pusher = threading.Thread(target=push, args=(stop,))
                 began = time.perf_counter()
                 before = cpu_now()
-                pusher.start()
-                busy = load(c.url, model, args.rate, args.duration, root / f"busy{k}.json")
-                stop.set()
-                pusher.join()
+                with updating():
+                    busy = load(c.url, model, args.rate, args.duration, root / f"busy{k}.json")
                 cpu["with"] += cpu_now() - before
                 pushing += time.perf_counter() - began
                 rounds.append((quiet, busy))

@@ -181,8 +181,8 @@ def changed_ids(path: Path, row_start: int, rows: int) -> np.ndarray:
     return np.flatnonzero(np.unpackbits(bits, bitorder="little")[:rows]) + row_start
 
 
-def write_bytes(dest: Path, data: bytes) -> None:
-    _replace(dest, data)
+def write_bytes(dest: Path, data: bytes, *, sync_parent: bool = True) -> None:
+    _replace(dest, data, sync_parent=sync_parent)
 
 
 def read_rows(src: PartFile, spec: TableSpec, ids: np.ndarray) -> np.ndarray:

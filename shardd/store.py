@@ -309,7 +309,8 @@ class PartStore:
             dense = base.dense
             if v.dense is not None and (dense is None or dense[0] != v.dense[0]):
                 dense = (v.dense[0], f"dense.v{v.dense[0]}.npz")
-                compaction.write_bytes(self.state_dir / compaction.TABLES / dense[1], v.dense[1])
+                compaction.write_bytes(self.state_dir / compaction.TABLES / dense[1], v.dense[1],
+                                       sync_parent=False)  # fmt: skip
             compaction.sync_dir(self.state_dir / compaction.TABLES)  # once for every file
             new = Base(version, files, changed, dense)
             compaction.write_base(self.state_dir, new, self.digest)
