@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
                  for n, w, b in zip(names, cpu["without"], cpu["with"], strict=True)])  # fmt: skip
     done = [i["compactions"] for i in infos]
     print(f"compactions per shard (--compact-at {args.compact_at}): {done}")
+    written = sum(i.get("compacted_bytes", 0) for i in infos)
+    sent = sum(len(bodies[k % BODIES]) for k in range(pushes))
+    print(f"part files written by compactions: {written / 2**20:,.0f} MiB = "
+          f"{written / sent:.1f}x the {sent / 2**20:,.0f} MiB of update bodies pushed")  # fmt: skip
     lost = [v for v in versions if v != pushes]
     print(f"shard replicas at version {pushes}: {len(versions) - len(lost)} of {len(versions)}"
           f" ({'none lost' if not lost else f'behind: {lost}'})")  # fmt: skip

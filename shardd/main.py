@@ -97,8 +97,8 @@ class ShardConfig:
     compact_at: float = option(
         0.1,
         "with --state-dir: once the newest version's updated rows are this fraction of the "
-        "shard's rows, fold them into new part files in the state directory and empty the "
-        "log (0: never)",
+        "shard's rows, fold those of the most-updated parts into new part files in the state "
+        "directory until the rest are half of it, and shorten the log (0: never)",
         metavar="FRACTION",
     )
     queue_limit: int = option(64, "lookups queued or running; more are refused")

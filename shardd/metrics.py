@@ -53,6 +53,7 @@ class ShardMetrics:
     rows_updated: Gauge
     log_bytes: Gauge
     compaction: Histogram
+    compacted_bytes: Counter
     # Labelled children by (op, outcome): ``labels()`` costs a lock and a dict per call.
     children: dict[tuple[str, str], Counter] = field(default_factory=dict)
     # The same counts as plain numbers, for the ``stats`` op (never read back from Prometheus).
@@ -172,6 +173,11 @@ class ShardMetrics:
                 "recserve_shard_compaction_seconds",
                 "Time to fold the updated rows into new part files and swap them in",
                 buckets=(0.1, 0.3, 1, 3, 10, 30, 100, 300),
+                registry=reg,
+            ),
+            compacted_bytes=Counter(
+                "recserve_shard_compacted_bytes",
+                "Bytes of part files written by compactions",
                 registry=reg,
             ),
         )

@@ -310,15 +310,17 @@ class ShardServer:
         """Fold the newest version into new part files (on the update thread). A failure
         (a full disk) is logged and leaves the shard serving its corrections; the next
         commit tries again."""
-        begin = time.perf_counter()
+        begin, store = time.perf_counter(), self.store
+        written = store.versions.compacted_bytes
         try:
-            parts = self.store.compact()
+            parts = store.compact()
         except Exception:
             log.exception("compaction failed; serving the updates from memory and the log")
             return
         took = time.perf_counter() - begin
         if parts:
             self.metrics.compaction.observe(took)
+            self.metrics.compacted_bytes.inc(store.versions.compacted_bytes - written)
             self.metrics.updated(self.store.versions.describe())
             log.info("compacted %d parts at version %d in %.2f s", parts,
                      self.store.versions.current, took)  # fmt: skip

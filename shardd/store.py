@@ -10,7 +10,10 @@ view. Parts with the same bag count and dim are pooled by one kernel call, whose
 
 With a state directory the store takes online updates (``shardd.updates``) and compacts
 them into new part files (``shardd.compaction``) once the newest version's corrections hold
-``compact_at`` of the shard's rows: the update thread writes the files, then swaps them in
+``compact_at`` of the shard's rows. Only the parts with the most corrections for their rows
+are rewritten, until what is left holds half of ``compact_at`` (a part's rewrite costs its
+rows, so the most-updated parts free the most corrections per byte written); the rest are
+carried in memory and in the log. The update thread writes the files, then swaps them in
 as a new *generation* (the parts' views, the kernel's ``TableSet`` and the versions rebased
 on them, published together), while lookups under way finish on the generation they took.
 A cached part's arena is shared by the generations: the swap drops the rows the new files
@@ -46,6 +49,7 @@ from shardd.updates import (
     Patch,
     Versions,
     base_rows,
+    corrections,
     patches_at,
     set_bits,
     unknown_part,
@@ -67,8 +71,12 @@ class Part:
     resident: int | None = None  # with a cache: read whole into its budget (the tier's index)
 
     @property
+    def rows(self) -> int:
+        return self.row_end - self.row_start
+
+    @property
     def nbytes(self) -> int:
-        return (self.row_end - self.row_start) * self.spec.row_bytes
+        return self.rows * self.spec.row_bytes
 
 
 @dataclass(frozen=True)
@@ -269,7 +277,7 @@ class PartStore:
         v = self.versions
         if not self.compact_at or v.log is None:
             return False
-        total = sum(p.row_end - p.row_start for p in self.parts.values())
+        total = sum(p.rows for p in self.parts.values())
         rows = v.rows_updated > 0 and v.rows_updated >= self.compact_at * total
         return rows or v.log.bytes >= LOG_BYTES
 
@@ -282,9 +290,11 @@ class PartStore:
             if v.staged is not None:
                 return 0  # the next commit tries again
             version, view = v.current, self.view
-            flats = {s: f for s in range(len(view.by_slot)) if (f := v.flat(s)).size}
-            if not flats and not (v.log and v.log.bytes):
+            updated = {s: f for s in range(len(view.by_slot)) if (f := v.flat(s)).size}
+            if not updated and not (v.log and v.log.bytes):
                 return 0
+            flats = self._chosen(view, updated)
+            carried = {s: f for s, f in updated.items() if s not in flats}
             base = self.base or Base(0, {}, {})
             files, changed = dict(base.files), dict(base.changed)
             written: dict[int, PartFile] = {}
@@ -295,13 +305,12 @@ class PartStore:
                 tables = self.state_dir / compaction.TABLES
                 values = base_rows(part, flat.keys) + flat.deltas
                 written[slot] = compaction.write_part(
-                    part.source, part.spec, part.row_start, part.row_end - part.row_start,
+                    part.source, part.spec, part.row_start, part.rows,
                     flat.keys, values, tables / f"{stem}.npy",
                     keep_cached=part.cache is None and part.resident is None,
                 )  # fmt: skip
-                rows = part.row_end - part.row_start
                 bits = compaction.changed_bits(
-                    tables / changed[key] if key in changed else None, part.row_start, rows
+                    tables / changed[key] if key in changed else None, part.row_start, part.rows
                 )
                 set_bits(bits, flat.keys - part.row_start)
                 compaction.write_changed(tables / f"{stem}.bits.npy", bits)
@@ -312,10 +321,11 @@ class PartStore:
                 compaction.write_bytes(self.state_dir / compaction.TABLES / dense[1], v.dense[1],
                                        sync_parent=False)  # fmt: skip
             compaction.sync_dir(self.state_dir / compaction.TABLES)  # once for every file
+            record = v.carry(version, carried)  # durable before base.json names the version
             new = Base(version, files, changed, dense)
             compaction.write_base(self.state_dir, new, self.digest)
             self._swap(view, flats, written)
-            v.compacted(version)
+            v.compacted(version, carried, record, sum(view.by_slot[s].nbytes for s in flats))
             old, self.base = base, new
             if old.dense is not None and old.dense != dense:
                 (self.state_dir / compaction.TABLES / old.dense[1]).unlink(missing_ok=True)
@@ -325,6 +335,23 @@ class PartStore:
                     if name is not None and name not in (files[key], changed[key]):
                         (self.state_dir / compaction.TABLES / name).unlink(missing_ok=True)
             return len(flats)
+
+    def _chosen(self, view: View, updated: dict[int, Overlay]) -> dict[int, Overlay]:
+        """The parts to rewrite: every updated one when the log is long, else the most
+        updated for their rows until the rest hold half of ``compact_at`` of the rows."""
+        assert self.versions.log is not None
+        if self.versions.log.bytes >= LOG_BYTES:
+            return updated
+        total = sum(p.rows for p in view.by_slot)
+        keep = self.compact_at * total / 2
+        left = sum(f.size for f in updated.values())
+        out: dict[int, Overlay] = {}
+        for slot in sorted(updated, key=lambda s: -updated[s].size / view.by_slot[s].rows):
+            if left <= keep:
+                break
+            out[slot] = updated[slot]
+            left -= updated[slot].size
+        return out
 
     def _swap(self, view: View, flats: dict[int, Overlay], written: dict[int, PartFile]) -> None:
         """Publish the new files as the next generation (see the module's docstring)."""
@@ -367,18 +394,31 @@ class PartStore:
                 tier.lock.release()
 
     def snapshot(self) -> list[StagePart]:
-        """Every row changed up to the compacted version, from the compacted files (for a
-        replica catching up; the versions lock is held)."""
+        """Every row changed up to the compacted version: the compacted files' rows plus the
+        corrections carried over them (for a replica catching up; the versions lock is
+        held)."""
         out: list[StagePart] = []
         if self.base is None or self.state_dir is None:
             return out
-        for (table, row_start), part in self.parts.items():
+        carried = self.versions.carried
+        for slot, part in enumerate(self.view.by_slot):
+            table, row_start = part.spec.name, part.row_start
             name = self.base.changed.get(part_key(table, row_start))
-            if name is None:
+            ids = (
+                compaction.changed_ids(
+                    self.state_dir / compaction.TABLES / name, row_start, part.rows
+                )
+                if name is not None
+                else np.zeros(0, np.int64)
+            )
+            extra = carried.get(slot)
+            if extra is not None:
+                ids = np.union1d(ids, extra.keys)
+            if not ids.size:
                 continue
-            ids = compaction.changed_ids(self.state_dir / compaction.TABLES / name, row_start,
-                                         part.row_end - row_start)  # fmt: skip
             rows = compaction.read_rows(part.source, part.spec, ids)
+            if extra is not None:
+                rows += corrections((extra,), ids, part.spec.dim)
             out.append(StagePart(table, row_start, ids, rows))
         return out
 

@@ -20,9 +20,14 @@ state directory and fsync'ed; ``commit`` and ``abort`` append their record the s
 start the log is replayed (a torn record at its end, from a crash mid-append, is cut off), so
 a shard killed at any moment comes back with exactly the versions it acknowledged; a version
 staged but neither committed nor aborted stays staged until the coordinator decides.
-Compaction (``shardd.compaction``, driven by the store) folds the newest version into new
-part files and empties the log; the versions still readable are then rebased on the new
-files by one more level, the negated corrections the files absorbed.
+Compaction (``shardd.compaction``, driven by the store) folds the newest version's rows of
+the most-updated parts into new part files; the versions still readable are then rebased on
+the new files by one more level, the negated corrections the files absorbed. The other
+parts' corrections stay in memory and are *carried*: a ``carry`` record of them at the
+compacted version is appended to the log before ``base.json`` names that version, and the
+log is then replaced by that record alone, so replay starts from the files plus the carried
+corrections (a carry record of another version than ``base.json``'s, left by a compaction
+that did not finish, is passed over: the records before it still hold its versions).
 """
 
 from __future__ import annotations
@@ -89,18 +94,32 @@ class UpdateLog:
         self.file = open(path, "ab")  # noqa: SIM115 - kept open for the daemon's life
         self.bytes = path.stat().st_size
 
-    def reset(self) -> None:
-        """Empty the log (its records are in compacted files now)."""
-        self.file.truncate(0)
-        os.fsync(self.file.fileno())
-        self.bytes = 0
+    def reset(self, first: dict[str, Any] | None = None) -> None:
+        """Replace the log by ``first`` alone (none: empty it), its other records being in
+        compacted files now: written under a temporary name and renamed into place, so a
+        crash leaves the old log or the new one whole."""
+        payload = _record(first) if first is not None else b""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self.file.close()  # appends go to the new log from here on
+        self.file = open(self.path, "ab")  # noqa: SIM115 - kept open for the daemon's life
+        self.bytes = len(payload)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def append(self, record: dict[str, Any]) -> None:
-        payload = msgpack.packb(record, use_bin_type=True)
-        self.file.write(_HEAD.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload)
+        data = _record(record)
+        self.file.write(data)
         self.file.flush()
         os.fsync(self.file.fileno())
-        self.bytes += _HEAD.size + len(payload)
+        self.bytes += len(data)
 
     def records(self, repair: bool = True) -> list[dict[str, Any]]:
         """Every whole record; with ``repair`` (at start) a torn or damaged tail is cut from
@@ -148,6 +167,8 @@ class Versions:
         self.index = {(p.spec.name, p.row_start): i for i, p in enumerate(parts)}
         self.base_version = base_version  # what the compacted files hold
         self.snapshot = snapshot  # every row changed up to base_version, from those files
+        # Corrections at base_version the files do not hold (parts a compaction left), by slot.
+        self.carried: dict[int, Overlay] = {}
         self.state: tuple[int, dict[int, dict[int, Patch]]] = (0, {base_version: {}})
         self.current = base_version
         self.staged: tuple[int, dict[int, Patch]] | None = None
@@ -156,6 +177,7 @@ class Versions:
         self.dense: tuple[int, bytes] | None = dense
         self.rows_updated = 0
         self.compactions = 0  # by this process
+        self.compacted_bytes = 0  # part files written by this process's compactions
         self.lock = threading.Lock()  # stage/commit/abort/compaction, one at a time
         self.log = UpdateLog(state_dir / "updates.log") if state_dir is not None else None
         if self.log is not None:
@@ -253,6 +275,7 @@ class Versions:
             "oldest": min(self.committed),
             "compacted": self.base_version,
             "compactions": self.compactions,
+            "compacted_bytes": self.compacted_bytes,
             "dense": self.dense[0] if self.dense else None,
             "rows_updated": self.rows_updated,
             "log_bytes": self.log.bytes if self.log else 0,
@@ -286,14 +309,39 @@ class Versions:
             out[v] = mine
         return out
 
-    def compacted(self, version: int) -> None:
-        """The files now hold ``version`` (and ``state`` is rebased on them): empty the log,
-        whose records ``base.json`` made unneeded."""
+    def carry(self, version: int, carried: dict[int, Overlay]) -> dict[str, Any] | None:
+        """Log the corrections of ``version`` a compaction leaves in memory (``carried``, by
+        slot), before ``base.json`` names ``version``; returns the record (None: nothing
+        carried)."""
+        if not carried:
+            return None
+        record = {"op": "carry", "version": version, "parts": _pack([
+            StagePart(self.parts[s].spec.name, self.parts[s].row_start, o.keys, o.deltas)
+            for s, o in sorted(carried.items())
+        ])}  # fmt: skip
+        self._append(record)
+        return record
+
+    def compacted(
+        self,
+        version: int,
+        carried: dict[int, Overlay],
+        record: dict[str, Any] | None,
+        written: int,
+    ) -> None:
+        """``base.json`` names ``version`` now (and ``state`` is rebased on its files, of
+        ``written`` bytes): the log becomes ``record`` alone, the corrections ``carried``
+        over the files."""
         assert self.log is not None and version == self.current and self.staged is None
         self.base_version = version
-        self.rows_updated = 0
+        self.carried = carried
+        self.rows_updated = sum(o.size for o in carried.values())
         self.compactions += 1
-        self.log.reset()
+        self.compacted_bytes += written
+        try:
+            self.log.reset(record)
+        except OSError as exc:  # the log keeps its records, the carried ones at its end
+            log.warning("could not shorten the update log after compaction: %s", exc)
 
     # --- internals --------------------------------------------------------------------------
 
@@ -343,7 +391,9 @@ class Versions:
             set_bits(bits, ids - part.row_start)
             # Relative to the file and the large level (a row's small entry is replaced, not
             # added to: its error does not grow with the times it was updated).
-            below = base_rows(part, ids).astype(np.float64) + _at((large,), ids, part.spec.dim)
+            below = base_rows(part, ids).astype(np.float64) + corrections(
+                (large,), ids, part.spec.dim
+            )
             small = _put(small, ids, _stored(part.spec.dtype, sp.rows[order]) - below)
             if small.size > max(FOLD_MIN, large.size // 4):
                 large, small = _add(large, small.keys, small.deltas), _EMPTY
@@ -363,6 +413,23 @@ class Versions:
             self.dense = (version, self.staged_dense)
         self.staged, self.staged_dense = None, None
 
+    def _carry(self, parts: list[StagePart]) -> None:
+        """The corrections a compaction carried over its files, as ``base_version``."""
+        patches: dict[int, Patch] = {}
+        for i, sp in enumerate(parts):
+            slot = self.index.get((sp.table, sp.row_start))
+            if slot is None:
+                raise unknown_part(sp.table, sp.row_start, i)
+            part = self.parts[slot]
+            bits = np.zeros((part.row_end - part.row_start + 7) // 8, np.uint8)
+            keys = np.array(sp.ids, np.int64)
+            set_bits(bits, keys - part.row_start)
+            self.carried[slot] = flat = Overlay(keys, np.array(sp.rows, np.float32))
+            patches[slot] = Patch((flat, _EMPTY), bits)
+        self.state = (self.state[0], {self.base_version: patches})
+        self.current = self.base_version
+        self.rows_updated = sum(o.size for o in self.carried.values())
+
     def _append(self, record: dict[str, Any]) -> None:
         assert self.log is not None
         try:
@@ -371,9 +438,13 @@ class Versions:
             raise RecserveError(f"writing the update log failed: {exc}") from exc
 
     def _replay(self, records: list[dict[str, Any]]) -> None:
-        records = [r for r in records if r["version"] > self.base_version]
+        records = [r for r in records if r["version"] > self.base_version
+                   or (r["op"] == "carry" and r["version"] == self.base_version)]  # fmt: skip
         for r in records:
-            if r["op"] == "stage":
+            if r["op"] == "carry":
+                if r["version"] == self.base_version:
+                    self._carry(_unpack(r["parts"]))
+            elif r["op"] == "stage":
                 self.staged = (r["version"], self._build(_unpack(r["parts"])))
                 self.staged_dense = r.get("dense")
             elif r["op"] == "commit" and self.staged and self.staged[0] == r["version"]:
@@ -389,6 +460,11 @@ class Versions:
                 self.current,
                 f", version {self.staged[0]} staged" if self.staged else "",
             )
+
+
+def _record(record: dict[str, Any]) -> bytes:
+    payload = msgpack.packb(record, use_bin_type=True)
+    return _HEAD.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
 def patches_at(committed: dict[int, dict[int, Patch]], version: int | None) -> dict[int, Patch]:
@@ -433,7 +509,7 @@ def base_rows(part: Any, ids: np.ndarray) -> np.ndarray:
 _EMPTY = Overlay(np.zeros(0, np.int64), np.zeros((0, 0), np.float32))
 
 
-def _at(levels: tuple[Overlay, ...], ids: np.ndarray, dim: int) -> np.ndarray:
+def corrections(levels: tuple[Overlay, ...], ids: np.ndarray, dim: int) -> np.ndarray:
     """The summed corrections of ``levels`` at rows ``ids``, float32 ``[n, dim]``."""
     out = np.zeros((ids.size, dim), np.float32)
     for lv in levels:

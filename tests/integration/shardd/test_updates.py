@@ -2,7 +2,8 @@
 those rows replaced (int8 rows quantized as ``recserve quantize`` does), older versions stay
 readable, bad updates change nothing, a shard killed after a commit or between stage and
 commit comes back from its log with exactly what it acknowledged, and compaction into new
-part files changes no version's values."""
+part files (of the most-updated parts, the others' corrections carried) changes no
+version's values, even when it stops part way."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from recserve.contracts.manifest import read_manifest
 from recserve.contracts.plan import Plan
 from recserve.model.artifact import open_table
 from recserve.rpc.wire import PartRequest, StagePart, decode_lookup, encode_lookup, encode_stage
+from shardd import compaction
 from shardd.store import PartStore
+from shardd.updates import UpdateLog
 from tests.integration.shardd.test_cache import cached_model  # noqa: F401 - the fixture
 from tests.integration.shards import header, raw, running, start_shard, stop, wait_healthy
 
@@ -194,15 +197,20 @@ def test_killed_shard_comes_back_with_what_it_acknowledged(cached_model, tmp_pat
         stop(proc)
 
 
-def near_rows(plan: Plan, model: Path, seed: int, tables: dict) -> tuple[list[StagePart], dict]:
-    """New rows for ids among the first 200 of every part of shard 0 (where ``pooled``
-    draws), and ``tables`` with them replaced (stored as the table stores them)."""
+def near_rows(
+    plan: Plan, model: Path, seed: int, tables: dict, counts: dict[str, int] | None = None
+) -> tuple[list[StagePart], dict]:
+    """New rows for ids near the start of every part of shard 0 (where ``pooled`` draws):
+    ``counts`` of a table (50 unless said) among its first ``max(200, 2 * count)``; and
+    ``tables`` with them replaced (stored as the table stores them)."""
     manifest = read_manifest(model)
     rng = np.random.default_rng(seed)
     parts, out = [], {name: t.copy() for name, t in tables.items()}
     for p in plan.shard(0).parts:
         spec = manifest.table(p.table)
-        ids = rng.choice(np.arange(p.row_start, min(p.row_end, p.row_start + 200)), 50, False)
+        n = (counts or {}).get(p.table, 50)
+        near = np.arange(p.row_start, min(p.row_end, p.row_start + max(200, 2 * n)))
+        ids = rng.choice(near, n, False)
         rows = rng.standard_normal((ids.size, spec.dim)).astype(np.float32)
         parts.append(StagePart(p.table, p.row_start, ids.astype(np.int64), rows))
         if spec.dtype == "int8":
@@ -290,15 +298,108 @@ def test_replica_catches_up_across_a_compaction(cached_model, tmp_path) -> None:
     history = peer.versions.history(0)
     assert [v for v, _ in history] == [1, 2]
     assert behind.versions.catch_up(history) == 2 and behind.versions.current == 2
+    for store in (peer, behind):
+        pools_as(store, plan, v2)
+    peer.close()
+    behind.close()
+
+
+def pools_as(store: PartStore, plan: Plan, tables: dict, version: int | None = None) -> None:
+    """Every part of ``store`` (shard 0) pools as ``tables`` at ``version`` (None: newest),
+    in-process."""
     rng = np.random.default_rng(7)
     for p in plan.shard(0).parts:
         ids = rng.integers(p.row_start, p.row_start + 200, 64)
         frames = encode_lookup(1, None, [PartRequest(p.table, p.row_start, 16, "sum")], ids,
                                np.full(16, 4))  # fmt: skip
         lookup = decode_lookup(msgpack.unpackb(frames[0]), frames[1:])
-        want = kernels.pool_numpy(v2[p.table], ids, np.arange(0, 64, 4), mode="sum")
-        for store in (peer, behind):
-            got = store.pool(lookup)[0].pooled[:, 0, :]
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    peer.close()
+        want = kernels.pool_numpy(tables[p.table], ids, np.arange(0, 64, 4), mode="sum")
+        got = store.prepare(lookup, version=version).run()[0].pooled[:, 0, :]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def partial_store(model: Path, plan: Plan, state: Path) -> tuple[PartStore, str, int]:
+    """A store on shard 0 whose ``compact_at`` is met by 2,000 rows of its first part (of
+    the fewest rows) and leaves 50 rows of the others carried; with that part's key."""
+    manifest = read_manifest(model)
+    first = plan.shard(0).parts[0]
+    total = sum(p.rows for p in plan.shard(0).parts)
+    store = PartStore(model, manifest, plan.shard(0), state_dir=state, compact_at=2000 / total)
+    return store, f"{first.table}@{first.row_start}", first.rows
+
+
+def test_compaction_rewrites_the_most_updated_parts_only(cached_model, tmp_path) -> None:  # noqa: F811
+    """Only the parts whose corrections pass the threshold are rewritten; the others' are
+    carried in memory and in the log, through a restart and a replica's catch-up."""
+    model, _, plan = cached_model
+    dense_table = plan.shard(0).parts[0].table
+    v0 = originals(model, plan)
+    v1_parts, v1 = near_rows(plan, model, 31, v0, {dense_table: 2000})
+    v2_parts, v2 = near_rows(plan, model, 32, v1)
+    store, key, rows = partial_store(model, plan, tmp_path / "state")
+    store.versions.stage(1, v1_parts)
+    store.versions.commit(1)
+    assert store.wants_compaction() and store.compact() == 1
+    assert store.base is not None and list(store.base.files) == [key]
+    info = store.versions.describe()
+    assert info["rows_updated"] == 50 * (len(v1_parts) - 1) and info["log_bytes"] > 0
+    assert info["compacted_bytes"] == rows * read_manifest(model).table(dense_table).row_bytes
+    pools_as(store, plan, v1)
+    pools_as(store, plan, v0, version=0)
+    store.versions.stage(2, v2_parts)
+    store.versions.commit(2)
+    assert not store.wants_compaction()
+    store.close()
+    again, _, _ = partial_store(model, plan, tmp_path / "state")  # a restart: files, carry, log
+    assert again.versions.current == 2 and again.versions.base_version == 1
+    pools_as(again, plan, v2)
+    pools_as(again, plan, v1, version=1)
+    behind = PartStore(model, read_manifest(model), plan.shard(0), state_dir=tmp_path / "behind")
+    history = again.versions.history(0)
+    assert [v for v, _ in history] == [1, 2]  # the snapshot holds the carried rows
+    assert behind.versions.catch_up(history) == 2
+    pools_as(behind, plan, v2)
+    pools_as(behind, plan, v1, version=1)
+    again.close()
     behind.close()
+
+
+@pytest.mark.parametrize("fails", ["base", "log"])
+def test_a_compaction_cut_short_loses_nothing(cached_model, tmp_path, monkeypatch, fails) -> None:  # noqa: F811
+    """A compaction that stops before ``base.json`` names its version (the carried rows
+    are then in the log twice), or before the log is shortened (base.json names it, the
+    log still holds every record), comes back with every version."""
+    model, _, plan = cached_model
+    dense_table = plan.shard(0).parts[0].table
+    v0 = originals(model, plan)
+    v1_parts, v1 = near_rows(plan, model, 41, v0, {dense_table: 2000})
+    v2_parts, v2 = near_rows(plan, model, 42, v1)
+    store, _, _ = partial_store(model, plan, tmp_path / "state")
+    store.versions.stage(1, v1_parts)
+    store.versions.commit(1)
+
+    def broken(*args, **kwargs) -> None:
+        raise OSError("no space left on device")
+
+    if fails == "base":
+        monkeypatch.setattr(compaction, "write_base", broken)
+        with pytest.raises(OSError):
+            store.compact()
+    else:
+        monkeypatch.setattr(UpdateLog, "reset", broken)
+        assert store.compact() == 1
+    store.versions.stage(2, v2_parts)  # appended after the carry record
+    store.versions.commit(2)
+    pools_as(store, plan, v2)
+    store.close()
+    monkeypatch.undo()
+    again, _, _ = partial_store(model, plan, tmp_path / "state")
+    assert again.versions.current == 2
+    assert again.versions.base_version == (0 if fails == "base" else 1)
+    pools_as(again, plan, v2)
+    pools_as(again, plan, v1, version=1)
+    before = again.versions.describe()["log_bytes"]
+    again.compact()  # a later compaction completes and shortens the log
+    assert again.versions.base_version == 2 and again.versions.describe()["log_bytes"] < before
+    pools_as(again, plan, v2)
+    again.close()
