@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -152,12 +151,12 @@ def parse_infer(
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
             raise BadRequest(f"{where} needs a name", field=where)
         name, dtype = t["name"], DTYPES.get(str(t.get("datatype")))
-        shape = t.get("shape")
+        shape: Any = t.get("shape")  # a list of sizes once _count has checked it
         if dtype is None:
             raise BadRequest(f"{name}: datatype must be one of {', '.join(DTYPES)}", field=name)
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        count = _count(shape)
+        if count < 0:
             raise BadRequest(f"{name}: shape must be a list of sizes", field=name)
-        count = math.prod(shape)  # Python integers: no wrap-around on huge shapes
         if count * dtype.itemsize > len(body):
             raise BadRequest(f"{name}: shape {shape} is larger than the body", field=name)
         size = (t.get("parameters") or {}).get("binary_data_size")
@@ -181,31 +180,50 @@ def parse_infer(
                 raise BadRequest(f"{name}: data must be {count} numbers", field=name) from None
             if arr.size != count:
                 raise BadRequest(f"{name}: {arr.size} values for shape {shape}", field=name)
-        tensors[name] = arr.reshape(shape)
+        tensors[name] = arr if len(shape) == 1 else arr.reshape(shape)
     dense = tensors.pop("dense", None)
     if dense is None:
         raise BadRequest("the dense input is missing", field="dense")
-    sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name in list(tensors):
+    values: dict[str, np.ndarray] = {}
+    lengths: dict[str, np.ndarray] = {}
+    for name, arr in tensors.items():
         feature, _, part = name.rpartition(".")
-        if part not in ("values", "lengths") or not feature:
+        if part == "values" and feature:
+            values[feature] = arr
+        elif part == "lengths" and feature:
+            lengths[feature] = arr
+        else:
             raise BadRequest(
                 f"unknown input {name!r} (dense, <feature>.values, <feature>.lengths)", field=name
             )
-    for name, arr in tensors.items():
-        feature, _, part = name.rpartition(".")
-        if part == "values":
-            lengths = tensors.get(f"{feature}.lengths")
-            if lengths is None or arr.dtype.kind != "i" or lengths.dtype.kind != "i":
-                raise BadRequest(
-                    f"{feature} needs integer .values and .lengths", field=f"{feature}.lengths"
-                )
-            sparse[feature] = (arr, lengths.reshape(-1))
-        elif f"{feature}.values" not in tensors:
-            raise BadRequest(f"{feature}.lengths has no {feature}.values", field=name)
+    sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for feature, arr in values.items():
+        lens = lengths.get(feature)
+        if lens is None or arr.dtype.kind != "i" or lens.dtype.kind != "i":
+            raise BadRequest(
+                f"{feature} needs integer .values and .lengths", field=f"{feature}.lengths"
+            )
+        sparse[feature] = (arr, lens.reshape(-1))
+    for feature in lengths:
+        if feature not in values:
+            raise BadRequest(f"{feature}.lengths has no {feature}.values",
+                             field=f"{feature}.lengths")  # fmt: skip
     batch = batch_from_arrays(dense, sparse, gw.manifest, gw.limits)
     gw.check_limits(batch)
     return batch, deadline, binary_out
+
+
+def _count(shape: Any) -> int:
+    """The element count of a tensor's ``shape`` (a list of sizes), or -1 when it is not
+    one; Python integers, so a huge shape does not wrap around."""
+    if type(shape) is not list:
+        return -1
+    count = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            return -1
+        count *= d
+    return count
 
 
 async def infer(request: web.Request) -> web.Response:

@@ -22,7 +22,7 @@ class Bags:
     looked up and pooled once.
     """
 
-    ids: np.ndarray  # int64 [n]
+    ids: np.ndarray  # int64 [n] (int32 as a request sent them, when every id fits)
     bounds: np.ndarray  # int64 [bags + 1]
     weights: np.ndarray | None = None  # float32 [n]
     index: np.ndarray | None = None  # intp [B]

@@ -81,7 +81,7 @@ class Model:
                 pooled = self.tableset.pool(
                     [self.slot[features[k][1].name] for k in members],
                     np.concatenate([b.ids for b in bags]),
-                    np.stack([b.bounds + s for b, s in zip(bags, starts, strict=False)]),
+                    np.stack([b.bounds for b in bags]) + starts[:-1, None],
                     weights=weights,
                     modes=[features[k][1].pooling for k in members],
                     out=out if whole else None,

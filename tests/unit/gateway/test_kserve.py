@@ -45,6 +45,30 @@ def test_json_tensors() -> None:
     np.testing.assert_array_equal(batch.bags["fb"].bounds, [0, 0, 0])
 
 
+def tensors(feature: str, ids: list[int], lengths: list[int], kind: str = "INT64") -> list:
+    return [
+        {"name": f"{feature}.values", "datatype": kind, "shape": [len(ids)], "data": ids},
+        {"name": f"{feature}.lengths", "datatype": "INT32", "shape": [len(lengths)],
+         "data": lengths},
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("kinds", [("INT32", "INT32"), ("INT32", "INT64"), ("INT64", "INT64")])
+def test_features_checked_together_keep_their_bags(kinds: tuple[str, str]) -> None:
+    """Every feature's ids and bounds as sent, a feature not sent empty; ids stay int32 when
+    every feature sent int32."""
+    doc = body(DENSE, *tensors("fc", [6, 0, 5], [1, 2], kinds[0]),
+               *tensors("fa", [9, 8], [0, 2], kinds[1]))  # fmt: skip
+    batch, _, _ = parse_infer(doc, None, gateway(), now_ms())
+    assert list(batch.bags) == ["fa", "fb", "fc"]  # the manifest's order
+    for feature, ids, bounds in [("fa", [9, 8], [0, 0, 2]), ("fb", [], [0, 0, 0]),
+                                 ("fc", [6, 0, 5], [0, 1, 3])]:  # fmt: skip
+        np.testing.assert_array_equal(batch.bags[feature].ids, ids)
+        np.testing.assert_array_equal(batch.bags[feature].bounds, bounds)
+    wanted = np.int32 if kinds == ("INT32", "INT32") else np.int64
+    assert batch.bags["fa"].ids.dtype == batch.bags["fc"].ids.dtype == wanted
+
+
 def test_binary_tensors() -> None:
     dense = np.arange(6, dtype="<f4")
     values, lengths = np.array([4, 6], "<i8"), np.array([0, 2], "<i4")
@@ -97,6 +121,19 @@ def test_binary_tensors() -> None:
             ],
             "zz",
         ),
+        # the second feature's second id is past its table's 7 rows (the first's are fine)
+        (
+            [
+                DENSE,
+                *tensors("fa", [1, 9], [1, 1], "INT32"),
+                *tensors("fb", [0, 7], [2, 0], "INT32"),
+            ],
+            "fb.values[1]",
+        ),
+        ([DENSE, *tensors("fc", [3, -1], [0, 2], "INT32")], "fc.values[1]"),  # negative
+        ([DENSE, *tensors("fc", [3, -1], [0, 2], "INT64")], "fc.values[1]"),
+        ([DENSE, *tensors("fa", [1, 2, 3], [1, 1], "INT32")], "fa.values"),  # lengths add to 2
+        ([DENSE, *tensors("fa", [1], [1, 0]), {**tensors("fb", [1], [1])[0]}], "fb.lengths"),
     ],
 )
 def test_bad_tensors_are_bad_requests(inputs: list[dict[str, Any]], field: str) -> None:
