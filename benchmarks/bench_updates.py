@@ -35,7 +35,7 @@ import msgpack
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
-from benchmarks.common import print_table, run_cli
+from benchmarks.common import histograms, print_table, run_cli, tail
 from loadgen.runner import MAX_US
 from recserve.contracts.manifest import read_manifest
 from recserve.local.argv import loadgen_argv
@@ -44,6 +44,8 @@ from tests.integration.shards import header, raw
 
 TOKEN = "bench-updates-token-0123456789abcdef"
 BODIES = 100
+TAIL_MS = 10.0  # a bucket bound of the gateway's histograms
+TAIL_STAGES = ("request", "queue_wait", "pooling", "dense", "shard_rpc")
 
 
 def update_body(rng: np.random.Generator, tables: list, rows: int) -> bytes:
@@ -165,15 +167,19 @@ def main(argv: list[str] | None = None) -> int:
                 with updating():
                     load(c.url, model, args.rate, args.warmup, root / "warmup.json")
             warm = len(commits)
+            # The serving gateway's stage and shard-RPC histograms, per phase (their deltas).
+            spans: dict[str, list[tuple[dict, dict]]] = {"without": [], "with": []}
             for k in range(args.rounds):  # alternating: the host's drift hits both alike
-                before = cpu_now()
+                before, seen = cpu_now(), histograms(c.url, "recserve_gateway")
                 quiet = load(c.url, model, args.rate, args.duration, root / f"quiet{k}.json")
                 cpu["without"] += cpu_now() - before
+                spans["without"].append((seen, histograms(c.url, "recserve_gateway")))
                 began = time.perf_counter()
-                before = cpu_now()
+                before, seen = cpu_now(), histograms(c.url, "recserve_gateway")
                 with updating():
                     busy = load(c.url, model, args.rate, args.duration, root / f"busy{k}.json")
                 cpu["with"] += cpu_now() - before
+                spans["with"].append((seen, histograms(c.url, "recserve_gateway")))
                 pushing += time.perf_counter() - began
                 rounds.append((quiet, busy))
             names = ["gateway"] + [f"shard {i}" for i in range(len(pids) - 1)] + ["pusher"]
@@ -228,6 +234,21 @@ def main(argv: list[str] | None = None) -> int:
                 [[n, f"{w / spent * 100:.1f}", f"{b / spent * 100:.1f}",
                   f"{(b - w) / spent * 100:+.1f}"]
                  for n, w, b in zip(names, cpu["without"], cpu["with"], strict=True)])  # fmt: skip
+    print(
+        f"where the tail grows (the serving gateway's histograms over all rounds; share "
+        f"of observations above {TAIL_MS:g} ms, and the P99 as its bucket's upper bound):"
+    )
+    tails = []
+    for key in sorted(spans["with"][0][1]):
+        if not any(stage in key for stage in TAIL_STAGES):
+            continue
+        row = [key.removeprefix("recserve_gateway_").replace("_seconds", "")]
+        for phase in ("without", "with"):
+            pairs = [(seen.get(key, {}), after.get(key, {})) for seen, after in spans[phase]]
+            n, share, p99 = tail(pairs, TAIL_MS / 1e3)
+            row += [f"{share:.2%}" if n else "-", f"{p99 * 1e3:g}"]
+        tails.append(row)
+    print_table(["histogram", "without", "P99 ms", "with", "P99 ms"], tails)
     done = [i["compactions"] for i in infos]
     print(f"compactions per shard (--compact-at {args.compact_at}): {done}")
     written = sum(i.get("compacted_bytes", 0) for i in infos)

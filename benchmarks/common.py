@@ -77,3 +77,40 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def histograms(url: str, prefix: str) -> dict[str, dict[float, float]]:
+    """The cumulative bucket counts (upper bound -> count) of every histogram series at
+    ``url``'s ``/metrics`` whose name starts with ``prefix``, by ``name{labels}``."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.type != "histogram" or not family.name.startswith(prefix):
+            continue
+        for s in family.samples:
+            if s.name.endswith("_bucket"):
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "le")
+                key = f"{family.name}{{{labels}}}" if labels else family.name
+                out.setdefault(key, {})[float(s.labels["le"])] = s.value
+    return out
+
+
+def tail(
+    spans: Sequence[tuple[dict[float, float], dict[float, float]]], above: float
+) -> tuple[int, float, float]:
+    """Of the observations of one histogram between each pair of snapshots ``(before,
+    after)``, all together: their count, the share above ``above`` (a bucket bound) and the
+    P99 as the upper bound of its bucket."""
+    bounds = sorted(spans[-1][1]) if spans else []
+    counts = [sum(a.get(b, 0.0) - s.get(b, 0.0) for s, a in spans) for b in bounds]
+    n = counts[-1] if counts else 0.0
+    if not n:
+        return 0, 0.0, 0.0
+    share = 1 - counts[bounds.index(above)] / n
+    p99 = next(b for b, c in zip(bounds, counts, strict=True) if c >= 0.99 * n)
+    return int(n), share, p99

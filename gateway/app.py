@@ -38,6 +38,9 @@ from recserve.contracts.http import JSON, MSGPACK, MSGPACK_TYPES, feature_list
 from recserve.rpc.deadline import Deadline, now_ms
 
 log = logging.getLogger(__name__)
+# The routes whose requests are scored: the request-latency histogram times these only.
+SCORING = frozenset({"/v1/predict", "/v1/embeddings", "/v2/models/{model}/infer",
+                     "/v2/models/{model}/versions/{version}/infer"})  # fmt: skip
 CLIENT_GONE = "499"  # nginx's status for a request whose client closed the connection
 
 
@@ -102,7 +105,7 @@ async def errors(
         log.exception("%s %s failed", request.method, request.path)
         response = error_response(RecserveError("internal error; see the gateway log"), request)
     gw.metrics.requests.labels(route=route, status=str(response.status)).inc()
-    if route.startswith(("/v1/", "/v2/models")):
+    if route in SCORING:  # not updates, deploys or metadata: they have their own figures
         gw.metrics.latency.observe(time.perf_counter() - start)
     return response
 

@@ -125,7 +125,9 @@ class GatewayMetrics:
                 ["route", "status"],
                 registry=reg,
             ),
-            latency=stage("request", "End-to-end request latency"),
+            latency=stage(
+                "request", "End-to-end latency of scoring requests (predict, embeddings, infer)"
+            ),
             queue_wait=stage("queue_wait", "Time a request waited for its batch"),
             assembly=stage(
                 "batch_assembly", "Merging requests into a batch and routing it to shards"

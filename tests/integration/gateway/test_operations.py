@@ -45,6 +45,7 @@ def test_model_health_and_metrics(deployments) -> None:
         for shard in range(3):
             assert f'recserve_gateway_shard_rpc_seconds_count{{shard="{shard}"}} 1.0' in text
         assert "recserve_gateway_shards_contacted_count 1.0" in text
+        assert "recserve_gateway_request_seconds_count 1.0" in text  # the predict, not /v1/model
         assert 'recserve_gateway_shard_bytes_total{direction="received"}' in text
         for stage in ("parse", "assembly", "merge", "dense"):  # CPU the request took in each
             found = re.search(
