@@ -325,7 +325,6 @@ class PartStore:
             new = Base(version, files, changed, dense)
             compaction.write_base(self.state_dir, new, self.digest)
             self._swap(view, flats, written)
-            v.compacted(version, carried, record, sum(view.by_slot[s].nbytes for s in flats))
             old, self.base = base, new
             if old.dense is not None and old.dense != dense:
                 (self.state_dir / compaction.TABLES / old.dense[1]).unlink(missing_ok=True)
@@ -334,6 +333,8 @@ class PartStore:
                 for name in (old.files.get(key), old.changed.get(key)):
                     if name is not None and name not in (files[key], changed[key]):
                         (self.state_dir / compaction.TABLES / name).unlink(missing_ok=True)
+            # Last, so that once ``info`` reports the version compacted its old files are gone.
+            v.compacted(version, carried, record, sum(view.by_slot[s].nbytes for s in flats))
             return len(flats)
 
     def _chosen(self, view: View, updated: dict[int, Overlay]) -> dict[int, Overlay]:
