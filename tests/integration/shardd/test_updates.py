@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
@@ -318,39 +319,56 @@ def pools_as(store: PartStore, plan: Plan, tables: dict, version: int | None = N
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def partial_store(model: Path, plan: Plan, state: Path) -> tuple[PartStore, str, int]:
-    """A store on shard 0 whose ``compact_at`` is met by 2,000 rows of its first part (of
-    the fewest rows) and leaves 50 rows of the others carried; with that part's key."""
-    manifest = read_manifest(model)
+@dataclass
+class Partial:
+    """Shard 0's store with version 1 committed: 2,000 new rows of its first part (that
+    part alone meets ``compact_at``) and 50 of each other; version 2's rows, not staged."""
+
+    store: PartStore
+    key: str  # the first part's
+    rows: int  # the first part's
+    tables: list[dict]  # per version 0, 1, 2: every table as it should pool
+    v2_parts: list[StagePart]
+
+
+def partial(model: Path, plan: Plan, state: Path, seed: int) -> Partial:
     first = plan.shard(0).parts[0]
+    v0 = originals(model, plan)
+    v1_parts, v1 = near_rows(plan, model, seed, v0, {first.table: 2000})
+    v2_parts, v2 = near_rows(plan, model, seed + 1, v1)
+    store = reopen(model, plan, state)
+    store.versions.stage(1, v1_parts)
+    store.versions.commit(1)
+    return Partial(store, f"{first.table}@{first.row_start}", first.rows, [v0, v1, v2], v2_parts)
+
+
+def reopen(model: Path, plan: Plan, state: Path) -> PartStore:
+    """Shard 0's store on ``state`` (a restart when it exists), ``compact_at`` at 2,000 rows."""
     total = sum(p.rows for p in plan.shard(0).parts)
-    store = PartStore(model, manifest, plan.shard(0), state_dir=state, compact_at=2000 / total)
-    return store, f"{first.table}@{first.row_start}", first.rows
+    return PartStore(model, read_manifest(model), plan.shard(0), state_dir=state,
+                     compact_at=2000 / total)  # fmt: skip
 
 
 def test_compaction_rewrites_the_most_updated_parts_only(cached_model, tmp_path) -> None:  # noqa: F811
     """Only the parts whose corrections pass the threshold are rewritten; the others' are
     carried in memory and in the log, through a restart and a replica's catch-up."""
     model, _, plan = cached_model
-    dense_table = plan.shard(0).parts[0].table
-    v0 = originals(model, plan)
-    v1_parts, v1 = near_rows(plan, model, 31, v0, {dense_table: 2000})
-    v2_parts, v2 = near_rows(plan, model, 32, v1)
-    store, key, rows = partial_store(model, plan, tmp_path / "state")
-    store.versions.stage(1, v1_parts)
-    store.versions.commit(1)
+    got = partial(model, plan, tmp_path / "state", 31)
+    store, (v0, v1, v2) = got.store, got.tables
     assert store.wants_compaction() and store.compact() == 1
-    assert store.base is not None and list(store.base.files) == [key]
+    assert store.base is not None and list(store.base.files) == [got.key]
     info = store.versions.describe()
-    assert info["rows_updated"] == 50 * (len(v1_parts) - 1) and info["log_bytes"] > 0
-    assert info["compacted_bytes"] == rows * read_manifest(model).table(dense_table).row_bytes
+    n_parts = len(plan.shard(0).parts)
+    assert info["rows_updated"] == 50 * (n_parts - 1) and info["log_bytes"] > 0
+    row_bytes = read_manifest(model).table(plan.shard(0).parts[0].table).row_bytes
+    assert info["compacted_bytes"] == got.rows * row_bytes
     pools_as(store, plan, v1)
     pools_as(store, plan, v0, version=0)
-    store.versions.stage(2, v2_parts)
+    store.versions.stage(2, got.v2_parts)
     store.versions.commit(2)
     assert not store.wants_compaction()
     store.close()
-    again, _, _ = partial_store(model, plan, tmp_path / "state")  # a restart: files, carry, log
+    again = reopen(model, plan, tmp_path / "state")  # a restart: files, carry, log
     assert again.versions.current == 2 and again.versions.base_version == 1
     pools_as(again, plan, v2)
     pools_as(again, plan, v1, version=1)
@@ -370,13 +388,8 @@ def test_a_compaction_cut_short_loses_nothing(cached_model, tmp_path, monkeypatc
     are then in the log twice), or before the log is shortened (base.json names it, the
     log still holds every record), comes back with every version."""
     model, _, plan = cached_model
-    dense_table = plan.shard(0).parts[0].table
-    v0 = originals(model, plan)
-    v1_parts, v1 = near_rows(plan, model, 41, v0, {dense_table: 2000})
-    v2_parts, v2 = near_rows(plan, model, 42, v1)
-    store, _, _ = partial_store(model, plan, tmp_path / "state")
-    store.versions.stage(1, v1_parts)
-    store.versions.commit(1)
+    got = partial(model, plan, tmp_path / "state", 41)
+    store, (_, v1, v2) = got.store, got.tables
 
     def broken(*args, **kwargs) -> None:
         raise OSError("no space left on device")
@@ -388,12 +401,12 @@ def test_a_compaction_cut_short_loses_nothing(cached_model, tmp_path, monkeypatc
     else:
         monkeypatch.setattr(UpdateLog, "reset", broken)
         assert store.compact() == 1
-    store.versions.stage(2, v2_parts)  # appended after the carry record
+    store.versions.stage(2, got.v2_parts)  # appended after the carry record
     store.versions.commit(2)
     pools_as(store, plan, v2)
     store.close()
     monkeypatch.undo()
-    again, _, _ = partial_store(model, plan, tmp_path / "state")
+    again = reopen(model, plan, tmp_path / "state")
     assert again.versions.current == 2
     assert again.versions.base_version == (0 if fails == "base" else 1)
     pools_as(again, plan, v2)
