@@ -179,13 +179,13 @@ def _bags(
                 f"{feature}.values[{pos}]: id {int(mine[pos])} is outside [0, {rows})",
                 field=f"{feature}.values[{pos}]",
             )
-    out = {feature: Bags(ids[starts[j] : starts[j + 1]], bounds[j])
-           for j, (feature, _, _) in enumerate(sent)}  # fmt: skip
-    empty = np.zeros(size + 1, np.int64)
-    for feature, _, arrays in features:
+    out, j, empty = {}, 0, np.zeros(size + 1, np.int64)
+    for feature, _, arrays in features:  # ``sent`` keeps their order
         if arrays is None:
             out[feature] = Bags(_NO_IDS, empty)
-    out = {feature: out[feature] for feature, _, _ in features}  # the manifest's order
+        else:
+            out[feature] = Bags(ids[starts[j] : starts[j + 1]], bounds[j])
+            j += 1
     return out
 
 
