@@ -9,8 +9,10 @@ to back or paced at ``--rows-per-s``), to the gateway's admin worker (``--admin-
 ``--intake serving``: to the serving gateway itself); then once more with the updates
 applied and none arriving. Printed: rows/s applied, commit latency P50/P99
 (arrival to commit on every replica), serving P50/P99 of each phase and the median of the
-rounds' P99 ratios, failed requests and updates, and whether every committed version
-reached every shard (none lost).
+rounds' P99 ratios, failed requests and updates, the CPU each process added, where the tail
+grows (the serving gateway's stage and shard-RPC histograms with and without updates), the
+bytes compaction wrote, and whether every committed version reached every shard (none
+lost).
 
     python -m benchmarks.bench_updates [--size 256MiB] [--rate 20] [--duration 30] [--rows 10000]
         [--rows-per-s 0] [--compact-at 0.1] [--rounds 3] [--warmup 10] [--intake admin|serving]

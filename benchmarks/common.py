@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import statistics
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 WARM_S = 0.05
 
@@ -82,10 +85,6 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 def histograms(url: str, prefix: str) -> dict[str, dict[float, float]]:
     """The cumulative bucket counts (upper bound -> count) of every histogram series at
     ``url``'s ``/metrics`` whose name starts with ``prefix``, by ``name{labels}``."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
     out: dict[str, dict[float, float]] = {}
