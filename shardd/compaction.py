@@ -32,6 +32,7 @@ import kernels
 from recserve.contracts.errors import ArtifactError
 from recserve.contracts.manifest import TableSpec
 from recserve.model.artifact import storage
+from shardd.durable import replace_file
 from shardd.updates import set_bits
 
 BASE = "base.json"
@@ -80,7 +81,7 @@ def read_base(state_dir: Path, digest: str) -> Base | None:
 def write_base(state_dir: Path, base: Base, digest: str) -> None:
     body = {"model_digest": digest, "version": base.version, "files": base.files,
             "changed": base.changed, "dense": base.dense}  # fmt: skip
-    _replace(state_dir / BASE, json.dumps(body, indent=1).encode())
+    replace_file(state_dir / BASE, json.dumps(body, indent=1).encode())
 
 
 def open_part(state_dir: Path, name: str, spec: TableSpec, rows: int, row_start: int) -> PartFile:
@@ -156,7 +157,7 @@ def write_changed(dest: Path, bits: np.ndarray) -> None:
     part's local row ``r``, little-endian within each byte): an ``OR`` merges a compaction's
     rows into it, where a sorted id list had to be merged and rewritten whole. The caller
     syncs the directory, as for ``write_part``."""
-    _replace(dest, _npy_bytes(np.ascontiguousarray(bits, np.uint8)), sync_parent=False)
+    replace_file(dest, _npy_bytes(np.ascontiguousarray(bits, np.uint8)), sync_parent=False)
 
 
 def changed_bits(path: Path | None, row_start: int, rows: int) -> np.ndarray:
@@ -182,7 +183,7 @@ def changed_ids(path: Path, row_start: int, rows: int) -> np.ndarray:
 
 
 def write_bytes(dest: Path, data: bytes, *, sync_parent: bool = True) -> None:
-    _replace(dest, data, sync_parent=sync_parent)
+    replace_file(dest, data, sync_parent=sync_parent)
 
 
 def read_rows(src: PartFile, spec: TableSpec, ids: np.ndarray) -> np.ndarray:
@@ -214,25 +215,3 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()
-
-
-def _replace(path: Path, data: bytes, *, sync_parent: bool = True) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if sync_parent:
-        sync_dir(path.parent)
-
-
-def sync_dir(path: Path) -> None:
-    """Make the names created in ``path`` durable (the files' own data is fsync'ed by
-    whoever wrote them)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

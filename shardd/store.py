@@ -44,6 +44,7 @@ from shardd import compaction
 from shardd.cache import CacheTier, Fetched, PartCache
 from shardd.compaction import Base, PartFile, part_key
 from shardd.disk import TableFile
+from shardd.durable import sync_dir
 from shardd.updates import (
     Overlay,
     Patch,
@@ -320,7 +321,7 @@ class PartStore:
                 dense = (v.dense[0], f"dense.v{v.dense[0]}.npz")
                 compaction.write_bytes(self.state_dir / compaction.TABLES / dense[1], v.dense[1],
                                        sync_parent=False)  # fmt: skip
-            compaction.sync_dir(self.state_dir / compaction.TABLES)  # once for every file
+            sync_dir(self.state_dir / compaction.TABLES)  # once for every file
             record = v.carry(version, carried)  # durable before base.json names the version
             new = Base(version, files, changed, dense)
             compaction.write_base(self.state_dir, new, self.digest)

@@ -54,6 +54,7 @@ from recserve.contracts.errors import (
     VersionUnavailable,
 )
 from recserve.rpc.wire import VERSIONS_KEPT, StagePart
+from shardd.durable import replace_file
 
 log = logging.getLogger(__name__)
 FOLD_MIN = 4096  # rows the small level may hold before it is folded into the large one
@@ -96,23 +97,13 @@ class UpdateLog:
 
     def reset(self, first: dict[str, Any] | None = None) -> None:
         """Replace the log by ``first`` alone (none: empty it), its other records being in
-        compacted files now: written under a temporary name and renamed into place, so a
-        crash leaves the old log or the new one whole."""
-        payload = _record(first) if first is not None else b""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        self.file.close()  # appends go to the new log from here on
-        self.file = open(self.path, "ab")  # noqa: SIM115 - kept open for the daemon's life
-        self.bytes = len(payload)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        compacted files now; a crash leaves the old log or the new one whole."""
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            replace_file(self.path, _record(first) if first is not None else b"")
+        finally:  # appends go to whichever file the name holds now
+            self.file.close()
+            self.file = open(self.path, "ab")  # noqa: SIM115 - kept open for the daemon's life
+            self.bytes = self.path.stat().st_size
 
     def append(self, record: dict[str, Any]) -> None:
         data = _record(record)
