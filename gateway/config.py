@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kernels.blas import BACKENDS
 from recserve.contracts.errors import ConfigError
+from recserve.rpc.shm import MAX_ARENA
 from recserve.runtime.config import option
 
 
@@ -71,6 +72,9 @@ class ApiSettings:
             raise ConfigError("--max-connections must be >= 1")
 
 
+SHM_MIN = 1 << 20
+
+
 @dataclass(frozen=True)
 class ReplicaSettings:
     hedge_after_ms: str = option(
@@ -81,6 +85,11 @@ class ReplicaSettings:
     hedge_budget: float = option(0.1, "share of lookups that may be hedged")
     retry_budget: float = option(0.2, "share of lookups that may be retried on another replica")
     eject_after: int = option(3, "failures in a row that take a replica out of rotation")
+    shm_bytes: int = option(
+        32 << 20,
+        "bytes of shared memory per replica on this host (ipc:// or loopback), through which "
+        "its lookups travel without copies; 0: always the socket",
+    )
 
     def __post_init__(self) -> None:
         hedge = self.hedge_after_ms
@@ -98,6 +107,8 @@ class ReplicaSettings:
             raise ConfigError("--hedge-budget and --retry-budget are shares in [0, 1]")
         if self.eject_after < 1:
             raise ConfigError("--eject-after must be >= 1")
+        if self.shm_bytes and not SHM_MIN <= self.shm_bytes <= MAX_ARENA:
+            raise ConfigError(f"--shm-bytes must be 0 or {SHM_MIN}..{MAX_ARENA}")
 
 
 def _number(text: str | None) -> bool:

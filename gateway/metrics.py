@@ -74,6 +74,7 @@ class GatewayMetrics:
     shard_rpc: Histogram
     shards_contacted: Histogram
     shard_bytes: Counter
+    shm_lookups: Counter
     replica_requests: Counter
     replica_outstanding: Gauge
     ejections: Counter
@@ -168,6 +169,13 @@ class GatewayMetrics:
                 "recserve_gateway_shard_bytes",
                 "Bytes to and from shards",
                 ["direction"],
+                registry=reg,
+            ),
+            shm_lookups=Counter(
+                "recserve_gateway_shm_lookups",
+                "Lookups whose ids and pooled vectors went through shared memory (a shard "
+                "on this host), not the socket",
+                ["shard"],
                 registry=reg,
             ),
             replica_requests=Counter(

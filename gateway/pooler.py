@@ -29,6 +29,7 @@ from recserve.contracts.plan import Plan
 from recserve.model.scorer import Model
 from recserve.rpc.curve import CurveKeys
 from recserve.rpc.deadline import Deadline
+from recserve.rpc.shm import remove_stale
 
 T = TypeVar("T")
 
@@ -115,6 +116,8 @@ class ShardedPooler:
         self.dim = manifest.embedding_dim
         self.router = Router(manifest, plan)
         self.merger = Merger(manifest, self.router)
+        if settings.shm_bytes:
+            remove_stale()  # arenas of SIGKILLed gateways
         self.replicas = {
             s.id: ReplicaSet.connect(s, ctx, metrics, settings, keys) for s in plan.shards
         }

@@ -110,6 +110,7 @@ class ReplicaSet:
         self.retried = metrics.retries.labels(shard=shard)
         self.sent_bytes = metrics.shard_bytes.labels(direction="sent")
         self.received_bytes = metrics.shard_bytes.labels(direction="received")
+        self.shm_lookups = metrics.shm_lookups.labels(shard=shard)
         self.outstanding = [metrics.replica_outstanding.labels(**r.labels) for r in self.replicas]
         self.outcomes: dict[tuple[int, str], Any] = {}
         self.turn = itertools.count()
@@ -128,7 +129,7 @@ class ReplicaSet:
     ) -> ReplicaSet:
         """A client per replica endpoint of ``shard``."""
         clients = [
-            ShardClient(ep, ctx, name=f"{shard.id}/{r}", keys=keys)
+            ShardClient(ep, ctx, name=f"{shard.id}/{r}", keys=keys, shm_bytes=settings.shm_bytes)
             for r, ep in enumerate(shard.endpoints)
         ]
         return cls(shard.id, clients, metrics, settings)
@@ -277,6 +278,8 @@ class ReplicaSet:
         sent = ids.nbytes + lengths.nbytes + (weights.nbytes if weights is not None else 0)
         self.sent_bytes.inc(sent)
         self.received_bytes.inc(sum(g.pooled.nbytes for g in groups))
+        if groups and groups[0].shared:
+            self.shm_lookups.inc()
         return groups
 
     def _count(self, replica: Replica, outcome: str) -> None:

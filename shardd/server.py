@@ -35,11 +35,13 @@ from recserve.contracts.errors import (
 )
 from recserve.rpc.deadline import Deadline
 from recserve.rpc.loopsocket import LoopSocket
+from recserve.rpc.shm import Maps, Region
 from recserve.rpc.wire import (
     MAX_REPLY_FLOATS,
     check_version,
     decode_header,
     decode_lookup,
+    decode_shm,
     decode_stage,
     error_reply,
     pack_header,
@@ -82,15 +84,24 @@ class Call:
         "inline",
         "job",
         "queued",
+        "region",
         "started",
         "worked",
     )
 
-    def __init__(self, ident: zmq.Frame, header: dict[str, Any], job: Job, inline: bool) -> None:
+    def __init__(
+        self,
+        ident: zmq.Frame,
+        header: dict[str, Any],
+        job: Job,
+        inline: bool,
+        region: Region | None = None,
+    ) -> None:
         self.ident = ident
         self.header = header
         self.job = job
         self.inline = inline
+        self.region = region  # the shared memory the groups were pooled into, if any
         self.started = time.perf_counter()
         self.groups: list[Group] = []
         self.error: RecserveError | None = None
@@ -136,6 +147,7 @@ class ShardServer:
         self.updates = ThreadPoolExecutor(
             1, thread_name_prefix="shardd-update", initializer=lower_priority
         )
+        self.shm = Maps()  # the arenas of the clients on this host
         self.inflight = 0
         self.draining = False
         self.idle = asyncio.Event()
@@ -184,7 +196,15 @@ class ShardServer:
                 raise DeadlineExceeded("the request arrived after its deadline")
             if self.inflight >= self.settings.queue_limit:
                 raise Overloaded(f"{self.inflight} lookups already queued", retry_after=0.05)
-            lookup = decode_lookup(header, [f.buffer for f in body[1:]])
+            spec = decode_shm(header)
+            region: Region | None = None
+            if spec is None:
+                arrays: list[Any] = [f.buffer for f in body[1:]]
+            elif len(body) > 1:
+                raise BadRequest("a lookup through shm sends no data frames", field="frames")
+            else:
+                arrays, region = self.shm.resolve(spec)
+            lookup = decode_lookup(header, arrays)
             # Inline only when small in ids and in output: bags x widest dim bounds it.
             inline = (
                 lookup.ids.size <= self.settings.inline_ids
@@ -193,7 +213,7 @@ class ShardServer:
             threads = 1 if inline else self.settings.kernel_threads
             version = check_version(header, required=False)
             store = self.models.store_for(version)
-            job = store.prepare(lookup, threads, self.settings.max_reply_floats, version)
+            job = store.prepare(lookup, threads, self.settings.max_reply_floats, version, region)
         except Exception as exc:
             if not isinstance(exc, RecserveError):
                 log.exception("preparing lookup %s failed", header and header.get("id"))
@@ -201,7 +221,7 @@ class ShardServer:
             op = header.get("op", "unknown") if header else "unknown"
             self._send(ident, [error_reply(header, exc)], str(op), exc.kind)
             return
-        call = Call(ident, header, job, inline)
+        call = Call(ident, header, job, inline, region)
         self.inflight += 1
         self.idle.clear()
         self.metrics.queue_depth.set(self.inflight)
@@ -383,10 +403,15 @@ class ShardServer:
             {"parts": list(g.parts), "bags": g.pooled.shape[0], "dim": g.pooled.shape[2]}
             for g in call.groups
         ]
+        if call.region is not None:  # pooled in place: the reply says where
+            for m, at in zip(meta, call.region.offsets, strict=True):
+                m["offset"] = at
         # Where the time went, for the gateway's per-stage metrics.
         timing = {"queue_ms": round(call.queued * 1e3, 3), "work_ms": round(call.worked * 1e3, 3)}
-        frames = [pack_header(reply(call.header, groups=meta, **timing))]
-        self._send(call.ident, [*frames, *[g.pooled for g in call.groups]], "lookup", "ok")
+        frames: list[Any] = [pack_header(reply(call.header, groups=meta, **timing))]
+        if call.region is None:
+            frames += [g.pooled for g in call.groups]
+        self._send(call.ident, frames, "lookup", "ok")
         self.metrics.latency.observe(time.perf_counter() - call.started)
 
     def _answer(self, header: dict[str, Any]) -> dict[str, Any]:

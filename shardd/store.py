@@ -39,6 +39,7 @@ from recserve.contracts.errors import IdOutOfRange, TooLarge
 from recserve.contracts.manifest import Manifest, TableSpec
 from recserve.contracts.plan import ShardPlan
 from recserve.model.artifact import file_size, hugepage_copies, open_table, touch
+from recserve.rpc.shm import Region
 from recserve.rpc.wire import MAX_REPLY_FLOATS, Lookup, StagePart
 from shardd import compaction
 from shardd.cache import CacheTier, Fetched, PartCache
@@ -219,9 +220,11 @@ class PartStore:
         threads: int | None = None,
         max_floats: int = MAX_REPLY_FLOATS,
         version: int | None = None,
+        out: Region | None = None,
     ) -> Job:
         """Resolve ``lookup``'s parts and check and size its kernel calls without running
-        them (the server does this on its loop; a worker then only runs ``Job.run``).
+        them (the server does this on its loop; a worker then only runs ``Job.run``). With
+        ``out`` the kernel pools into that shared memory, group by group.
 
         Zero-copy: the kernel reads the request's ids (and weights) frame in place, with bag
         bounds as positions into it and each part's first row id as its id base.
@@ -252,7 +255,7 @@ class PartStore:
         for i, part in enumerate(resolved):
             groups.setdefault((bags[i], part.spec.dim), []).append(i)
         calls = []
-        for (n_bags, _), members in groups.items():
+        for (n_bags, dim), members in groups.items():
             # Row j: part members[j]'s B + 1 bag bounds, positions into the ids frame.
             at = first_bag[members][:, None] + np.arange(n_bags + 1)
             try:
@@ -262,6 +265,7 @@ class PartStore:
                     bounds_all[at],
                     weights=lookup.weights,
                     modes=[lookup.parts[i].mode for i in members],
+                    out=None if out is None else out.take((n_bags, len(members), dim)),
                     threads=threads,
                 )
             except kernels.IdOutOfRangeError as exc:  # found while checking an empty output

@@ -127,6 +127,13 @@ class VersionUnavailable(RecserveError):
     kind = "version_unavailable"
 
 
+class SharedMemoryUnavailable(RecserveError):
+    """A shard cannot map the shared memory a lookup names (another host, another mount
+    namespace): the client sends its lookups over the socket instead."""
+
+    kind = "shm_unavailable"
+
+
 class DiskReadError(RecserveError):
     """A shard could not read rows from its on-disk tier (the lookup fails, the shard stays
     up; another replica may still answer)."""
@@ -192,6 +199,7 @@ HTTP_STATUS: dict[str, int] = {
     "not_ready": 503,
     "io_error": 503,
     "version_unavailable": 503,
+    "shm_unavailable": 503,
     "config": 500,
     "artifact": 500,
     "checksum_mismatch": 500,

@@ -19,10 +19,16 @@ from typing import Any
 import numpy as np
 import zmq
 
-from recserve.contracts.errors import RecserveError, ShardUnavailable, remote_error
+from recserve.contracts.errors import (
+    RecserveError,
+    ShardUnavailable,
+    SharedMemoryUnavailable,
+    remote_error,
+)
 from recserve.rpc.curve import CurveKeys
 from recserve.rpc.deadline import Deadline
 from recserve.rpc.loopsocket import LoopSocket
+from recserve.rpc.shm import ALIGN, Arena, Loan
 from recserve.rpc.wire import (
     MAX_FRAME,
     PartRequest,
@@ -31,17 +37,20 @@ from recserve.rpc.wire import (
     decode_stage,
     encode_lookup,
     encode_stage,
+    lookup_arrays,
     pack_header,
     request,
 )
 
 log = logging.getLogger(__name__)
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 @dataclass(frozen=True)
 class PooledGroup:
     parts: tuple[int, ...]  # indices into the request's parts
     pooled: np.ndarray  # float32 [bags, len(parts), dim], a view of the received frame
+    shared: bool = False  # or of the shared memory the shard pooled into
 
 
 class ShardClient:
@@ -52,9 +61,12 @@ class ShardClient:
         *,
         name: str = "",
         keys: CurveKeys | None = None,
+        shm_bytes: int = 0,
     ) -> None:
         """Connect from the running loop; ``ctx`` may be a plain or an asyncio context (the
-        socket is a plain one either way). With ``keys`` the connection is CURVE."""
+        socket is a plain one either way). With ``keys`` the connection is CURVE. With
+        ``shm_bytes`` and a shard on this host (an ``ipc://`` or loopback endpoint) lookups
+        go through an arena of that size (``recserve.rpc.shm``)."""
         self.endpoint = endpoint
         self.name = name or endpoint
         self.sock: zmq.Socket[Any] = zmq.Socket(ctx, zmq.DEALER)
@@ -70,6 +82,8 @@ class ShardClient:
         self.ids = itertools.count(1)
         self.pending: dict[int, asyncio.Future[tuple[dict[str, Any], list[zmq.Frame]]]] = {}
         self.broken: RecserveError | None = None
+        self.arena = _arena(endpoint, shm_bytes)
+        self.abandoned: dict[int, Loan] = {}  # timed out: the shard may still write them
         self.io = LoopSocket(self.sock, self._on_reply, self._on_error)
 
     def _on_reply(self, frames: list[zmq.Frame]) -> None:
@@ -79,7 +93,9 @@ class ShardClient:
             log.warning("dropping a malformed reply from %s: %s", self.name, exc)
             return
         fut = self.pending.pop(header["id"], None)
-        if fut is not None and not fut.done():
+        if fut is None:  # a late reply: the shard is done with that lookup's region
+            self.abandoned.pop(header["id"], None)
+        elif not fut.done():
             fut.set_result((header, frames[1:]))
 
     def _on_error(self, exc: zmq.ZMQError) -> None:
@@ -98,6 +114,14 @@ class ShardClient:
     async def call(
         self, frames: Sequence[Any], req_id: int, deadline: Deadline
     ) -> tuple[dict[str, Any], list[zmq.Frame]]:
+        header, data = await self._exchange(frames, req_id, deadline)
+        _check(header, self.name)
+        return header, data
+
+    async def _exchange(
+        self, frames: Sequence[Any], req_id: int, deadline: Deadline
+    ) -> tuple[dict[str, Any], list[zmq.Frame]]:
+        """The reply, error replies included; raises only when none came."""
         if self.broken is not None:
             raise self.broken
         fut: asyncio.Future[tuple[dict[str, Any], list[zmq.Frame]]] = (
@@ -118,14 +142,6 @@ class ShardClient:
             raise ShardUnavailable(f"shard {self.name}: {exc}") from None
         finally:
             self.pending.pop(req_id, None)
-        if not header.get("ok"):
-            err = header.get("error")
-            err = err if isinstance(err, dict) else {}
-            raise remote_error(
-                str(err.get("kind", "internal")),
-                f"shard {self.name}: {err.get('message', '')}",
-                err.get("field") if isinstance(err.get("field"), str) else None,
-            )
         return header, data
 
     async def simple(self, op: str, deadline: Deadline) -> dict[str, Any]:
@@ -150,10 +166,33 @@ class ShardClient:
         (each once, with its bag count, and ``dim`` wide when given) is the shard's failure,
         ``ShardUnavailable``, which may fail over, never a crash of the caller."""
         req_id = next(self.ids)
-        frames = encode_lookup(req_id, deadline.at_ms, parts, ids, lengths, weights, version)
-        header, data = await self.call(frames, req_id, deadline)
+        ids, lengths, weights = lookup_arrays(ids, lengths, weights)
+        loan = None
+        if self.arena is not None and dim is not None and self.broken is None:
+            loan = self.arena.lend(ids, lengths, weights, _reply_bytes(parts, dim))
+        if loan is None:
+            frames = encode_lookup(req_id, deadline.at_ms, parts, ids, lengths, weights, version)
+            header, data = await self.call(frames, req_id, deadline)
+        else:
+            frames = encode_lookup(
+                req_id, deadline.at_ms, parts, ids, lengths, weights, version, shm=loan.spec
+            )
+            try:
+                header, data = await self._exchange(frames, req_id, deadline)
+            except BaseException:
+                self.abandoned[req_id] = loan  # until the shard's late reply, if any
+                raise
+            error = header.get("error")
+            if isinstance(error, dict) and error.get("kind") == SharedMemoryUnavailable.kind:
+                log.info("shard %s cannot map our shared memory: lookups go by socket", self.name)
+                self.arena = None
+                return await self.lookup(
+                    parts, ids, lengths, deadline=deadline, weights=weights, dim=dim,
+                    version=version,
+                )  # fmt: skip
+            _check(header, self.name)
         try:
-            return _groups(header.get("groups"), data, parts, dim)
+            return _groups(header.get("groups"), data, loan, parts, dim)
         except (TypeError, ValueError, KeyError) as exc:
             raise ShardUnavailable(f"shard {self.name}: malformed lookup reply ({exc})") from None
 
@@ -218,19 +257,59 @@ class ShardClient:
         return out
 
     async def close(self) -> None:
+        if self.arena is not None:
+            self.arena.close()
         self.io.close()
         self._fail(ShardUnavailable(f"shard {self.name}: client closed"))
         self.sock.close(linger=0)
 
 
+def _check(header: dict[str, Any], name: str) -> None:
+    """Raise the error a reply carries, as our class of its kind."""
+    if not header.get("ok"):
+        err = header.get("error")
+        err = err if isinstance(err, dict) else {}
+        raise remote_error(
+            str(err.get("kind", "internal")),
+            f"shard {name}: {err.get('message', '')}",
+            err.get("field") if isinstance(err.get("field"), str) else None,
+        )
+
+
+def _arena(endpoint: str, size: int) -> Arena | None:
+    """An arena for a shard on this host, or None (none asked, a remote shard, no
+    ``/dev/shm``)."""
+    host = endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    if not size or not (endpoint.startswith("ipc://") or host in LOOPBACK):
+        return None
+    try:
+        return Arena(size)
+    except (OSError, ValueError) as exc:
+        log.info("no shared memory for %s (%s): lookups go by socket", endpoint, exc)
+        return None
+
+
+def _reply_bytes(parts: Sequence[PartRequest], dim: int) -> int:
+    """Room for a lookup's reply: every part's floats, each group of them aligned."""
+    return sum(4 * p.bags * dim + ALIGN for p in parts)
+
+
 def _groups(
-    groups: Any, data: list[zmq.Frame], parts: Sequence[PartRequest], dim: int | None
+    groups: Any,
+    data: list[zmq.Frame],
+    loan: Loan | None,
+    parts: Sequence[PartRequest],
+    dim: int | None,
 ) -> list[PooledGroup]:
-    if not isinstance(groups, list) or len(groups) != len(data):
-        raise ValueError("groups do not match the frames")
+    """The reply's groups, checked against the request: views of its frames, or with
+    ``loan`` of the shared memory the shard pooled into."""
+    if not isinstance(groups, list):
+        raise ValueError("groups must be a list")
+    if len(data) != (len(groups) if loan is None else 0):
+        raise ValueError(f"{len(groups)} groups in {len(data)} frames")
     seen = [False] * len(parts)
     out = []
-    for g, frame in zip(groups, data, strict=True):
+    for n, g in enumerate(groups):
         idx = tuple(g["parts"])
         bags, width = g["bags"], g["dim"]
         if type(bags) is not int or type(width) is not int or width < 1:
@@ -243,10 +322,14 @@ def _groups(
             if parts[i].bags != bags:
                 raise ValueError(f"part {i} has {parts[i].bags} bags, not {bags}")
             seen[i] = True
-        arr = np.frombuffer(frame.buffer, dtype="<f4")
-        if arr.size != bags * len(idx) * width:
+        count = bags * len(idx) * width
+        if loan is None:
+            arr = np.frombuffer(data[n].buffer, dtype="<f4")
+        else:
+            arr = loan.floats(g.get("offset"), count)
+        if arr.size != count:
             raise ValueError(f"frame of {arr.size} floats for {(bags, len(idx), width)}")
-        out.append(PooledGroup(idx, arr.reshape(bags, len(idx), width)))
+        out.append(PooledGroup(idx, arr.reshape(bags, len(idx), width), loan is not None))
     if not all(seen):
         raise ValueError(f"part {seen.index(False)} was not answered")
     return out

@@ -14,6 +14,13 @@ all parts concatenated (global row ids), the int32 bag lengths of all parts conc
 and with ``weighted`` float32 weights, one per id. Version 1 sent a map per part: a shard
 decoding 44 of them cold spent 0.2-0.3 ms on the header alone (version 2: four lists).
 
+With ``shm`` (a shard on the client's host, ``recserve.rpc.shm``) a lookup sends no data
+frames: ``shm`` is ``{"path", "key", "ids", "lengths", "weights"?, "out"}``, the arena's file,
+its key (hex), and ``[offset, bytes]`` of each array in it and of the region the reply's
+floats go to; the reply then has no frames either, and each of its ``groups`` names the
+``offset`` its floats were written at. A shard that cannot map the file answers
+``shm_unavailable``.
+
 ``lookup`` may name the model ``version`` to read (an int, updates committed so far; absent:
 the shard's newest). ``stage`` carries ``version`` and ``parts`` ``{"table", "row_start",
 "rows": [n], "dim": [d]}`` lists, then two frames: every part's int64 global row ids, then
@@ -113,11 +120,14 @@ def encode_lookup(
     lengths: np.ndarray,
     weights: np.ndarray | None = None,
     version: int | None = None,
+    shm: dict[str, Any] | None = None,
 ) -> list[Buffer]:
-    ids = np.ascontiguousarray(ids)
-    extra = {} if version is None else {"version": version}
-    if ids.dtype.str not in ID_DTYPES:
-        ids = ids.astype("<i8")
+    """A lookup's frames; with ``shm`` (its arrays already written to the arena it names,
+    as ``lookup_arrays`` gives them) the header alone."""
+    ids, lengths, weights = lookup_arrays(ids, lengths, weights)
+    extra: dict[str, Any] = {} if version is None else {"version": version}
+    if shm is not None:
+        extra["shm"] = shm
     frames: list[Buffer] = [
         pack_header(
             request(
@@ -135,12 +145,49 @@ def encode_lookup(
                 **extra,
             )
         ),
-        ids,
-        np.ascontiguousarray(lengths, dtype="<i4"),
     ]
-    if weights is not None:
-        frames.append(np.ascontiguousarray(weights, dtype="<f4"))
+    if shm is None:
+        frames += [ids, lengths] if weights is None else [ids, lengths, weights]
     return frames
+
+
+def lookup_arrays(
+    ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A lookup's arrays as they travel: contiguous little-endian int32 or int64 ids, int32
+    lengths, float32 weights."""
+    ids = np.ascontiguousarray(ids)
+    if ids.dtype.str not in ID_DTYPES:
+        ids = ids.astype("<i8")
+    lengths = np.ascontiguousarray(lengths, dtype="<i4")
+    if weights is not None:
+        weights = np.ascontiguousarray(weights, dtype="<f4")
+    return ids, lengths, weights
+
+
+class ShmSpec(NamedTuple):
+    """A lookup's ``shm`` map, checked for shape (``recserve.rpc.shm`` checks the file)."""
+
+    path: str
+    key: str
+    arrays: list[tuple[int, int]]  # [offset, bytes] of ids, lengths and (weighted) weights
+    out: tuple[int, int]
+
+
+def decode_shm(header: dict[str, Any]) -> ShmSpec | None:
+    spec = header.get("shm")
+    if spec is None:
+        return None
+    names = ["ids", "lengths", *(["weights"] if header.get("weighted") is True else [])]
+    if not isinstance(spec, dict) or spec.keys() != {"path", "key", "out", *names}:
+        raise BadRequest(f"shm must map path, key, out and {', '.join(names)}", field="shm")
+    spans = []
+    for name in [*names, "out"]:
+        span = spec[name]
+        if not (isinstance(span, list) and len(span) == 2 and all(map(_natural, span))):
+            raise BadRequest(f"shm.{name} must be [offset, bytes]", field=f"shm.{name}")
+        spans.append((span[0], span[1]))
+    return ShmSpec(spec["path"], spec["key"], spans[:-1], spans[-1])
 
 
 class StagePart(NamedTuple):

@@ -44,6 +44,8 @@ def test_model_health_and_metrics(deployments) -> None:
         assert "recserve_gateway_pooling_seconds_bucket" in text
         for shard in range(3):
             assert f'recserve_gateway_shard_rpc_seconds_count{{shard="{shard}"}} 1.0' in text
+            # The shards listen on ipc://: the lookups went through shared memory.
+            assert f'recserve_gateway_shm_lookups_total{{shard="{shard}"}} 1.0' in text
         assert "recserve_gateway_shards_contacted_count 1.0" in text
         assert "recserve_gateway_request_seconds_count 1.0" in text  # the predict, not /v1/model
         assert 'recserve_gateway_shard_bytes_total{direction="received"}' in text

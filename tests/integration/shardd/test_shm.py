@@ -1,0 +1,151 @@
+"""Lookups through shared memory with real shard daemons on this host (shard 0 over ipc,
+shard 1 over loopback tcp): the same values as over the socket, the arena's regions
+returned, hostile maps refused, and a shard that cannot map the arena falls back."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from recserve.contracts.manifest import read_manifest
+from recserve.rpc.client import ShardClient
+from recserve.rpc.deadline import Deadline, now_ms
+from recserve.rpc.shm import KEY_BYTES, Arena
+from tests.integration.shardd.helpers import expect_error, make_lookup, reference
+from tests.integration.shards import header, raw
+
+DIM = 128  # the drm3 test model's (checked below)
+
+
+async def through_shm(endpoint, request, deadline_ms=10_000, client_hook=None):
+    """``request``'s groups from a shm client, its arena's lent bytes while they live and
+    after, and whether the client still has its arena."""
+    parts, ids, lengths, weights = request
+    ctx = zmq.Context()
+    client = ShardClient(endpoint, ctx, shm_bytes=1 << 20)
+    assert client.arena is not None
+    try:
+        if client_hook is not None:
+            client_hook(client)
+        groups = await client.lookup(
+            parts, ids, lengths, weights=weights, dim=DIM,
+            deadline=Deadline(now_ms() + deadline_ms),
+        )  # fmt: skip
+        arena = client.arena
+        lent = arena.lent if arena is not None else None
+        values = [(g.parts, g.pooled.copy()) for g in groups]
+        del groups
+        gc.collect()
+        return values, lent, arena.lent if arena is not None else None, arena is not None
+    finally:
+        await client.close()
+        ctx.term()
+
+
+@pytest.mark.parametrize("weighted, dtype", [(False, np.int64), (True, np.int32)])
+def test_shm_lookups_equal_the_reference(shards, model_and_plan, weighted, dtype) -> None:
+    endpoints, _, _ = shards
+    model, _, plan = model_and_plan
+    assert read_manifest(model).embedding_dim == DIM
+    for k, endpoint in enumerate(endpoints):
+        parts, ids, lengths, weights, ids_pp, len_pp, w_pp = make_lookup(
+            plan, k, seed=10 + k, weighted=weighted, dtype=dtype
+        )
+        groups, lent, after, kept = asyncio.run(
+            through_shm(endpoint, (parts, ids, lengths, weights))
+        )
+        assert kept and lent > 0, "the reply was read from the arena"
+        assert after == 0, "the region came back once the reply's arrays were gone"
+        want = reference(model, parts, ids_pp, len_pp, w_pp, weighted)
+        seen = set()
+        for idx, pooled in groups:
+            for j, i in enumerate(idx):
+                np.testing.assert_allclose(pooled[:, j, :], want[i], rtol=1e-5, atol=1e-5)
+                seen.add(i)
+        assert seen == set(range(len(parts)))
+
+
+def test_a_shard_that_cannot_map_the_arena_is_asked_over_the_socket(shards, model_and_plan) -> None:
+    """The arena's file is gone before the first lookup (as on another host): the shard
+    answers shm_unavailable, the client drops its arena and asks again with frames."""
+    endpoint = shards[0][0]
+    model, _, plan = model_and_plan
+    parts, ids, lengths, _, ids_pp, len_pp, w_pp = make_lookup(plan, 0, seed=21)
+    groups, _, _, kept = asyncio.run(
+        through_shm(endpoint, (parts, ids, lengths, None), client_hook=lambda c: c.arena.close())
+    )
+    assert not kept
+    want = reference(model, parts, ids_pp, len_pp, w_pp, False)
+    for idx, pooled in groups:
+        for j, i in enumerate(idx):
+            np.testing.assert_allclose(pooled[:, j, :], want[i], rtol=1e-5, atol=1e-5)
+
+
+def test_a_timed_out_lookups_region_waits_for_the_shards_late_reply(shards, model_and_plan) -> None:
+    endpoint = shards[0][0]
+    _, _, plan = model_and_plan
+    parts, ids, lengths, *_ = make_lookup(plan, 0, seed=22)
+
+    async def run():
+        ctx = zmq.Context()
+        client = ShardClient(endpoint, ctx, shm_bytes=1 << 20)
+        try:
+            with pytest.raises(Exception, match="did not answer"):
+                await client.lookup(
+                    parts, ids, lengths, dim=DIM, deadline=Deadline(now_ms() - 1)
+                )  # sent, then given up at once
+            assert client.arena.lent > 0  # the shard may still write it
+            async with asyncio.timeout(5):
+                while client.arena.lent:  # its reply (deadline_exceeded) frees it
+                    await asyncio.sleep(0.01)
+        finally:
+            await client.close()
+            ctx.term()
+
+    asyncio.run(run())
+
+
+def test_hostile_shm_maps_get_typed_errors(shards, model_and_plan, tmp_path) -> None:
+    endpoint = shards[0][0]
+    _, _, plan = model_and_plan
+    part = plan.shard(0).parts[0]
+    arena = Arena(1 << 16)
+    try:
+        arena.map[KEY_BYTES : KEY_BYTES + 8] = np.int64(part.row_start).tobytes()
+        lengths = np.array([1], np.int32).tobytes()
+        arena.map[128:132] = lengths
+        good = {"path": str(arena.path), "key": arena.key.hex(), "ids": [64, 8],
+                "lengths": [128, 4], "out": [256, 4 * DIM]}  # fmt: skip
+        arena.map[64:72] = np.int64(part.row_start).tobytes()
+
+        def lookup(**shm):
+            return header(
+                "lookup",
+                parts={"table": [part.table], "row_start": [part.row_start], "bags": [1],
+                       "mode": ["sum"]},
+                id_dtype="<i8", weighted=False, shm={**good, **shm},
+            )  # fmt: skip
+
+        reply = msgpack.unpackb(raw(endpoint, [lookup()])[0])
+        assert reply["ok"] and reply["groups"][0]["offset"] == 256, reply
+        for shm, kind, field in [
+            ({"path": "/etc/passwd"}, "bad_request", "shm"),
+            ({"path": f"{arena.path}/../x"}, "bad_request", "shm"),
+            ({"key": "00" * KEY_BYTES}, "shm_unavailable", None),
+            ({"out": [1 << 20, 64]}, "bad_request", "shm.out"),
+            ({"out": [256, 8]}, "bad_request", "shm.out"),
+            ({"ids": [-8, 8]}, "bad_request", "shm.ids"),
+            ({"lengths": [0, 4]}, "bad_request", "shm.lengths"),
+        ]:
+            reply = msgpack.unpackb(raw(endpoint, [lookup(**shm)])[0])
+            assert not reply["ok"] and reply["error"]["kind"] == kind, (shm, reply)
+            assert reply["error"].get("field") == field, (shm, reply)
+        expect_error(endpoint, [lookup(), b"a frame too many"], "bad_request")
+        assert msgpack.unpackb(raw(endpoint, [header("health")])[0])["ready"]
+    finally:
+        arena.close()
