@@ -177,6 +177,8 @@ class ReplicaSet:
     ) -> list[PooledGroup]:
         self.retries.earn()
         self.hedges.earn()
+        if len(self.replicas) == 1:  # nothing to fail over to or hedge with: no task
+            return await self._try(self.replicas[0], parts, packed, deadline, dim, version)
         order = self.order()
         hedge = self.hedge_delay()
         running: dict[asyncio.Task[list[PooledGroup]], Replica] = {}
