@@ -86,9 +86,9 @@ class ReplicaSettings:
     retry_budget: float = option(0.2, "share of lookups that may be retried on another replica")
     eject_after: int = option(3, "failures in a row that take a replica out of rotation")
     shm_bytes: int = option(
-        32 << 20,
-        "bytes of shared memory per replica on this host (ipc:// or loopback), through which "
-        "its lookups travel without copies; 0: always the socket",
+        16 << 20,
+        "bytes of shared memory (allocated at start) per replica on this host (ipc:// or "
+        "loopback), through which its lookups travel without copies; 0: always the socket",
     )
 
     def __post_init__(self) -> None:

@@ -13,8 +13,10 @@ the shard's late reply says the shard is done with it. When no region is free th
 goes over the socket as before: the arena never costs a lookup.
 
 The shard side (``Maps``) opens an arena the first time a lookup names it, only under
-``/dev/shm/recserve-`` and only if the file starts with the key the lookup quotes, so a peer
-cannot make a shard read or write a file it could not write itself. The shard copies the ids
+``/dev/shm/recserve-``, owned by the shard's own user, with every page allocated (the client
+allocates them all up front: a write into a hole of a full ``/dev/shm`` is SIGBUS), and only
+if the file starts with the key the lookup quotes, so a peer cannot make a shard read or
+write a file it could not write itself. The shard copies the ids
 out before checking them (the client could change them under it), and writes only the reply
 region the lookup names, inside the file. A shard that cannot open it (another host, another
 mount namespace) answers ``shm_unavailable``, and that client goes back to frames for good.
@@ -73,7 +75,8 @@ class Arena:
         self.path = directory / f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, size)
+            # Every page now: a page first written into a full /dev/shm would be SIGBUS.
+            os.posix_fallocate(fd, 0, size)
             self.map = mmap.mmap(fd, size)
         except BaseException:
             self.path.unlink(missing_ok=True)
@@ -219,10 +222,14 @@ class Maps:
         except OSError as exc:
             raise SharedMemoryUnavailable(f"cannot open {path}: {exc.strerror}") from None
         try:
-            size = os.fstat(fd).st_size
-            if not KEY_BYTES < size <= MAX_ARENA:
-                raise SharedMemoryUnavailable(f"{path} is not an arena ({size} bytes)")
-            mapped = mmap.mmap(fd, size)
+            st = os.fstat(fd)
+            if not KEY_BYTES < st.st_size <= MAX_ARENA:
+                raise SharedMemoryUnavailable(f"{path} is not an arena ({st.st_size} bytes)")
+            if st.st_uid != os.geteuid() or st.st_blocks * 512 < st.st_size:
+                # Another user's file, or one with holes: writing a hole of a full
+                # /dev/shm would kill this process with SIGBUS.
+                raise SharedMemoryUnavailable(f"{path} is not an arena this shard can use")
+            mapped = mmap.mmap(fd, st.st_size)
         finally:
             os.close(fd)
         if len(key) != KEY_BYTES or mapped[:KEY_BYTES] != key:

@@ -114,3 +114,20 @@ def test_stale_arenas_of_dead_processes_are_removed(tmp_path) -> None:
     (tmp_path / "unrelated").write_bytes(b"x")
     assert remove_stale(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "unrelated"])
+
+
+def test_a_shard_refuses_files_with_holes_or_of_another_user(arena, tmp_path) -> None:
+    """Writing a hole of a full /dev/shm is SIGBUS: a file with holes is refused, and so is
+    one a user other than the shard's made."""
+    maps = Maps(directory=tmp_path)
+    sparse = tmp_path / f"{PREFIX}{os.getpid()}-sparse"
+    with open(sparse, "wb") as f:
+        f.write(arena.key)
+        f.truncate(1 << 20)
+    with pytest.raises(SharedMemoryUnavailable, match="shard can use"):
+        maps.get(str(sparse), arena.key.hex())
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's owner needs root")
+    os.chown(arena.path, 65534, 65534)
+    with pytest.raises(SharedMemoryUnavailable, match="shard can use"):
+        maps.get(str(arena.path), arena.key.hex())
