@@ -169,6 +169,7 @@ class ShardClient:
         ids, lengths, weights = lookup_arrays(ids, lengths, weights)
         loan = None
         if self.arena is not None and dim is not None and self.broken is None:
+            self._rotate_if_lost()
             loan = self.arena.lend(ids, lengths, weights, _reply_bytes(parts, dim))
         if loan is None:
             frames = encode_lookup(req_id, deadline.at_ms, parts, ids, lengths, weights, version)
@@ -195,6 +196,19 @@ class ShardClient:
             return _groups(header.get("groups"), data, loan, parts, dim)
         except (TypeError, ValueError, KeyError) as exc:
             raise ShardUnavailable(f"shard {self.name}: malformed lookup reply ({exc})") from None
+
+    def _rotate_if_lost(self) -> None:
+        """A quarter of the arena waiting for replies that may never come (a shard killed
+        with lookups in flight): a new arena for what follows. The old file is unlinked;
+        whatever the shard still writes goes to its pages, which no one reads."""
+        assert self.arena is not None
+        if sum(loan.base.nbytes for loan in self.abandoned.values()) * 4 <= self.arena.size:
+            return
+        log.warning("shard %s: a quarter of its shared memory went unanswered; a new one",
+                    self.name)  # fmt: skip
+        old, self.abandoned = self.arena, {}
+        old.close()
+        self.arena = _arena(self.endpoint, old.size)
 
     async def stage(
         self,

@@ -8,9 +8,11 @@ memory the two processes share; the message itself carries only offsets.
 The client side (``Arena``) is a file under ``/dev/shm`` the client creates, owns and maps,
 named ``recserve-<pid>-<random>``, starting with a random 16-byte key. A lookup takes one
 region of it (first fit; ids, lengths, weights, then the reply's floats) until the caller is
-done with the reply (``Lease.release``); a region whose lookup timed out stays taken until
-the shard's late reply says the shard is done with it. When no region is free the lookup
-goes over the socket as before: the arena never costs a lookup.
+done with the reply (the last view of it is gone); a region whose lookup timed out stays
+taken until the shard's late reply says the shard is done with it, and once a quarter of
+the arena waits so (a shard killed with lookups in flight never answers) the client unlinks
+it and starts another. When no region is free the lookup goes over the socket as before:
+the arena never costs a lookup.
 
 The shard side (``Maps``) opens an arena the first time a lookup names it, only under
 ``/dev/shm/recserve-``, owned by the shard's own user, with every page allocated (the client

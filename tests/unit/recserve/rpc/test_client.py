@@ -104,3 +104,41 @@ def test_error_replies_of_any_kind_come_back_typed(kind: str, cls: type) -> None
     with pytest.raises(cls) as info:
         asyncio.run(ask(error))
     assert type(info.value) is cls and info.value.field == "parts[0]"
+
+
+def test_shared_memory_lost_to_a_silent_shard_is_replaced() -> None:
+    """Lookups through shared memory to a shard that takes them and never answers (killed
+    with them in flight) hold their regions; once a quarter of the arena waits so, the
+    client starts a new arena and unlinks the old one."""
+
+    async def run() -> None:
+        ctx = zmq.Context()
+        server = ctx.socket(zmq.ROUTER)  # receives, never replies
+        server.setsockopt(zmq.LINGER, 0)
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        client = ShardClient(f"tcp://127.0.0.1:{port}", ctx, shm_bytes=1 << 20)
+        first = client.arena
+        assert first is not None
+        parts = [PartRequest("a", 0, 512)]  # 128 KiB of reply room each
+        ids, lengths = np.zeros(512, np.int64), np.ones(512, np.int32)
+
+        async def lost() -> None:
+            with pytest.raises(ShardUnavailable):
+                await client.lookup(parts, ids, lengths, dim=64, deadline=Deadline.after(20))
+
+        try:
+            await lost()
+            each = client.abandoned[1].base.nbytes
+            held = (first.size // 4) // each + 1  # just over a quarter
+            for _ in range(held - 1):
+                await lost()
+            assert client.arena is first and len(client.abandoned) == held
+            await lost()
+            assert client.arena is not first and not first.path.exists()
+            assert list(client.abandoned) == [held + 1]  # the new arena's lookup
+        finally:
+            await client.close()
+            server.close()
+            ctx.term()
+
+    asyncio.run(run())
