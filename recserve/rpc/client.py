@@ -119,9 +119,10 @@ class ShardClient:
         return header, data
 
     async def _exchange(
-        self, frames: Sequence[Any], req_id: int, deadline: Deadline
+        self, frames: Sequence[Any], req_id: int, deadline: Deadline, loan: Loan | None = None
     ) -> tuple[dict[str, Any], list[zmq.Frame]]:
-        """The reply, error replies included; raises only when none came."""
+        """The reply, error replies included; raises only when none came. A ``loan`` sent
+        and not answered (timed out, cancelled) is kept until the shard's late reply."""
         if self.broken is not None:
             raise self.broken
         fut: asyncio.Future[tuple[dict[str, Any], list[zmq.Frame]]] = (
@@ -129,10 +130,12 @@ class ShardClient:
         )
         self.pending[req_id] = fut
         budget = deadline.left_s()
+        sent = False
         try:
             async with asyncio.timeout(budget):
                 while not self.io.send(list(frames)):  # not connected yet, or queue full
                     await self.io.writable()
+                sent = True
                 header, data = await fut
         except TimeoutError:
             raise ShardUnavailable(
@@ -142,6 +145,9 @@ class ShardClient:
             raise ShardUnavailable(f"shard {self.name}: {exc}") from None
         finally:
             self.pending.pop(req_id, None)
+            replied = fut.done() and not fut.cancelled() and fut.exception() is None
+            if loan is not None and sent and not replied:
+                self.abandoned[req_id] = loan  # the shard may still write into it
         return header, data
 
     async def simple(self, op: str, deadline: Deadline) -> dict[str, Any]:
@@ -178,14 +184,12 @@ class ShardClient:
             frames = encode_lookup(
                 req_id, deadline.at_ms, parts, ids, lengths, weights, version, shm=loan.spec
             )
-            try:
-                header, data = await self._exchange(frames, req_id, deadline)
-            except BaseException:
-                self.abandoned[req_id] = loan  # until the shard's late reply, if any
-                raise
+            header, data = await self._exchange(frames, req_id, deadline, loan)
             error = header.get("error")
             if isinstance(error, dict) and error.get("kind") == SharedMemoryUnavailable.kind:
                 log.info("shard %s cannot map our shared memory: lookups go by socket", self.name)
+                if self.arena is not None:
+                    self.arena.close()
                 self.arena = None
                 return await self.lookup(
                     parts, ids, lengths, deadline=deadline, weights=weights, dim=dim,

@@ -212,9 +212,14 @@ class Maps:
         mapped = self.maps.get(path)
         if mapped is None or mapped[:KEY_BYTES] != want:
             mapped = self._open(path, want)
+            # A new client: drop the arenas their clients unlinked (a mapping keeps its
+            # pages in memory), and the least recently used beyond ``kept``; lookups still
+            # writing into one keep it mapped until they are done.
+            for gone in [p for p in self.maps if not os.path.exists(p)]:
+                del self.maps[gone]
             self.maps[path] = mapped
             while len(self.maps) > self.kept:
-                self.maps.popitem(last=False)  # lookups still writing into it keep it mapped
+                self.maps.popitem(last=False)
         self.maps.move_to_end(path)
         return mapped
 

@@ -5,6 +5,7 @@ reports comes back as our class of that kind."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import msgpack
@@ -139,6 +140,34 @@ def test_shared_memory_lost_to_a_silent_shard_is_replaced() -> None:
         finally:
             await client.close()
             server.close()
+            ctx.term()
+
+    asyncio.run(run())
+
+
+def test_shared_memory_of_a_lookup_never_sent_is_returned_at_once() -> None:
+    """No shard listens: the lookup never leaves, so no one can write its region."""
+
+    async def run() -> None:
+        ctx = zmq.Context()
+        client = ShardClient("ipc:///nonexistent/recserve-test.sock", ctx, shm_bytes=1 << 20)
+        assert client.arena is not None
+        try:
+            # A task of its own, as a request's: its timeout's CancelledError (and the
+            # frames it holds) lives as long as the task does.
+            task = asyncio.ensure_future(
+                client.lookup(
+                    [PartRequest("a", 0, 4)], np.zeros(4, np.int64), np.ones(4, np.int32),
+                    dim=8, deadline=Deadline.after(20),
+                )
+            )  # fmt: skip
+            await asyncio.wait([task])
+            assert isinstance(task.exception(), ShardUnavailable)
+            del task
+            gc.collect()
+            assert not client.abandoned and client.arena.lent == 0
+        finally:
+            await client.close()
             ctx.term()
 
     asyncio.run(run())

@@ -131,3 +131,15 @@ def test_a_shard_refuses_files_with_holes_or_of_another_user(arena, tmp_path) ->
     os.chown(arena.path, 65534, 65534)
     with pytest.raises(SharedMemoryUnavailable, match="shard can use"):
         maps.get(str(arena.path), arena.key.hex())
+
+
+def test_a_shard_lets_go_of_arenas_their_clients_unlinked(tmp_path) -> None:
+    """A mapping keeps its file's pages in memory: each gateway restart leaves one behind
+    unless the shard drops those whose file is gone when the next client comes."""
+    maps = Maps(directory=tmp_path)
+    old, new = Arena(1 << 12, directory=tmp_path), Arena(1 << 12, directory=tmp_path)
+    maps.get(str(old.path), old.key.hex())
+    old.close()  # its gateway stopped
+    maps.get(str(new.path), new.key.hex())
+    assert list(maps.maps) == [str(new.path)]
+    new.close()
