@@ -18,10 +18,12 @@ The shard side (``Maps``) opens an arena the first time a lookup names it, only 
 ``/dev/shm/recserve-``, owned by the shard's own user, with every page allocated (the client
 allocates them all up front: a write into a hole of a full ``/dev/shm`` is SIGBUS), and only
 if the file starts with the key the lookup quotes, so a peer cannot make a shard read or
-write a file it could not write itself. The shard copies the ids
-out before checking them (the client could change them under it), and writes only the reply
-region the lookup names, inside the file. A shard that cannot open it (another host, another
-mount namespace) answers ``shm_unavailable``, and that client goes back to frames for good.
+write a file it could not write itself. The shard copies the ids out before checking them
+(the client could change them under it), and writes only the reply region the lookup names,
+inside the file. A shard that cannot open it (another host, another mount namespace, another
+user) answers ``shm_unavailable``, and that client goes back to frames for good. When a new
+client comes, the shard lets go of the arenas whose file is gone (their pages stay in
+memory while mapped).
 """
 
 from __future__ import annotations
