@@ -129,7 +129,7 @@ class VersionUnavailable(RecserveError):
 
 class SharedMemoryUnavailable(RecserveError):
     """A shard cannot map the shared memory a lookup names (another host, another mount
-    namespace): the client sends its lookups over the socket instead."""
+    namespace, another user): the client sends its lookups over the socket instead."""
 
     kind = "shm_unavailable"
 

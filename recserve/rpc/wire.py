@@ -175,6 +175,7 @@ class ShmSpec(NamedTuple):
 
 
 def decode_shm(header: dict[str, Any]) -> ShmSpec | None:
+    """A lookup's ``shm`` map, or None when its arrays came as frames."""
     spec = header.get("shm")
     if spec is None:
         return None
