@@ -9,11 +9,13 @@ bottom MLP 13-512-256-64, dot interaction, top 415-512-256-1. The baseline is th
 shards, with each ``--workers`` setting of the gateway, in four request forms: KServe v2
 binary tensors (ids as INT32 where they fit, as ``recserve.client`` sends them; and as
 INT64), the columnar msgpack form through ``recserve.client`` (encoding included) and
-msgpack samples.
+msgpack samples. The sharded gateway asks its shards through shared memory (they run on
+its host); with ``--socket`` the shards are also run with ``--shm-bytes 0``, every lookup
+over the socket, and the ratio of the two is printed.
 Scores are checked against torch's.
 
     python -m benchmarks.bench_e2e_throughput [--batch 256] [--inflight 4] [--duration 10]
-                                              [--workers 1,2]
+                                              [--workers 1,2] [--socket]
 """
 
 from __future__ import annotations
@@ -167,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", default="1,2", help="gateway --workers settings to run, comma-separated"
     )
+    parser.add_argument(
+        "--socket", action="store_true",
+        help="also run the shards with every lookup over the socket (--shm-bytes 0)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -181,18 +187,24 @@ def main(argv: list[str] | None = None) -> int:
         rows = [["torch in-process", "-", f"{base:,.0f}", "1.00x"]]
         stages: list[list[str]] = []
         cpus: list[list[str]] = []
-        setups = [
-            (f"{where}, {n} worker{'s' if n > 1 else ''}", plan_path, n)
-            for n in (int(w) for w in args.workers.split(","))
-            for where, plan_path in (("singular", None), (f"{args.shards} shards", plan))
+        kinds: list[tuple[str, Path | None, tuple[str, ...]]] = [
+            ("singular", None, ()),
+            (f"{args.shards} shards", plan, ()),
         ]
-        for where, plan_path, workers in setups:
+        if args.socket:
+            kinds.append((f"{args.shards} shards, socket", plan, ("--shm-bytes", "0")))
+        setups = [
+            (f"{where}, {n} worker{'s' if n > 1 else ''}", plan_path, n, extra)
+            for n in (int(w) for w in args.workers.split(","))
+            for where, plan_path, extra in kinds
+        ]
+        for where, plan_path, workers, extra in setups:
             with LocalCluster(
                 root / "m",
                 plan=plan_path,
                 singular=plan_path is None,
                 port=free_port(),
-                gateway_args=("--workers", str(workers)),
+                gateway_args=("--workers", str(workers), *extra),
             ) as cluster:
                 for form, run in forms(manifest, batches, args).items():
                     cpu, before = cpu_now(cluster), stage_seconds(cluster.url)
@@ -234,10 +246,16 @@ def main(argv: list[str] | None = None) -> int:
                 cpus)  # fmt: skip
     ratios = {(r[0], r[1]): float(r[3][:-1]) for r in rows[1:]}
     cols = statistics.median(
-        ratios[(w, "recserve.client")] / ratios[(w, "KServe binary")] for w, _, _ in setups
+        ratios[(w, "recserve.client")] / ratios[(w, "KServe binary")] for w, _, _, _ in setups
     )
     print(f"\nrecserve.client (msgpack columns) against KServe binary: {cols:.2f}x "
           f"(target >= 0.8x)")  # fmt: skip
+    for n in (int(w) for w in args.workers.split(",")) if args.socket else ():
+        workers = f"{n} worker{'s' if n > 1 else ''}"
+        shm = ratios[(f"{args.shards} shards, {workers}", "KServe binary")]
+        sock = ratios[(f"{args.shards} shards, socket, {workers}", "KServe binary")]
+        print(f"{args.shards} shards, {workers}, KServe binary: shared memory {shm / sock:.2f}x "
+              "the socket")  # fmt: skip
     return 0
 
 
