@@ -116,18 +116,16 @@ def test_a_timed_out_lookups_region_waits_for_the_shards_late_reply(shards, mode
     asyncio.run(run())
 
 
-def test_hostile_shm_maps_get_typed_errors(shards, model_and_plan, tmp_path) -> None:
+def test_hostile_shm_maps_get_typed_errors(shards, model_and_plan) -> None:
     endpoint = shards[0][0]
     _, _, plan = model_and_plan
     part = plan.shard(0).parts[0]
     arena = Arena(1 << 16)
     try:
-        arena.map[KEY_BYTES : KEY_BYTES + 8] = np.int64(part.row_start).tobytes()
-        lengths = np.array([1], np.int32).tobytes()
-        arena.map[128:132] = lengths
+        arena.map[64:72] = np.int64(part.row_start).tobytes()  # one id
+        arena.map[128:132] = np.array([1], np.int32).tobytes()  # in one bag
         good = {"path": str(arena.path), "key": arena.key.hex(), "ids": [64, 8],
                 "lengths": [128, 4], "out": [256, 4 * DIM]}  # fmt: skip
-        arena.map[64:72] = np.int64(part.row_start).tobytes()
 
         def lookup(**shm):
             return header(
