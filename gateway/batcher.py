@@ -7,7 +7,8 @@ request's samples count until it leaves the queue or its batch ends, so a reques
 up still holds its place while it is queued, and a stall cannot grow the queue past the
 bound. Each request keeps its own deadline: one that expires while queued is answered
 ``deadline_exceeded`` and dropped from its batch. Up to ``max_concurrent_batches`` batches
-run at once, so a batch's shard lookups overlap the previous batch's dense MLP.
+run at once, so a batch's shard lookups overlap the previous batch's dense MLP; while all
+run, requests gather in the queue, and the next batch takes them together when a slot frees.
 
 Every request's future is resolved exactly once, on one path: scores, or the error of its
 batch. An unexpected error in a batch of several requests is not blamed on all of them:
@@ -130,8 +131,14 @@ class Batcher:
         items: list[Pending] = []
         try:
             while True:
-                items = await self._next_batch()
+                # The slot first: while every slot is busy the queue keeps growing, and the
+                # next batch takes what gathered (up to max_batch_samples) once one frees.
                 await self.slots.acquire()
+                try:
+                    items = await self._next_batch()
+                except BaseException:
+                    self.slots.release()
+                    raise
                 task = asyncio.get_running_loop().create_task(self._process(items))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)

@@ -87,6 +87,30 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_scores() -> None:
     asyncio.run(with_batcher(BatchSettings(max_queue_delay_us=50_000), check))
 
 
+def test_requests_queued_behind_busy_slots_become_one_batch() -> None:
+    """With every slot busy, requests gather in the queue (past their queue delay) and the
+    next batch takes them all, rather than the first alone."""
+    settings = BatchSettings(max_queue_delay_us=0, max_concurrent_batches=1)
+
+    async def check(batcher: Batcher, pooler: FakePooler) -> None:
+        pooler.gate.clear()  # the first batch stalls in its lookups
+        first = asyncio.ensure_future(batcher.score(batch(1), Deadline.after(5000)))
+        await asyncio.sleep(0.02)
+        queued = []
+        for n in (2, 3):  # one after the other, each well past its queue delay
+            queued.append(
+                asyncio.ensure_future(batcher.score(batch(n, float(n)), Deadline.after(5000)))
+            )
+            await asyncio.sleep(0.02)
+        pooler.gate.set()
+        np.testing.assert_allclose((await first)[0], [4.0])
+        for n, fut in zip((2, 3), queued, strict=True):
+            np.testing.assert_allclose((await fut)[0], [4.0 * n] * n)
+        assert pooler.sizes == [1, 5]
+
+    asyncio.run(with_batcher(settings, check))
+
+
 def test_an_error_in_a_merged_batch_fails_only_its_request() -> None:
     async def check(batcher: Batcher, pooler: FakePooler) -> None:
         good, bad, other = await asyncio.gather(
