@@ -5,17 +5,38 @@ compaction's files)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+IOV_MAX = 1024  # Linux's limit on one writev's buffers
 
 
-def replace_file(path: Path, data: bytes, *, sync_parent: bool = True) -> None:
-    """``path`` holding ``data``: a crash leaves the old file or the new one, whole. Without
-    ``sync_parent`` the caller syncs the directory (``sync_dir``, once for many files)."""
+def write_all(fd: int, buffers: Sequence[Any]) -> int:
+    """Write ``buffers`` in order to ``fd`` (``writev``: no copy to join them, and the GIL
+    released while the kernel copies); returns the bytes written."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    views = [v for v in views if v.nbytes]
+    total = 0
+    while views:
+        done = os.writev(fd, views[:IOV_MAX])
+        total += done
+        while views and done >= views[0].nbytes:  # a short write: go on where it stopped
+            done -= views[0].nbytes
+            views.pop(0)
+        if done:
+            views[0] = views[0][done:]
+    return total
+
+
+def replace_file(path: Path, data: bytes | Sequence[Any], *, sync_parent: bool = True) -> None:
+    """``path`` holding ``data`` (bytes, or buffers written in order): a crash leaves the
+    old file or the new one, whole. Without ``sync_parent`` the caller syncs the directory
+    (``sync_dir``, once for many files)."""
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
+    with open(tmp, "wb", buffering=0) as f:
+        write_all(f.fileno(), [data] if isinstance(data, bytes | bytearray) else data)
         os.fsync(f.fileno())
     os.replace(tmp, path)
     if sync_parent:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 import zlib
 from collections.abc import Callable
@@ -54,12 +53,11 @@ from recserve.contracts.errors import (
     VersionUnavailable,
 )
 from recserve.rpc.wire import VERSIONS_KEPT, StagePart
-from shardd.durable import replace_file
+from shardd.durable import replace_file, write_all
+from shardd.logrecord import HEAD, MAGIC, pieces
 
 log = logging.getLogger(__name__)
 FOLD_MIN = 4096  # rows the small level may hold before it is folded into the large one
-MAGIC = 0x52535550  # "RSUP"
-_HEAD = struct.Struct("<III")  # magic, payload length, crc32 of the payload
 
 
 @dataclass(frozen=True)
@@ -87,43 +85,41 @@ class Patch:
 
 
 class UpdateLog:
-    """Append-only records, each ``magic, length, crc32`` then a msgpack payload."""
+    """Append-only records, each ``magic, length, crc32`` then a msgpack payload
+    (``shardd.logrecord``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "ab")  # noqa: SIM115 - kept open for the daemon's life
+        self.file = open(path, "ab", buffering=0)  # noqa: SIM115 - kept for the daemon's life
         self.bytes = path.stat().st_size
 
     def reset(self, first: dict[str, Any] | None = None) -> None:
         """Replace the log by ``first`` alone (none: empty it), its other records being in
         compacted files now; a crash leaves the old log or the new one whole."""
         try:
-            replace_file(self.path, _record(first) if first is not None else b"")
+            replace_file(self.path, pieces(first) if first is not None else b"")
         finally:  # appends go to whichever file the name holds now
             self.file.close()
-            self.file = open(self.path, "ab")  # noqa: SIM115 - kept open for the daemon's life
+            self.file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - as in __init__
             self.bytes = self.path.stat().st_size
 
     def append(self, record: dict[str, Any]) -> None:
-        data = _record(record)
-        self.file.write(data)
-        self.file.flush()
+        self.bytes += write_all(self.file.fileno(), pieces(record))
         os.fsync(self.file.fileno())
-        self.bytes += len(data)
 
     def records(self, repair: bool = True) -> list[dict[str, Any]]:
         """Every whole record; with ``repair`` (at start) a torn or damaged tail is cut from
         the file."""
         data = self.path.read_bytes()
         out, at = [], 0
-        while at + _HEAD.size <= len(data):
-            magic, length, crc = _HEAD.unpack_from(data, at)
-            payload = data[at + _HEAD.size : at + _HEAD.size + length]
+        while at + HEAD.size <= len(data):
+            magic, length, crc = HEAD.unpack_from(data, at)
+            payload = data[at + HEAD.size : at + HEAD.size + length]
             if magic != MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
                 break
             out.append(msgpack.unpackb(payload, raw=False))
-            at += _HEAD.size + length
+            at += HEAD.size + length
         if at != len(data) and repair:
             log.warning(
                 "%s: cutting %d bytes of a torn record at its end", self.path, len(data) - at
@@ -453,11 +449,6 @@ class Versions:
             )
 
 
-def _record(record: dict[str, Any]) -> bytes:
-    payload = msgpack.packb(record, use_bin_type=True)
-    return _HEAD.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
-
-
 def patches_at(committed: dict[int, dict[int, Patch]], version: int | None) -> dict[int, Patch]:
     """The patches of ``version`` (None: the newest) by slot among ``committed`` versions;
     raises ``VersionUnavailable``."""
@@ -565,8 +556,8 @@ def _pack(parts: list[StagePart]) -> list[dict[str, Any]]:
         {
             "table": p.table,
             "row_start": p.row_start,
-            "ids": np.ascontiguousarray(p.ids, "<i8").tobytes(),
-            "rows": np.ascontiguousarray(p.rows, "<f4").tobytes(),
+            "ids": np.ascontiguousarray(p.ids, "<i8"),  # written from these buffers
+            "rows": np.ascontiguousarray(p.rows, "<f4"),
             "dim": int(p.rows.shape[1]),
         }
         for p in parts
