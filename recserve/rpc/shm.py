@@ -12,7 +12,8 @@ done with the reply (the last view of it is gone); a region whose lookup timed o
 taken until the shard's late reply says the shard is done with it, and once a quarter of
 the arena waits so (a shard killed with lookups in flight never answers) the client unlinks
 it and starts another. When no region is free the lookup goes over the socket as before:
-the arena never costs a lookup.
+the arena never costs a lookup. The client holds a shared ``flock`` on its file while it
+lives; ``remove_stale`` removes only files nobody holds (a killed client's).
 
 The shard side (``Maps``) opens an arena the first time a lookup names it, only under
 ``/dev/shm/recserve-``, owned by the shard's own user, with every page allocated (the client
@@ -28,7 +29,7 @@ memory while mapped).
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import mmap
 import os
 import secrets
@@ -56,15 +57,30 @@ def _align(n: int) -> int:
 
 def remove_stale(directory: Path = DIR) -> int:
     """Remove the arenas of processes that are gone (a SIGKILLed gateway leaves its files);
-    the number removed."""
+    the number removed.
+
+    An arena's owner holds a shared ``flock`` on it while it lives (the kernel drops it when
+    the process dies, however it dies), so a file some process still locks is kept even
+    when its name's pid means nothing here: a gateway in another PID namespace sharing this
+    ``/dev/shm``. A file nobody locks is removed only if its pid is not alive here either
+    (arenas made before the locks)."""
     removed = 0
     for path in directory.glob(PREFIX + "*"):
         pid = path.name[len(PREFIX) :].split("-", 1)[0]
         if not pid.isdigit() or Path(f"/proc/{pid}").exists():
             continue
-        with contextlib.suppress(OSError):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by its owner: alive
             path.unlink()
             removed += 1
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
     return removed
 
 
@@ -79,14 +95,15 @@ class Arena:
         self.path = directory / f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # "alive" to remove_stale, in any PID namespace
             # Every page now: a page first written into a full /dev/shm would be SIGBUS.
             os.posix_fallocate(fd, 0, size)
             self.map = mmap.mmap(fd, size)
         except BaseException:
             self.path.unlink(missing_ok=True)
-            raise
-        finally:
             os.close(fd)
+            raise
+        self.fd = fd  # open (and locked) until close()
         self.map[:KEY_BYTES] = self.key
         self.size = size
         self.lock = threading.Lock()
@@ -154,6 +171,10 @@ class Arena:
     def close(self) -> None:
         """Unlink the file; the mapping goes when the last view of it does."""
         self.path.unlink(missing_ok=True)
+        with self.lock:
+            fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class Loan:

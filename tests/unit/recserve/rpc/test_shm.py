@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import os
 import subprocess
@@ -114,6 +115,36 @@ def test_stale_arenas_of_dead_processes_are_removed(tmp_path) -> None:
     (tmp_path / "unrelated").write_bytes(b"x")
     assert remove_stale(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "unrelated"])
+
+
+def test_an_arena_locked_by_a_live_process_is_kept_whatever_its_name_says(tmp_path) -> None:
+    """A gateway in another PID namespace sharing /dev/shm: its pid means nothing here, but
+    it holds its arena's lock, so the arena stays until that process is gone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    foreign = tmp_path / f"{PREFIX}{dead}-ns"
+    foreign.write_bytes(b"x")
+    hold = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+        "fcntl.flock(fd, fcntl.LOCK_SH); print('locked', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(foreign)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert remove_stale(tmp_path) == 0 and foreign.exists()
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert remove_stale(tmp_path) == 1 and not foreign.exists()
+    own = Arena(1 << 12, directory=tmp_path)  # an arena locks its file from the start
+    fd = os.open(own.path, os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+        own.close()
 
 
 def test_a_shard_refuses_files_with_holes_or_of_another_user(arena, tmp_path) -> None:
