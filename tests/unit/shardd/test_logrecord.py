@@ -86,17 +86,24 @@ def test_a_reset_log_holds_the_new_record_alone(tmp_path: Path) -> None:
     log.close()
 
 
-def test_write_all_writes_more_buffers_than_one_writev_takes(tmp_path: Path) -> None:
-    rng = np.random.default_rng(4)
-    buffers: list[Any] = [rng.bytes(int(n)) for n in rng.integers(0, 300, IOV_MAX * 2 + 17)]
-    buffers[5] = np.arange(100_000, dtype=np.float32)  # an array's memory, as a record has
-    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+def write_and_check(path: Path, buffers: list[Any]) -> bytes:
+    """``write_all`` of ``buffers`` to a new file at ``path``, checked against their bytes
+    joined (returned)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         written = write_all(fd, buffers)
     finally:
         os.close(fd)
     expected = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)
-    assert written == len(expected) and (tmp_path / "f").read_bytes() == expected
+    assert written == len(expected) and path.read_bytes() == expected
+    return expected
+
+
+def test_write_all_writes_more_buffers_than_one_writev_takes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    buffers: list[Any] = [rng.bytes(int(n)) for n in rng.integers(0, 300, IOV_MAX * 2 + 17)]
+    buffers[5] = np.arange(100_000, dtype=np.float32)  # an array's memory, as a record has
+    expected = write_and_check(tmp_path / "f", buffers)
     replace_file(tmp_path / "g", buffers)
     assert (tmp_path / "g").read_bytes() == expected
 
@@ -116,10 +123,4 @@ def test_write_all_goes_on_after_short_writes(tmp_path: Path, monkeypatch) -> No
 
     monkeypatch.setattr("shardd.durable.os.writev", short)
     buffers: list[Any] = [b"a" * 2000, b"", b"bc" * 100, np.arange(1000, dtype=np.int64)]
-    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        written = write_all(fd, buffers)
-    finally:
-        os.close(fd)
-    expected = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)
-    assert written == len(expected) and (tmp_path / "f").read_bytes() == expected
+    write_and_check(tmp_path / "f", buffers)
