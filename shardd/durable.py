@@ -9,13 +9,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 IOV_MAX = 1024  # Linux's limit on one writev's buffers
+
+
+def byte_view(buffer: Any) -> memoryview:
+    """``buffer``'s bytes, not copied (a numpy array must be C-contiguous; it may be empty,
+    which ``memoryview.cast`` refuses for more than one dimension)."""
+    if isinstance(buffer, np.ndarray):
+        if not buffer.flags.c_contiguous:
+            raise ValueError("only a C-contiguous array is written from its own memory")
+        buffer = buffer.reshape(-1).view(np.uint8)
+    return memoryview(buffer).cast("B")
 
 
 def write_all(fd: int, buffers: Sequence[Any]) -> int:
     """Write ``buffers`` in order to ``fd`` (``writev``: no copy to join them, and the GIL
     released while the kernel copies); returns the bytes written."""
-    views = [memoryview(b).cast("B") for b in buffers]
+    views = [byte_view(b) for b in buffers]
     views = [v for v in views if v.nbytes]
     total = 0
     while views:

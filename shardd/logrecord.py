@@ -18,6 +18,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from shardd.durable import byte_view
+
 MAGIC = 0x52535550  # "RSUP"
 HEAD = struct.Struct("<III")  # magic, payload length, crc32 of the payload
 JOIN_BELOW = 1 << 16  # buffers smaller than this are joined into their neighbours
@@ -33,7 +35,7 @@ def pieces(record: dict[str, Any]) -> list[Any]:
     crc, length = 0, 0
     for piece in payload:
         crc = zlib.crc32(piece, crc)
-        length += memoryview(piece).nbytes
+        length += byte_view(piece).nbytes
     return [HEAD.pack(MAGIC, length, crc), *payload]
 
 
@@ -53,9 +55,7 @@ def _encode(obj: Any, packer: msgpack.Packer, out: list[Any]) -> None:
         for value in obj:
             _encode(value, packer, out)
     elif isinstance(obj, bytes | bytearray | memoryview | np.ndarray):
-        if isinstance(obj, np.ndarray) and not obj.flags.c_contiguous:
-            raise ValueError("a log record's arrays must be C-contiguous")
-        view = memoryview(obj).cast("B")  # type: ignore[arg-type]
+        view = byte_view(obj)
         out.append(b"\xc6" + view.nbytes.to_bytes(4, "big"))  # bin 32
         out.append(view)
     else:
@@ -67,7 +67,7 @@ def _join_small(parts: list[Any]) -> list[Any]:
     out: list[Any] = []
     run: list[Any] = []
     for part in parts:
-        if memoryview(part).nbytes < JOIN_BELOW:
+        if byte_view(part).nbytes < JOIN_BELOW:
             run.append(part)
             continue
         if run:

@@ -32,6 +32,7 @@ that did not finish, is passed over: the records before it still hold its versio
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -105,8 +106,17 @@ class UpdateLog:
             self.bytes = self.path.stat().st_size
 
     def append(self, record: dict[str, Any]) -> None:
-        self.bytes += write_all(self.file.fileno(), pieces(record))
-        os.fsync(self.file.fileno())
+        fd, start = self.file.fileno(), self.bytes
+        try:
+            self.bytes += write_all(fd, pieces(record))
+            os.fsync(fd)
+        except OSError:
+            # A record cut short (a full disk) must not stay in front of the next one:
+            # replay stops at the first damaged record.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            self.bytes = start
+            raise
 
     def records(self, repair: bool = True) -> list[dict[str, Any]]:
         """Every whole record; with ``repair`` (at start) a torn or damaged tail is cut from

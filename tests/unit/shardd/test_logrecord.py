@@ -4,6 +4,7 @@ buffer in order however many there are."""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -12,6 +13,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import pytest
 
 from shardd.durable import IOV_MAX, replace_file, write_all
 from shardd.logrecord import HEAD, MAGIC, encode, pieces
@@ -124,3 +126,35 @@ def test_write_all_goes_on_after_short_writes(tmp_path: Path, monkeypatch) -> No
     monkeypatch.setattr("shardd.durable.os.writev", short)
     buffers: list[Any] = [b"a" * 2000, b"", b"bc" * 100, np.arange(1000, dtype=np.int64)]
     write_and_check(tmp_path / "f", buffers)
+
+
+def test_an_append_that_fails_leaves_no_torn_record(tmp_path: Path, monkeypatch) -> None:
+    """A full disk mid-record: the append raises, the part written is cut off again, and
+    the records appended after it replay."""
+    log = UpdateLog(tmp_path / "updates.log")
+    first = a_record(np.random.default_rng(5), parts=1)
+    log.append(first)
+    real = os.writev
+
+    def full(fd: int, views: list) -> int:  # half of the first buffer, then no space
+        real(fd, [views[0][: len(views[0]) // 2]])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("shardd.durable.os.writev", full)
+    with pytest.raises(OSError):
+        log.append(a_record(np.random.default_rng(6), parts=1))
+    monkeypatch.setattr("shardd.durable.os.writev", real)
+    log.append({"op": "commit", "version": 7})
+    assert log.records(repair=False) == [as_bytes(first), {"op": "commit", "version": 7}]
+    assert log.bytes == (tmp_path / "updates.log").stat().st_size
+    log.close()
+
+
+def test_empty_and_multidimensional_arrays_are_written_as_their_bytes() -> None:
+    """A part with no rows (``[0, dim]``, which ``memoryview.cast`` refuses) and a 2-D one."""
+    record = {"ids": np.zeros(0, "<i8"), "rows": np.zeros((0, 32), "<f4"),
+              "more": np.ones((2, 3), "<f4")}  # fmt: skip
+    data = encode(record)
+    assert msgpack.unpackb(data[HEAD.size :], raw=False) == {
+        k: v.tobytes() for k, v in record.items()
+    }
