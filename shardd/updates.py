@@ -330,15 +330,17 @@ class Versions:
         ``written`` bytes): the log becomes ``record`` alone, the corrections ``carried``
         over the files."""
         assert self.log is not None and version == self.current and self.staged is None
-        self.base_version = version
-        self.carried = carried
-        self.rows_updated = sum(o.size for o in carried.values())
-        self.compactions += 1
-        self.compacted_bytes += written
         try:
             self.log.reset(record)
         except OSError as exc:  # the log keeps its records, the carried ones at its end
             log.warning("could not shorten the update log after compaction: %s", exc)
+        # Then what ``describe`` reports (read on the loop, unlocked): once it names the
+        # version compacted, the log is already short.
+        self.carried = carried
+        self.rows_updated = sum(o.size for o in carried.values())
+        self.compactions += 1
+        self.compacted_bytes += written
+        self.base_version = version
 
     # --- internals --------------------------------------------------------------------------
 
