@@ -47,7 +47,7 @@ from tests.integration.shards import header, raw
 TOKEN = "bench-updates-token-0123456789abcdef"
 BODIES = 100
 TAIL_MS = 10.0  # a bucket bound of the gateway's histograms
-TAIL_STAGES = ("request", "queue_wait", "pooling", "dense", "shard_rpc")
+TAIL_STAGES = ("request", "queue_wait", "pooling", "dense", "shard_rpc", "shard_work")
 
 
 def update_body(rng: np.random.Generator, tables: list, rows: int) -> bytes:

@@ -72,6 +72,7 @@ class GatewayMetrics:
     batch_samples: Histogram
     inflight: Gauge
     shard_rpc: Histogram
+    shard_work: Histogram
     shards_contacted: Histogram
     shard_bytes: Counter
     shm_lookups: Counter
@@ -155,6 +156,14 @@ class GatewayMetrics:
             shard_rpc=Histogram(
                 "recserve_gateway_shard_rpc_seconds",
                 "One lookup round trip, by shard",
+                ["shard"],
+                buckets=SECONDS,
+                registry=reg,
+            ),
+            shard_work=Histogram(
+                "recserve_gateway_shard_work_seconds",
+                "The part of a lookup's round trip spent on its shard, as the shard reports it "
+                "(queued there, then pooled); the rest is transport and wake-ups",
                 ["shard"],
                 buckets=SECONDS,
                 registry=reg,

@@ -105,6 +105,7 @@ class ReplicaSet:
         # these are touched on every lookup.
         shard = str(shard_id)
         self.rpc = metrics.shard_rpc.labels(shard=shard)
+        self.work = metrics.shard_work.labels(shard=shard)
         self.hedges_sent = metrics.hedges.labels(shard=shard, outcome="sent")
         self.hedges_won = metrics.hedges.labels(shard=shard, outcome="won")
         self.retried = metrics.retries.labels(shard=shard)
@@ -261,7 +262,7 @@ class ReplicaSet:
         outstanding.inc()
         start = time.perf_counter()
         try:
-            groups = await replica.client.lookup(
+            groups, on_shard = await replica.client.lookup_timed(
                 parts, ids, lengths, weights=weights, deadline=deadline, dim=dim, version=version
             )
         except RecserveError as exc:
@@ -276,6 +277,8 @@ class ReplicaSet:
         replica.failures = 0
         self.latencies.append(seconds)
         self.rpc.observe(seconds)
+        if on_shard is not None:
+            self.work.observe(on_shard)
         self._count(replica, "ok")
         sent = ids.nbytes + lengths.nbytes + (weights.nbytes if weights is not None else 0)
         self.sent_bytes.inc(sent)

@@ -171,6 +171,25 @@ class ShardClient:
         """Pooled groups of ``parts``; a reply that does not answer exactly these parts
         (each once, with its bag count, and ``dim`` wide when given) is the shard's failure,
         ``ShardUnavailable``, which may fail over, never a crash of the caller."""
+        groups, _ = await self.lookup_timed(
+            parts, ids, lengths, deadline=deadline, weights=weights, dim=dim, version=version
+        )
+        return groups
+
+    async def lookup_timed(
+        self,
+        parts: Sequence[PartRequest],
+        ids: np.ndarray,
+        lengths: np.ndarray,
+        *,
+        deadline: Deadline,
+        weights: np.ndarray | None = None,
+        dim: int | None = None,
+        version: int | None = None,
+    ) -> tuple[list[PooledGroup], float | None]:
+        """``lookup``, and the seconds the lookup spent on the shard by the shard's own
+        account (queued there, then pooled; None if the reply does not say): the rest of
+        the round trip is the transport and the threads' wake-ups."""
         req_id = next(self.ids)
         ids, lengths, weights = lookup_arrays(ids, lengths, weights)
         loan = None
@@ -191,15 +210,16 @@ class ShardClient:
                 if self.arena is not None:
                     self.arena.close()
                 self.arena = None
-                return await self.lookup(
+                return await self.lookup_timed(
                     parts, ids, lengths, deadline=deadline, weights=weights, dim=dim,
                     version=version,
                 )  # fmt: skip
             _check(header, self.name)
         try:
-            return _groups(header.get("groups"), data, loan, parts, dim)
+            groups = _groups(header.get("groups"), data, loan, parts, dim)
         except (TypeError, ValueError, KeyError) as exc:
             raise ShardUnavailable(f"shard {self.name}: malformed lookup reply ({exc})") from None
+        return groups, _on_shard(header)
 
     def _rotate_if_lost(self) -> None:
         """A quarter of the arena waiting for replies that may never come (a shard killed
@@ -351,3 +371,16 @@ def _groups(
     if not all(seen):
         raise ValueError(f"part {seen.index(False)} was not answered")
     return out
+
+
+def _on_shard(header: dict[str, Any]) -> float | None:
+    """The reply's ``queue_ms + work_ms`` in seconds, if both are sane numbers."""
+    total = 0.0
+    for key in ("queue_ms", "work_ms"):
+        value = header.get(key)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return None
+        if not 0 <= value < 3.6e6:  # also refuses NaN
+            return None
+        total += value
+    return total / 1e3

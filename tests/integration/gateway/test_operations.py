@@ -46,6 +46,14 @@ def test_model_health_and_metrics(deployments) -> None:
             assert f'recserve_gateway_shard_rpc_seconds_count{{shard="{shard}"}} 1.0' in text
             # The shards listen on ipc://: the lookups went through shared memory.
             assert f'recserve_gateway_shm_lookups_total{{shard="{shard}"}} 1.0' in text
+            # The shard's own account of the lookup: part of the round trip, not more.
+            assert f'recserve_gateway_shard_work_seconds_count{{shard="{shard}"}} 1.0' in text
+            work, rpc = (
+                float(re.search(rf'^recserve_gateway_shard_{m}_seconds_sum{{shard="{shard}"}} '
+                                r"(\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+                for m in ("work", "rpc")
+            )  # fmt: skip
+            assert 0 < work < rpc
         assert "recserve_gateway_shards_contacted_count 1.0" in text
         assert "recserve_gateway_request_seconds_count 1.0" in text  # the predict, not /v1/model
         assert 'recserve_gateway_shard_bytes_total{direction="received"}' in text

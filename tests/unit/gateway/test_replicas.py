@@ -34,7 +34,9 @@ class Fake:
         self.ready = True
         self.calls = 0
 
-    async def lookup(self, *args: Any, deadline: Deadline, **kw: Any) -> list[PooledGroup]:
+    async def lookup_timed(
+        self, *args: Any, deadline: Deadline, **kw: Any
+    ) -> tuple[list[PooledGroup], float | None]:
         self.calls += 1
         if self.stall:
             await asyncio.sleep(deadline.left_s())
@@ -42,7 +44,8 @@ class Fake:
         await asyncio.sleep(self.delay)
         if self.error is not None:
             raise self.error
-        return [PooledGroup((0,), np.full((1, 1, 2), float(self.name[-1]), np.float32))]
+        pooled = np.full((1, 1, 2), float(self.name[-1]), np.float32)
+        return [PooledGroup((0,), pooled)], self.delay
 
     async def simple(self, op: str, deadline: Deadline) -> dict[str, Any]:
         if self.stall:

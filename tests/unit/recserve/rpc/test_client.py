@@ -19,7 +19,7 @@ from recserve.contracts.errors import (
     RecserveError,
     ShardUnavailable,
 )
-from recserve.rpc.client import ShardClient
+from recserve.rpc.client import ShardClient, _on_shard
 from recserve.rpc.deadline import Deadline
 from recserve.rpc.wire import PartRequest, decode_header, pack_header
 
@@ -171,3 +171,22 @@ def test_shared_memory_of_a_lookup_never_sent_is_returned_at_once() -> None:
             ctx.term()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ({"queue_ms": 0.25, "work_ms": 1.5}, 0.00175),
+        ({"queue_ms": 0, "work_ms": 2}, 0.002),
+        ({"work_ms": 1.5}, None),  # a shard that does not say
+        ({"queue_ms": -1.0, "work_ms": 1.5}, None),
+        ({"queue_ms": float("nan"), "work_ms": 1.5}, None),
+        ({"queue_ms": True, "work_ms": 1.5}, None),
+        ({"queue_ms": "1", "work_ms": 1.5}, None),
+        ({"queue_ms": 1e300, "work_ms": 1.5}, None),
+    ],
+)
+def test_the_time_a_reply_says_it_spent_on_the_shard(header: dict, seconds: float | None) -> None:
+    """A peer's numbers are checked before they reach a histogram."""
+    got = _on_shard(header)
+    assert got == pytest.approx(seconds) if seconds is not None else got is None
