@@ -262,7 +262,7 @@ class ReplicaSet:
         outstanding.inc()
         start = time.perf_counter()
         try:
-            groups, on_shard = await replica.client.lookup_timed(
+            groups = await replica.client.lookup(
                 parts, ids, lengths, weights=weights, deadline=deadline, dim=dim, version=version
             )
         except RecserveError as exc:
@@ -277,8 +277,8 @@ class ReplicaSet:
         replica.failures = 0
         self.latencies.append(seconds)
         self.rpc.observe(seconds)
-        if on_shard is not None:
-            self.work.observe(on_shard)
+        if groups.on_shard is not None:
+            self.work.observe(groups.on_shard)
         self._count(replica, "ok")
         sent = ids.nbytes + lengths.nbytes + (weights.nbytes if weights is not None else 0)
         self.sent_bytes.inc(sent)

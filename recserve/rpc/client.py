@@ -53,6 +53,14 @@ class PooledGroup:
     shared: bool = False  # or of the shared memory the shard pooled into
 
 
+class Pooled(list[PooledGroup]):
+    """A lookup's pooled groups, and the seconds the shard reports spending on the lookup
+    (queued there, then pooling; None if the reply does not say): the rest of its round
+    trip is the transport and the threads' wake-ups."""
+
+    on_shard: float | None = None
+
+
 class ShardClient:
     def __init__(
         self,
@@ -167,29 +175,10 @@ class ShardClient:
         weights: np.ndarray | None = None,
         dim: int | None = None,
         version: int | None = None,
-    ) -> list[PooledGroup]:
+    ) -> Pooled:
         """Pooled groups of ``parts``; a reply that does not answer exactly these parts
         (each once, with its bag count, and ``dim`` wide when given) is the shard's failure,
         ``ShardUnavailable``, which may fail over, never a crash of the caller."""
-        groups, _ = await self.lookup_timed(
-            parts, ids, lengths, deadline=deadline, weights=weights, dim=dim, version=version
-        )
-        return groups
-
-    async def lookup_timed(
-        self,
-        parts: Sequence[PartRequest],
-        ids: np.ndarray,
-        lengths: np.ndarray,
-        *,
-        deadline: Deadline,
-        weights: np.ndarray | None = None,
-        dim: int | None = None,
-        version: int | None = None,
-    ) -> tuple[list[PooledGroup], float | None]:
-        """``lookup``, and the seconds the lookup spent on the shard by the shard's own
-        account (queued there, then pooled; None if the reply does not say): the rest of
-        the round trip is the transport and the threads' wake-ups."""
         req_id = next(self.ids)
         ids, lengths, weights = lookup_arrays(ids, lengths, weights)
         loan = None
@@ -210,16 +199,17 @@ class ShardClient:
                 if self.arena is not None:
                     self.arena.close()
                 self.arena = None
-                return await self.lookup_timed(
+                return await self.lookup(
                     parts, ids, lengths, deadline=deadline, weights=weights, dim=dim,
                     version=version,
                 )  # fmt: skip
             _check(header, self.name)
         try:
-            groups = _groups(header.get("groups"), data, loan, parts, dim)
+            groups = Pooled(_groups(header.get("groups"), data, loan, parts, dim))
         except (TypeError, ValueError, KeyError) as exc:
             raise ShardUnavailable(f"shard {self.name}: malformed lookup reply ({exc})") from None
-        return groups, _on_shard(header)
+        groups.on_shard = _on_shard(header)
+        return groups
 
     def _rotate_if_lost(self) -> None:
         """A quarter of the arena waiting for replies that may never come (a shard killed

@@ -14,7 +14,7 @@ from gateway.config import ReplicaSettings
 from gateway.metrics import GatewayMetrics
 from gateway.replicas import ReplicaSet
 from recserve.contracts.errors import IdOutOfRange, NotReady, ShardUnavailable
-from recserve.rpc.client import PooledGroup
+from recserve.rpc.client import Pooled, PooledGroup
 from recserve.rpc.deadline import Deadline
 from recserve.rpc.wire import PartRequest
 
@@ -34,9 +34,7 @@ class Fake:
         self.ready = True
         self.calls = 0
 
-    async def lookup_timed(
-        self, *args: Any, deadline: Deadline, **kw: Any
-    ) -> tuple[list[PooledGroup], float | None]:
+    async def lookup(self, *args: Any, deadline: Deadline, **kw: Any) -> Pooled:
         self.calls += 1
         if self.stall:
             await asyncio.sleep(deadline.left_s())
@@ -44,8 +42,9 @@ class Fake:
         await asyncio.sleep(self.delay)
         if self.error is not None:
             raise self.error
-        pooled = np.full((1, 1, 2), float(self.name[-1]), np.float32)
-        return [PooledGroup((0,), pooled)], self.delay
+        groups = Pooled([PooledGroup((0,), np.full((1, 1, 2), float(self.name[-1]), np.float32))])
+        groups.on_shard = self.delay
+        return groups
 
     async def simple(self, op: str, deadline: Deadline) -> dict[str, Any]:
         if self.stall:
