@@ -39,11 +39,6 @@ def pieces(record: dict[str, Any]) -> list[Any]:
     return [HEAD.pack(MAGIC, length, crc), *payload]
 
 
-def encode(record: dict[str, Any]) -> bytes:
-    """``record`` as one ``bytes`` (small records, and tests)."""
-    return b"".join(bytes(p) if isinstance(p, memoryview) else p for p in pieces(record))
-
-
 def _encode(obj: Any, packer: msgpack.Packer, out: list[Any]) -> None:
     if isinstance(obj, dict):
         out.append(packer.pack_map_header(len(obj)))
