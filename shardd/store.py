@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ from recserve.contracts.manifest import Manifest, TableSpec
 from recserve.contracts.plan import ShardPlan
 from recserve.model.artifact import file_size, hugepage_copies, open_table, touch
 from recserve.rpc.shm import Region
-from recserve.rpc.wire import MAX_REPLY_FLOATS, Lookup, StagePart
+from recserve.rpc.wire import MAX_REPLY_FLOATS, Lookup, PartRequest, StagePart
 from shardd import compaction
 from shardd.cache import CacheTier, Fetched, PartCache
 from shardd.compaction import Base, PartFile, part_key
@@ -59,6 +59,7 @@ from shardd.updates import (
 
 log = logging.getLogger(__name__)
 LOG_BYTES = 256 << 20  # an update log this long is compacted whatever its rows
+LAYOUTS_KEPT = 64  # distinct parts lists whose layout a generation keeps
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,39 @@ class Group:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One kernel call of a layout: parts ``members`` (their ``slots`` and ``modes``), pooled
+    into ``shape`` ``[bags, members, dim]``; row ``j`` of ``at`` indexes the lookup's bag
+    bounds for member ``j``."""
+
+    members: tuple[int, ...]
+    slots: list[int]
+    modes: list[str]
+    at: np.ndarray
+    shape: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a lookup of one parts list runs on one generation: its parts resolved, its
+    kernel calls grouped and their bag bounds indexed. A gateway asks each shard for the
+    same few parts lists again and again, so a generation keeps the last ``LAYOUTS_KEPT``."""
+
+    slots: list[int]
+    resolved: list[Part]
+    floats: int  # pooled floats the reply holds
+    steps: tuple[Step, ...]
+
+
+@dataclass(frozen=True)
 class View:
     """One generation of the parts, as lookups read them."""
 
     gen: int
     by_slot: list[Part]
     tableset: kernels.TableSet
+    layouts: dict[tuple[PartRequest, ...], Layout] = field(default_factory=dict, compare=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
 
 class PartStore:
@@ -233,46 +261,70 @@ class PartStore:
             view, (gen, committed) = self.view, self.versions.state
         assert gen == view.gen
         overlays = patches_at(committed, version)  # the lookup's version
+        layout = view.layouts.get(lookup.parts)
+        if layout is None:
+            layout = self._layout(view, lookup.parts)
+            with view.lock:
+                while len(view.layouts) >= LAYOUTS_KEPT:
+                    del view.layouts[next(iter(view.layouts))]
+                view.layouts[lookup.parts] = layout
+        if layout.floats > max_floats:
+            raise TooLarge(
+                f"the lookup asks for {layout.floats} pooled floats, more than {max_floats} "
+                "(split it)",
+                field="parts.bags",
+            )
+        bounds_all = np.empty(lookup.lengths.size + 1, np.int64)  # positions into the ids
+        bounds_all[0] = 0
+        np.cumsum(lookup.lengths, out=bounds_all[1:])
+        calls = []
+        for step in layout.steps:
+            try:
+                call = view.tableset.prepare(
+                    step.slots,
+                    lookup.ids,
+                    bounds_all[step.at],
+                    weights=lookup.weights,
+                    modes=step.modes,
+                    out=None if out is None else out.take(step.shape),
+                    threads=threads,
+                )
+            except kernels.IdOutOfRangeError as exc:  # found while checking an empty output
+                raise _explain(exc, layout.resolved, lookup.spans()) from None
+            calls.append((step.members, call))
+        slots = layout.slots
+        updated = {i: overlays[s] for i, s in enumerate(slots) if s in overlays}
+        return Job(calls, layout.resolved, lookup, self.tier, updated, (gen, version, slots))
+
+    def _layout(self, view: View, parts: tuple[PartRequest, ...]) -> Layout:
+        """``parts`` resolved on ``view`` and grouped into kernel calls (parts of one bag
+        count and width pool in one call)."""
         slots, resolved = [], []
-        for i, req in enumerate(lookup.parts):
+        for i, req in enumerate(parts):
             slot = self.index.get((req.table, req.row_start))
             if slot is None:
                 raise unknown_part(req.table, req.row_start, i)
             slots.append(slot)
             resolved.append(view.by_slot[slot])
-        bags = [req.bags for req in lookup.parts]
+        bags = [req.bags for req in parts]
         floats = sum(b * p.spec.dim for b, p in zip(bags, resolved, strict=True))
-        if floats > max_floats:
-            raise TooLarge(
-                f"the lookup asks for {floats} pooled floats, more than {max_floats} (split it)",
-                field="parts.bags",
-            )
         first_bag = np.zeros(len(bags) + 1, np.int64)  # part i's bags: lengths[first_bag[i]:]
         np.cumsum(bags, out=first_bag[1:])
-        bounds_all = np.zeros(lookup.lengths.size + 1, np.int64)
-        np.cumsum(lookup.lengths, out=bounds_all[1:])
         groups: dict[tuple[int, int], list[int]] = {}
         for i, part in enumerate(resolved):
             groups.setdefault((bags[i], part.spec.dim), []).append(i)
-        calls = []
-        for (n_bags, dim), members in groups.items():
-            # Row j: part members[j]'s B + 1 bag bounds, positions into the ids frame.
-            at = first_bag[members][:, None] + np.arange(n_bags + 1)
-            try:
-                call = view.tableset.prepare(
-                    [slots[i] for i in members],
-                    lookup.ids,
-                    bounds_all[at],
-                    weights=lookup.weights,
-                    modes=[lookup.parts[i].mode for i in members],
-                    out=None if out is None else out.take((n_bags, len(members), dim)),
-                    threads=threads,
-                )
-            except kernels.IdOutOfRangeError as exc:  # found while checking an empty output
-                raise _explain(exc, resolved, lookup.spans()) from None
-            calls.append((tuple(members), call))
-        updated = {i: overlays[s] for i, s in enumerate(slots) if s in overlays}
-        return Job(calls, resolved, lookup, self.tier, updated, (gen, version, slots))
+        steps = tuple(
+            Step(
+                tuple(members),
+                [slots[i] for i in members],
+                [parts[i].mode for i in members],
+                # Row j: part members[j]'s B + 1 bag bounds, positions into the ids frame.
+                first_bag[members][:, None] + np.arange(n_bags + 1),
+                (n_bags, len(members), dim),
+            )
+            for (n_bags, dim), members in groups.items()
+        )
+        return Layout(slots, resolved, floats, steps)
 
     # --- compaction ---------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from recserve.contracts.plan import Plan
 from recserve.model.artifact import open_table
 from recserve.rpc.wire import PartRequest, StagePart, decode_lookup, encode_lookup, encode_stage
 from shardd import compaction
-from shardd.store import PartStore
+from shardd.store import LAYOUTS_KEPT, PartStore
 from shardd.updates import UpdateLog
 from tests.integration.shardd.test_cache import cached_model  # noqa: F401 - the fixture
 from tests.integration.shards import header, raw, running, start_shard, stop, wait_healthy
@@ -305,6 +305,27 @@ def test_replica_catches_up_across_a_compaction(cached_model, tmp_path) -> None:
     behind.close()
 
 
+def test_layouts_are_kept_per_generation_and_bounded(cached_model, tmp_path) -> None:  # noqa: F811
+    """Lookups of many bag counts pool right, and a generation keeps at most
+    ``LAYOUTS_KEPT`` of their layouts."""
+    model, _, plan = cached_model
+    store = PartStore(model, read_manifest(model), plan.shard(0))
+    tables = originals(model, plan)
+    p = plan.shard(0).parts[0]
+    rng = np.random.default_rng(3)
+    for bags in range(1, LAYOUTS_KEPT + 6):
+        ids = rng.integers(p.row_start, p.row_start + 100, 2 * bags)
+        frames = encode_lookup(1, None, [PartRequest(p.table, p.row_start, bags, "sum")] * 2,
+                               ids, np.ones(2 * bags, np.int32))  # fmt: skip
+        lookup = decode_lookup(msgpack.unpackb(frames[0]), frames[1:])
+        for _ in range(2):  # laid out, then from the kept layout
+            got = store.prepare(lookup).run()[0].pooled
+            want = tables[p.table][ids].reshape(2, bags, -1).transpose(1, 0, 2)
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert len(store.view.layouts) == LAYOUTS_KEPT
+    store.close()
+
+
 def pools_as(store: PartStore, plan: Plan, tables: dict, version: int | None = None) -> None:
     """Every part of ``store`` (shard 0) pools as ``tables`` at ``version`` (None: newest),
     in-process."""
@@ -355,6 +376,7 @@ def test_compaction_rewrites_the_most_updated_parts_only(cached_model, tmp_path)
     model, _, plan = cached_model
     got = partial(model, plan, tmp_path / "state", 31)
     store, (v0, v1, v2) = got.store, got.tables
+    pools_as(store, plan, v1)  # lookups laid out before the compaction, asked again after it
     assert store.wants_compaction() and store.compact() == 1
     assert store.base is not None and list(store.base.files) == [got.key]
     info = store.versions.describe()
