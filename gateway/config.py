@@ -15,7 +15,9 @@ from recserve.runtime.config import option
 @dataclass(frozen=True)
 class BatchSettings:
     max_batch_samples: int = option(1024, "samples in one batch (a larger request is its own)")
-    max_queue_delay_us: int = option(500, "how long a request waits for company")
+    max_queue_delay_us: int = option(
+        500, "how long a request waits for company, while requests come at least that often"
+    )
     max_inflight_samples: int = option(
         32768, "samples queued or being scored (per worker); more are refused with 429"
     )

@@ -4,13 +4,14 @@ only the requests they belong to."""
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pytest
 
-from gateway.batcher import Batcher
+from gateway.batcher import GAP_WEIGHT, Batcher
 from gateway.config import BatchSettings
 from gateway.metrics import GatewayMetrics
 from recserve.contracts.batch import Bags, Batch
@@ -85,6 +86,37 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_scores() -> None:
         assert batcher.inflight_samples == 0
 
     asyncio.run(with_batcher(BatchSettings(max_queue_delay_us=50_000), check))
+
+
+def test_the_gaps_between_requests_are_averaged() -> None:
+    async def check(batcher: Batcher, pooler: FakePooler) -> None:
+        await batcher.score(batch(1), Deadline.after(5000))
+        assert batcher.gap == 0.0  # one request: no gap yet
+        await asyncio.sleep(0.2)
+        await batcher.score(batch(1), Deadline.after(5000))
+        assert GAP_WEIGHT * 0.2 <= batcher.gap < GAP_WEIGHT * 0.6
+
+    asyncio.run(with_batcher(BatchSettings(max_queue_delay_us=0), check))
+
+
+def test_a_request_waits_for_company_only_when_company_is_expected() -> None:
+    """Requests seconds apart do not wait a 2 s queue delay; requests arriving together
+    still share a batch."""
+    settings = BatchSettings(max_queue_delay_us=2_000_000, max_batch_samples=3)
+
+    async def check(batcher: Batcher, pooler: FakePooler) -> None:
+        batcher.gap = 3.0  # as if requests came 3 s apart
+        start = time.perf_counter()
+        await batcher.score(batch(2), Deadline.after(5000))
+        assert time.perf_counter() - start < 1.0  # not the 2 s delay
+        batcher.gap, batcher.last = 0.0, None  # as if they came in a burst
+        await asyncio.gather(
+            batcher.score(batch(1), Deadline.after(5000)),
+            batcher.score(batch(2), Deadline.after(5000)),
+        )
+        assert pooler.sizes == [2, 3]
+
+    asyncio.run(with_batcher(settings, check))
 
 
 def test_requests_queued_behind_busy_slots_become_one_batch() -> None:
