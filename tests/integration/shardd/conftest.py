@@ -63,7 +63,7 @@ def shards(model_and_plan, tmp_path_factory):
     endpoints = [f"ipc://{run_dir}/s0.sock", f"tcp://127.0.0.1:{free_port()}"]
     # Shard 1 serves copies in huge-page memory, shard 0 the memory-mapped files: every
     # test on both shards covers both.
-    extra = [(), ("--hugepages",)]
+    extra = [(), ("--hugepages", "--inline-ids", "16384")]
     procs = [
         start_shard(plan_path, model, k, ep, *extra[k], log=run_dir / f"s{k}.log")
         for k, ep in enumerate(endpoints)
