@@ -276,7 +276,7 @@ class PartStore:
             )
         bounds_all = np.empty(lookup.lengths.size + 1, np.int64)  # positions into the ids
         bounds_all[0] = 0
-        np.cumsum(lookup.lengths, out=bounds_all[1:])
+        np.add.accumulate(lookup.lengths, out=bounds_all[1:], dtype=np.int64)
         calls = []
         for step in layout.steps:
             try:

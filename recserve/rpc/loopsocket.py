@@ -23,6 +23,9 @@ import zmq
 
 log = logging.getLogger(__name__)
 BATCH = 64
+# Plain ints: pyzmq's enum flags cost ~1 us per operation in Python's enum code.
+_EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
+_NOBLOCK, _MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 class LoopSocket:
@@ -51,7 +54,11 @@ class LoopSocket:
         if self.closed:
             raise zmq.ZMQError(zmq.ENOTSOCK, "socket closed")
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            # send_multipart's own loop, with int flags. A message is queued whole or not
+            # at all: ZeroMQ takes the first part only when it can take every part.
+            last = len(frames) - 1
+            for i, frame in enumerate(frames):
+                self.sock.send(frame, _MORE if i < last else _NOBLOCK, copy=False)
             return True
         except zmq.Again:
             return False
@@ -94,16 +101,16 @@ class LoopSocket:
             # EVENTS, not a receive raising Again, says when the queue is empty (1.5 us
             # against 3.4 us for the failed receive, whose exception showed up in the
             # shard loop's profile), and reading it last leaves the descriptor armed.
-            events = cast(int, self.sock.getsockopt(zmq.EVENTS))
-            if events & zmq.POLLOUT and self.writers:
+            events = cast(int, self.sock.getsockopt(_EVENTS))
+            if events & _POLLOUT and self.writers:
                 writers, self.writers = self.writers, []
                 for fut in writers:
                     if not fut.done():
                         fut.set_result(None)
-            if not events & zmq.POLLIN:
+            if not events & _POLLIN:
                 return
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = self.sock.recv_multipart(_NOBLOCK, copy=False)
             except zmq.Again:  # EVENTS said otherwise; look again on the next edge
                 return
             except zmq.ZMQError as exc:  # the socket broke: nothing more will arrive

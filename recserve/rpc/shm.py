@@ -204,6 +204,7 @@ class Maps:
     def __init__(self, kept: int = MAPS_KEPT, directory: Path = DIR) -> None:
         self.kept = kept
         self.directory = directory
+        self.prefix = f"{directory}/"  # of every arena's path (checked without pathlib)
         self.maps: OrderedDict[str, mmap.mmap] = OrderedDict()
 
     def resolve(self, spec: ShmSpec) -> tuple[list[np.ndarray], Region]:
@@ -225,8 +226,8 @@ class Maps:
         """The mapping of arena ``path`` if it starts with ``key`` (hex)."""
         if not isinstance(path, str) or not isinstance(key, str):
             raise BadRequest("shm.path and shm.key must be strings", field="shm")
-        name = path.rpartition("/")[2]
-        if path != str(self.directory / name) or not name.startswith(PREFIX):
+        name = path[len(self.prefix) :]
+        if not path.startswith(self.prefix) or "/" in name or not name.startswith(PREFIX):
             raise BadRequest(f"shm.path must name a {self.directory}/{PREFIX}* file", field="shm")
         try:
             want = bytes.fromhex(key)

@@ -351,9 +351,10 @@ def decode_lookup(header: dict[str, Any], frames: Sequence[Buffer]) -> Lookup:
     n_bags = sum(p.bags for p in parts)
     if lengths.size != n_bags:
         raise BadRequest(f"{lengths.size} bag lengths for {n_bags} bags", field="lengths")
-    if lengths.size and int(lengths.min()) < 0:
+    # The ufuncs' own reductions: lengths.min() and .sum() add ~1.5 us each of Python.
+    if lengths.size and int(np.minimum.reduce(lengths)) < 0:
         raise BadRequest("bag lengths must not be negative", field="lengths")
-    if int(lengths.sum(dtype=np.int64)) != ids.size:
+    if int(np.add.reduce(lengths, dtype=np.int64)) != ids.size:
         raise BadRequest(
             f"bag lengths add up to {int(lengths.sum())}, not to the {ids.size} ids sent",
             field="lengths",

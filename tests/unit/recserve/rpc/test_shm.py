@@ -64,7 +64,14 @@ def test_a_shard_maps_only_arenas_under_its_directory_with_their_key(arena, tmp_
     maps = Maps(directory=tmp_path)
     key = arena.key.hex()
     assert maps.get(str(arena.path), key)[:KEY_BYTES] == arena.key
-    for path in ("/etc/passwd", f"{tmp_path}/../{arena.path.name}", f"{tmp_path}/other"):
+    for path in (
+        "/etc/passwd",
+        f"{tmp_path}/../{arena.path.name}",
+        f"{tmp_path}/other",
+        f"{tmp_path}//{arena.path.name}",
+        f"{tmp_path}/{PREFIX}dir/{arena.path.name}",
+        f"{tmp_path}x/{arena.path.name}",
+    ):
         with pytest.raises(BadRequest):
             maps.get(path, key)
     with pytest.raises(BadRequest):
