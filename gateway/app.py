@@ -27,6 +27,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import kserve, updates
+from gateway.batcher import Routed
 from gateway.config import GatewayConfig
 from gateway.follow import Role
 from gateway.lifetime import running
@@ -110,30 +111,33 @@ async def errors(
     return response
 
 
-async def read_batch(request: web.Request) -> tuple[Batch, Deadline]:
-    """The request's batch (parsed in the executor) and its deadline."""
+async def read_batch(
+    request: web.Request, *, route: bool = False
+) -> tuple[Batch, Deadline, Routed | None]:
+    """The request's batch (parsed in the executor), its deadline, and with ``route`` its
+    routing when it will likely be a batch of its own (``Batcher.route_alone``)."""
     gw = request.config_dict[GATEWAY]
     body = await gw.read_body(request)
     ctype = request.content_type
 
     arrived = now_ms()  # the deadline runs from here, the executor's queue included
 
-    def parse() -> tuple[Batch, Deadline]:
+    def parse() -> tuple[Batch, Deadline, Routed | None]:
         with gw.metrics.cpu("parse"):
             doc = decode_body(body, ctype)
             asked = doc.get("timeout_ms") if isinstance(doc, dict) else None
             deadline = gw.deadline(asked, "timeout_ms", arrived)
             batch = parse_request(doc, gw.manifest, gw.limits)
             gw.check_limits(batch)
-            return batch, deadline
+        return batch, deadline, gw.batcher.route_alone(batch) if route else None
 
     return await asyncio.get_running_loop().run_in_executor(gw.executor, parse)
 
 
 async def predict(request: web.Request) -> web.Response:
     gw = request.config_dict[GATEWAY]
-    batch, deadline = await read_batch(request)
-    scores, version = await gw.batcher.score(batch, deadline)
+    batch, deadline, routed = await read_batch(request, route=True)
+    scores, version = await gw.batcher.score(batch, deadline, routed)
     return encode(
         {
             "scores": scores.astype(float).tolist(),
@@ -152,7 +156,7 @@ async def embeddings(request: web.Request) -> web.Response:
     gw = request.config_dict[GATEWAY]
     if not gw.config.api.enable_embeddings:
         raise web.HTTPNotFound(reason="/v1/embeddings is not enabled (--enable-embeddings)")
-    batch, deadline = await read_batch(request)
+    batch, deadline, _ = await read_batch(request)
     names = [f for f, _ in gw.manifest.features()]
     floats = batch.size * len(names) * gw.manifest.embedding_dim
     limit = gw.config.api.max_embedding_floats

@@ -13,6 +13,11 @@ bound. Each request keeps its own deadline: one that expires while queued is ans
 run at once, so a batch's shard lookups overlap the previous batch's dense MLP; while all
 run, requests gather in the queue, and the next batch takes them together when a slot frees.
 
+A batch is merged and routed (the pooler's ``prepare``) in the executor, one hop from the
+loop. A request that will likely be a batch of its own (nothing queued, a slot free, no
+company expected) is routed right after its parse, in the parse's own hop (``route_alone``),
+and its batch skips that hop: at low rates, and with few requests in flight, every request.
+
 Every request's future is resolved exactly once, on one path: scores, or the error of its
 batch. An unexpected error in a batch of several requests is not blamed on all of them:
 each is scored again alone, so only the request that causes it fails.
@@ -56,11 +61,20 @@ def lookup_deadline(deadline: Deadline) -> Deadline:
     return deadline.sooner(min(20.0, 0.2 * max(deadline.left_ms(), 0.0)))
 
 
+@dataclass(frozen=True)
+class Routed:
+    """A request's batch prepared for the pooler right after its parse (``route_alone``)."""
+
+    prepared: object
+    seconds: float
+
+
 @dataclass
 class Pending:
     batch: Batch
     deadline: Deadline
     future: asyncio.Future[tuple[np.ndarray, int]]  # scores and the version they are at
+    routed: Routed | None = None  # used when the request is a batch of its own
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -88,10 +102,30 @@ class Batcher:
         self.gap = 0.0  # moving average of the seconds between requests (0: company expected)
         self.last: float | None = None  # when the last request came
 
-    async def score(self, batch: Batch, deadline: Deadline) -> tuple[np.ndarray, int]:
-        """The batch's scores and the model version they were computed at."""
+    def route_alone(self, batch: Batch) -> Routed | None:
+        """In the executor, right after a request's parse: its batch prepared for the pooler
+        when it will likely be a batch of its own (nothing queued, a slot free, no company
+        expected), else None. A guess read from another thread: when it is wrong the
+        request joins a batch as usual and this work is lost."""
+        delay = self.settings.max_queue_delay_us / 1e6
+        busy = len(self.tasks) >= self.settings.max_concurrent_batches  # (len: atomic)
+        if self.queue or busy or (delay > 0 and self.gap <= delay):
+            return None
+        start = time.perf_counter()
+        try:
+            with self.metrics.cpu("assembly"):
+                prepared = self.pooler.prepare(batch)
+        except Exception:  # the batch's own hop fails it, on the batch's one error path
+            return None
+        return Routed(prepared, time.perf_counter() - start)
+
+    async def score(
+        self, batch: Batch, deadline: Deadline, routed: Routed | None = None
+    ) -> tuple[np.ndarray, int]:
+        """The batch's scores and the model version they were computed at (``routed``:
+        ``route_alone``'s, for when the request is a batch of its own)."""
         self._admit(batch.size)
-        pending = Pending(batch, deadline, asyncio.get_running_loop().create_future())
+        pending = Pending(batch, deadline, asyncio.get_running_loop().create_future(), routed)
         self._count(batch.size)
         if self.last is not None:
             gap = min(pending.enqueued - self.last, MAX_GAP_S)
@@ -206,7 +240,8 @@ class Batcher:
 
     async def _score(self, live: list[Pending]) -> None:
         try:
-            scores = await self._run([p.batch for p in live], min(p.deadline for p in live))
+            routed = live[0].routed if len(live) == 1 else None
+            scores = await self._run([p.batch for p in live], min(p.deadline for p in live), routed)
         except RecserveError:
             raise  # a shard, a deadline or overload: it concerns the whole batch
         except Exception:
@@ -215,20 +250,26 @@ class Batcher:
             log.exception("a batch of %d requests failed; scoring each alone", len(live))
             for p in live:  # the batch's error belongs to one request: find it
                 try:
-                    self._deliver([p], await self._run([p.batch], p.deadline))
+                    self._deliver([p], await self._run([p.batch], p.deadline, p.routed))
                 except Exception as exc:
                     self._resolve([p], exc)
             return
         self._deliver(live, scores)
 
-    async def _run(self, batches: list[Batch], deadline: Deadline) -> tuple[np.ndarray, int]:
+    async def _run(
+        self, batches: list[Batch], deadline: Deadline, routed: Routed | None = None
+    ) -> tuple[np.ndarray, int]:
         loop = asyncio.get_running_loop()
         version = self.version()  # one version for the whole batch, on every shard
         forward = self.dense(version)  # and its dense weights
-        start = time.perf_counter()
-        batch, prepared = await loop.run_in_executor(self.executor, self._assemble, batches)
+        if routed is not None and len(batches) == 1:  # routed after its parse: no hop
+            batch, prepared = batches[0], routed.prepared
+            self.metrics.assembly.observe(routed.seconds)
+        else:
+            start = time.perf_counter()
+            batch, prepared = await loop.run_in_executor(self.executor, self._assemble, batches)
+            self.metrics.assembly.observe(time.perf_counter() - start)
         self.metrics.batch_samples.observe(batch.size)
-        self.metrics.assembly.observe(time.perf_counter() - start)
         start = time.perf_counter()
         scores, dense_s = await self.pooler.pool(
             batch,

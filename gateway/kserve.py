@@ -21,6 +21,7 @@ import numpy as np
 import orjson
 from aiohttp import web
 
+from gateway.batcher import Routed
 from gateway.requests import batch_from_arrays
 from gateway.state import GATEWAY, Gateway, status_and_headers
 from recserve import __version__
@@ -235,12 +236,14 @@ async def infer(request: web.Request) -> web.Response:
     if header_len is not None and header_len > len(body):
         raise BadRequest(f"{HEADER} exceeds the body", field=HEADER)
 
-    def parse() -> tuple[Batch, Deadline, bool]:
+    def parse() -> tuple[Batch, Deadline, bool, Routed | None]:
         with gw.metrics.cpu("parse"):
-            return parse_infer(body, header_len, gw, arrived)
+            batch, deadline, binary = parse_infer(body, header_len, gw, arrived)
+        return batch, deadline, binary, gw.batcher.route_alone(batch)
 
-    batch, deadline, binary = await asyncio.get_running_loop().run_in_executor(gw.executor, parse)
-    scores, version = await gw.batcher.score(batch, deadline)
+    loop = asyncio.get_running_loop()
+    batch, deadline, binary, routed = await loop.run_in_executor(gw.executor, parse)
+    scores, version = await gw.batcher.score(batch, deadline, routed)
     out = np.ascontiguousarray(scores, dtype="<f4").reshape(-1, 1)
     meta: dict[str, Any] = {
         "model_name": gw.manifest.name,

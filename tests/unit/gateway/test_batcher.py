@@ -119,6 +119,35 @@ def test_a_request_waits_for_company_only_when_company_is_expected() -> None:
     asyncio.run(with_batcher(settings, check))
 
 
+def test_a_request_routed_after_its_parse_skips_the_batchs_hop() -> None:
+    """``route_alone`` routes a request that will be a batch of its own (the batch then
+    does not route it again); with company expected it leaves the routing to the batch,
+    and a routed request that joins a batch anyway is scored in it."""
+    settings = BatchSettings(max_queue_delay_us=50_000, max_batch_samples=3)
+
+    async def check(batcher: Batcher, pooler: FakePooler) -> None:
+        assert batcher.route_alone(batch(2)) is None  # no gaps seen yet: company expected
+        batcher.gap = 1.0  # requests a second apart
+        routed = batcher.route_alone(batch(2, 2.0))
+        assert routed is not None and pooler.sizes == [2]
+        scores, _ = await batcher.score(batch(2, 2.0), Deadline.after(5000), routed)
+        np.testing.assert_allclose(scores, [8.0, 8.0])
+        assert pooler.sizes == [2]  # not routed again
+        lone = batch(1)
+        routed = batcher.route_alone(lone)
+        assert routed is not None and pooler.sizes == [2, 1]
+        batcher.gap, batcher.last = 0.0, None  # then a burst: it shares a batch after all
+        results = await asyncio.gather(
+            batcher.score(lone, Deadline.after(5000), routed),
+            batcher.score(batch(2, 2.0), Deadline.after(5000)),
+        )
+        np.testing.assert_allclose(results[0][0], [4.0])
+        np.testing.assert_allclose(results[1][0], [8.0, 8.0])
+        assert pooler.sizes == [2, 1, 3]
+
+    asyncio.run(with_batcher(settings, check))
+
+
 def test_requests_queued_behind_busy_slots_become_one_batch() -> None:
     """With every slot busy, requests gather in the queue (past their queue delay) and the
     next batch takes them all, rather than the first alone."""
