@@ -55,7 +55,11 @@ class LoopSocket:
             raise zmq.ZMQError(zmq.ENOTSOCK, "socket closed")
         try:
             # send_multipart's own loop, with int flags. A message is queued whole or not
-            # at all: ZeroMQ takes the first part only when it can take every part.
+            # at all: ZeroMQ takes the first part only when it can take every part, and
+            # every part is checked first (a bad one later would leave half a message).
+            for frame in frames:
+                if not isinstance(frame, bytes | zmq.Frame):
+                    memoryview(frame)  # TypeError for what is not a buffer
             last = len(frames) - 1
             for i, frame in enumerate(frames):
                 self.sock.send(frame, _MORE if i < last else _NOBLOCK, copy=False)

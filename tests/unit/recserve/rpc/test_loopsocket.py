@@ -123,3 +123,25 @@ def test_send_waits_for_a_peer_and_close_stops_reading(ctx: zmq.Context[Any]) ->
     assert asyncio.run(main()) == [b"hello"]
     server.close(0)
     client.close(0)
+
+
+def test_a_message_with_a_part_that_is_no_buffer_is_not_sent_at_all(
+    ctx: zmq.Context[Any],
+) -> None:
+    server, client = pair(ctx, "bad")
+
+    async def main() -> list[list[bytes]]:
+        got: list[list[bytes]] = []
+        io = LoopSocket(server, lambda f: got.append([x.bytes for x in f[1:]]))
+        cio = LoopSocket(client, lambda f: None)
+        with pytest.raises(TypeError):
+            cio.send([b"first", object()])
+        assert cio.send([b"next", b"message"])
+        await until(lambda: len(got) == 1)
+        io.close()
+        cio.close()
+        return got
+
+    assert asyncio.run(main()) == [[b"next", b"message"]]
+    server.close(0)
+    client.close(0)
