@@ -2,8 +2,9 @@
 
 A request waits at most ``max_queue_delay_us`` for company, and only while company is
 expected: while requests arrive on average (a moving average of the gaps between them) at
-least that often. At a lower rate a lone request would wait the whole delay for nothing (at
-20 requests/s, 0.5 ms of every request's latency), so it goes at once. A batch holds at most
+least that often. At a lower rate a lone request would wait for nothing (up to the whole
+delay; under uvloop, whose timers count whole milliseconds, a delay below 1 ms ends at the
+next loop turn or the next millisecond), so it goes at once. A batch holds at most
 ``max_batch_samples`` (a larger request is a batch of its own). Admission is bounded: more
 than ``max_inflight_samples`` queued or running is refused at once with ``Overloaded``; a
 request's samples count until it leaves the queue or its batch ends, so a request that gave
