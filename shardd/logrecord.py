@@ -32,14 +32,14 @@ def pieces(record: dict[str, Any]) -> list[Any]:
     out: list[Any] = []
     _encode(record, packer, out)
     payload = _join_small(out)
-    crc, length = 0, 0
+    crc = 0
     for piece in payload:
         crc = zlib.crc32(piece, crc)
-        length += byte_view(piece).nbytes
-    return [HEAD.pack(MAGIC, length, crc), *payload]
+    return [HEAD.pack(MAGIC, sum(map(len, payload)), crc), *payload]
 
 
 def _encode(obj: Any, packer: msgpack.Packer, out: list[Any]) -> None:
+    """Appends ``obj`` to ``out`` as ``bytes`` and byte views (``len`` is their size)."""
     if isinstance(obj, dict):
         out.append(packer.pack_map_header(len(obj)))
         for key, value in obj.items():
@@ -62,7 +62,7 @@ def _join_small(parts: list[Any]) -> list[Any]:
     out: list[Any] = []
     run: list[Any] = []
     for part in parts:
-        if byte_view(part).nbytes < JOIN_BELOW:
+        if len(part) < JOIN_BELOW:
             run.append(part)
             continue
         if run:
