@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.batcher import GAP_WEIGHT, Batcher
+from gateway.batcher import ANSWER_GRACE_S, GAP_WEIGHT, Batcher
 from gateway.config import BatchSettings
 from gateway.metrics import GatewayMetrics
 from recserve.contracts.batch import Bags, Batch
-from recserve.contracts.errors import DeadlineExceeded, NotReady, Overloaded
+from recserve.contracts.errors import DeadlineExceeded, NotReady, Overloaded, ShardUnavailable
 from recserve.rpc.deadline import Deadline
 
 POISON = 666.0  # a dense value the fake pooler fails on, as a routing bug would
@@ -236,5 +236,48 @@ def test_stopping_fails_queued_requests_at_once() -> None:
             await asyncio.wait_for(queued, 1.0)  # not after its 30 s deadline
         stalled.cancel()
         executor.shutdown()
+
+    asyncio.run(check())
+
+
+class LatePooler(FakePooler):
+    """Fails every batch ``late_s`` after its lookup deadline: a silent shard reported by a
+    loop that lagged past the margin between the lookups' deadline and the request's."""
+
+    def __init__(self, late_s: float) -> None:
+        super().__init__()
+        self.late_s = late_s
+
+    async def pool(
+        self, b: Batch, prepared: Any, deadline: Deadline, finish: Any, version: int | None = None
+    ) -> Any:
+        await asyncio.sleep(deadline.left_s() + self.late_s)
+        raise ShardUnavailable("shard 1: no replica answered in time")
+
+
+@pytest.mark.parametrize(("late_s", "error"), [(0.05, ShardUnavailable), (1.0, DeadlineExceeded)])
+def test_a_running_batchs_own_error_is_waited_for_briefly_past_the_deadline(
+    late_s: float, error: type[Exception]
+) -> None:
+    async def check() -> None:
+        executor = ThreadPoolExecutor(1)
+        batcher = Batcher(
+            LatePooler(late_s),
+            lambda version: dense_sum,
+            BatchSettings(max_queue_delay_us=0),
+            executor,
+            GatewayMetrics.create(),
+        )
+        runner = asyncio.get_running_loop().create_task(batcher.run())
+        try:
+            start = time.perf_counter()
+            with pytest.raises(error):
+                await batcher.score(batch(1), Deadline.after(100))
+            elapsed = time.perf_counter() - start
+            assert elapsed < 0.1 + ANSWER_GRACE_S + 0.5, elapsed  # never the batch's 1 s
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+            executor.shutdown()
 
     asyncio.run(check())
