@@ -24,3 +24,13 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         pytest.fail(f"reference fixtures not found at {FIXTURES} (set RECSERVE_FIXTURES)")
     return FIXTURES
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernels() -> None:
+    """Fill numba's on-disk cache once, before any test starts daemons: on a fresh clone
+    each daemon would otherwise compile the kernels itself (~10 s of CPU each), and a
+    fixture that starts fifteen of them on two cores outwaits its readiness deadline."""
+    from kernels.pooling import warm_up
+
+    warm_up()
