@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import zmq
 
 import kernels
 from gateway import updates
@@ -28,6 +27,7 @@ from recserve.contracts.manifest import DENSE_FILE, Manifest, read_manifest
 from recserve.contracts.plan import read_plan
 from recserve.model.artifact import dense_net, huge_page_bytes, read_dense
 from recserve.model.scorer import Model
+from recserve.rpc.context import serving_context
 from recserve.rpc.curve import CurveKeys
 from recserve.rpc.deadline import Deadline
 
@@ -40,7 +40,7 @@ async def running(config: GatewayConfig, role: Role | None = None) -> AsyncItera
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(config.threads, thread_name_prefix="gateway")
     metrics = GatewayMetrics.create()
-    ctx = zmq.Context()
+    ctx = serving_context()
     plan = None
     pooler: Pooler
     try:

@@ -36,6 +36,7 @@ from recserve.contracts.plan import Plan, ShardPlan, read_plan
 from recserve.contracts.units import format_size, parse_size
 from recserve.model.artifact import huge_page_bytes
 from recserve.rpc.client import ShardClient
+from recserve.rpc.context import serving_context
 from recserve.rpc.curve import CurveKeys
 from recserve.rpc.deadline import Deadline
 from recserve.rpc.wire import MAX_FRAME
@@ -251,7 +252,7 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
             config.metrics_port, config.metrics_addr, registry=metrics.registry
         )
     keys = CurveKeys.for_server(config.curve_keys) if config.curve_keys else None
-    ctx = zmq.Context()
+    ctx = serving_context()
     auth = keys.authenticator(ctx) if keys is not None else None
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -34,6 +34,7 @@ from tests.integration.shards import (
     wait_healthy,
 )
 from tests.promtool import check_metrics
+from tests.unit.recserve.rpc.test_context import io_threads
 
 
 def test_sigterm_finishes_lookups_in_flight(model_and_plan, tmp_path: Path) -> None:
@@ -137,7 +138,7 @@ def test_metrics_endpoint(model_and_plan, tmp_path: Path) -> None:
 def test_kernel_cpus_keep_the_workers_apart(model_and_plan, tmp_path: Path) -> None:
     """With --kernel-cpus the worker (and its OpenMP team) pools on those CPUs only and
     every other thread of the daemon (loop, ZeroMQ, /metrics, OpenBLAS) runs on the rest;
-    results stay right."""
+    results stay right. (And the threads' scheduling policies.)"""
     model, plan_path, plan = model_and_plan
     allowed = frozenset(os.sched_getaffinity(0))
     if len(allowed) < 2:
@@ -154,6 +155,10 @@ def test_kernel_cpus_keep_the_workers_apart(model_and_plan, tmp_path: Path) -> N
         str(free_port()),
     )
     with running(plan_path, model, 0, endpoint, *flags) as proc:
+        # Its ZeroMQ I/O thread does not preempt the loop (read before any lookup: pyzmq's
+        # zero-copy sends start a context of their own, which moves no messages).
+        policies = io_threads(proc.pid)
+        assert set(policies.values()) == {os.SCHED_BATCH}, policies
         parts, ids, lengths, _, ids_pp, len_pp, w_pp = make_lookup(plan, 0, 11, bags=2000)
         groups = asyncio.run(lookup(endpoint, parts, ids, lengths))
         want = reference(model, parts, ids_pp, len_pp, w_pp, False)
