@@ -38,7 +38,7 @@ log = logging.getLogger("gateway")
 async def running(config: GatewayConfig, role: Role | None = None) -> AsyncIterator[Gateway]:
     manifest = read_manifest(config.model)
     loop = asyncio.get_running_loop()
-    executor = ThreadPoolExecutor(config.threads, thread_name_prefix="gateway")
+    executor = ThreadPoolExecutor(config.executor_threads, thread_name_prefix="gateway")
     metrics = GatewayMetrics.create()
     ctx = serving_context()
     plan = None

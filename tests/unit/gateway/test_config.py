@@ -1,0 +1,34 @@
+"""The gateway's configuration: defaults that depend on the machine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gateway.config import GatewayConfig
+from recserve.contracts.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("cores", "workers", "threads", "want"),
+    [
+        (2, 1, None, 2),  # one worker: parse one request while another's dense runs
+        (2, 2, None, 1),  # two workers on two cores: one thread each
+        (8, 2, None, 2),
+        (1, 1, None, 1),
+        (2, 2, 3, 3),  # --threads wins
+    ],
+)
+def test_executor_threads_follow_the_cores_each_worker_has(
+    monkeypatch: pytest.MonkeyPatch, cores: int, workers: int, threads: int | None, want: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    config = GatewayConfig(model=Path("m"), workers=workers, threads=threads)
+    assert config.executor_threads == want
+
+
+def test_zero_threads_are_refused() -> None:
+    with pytest.raises(ConfigError, match="--threads"):
+        GatewayConfig(model=Path("m"), threads=0)
