@@ -34,7 +34,7 @@ from tests.integration.shards import (
     wait_healthy,
 )
 from tests.promtool import check_metrics
-from tests.unit.recserve.rpc.test_context import io_threads
+from tests.threads import io_threads
 
 
 def test_sigterm_finishes_lookups_in_flight(model_and_plan, tmp_path: Path) -> None:

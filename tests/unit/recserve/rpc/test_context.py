@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import pytest
 import zmq
 
 from recserve.rpc.context import batch_policy_allowed, serving_context
-
-
-def io_threads(pid: int | str = "self") -> dict[int, int]:
-    """Thread id -> scheduling policy of the ZeroMQ I/O threads of process ``pid``."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            if (task / "comm").read_text().startswith("ZMQbg/IO"):
-                out[int(task.name)] = os.sched_getscheduler(int(task.name))
-        except (OSError, ValueError):
-            continue  # gone meanwhile
-    return out
+from tests.threads import io_threads
 
 
 def test_the_serving_contexts_io_threads_run_sched_batch() -> None:
