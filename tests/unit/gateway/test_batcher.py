@@ -255,7 +255,7 @@ class LatePooler(FakePooler):
         raise ShardUnavailable("shard 1: no replica answered in time")
 
 
-@pytest.mark.parametrize(("late_s", "error"), [(0.05, ShardUnavailable), (1.0, DeadlineExceeded)])
+@pytest.mark.parametrize(("late_s", "error"), [(0.03, ShardUnavailable), (1.0, DeadlineExceeded)])
 def test_a_running_batchs_own_error_is_waited_for_briefly_past_the_deadline(
     late_s: float, error: type[Exception]
 ) -> None:
