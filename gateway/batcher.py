@@ -274,10 +274,11 @@ class Batcher:
     async def _run(
         self, batches: list[Batch], deadline: Deadline, routed: Routed | None = None
     ) -> tuple[np.ndarray, int]:
+        """Scores of ``batches`` as one batch (``routed``: given only with a lone batch)."""
         loop = asyncio.get_running_loop()
         version = self.version()  # one version for the whole batch, on every shard
         forward = self.dense(version)  # and its dense weights
-        if routed is not None and len(batches) == 1:  # routed after its parse: no hop
+        if routed is not None:  # the only batch, routed after its parse: no hop
             batch, prepared = batches[0], routed.prepared
             self.metrics.assembly.observe(routed.seconds)
         else:
