@@ -172,7 +172,7 @@ class GatewayConfig:
     @property
     def executor_threads(self) -> int:
         """``--threads``, or 2, or 1 when the workers have fewer than 2 cores each: two
-        workers on two cores with two threads each ran 6-8 % fewer samples/s than with one
+        workers on two cores with two threads each ran 5-7 % fewer samples/s than with one
         (their four threads took turns at the cores and at each worker's GIL)."""
         if self.threads is not None:
             return self.threads
