@@ -31,6 +31,6 @@ def compiled_kernels() -> None:
     """Fill numba's on-disk cache once, before any test starts daemons: on a fresh clone
     each daemon would otherwise compile the kernels itself (~10 s of CPU each), and a
     fixture that starts fifteen of them on two cores outwaits its readiness deadline."""
-    from kernels.pooling import warm_up
+    import kernels
 
-    warm_up()
+    kernels.warm_up()  # what the daemons call before reporting ready
