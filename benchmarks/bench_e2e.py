@@ -6,7 +6,10 @@ a gateway, then a singular gateway; each under the same open-loop Poisson load o
 requests. Printed: P50/P99, CPU seconds per 1k samples summed over all server processes,
 RSS per process, shards contacted per request, each with its ratio to singular.
 
-    python -m benchmarks.bench_e2e [--size 256MiB] [--rate 20] [--duration 20]
+With ``--pin-shards`` each strategy also runs with every shard daemon on one CPU of its
+own, round robin (``recserve up --pin-shards``).
+
+    python -m benchmarks.bench_e2e [--size 256MiB] [--rate 20] [--duration 20] [--pin-shards]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--pin-shards", action="store_true", help="also run shards pinned")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -37,8 +41,13 @@ def main(argv: list[str] | None = None) -> int:
             plan = root / f"{strategy}.json"
             run_cli(["plan", "--model", str(model), "--shards", str(args.shards),
                      "--strategy", strategy, "--out", str(plan)])  # fmt: skip
+            contacted = read_plan(plan).report["shards_contacted"]
             r, rss = measure(model, plan, bodies, args.rate, args.duration, args.samples)
-            results[strategy] = (r, rss, read_plan(plan).report["shards_contacted"])
+            results[strategy] = (r, rss, contacted)
+            if args.pin_shards:
+                r, rss = measure(model, plan, bodies, args.rate, args.duration, args.samples,
+                                 pin_shards=True)  # fmt: skip
+                results[f"{strategy}, pinned"] = (r, rss, contacted)
         r, rss = measure(model, None, bodies, args.rate, args.duration, args.samples)
         results["singular"] = (r, rss, 0)
     base = results["singular"][0]

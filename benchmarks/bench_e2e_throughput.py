@@ -11,11 +11,12 @@ binary tensors (ids as INT32 where they fit, as ``recserve.client`` sends them; 
 INT64), the columnar msgpack form through ``recserve.client`` (encoding included) and
 msgpack samples. The sharded gateway asks its shards through shared memory (they run on
 its host); with ``--socket`` the shards are also run with ``--shm-bytes 0``, every lookup
-over the socket, and the ratio of the two is printed.
+over the socket, and with ``--pin-shards`` also each on one CPU of its own (round robin,
+``recserve up --pin-shards``); the ratio to the first sharded run is printed.
 Scores are checked against torch's.
 
     python -m benchmarks.bench_e2e_throughput [--batch 256] [--inflight 4] [--duration 10]
-                                              [--workers 1,2] [--socket]
+                                              [--workers 1,2] [--socket] [--pin-shards]
 """
 
 from __future__ import annotations
@@ -173,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         "--socket", action="store_true",
         help="also run the shards with every lookup over the socket (--shm-bytes 0)",
     )  # fmt: skip
+    parser.add_argument(
+        "--pin-shards", action="store_true",
+        help="also run the shards each on one CPU of its own, round robin",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -187,24 +192,27 @@ def main(argv: list[str] | None = None) -> int:
         rows = [["torch in-process", "-", f"{base:,.0f}", "1.00x"]]
         stages: list[list[str]] = []
         cpus: list[list[str]] = []
-        kinds: list[tuple[str, Path | None, tuple[str, ...]]] = [
-            ("singular", None, ()),
-            (f"{args.shards} shards", plan, ()),
+        kinds: list[tuple[str, Path | None, tuple[str, ...], bool]] = [
+            ("singular", None, (), False),
+            (f"{args.shards} shards", plan, (), False),
         ]
         if args.socket:
-            kinds.append((f"{args.shards} shards, socket", plan, ("--shm-bytes", "0")))
+            kinds.append((f"{args.shards} shards, socket", plan, ("--shm-bytes", "0"), False))
+        if args.pin_shards:
+            kinds.append((f"{args.shards} shards, pinned", plan, (), True))
         setups = [
-            (f"{where}, {n} worker{'s' if n > 1 else ''}", plan_path, n, extra)
+            (f"{where}, {n} worker{'s' if n > 1 else ''}", plan_path, n, extra, pin)
             for n in (int(w) for w in args.workers.split(","))
-            for where, plan_path, extra in kinds
+            for where, plan_path, extra, pin in kinds
         ]
-        for where, plan_path, workers, extra in setups:
+        for where, plan_path, workers, extra, pin in setups:
             with LocalCluster(
                 root / "m",
                 plan=plan_path,
                 singular=plan_path is None,
                 port=free_port(),
                 gateway_args=("--workers", str(workers), *extra),
+                pin_shards=pin,
             ) as cluster:
                 for form, run in forms(manifest, batches, args).items():
                     cpu, before = cpu_now(cluster), stage_seconds(cluster.url)
@@ -246,16 +254,21 @@ def main(argv: list[str] | None = None) -> int:
                 cpus)  # fmt: skip
     ratios = {(r[0], r[1]): float(r[3][:-1]) for r in rows[1:]}
     cols = statistics.median(
-        ratios[(w, "recserve.client")] / ratios[(w, "KServe binary")] for w, _, _, _ in setups
+        ratios[(w, "recserve.client")] / ratios[(w, "KServe binary")] for w, *_ in setups
     )
     print(f"\nrecserve.client (msgpack columns) against KServe binary: {cols:.2f}x "
           f"(target >= 0.8x)")  # fmt: skip
-    for n in (int(w) for w in args.workers.split(",")) if args.socket else ():
+    for n in (int(w) for w in args.workers.split(",")):
         workers = f"{n} worker{'s' if n > 1 else ''}"
         shm = ratios[(f"{args.shards} shards, {workers}", "KServe binary")]
-        sock = ratios[(f"{args.shards} shards, socket, {workers}", "KServe binary")]
-        print(f"{args.shards} shards, {workers}, KServe binary: shared memory {shm / sock:.2f}x "
-              "the socket")  # fmt: skip
+        if args.socket:
+            sock = ratios[(f"{args.shards} shards, socket, {workers}", "KServe binary")]
+            print(f"{args.shards} shards, {workers}, KServe binary: shared memory "
+                  f"{shm / sock:.2f}x the socket")  # fmt: skip
+        if args.pin_shards:
+            pinned = ratios[(f"{args.shards} shards, pinned, {workers}", "KServe binary")]
+            print(f"{args.shards} shards, {workers}, KServe binary: pinned shards "
+                  f"{pinned / shm:.2f}x unpinned")  # fmt: skip
     return 0
 
 

@@ -172,6 +172,11 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
         default=1,
         help="gateway processes (gateway --workers; with updates, needs --admin-port)",
     )
+    p.add_argument(
+        "--pin-shards",
+        action="store_true",
+        help="run each shard daemon on one CPU of its own, round robin (shardd --cpus)",
+    )
 
     p = sub.add_parser(
         "study", help="Lui et al.'s strategy study over simulated hosts with a network between"
@@ -371,6 +376,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         admin_token_file=args.admin_token_file,
         admin_port=args.admin_port,
         workers=args.workers,
+        pin_shards=args.pin_shards,
     )
 
 

@@ -45,7 +45,7 @@ from recserve.runtime.config import add_arguments, from_args, option
 from recserve.runtime.heap import freeze_startup_heap
 from recserve.runtime.systemd import Notifier
 from shardd.cache import CacheTier
-from shardd.cpus import parse_cpus, pin_process, split
+from shardd.cpus import confine, parse_cpus, pin_process, split
 from shardd.endpoint import bound
 from shardd.metrics import ShardMetrics
 from shardd.models import Loaded, Models, deployed
@@ -116,10 +116,17 @@ class ShardConfig:
         f"are resident (--preload or --hugepages); 0: always a worker (default: {INLINE_ONE} "
         f"when a lookup runs on one kernel thread anyway, else {INLINE_MANY})",
     )
+    cpus: frozenset[int] | None = option(
+        None,
+        "run the whole daemon (loop, ZeroMQ, workers) only on these CPUs (a list like 3 or "
+        "2-3): give shards sharing a host CPUs of their own; default: not pinned",
+        parse=functools.partial(parse_cpus, flag="--cpus"),
+        metavar="LIST",
+    )
     kernel_cpus: frozenset[int] | None = option(
         None,
         "run the workers only on these CPUs (a list like 3 or 2-3) and the event loop, ZeroMQ "
-        "and /metrics only on the others; default: not pinned",
+        "and /metrics only on the others (of --cpus, when given); default: not pinned",
         parse=parse_cpus,
         metavar="LIST",
     )
@@ -152,6 +159,8 @@ class ShardConfig:
             raise ConfigError("--max-message-bytes must be >= 1024, --max-reply-bytes >= 4")
         if self.kernel_cpus is not None and not self.kernel_cpus:
             raise ConfigError("--kernel-cpus names no CPU")
+        if self.cpus is not None and not self.cpus:
+            raise ConfigError("--cpus names no CPU")
         if self.cache_bytes is not None:
             if self.preload or self.hugepages:
                 raise ConfigError("--cache-bytes keeps rows in its own memory: drop --preload")
@@ -213,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
     notifier = notifier or Notifier()
+    if config.cpus:  # first: the split below and every thread started later are within it
+        confine(config.cpus)
+        log.info("the shard runs on CPUs %s", sorted(config.cpus))
     if config.kernel_cpus:
         # Before the executor, ZeroMQ and /metrics start threads: they inherit the mask.
         rest = split(config.kernel_cpus)
@@ -268,6 +280,7 @@ async def run(config: ShardConfig, notifier: Notifier | None = None) -> int:
         config.inline_limit,
         config.kernel_cpus,
         config.max_reply_bytes // 4,
+        config.cpus,
     )
     models = Models(Loaded(since, path, manifest, store), opener, config.state_dir)
 

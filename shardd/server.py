@@ -70,6 +70,7 @@ class ServerSettings:
     inline_ids: int = 0  # lookups of at most this many ids are pooled on the loop
     kernel_cpus: frozenset[int] | None = None  # the workers' CPUs; None: not pinned
     max_reply_floats: int = MAX_REPLY_FLOATS  # pooled floats one lookup may ask for
+    cpus: frozenset[int] | None = None  # the whole daemon's CPUs; None: not pinned
 
 
 class Call:
@@ -432,6 +433,7 @@ class ShardServer:
                 model=self.models.current.describe(),
                 parts=self.store.describe(),
                 bytes=self.store.nbytes,
+                cpus=sorted(self.settings.cpus or ()),
                 kernel_cpus=sorted(self.settings.kernel_cpus or ()),
                 cache=self._cache(),
                 versions=versions,

@@ -99,8 +99,12 @@ class LocalCluster:
         cache_bytes: int | None = None,
         admin_token_file: Path | None = None,
         admin_port: int | None = None,
+        pin_shards: bool = False,
     ) -> None:
+        """``pin_shards``: each shard daemon runs on one CPU of this process's, round robin
+        in the plan's order (``shardd --cpus``); the gateway is not pinned."""
         self.model = Path(model)
+        self.pin_shards = pin_shards
         self.admin = ["--admin-token-file", str(admin_token_file)] if admin_token_file else []
         if admin_port is not None:  # updates on a port (and a worker process) of their own
             self.admin += ["--admin-port", str(admin_port)]
@@ -198,10 +202,18 @@ class LocalCluster:
             memory = ["--cache-bytes", str(self.cache_bytes), "--warm-from", str(trace)]
         state = ["--state-dir", str(self.run_dir / f"state{shard}-{replica}")]  # online updates
         argv = shardd_argv(
-            self.plan_path, self.model, shard, *memory, *state, *self.curve, *self.shard_args,
-            replica=replica,
+            self.plan_path, self.model, shard, *memory, *state, *self.curve,
+            *self.cpus_of(shard, replica), *self.shard_args, replica=replica,
         )  # fmt: skip
         return _spawn(argv, self.run_dir / f"shard{shard}-{replica}.log")
+
+    def cpus_of(self, shard: int, replica: int) -> list[str]:
+        """``--cpus`` of a shard daemon with ``pin_shards`` (the same after a restart)."""
+        if not self.pin_shards:
+            return []
+        daemons = [(s.id, r) for s in self.plan.shards for r in range(len(s.endpoints))]
+        cpus = sorted(os.sched_getaffinity(0))
+        return ["--cpus", str(cpus[daemons.index((shard, replica)) % len(cpus)])]
 
     def wait_ready(self, shard: int, replica: int, proc: subprocess.Popen, timeout: float) -> None:
         end = time.monotonic() + timeout
@@ -261,6 +273,7 @@ def run_up(
     admin_token_file: Path | None = None,
     admin_port: int | None = None,
     workers: int = 1,
+    pin_shards: bool = False,
 ) -> int:
     """The ``recserve up`` command: start, print the endpoints, wait for Ctrl-C/SIGTERM."""
     cluster = LocalCluster(
@@ -276,6 +289,7 @@ def run_up(
         admin_token_file=admin_token_file,
         admin_port=admin_port,
         gateway_args=("--workers", str(workers)) if workers != 1 else (),
+        pin_shards=pin_shards,
     )
     stop = False
 

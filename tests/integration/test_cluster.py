@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,9 +12,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from recserve.cli import main as cli
+from recserve.contracts.manifest import read_manifest
+from recserve.model.scorer import Model
+from recserve.model.workload import Workload, to_samples
+from tests.integration.shardd.helpers import cpus_of
 from tests.integration.shards import free_port
 
 
@@ -38,7 +44,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def start_up(model: Path, port: int) -> subprocess.Popen:
+def start_up(model: Path, port: int, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -53,6 +59,7 @@ def start_up(model: Path, port: int) -> subprocess.Popen:
             "capacity",
             "--port",
             str(port),
+            *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -100,6 +107,42 @@ def test_up_leaves_no_processes_or_files(model: Path, how: str) -> None:
             assert run_dirs and not any(d.exists() for d in run_dirs), "run dir left behind"
     finally:
         if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_up_pins_each_shard_to_a_cpu_of_its_own(model: Path) -> None:
+    """``--pin-shards``: every thread of shard k runs on the k-th CPU (round robin), the
+    gateway anywhere, and the cluster serves."""
+    cpus = sorted(os.sched_getaffinity(0))
+    proc = start_up(model, port := free_port(), "--pin-shards", "--shards", "3")
+    try:
+        pinned: dict[int, set[frozenset[int]]] = {}
+        gateways = []
+        for kid in children(proc.pid):
+            argv = Path(f"/proc/{kid}/cmdline").read_text().split("\0")
+            masks = {cpus_of(t) for t in Path(f"/proc/{kid}/task").iterdir()}
+            if "shardd" in argv:
+                pinned[int(argv[argv.index("--shard") + 1])] = masks
+            else:
+                gateways.append(masks)
+        assert pinned == {k: {frozenset({cpus[k % len(cpus)]})} for k in range(3)}
+        assert gateways == [{frozenset(cpus)}]
+        batch = Workload(read_manifest(model), seed=1).batch(8)
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/predict",
+            data=json.dumps({"samples": to_samples(batch)}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            scores = json.loads(r.read())["scores"]
+        want = Model.open(model).score(batch)  # in this process: no shards, no pinning
+        np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-6)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
 

@@ -173,6 +173,43 @@ def test_kernel_cpus_keep_the_workers_apart(model_and_plan, tmp_path: Path) -> N
     assert sum(m == kernel for m in masks.values()) == 2  # the worker and its team's thread
 
 
+def test_cpus_confine_the_whole_shard(model_and_plan, tmp_path: Path) -> None:
+    """With --cpus every thread of the daemon runs on those CPUs; with --kernel-cpus too the
+    workers take theirs out of them; results stay right."""
+    model, plan_path, plan = model_and_plan
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    whole, kernel = frozenset(allowed[:2]), frozenset(allowed[1:2])
+    endpoint = f"ipc://{tmp_path}/confined.sock"
+    flags = ("--cpus", ",".join(map(str, sorted(whole))), "--kernel-cpus", str(min(kernel)),
+             "--inline-ids", "0")  # fmt: skip
+    with running(plan_path, model, 0, endpoint, *flags) as proc:
+        parts, ids, lengths, _, ids_pp, len_pp, w_pp = make_lookup(plan, 0, 11, bags=500)
+        groups = asyncio.run(lookup(endpoint, parts, ids, lengths))
+        want = reference(model, parts, ids_pp, len_pp, w_pp, False)
+        for g in groups:
+            for j, i in enumerate(g.parts):
+                np.testing.assert_allclose(g.pooled[:, j, :], want[i], rtol=1e-5, atol=1e-5)
+        masks = {int(t.name): cpus_of(t) for t in Path(f"/proc/{proc.pid}/task").iterdir()}
+        info = msgpack.unpackb(raw(endpoint, [header("info")])[0])
+    assert info["cpus"] == sorted(whole) and info["kernel_cpus"] == sorted(kernel)
+    assert masks[proc.pid] == whole - kernel
+    assert set(masks.values()) == {kernel, whole - kernel}, masks
+
+
+@pytest.mark.parametrize(
+    ("flag", "cpus"), [("--cpus", "9999"), ("--cpus", "x"), ("--kernel-cpus", "9999")]
+)
+def test_cpus_the_shard_may_not_use_are_refused(
+    model_and_plan, tmp_path: Path, flag: str, cpus: str
+) -> None:
+    model, plan_path, _ = model_and_plan
+    cmd = shard_cmd(plan_path, model, 0, f"ipc://{tmp_path}/x.sock", flag, cpus)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and f"{flag} " in done.stderr and cpus in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("cpus", ["all", "x", "9999"])
 def test_bad_kernel_cpus_are_refused(model_and_plan, tmp_path: Path, cpus: str) -> None:
     model, plan_path, _ = model_and_plan

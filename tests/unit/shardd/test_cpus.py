@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from recserve.contracts.errors import ConfigError
-from shardd.cpus import parse_cpus, split
+from shardd.cpus import confine, parse_cpus, split
 
 
 def test_cpu_lists_parse_like_linux() -> None:
@@ -15,6 +15,13 @@ def test_cpu_lists_parse_like_linux() -> None:
     for bad in ("", "a", "3-1", "-1", "1-", "1,,2"):
         with pytest.raises(ConfigError, match="--kernel-cpus"):
             parse_cpus(bad)
+    with pytest.raises(ConfigError, match="--cpus 'x'"):
+        parse_cpus("x", flag="--cpus")
+
+
+def test_a_shard_is_confined_only_to_cpus_it_may_use() -> None:
+    with pytest.raises(ConfigError, match="--cpus 2,5: this process may only run on 0,1"):
+        confine(frozenset({2, 5}), frozenset({0, 1}))
 
 
 def test_the_kernel_cpus_must_leave_some_for_the_loop() -> None:
