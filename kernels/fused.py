@@ -45,6 +45,7 @@ from kernels.layout import (
     FIRST_ID,
     KIND,
     MEAN,
+    OUT,
     ROW_BYTES,
     ROWS,
     SCALE_OFFSET,
@@ -302,17 +303,19 @@ CHUNK = 32  # bags per parallel work item: balance for 2 threads at B=256, one d
 
 @njit(inline="always")
 def pool_chunk(layout, ids, bounds, weights, weighted, out, g, n_chunks):  # pragma: no cover
-    """Pool work item ``g``: bags ``[b0, b0 + CHUNK)`` of table ``g // n_chunks``, every
-    column pass, then the mean. False when a bound or id was bad (the IR loop stopped)."""
-    n_tables = layout.shape[0]
+    """Pool work item ``g``: bags ``[b0, b0 + CHUNK)`` of table ``g // n_chunks`` into
+    column ``layout[t, OUT]`` of ``out``, every column pass, then the mean. False when a
+    bound or id was bad (the IR loop stopped)."""
+    width = out.shape[1]
     n_bags = bounds.shape[1] - 1
     dim = out.shape[2]
     t = g // n_chunks
+    at = layout[t, OUT]
     b0 = (g - t * n_chunks) * CHUNK
     b1 = min(b0 + CHUNK, n_bags)
     pf_end = min(max(bounds[t, n_bags], bounds[t, b1]), ids.shape[0])  # id reads stay in range
     t_bounds = np.intp(bounds.ctypes.data) + t * (n_bags + 1) * 8
-    dst0 = np.intp(out.ctypes.data) + (b0 * n_tables + t) * dim * 4
+    dst0 = np.intp(out.ctypes.data) + (b0 * width + at) * dim * 4
     col = 0
     while col < dim:
         rem = dim - col
@@ -329,7 +332,7 @@ def pool_chunk(layout, ids, bounds, weights, weighted, out, g, n_chunks):  # pra
         if not pool_bags(key, layout[t, ADDRESS], ids, t_bounds, b0, b1, pf_end,
                          layout[t, FIRST_ID], layout[t, ROWS], layout[t, ROW_BYTES], col,
                          layout[t, SCALE_OFFSET], weights, dst0 + col * 4,
-                         n_tables * dim * 4):  # fmt: skip
+                         width * dim * 4):  # fmt: skip
             return False
         col += lanes * nvec
     if layout[t, MEAN]:
@@ -338,7 +341,7 @@ def pool_chunk(layout, ids, bounds, weights, weighted, out, g, n_chunks):  # pra
             if n > 0:
                 inv = np.float32(1.0) / np.float32(n)
                 for d in range(dim):
-                    out[b, t, d] *= inv
+                    out[b, at, d] *= inv
     return True
 
 

@@ -10,6 +10,8 @@ Columns, by name (``kernels.fused`` reads them by the same names)::
     MEAN          1: divide each bag by its length
     FIRST_ID      the id of the table's first row (a shard's row-range part takes global ids)
     DIM           the embedding dim
+    OUT           the column of ``out`` ``[B, width, dim]`` the table's bags are pooled into
+                  (the table's place in the call, unless the caller places it)
 
 Also the checks every entry point shares: bag bounds from offsets, ids against rows.
 """
@@ -24,8 +26,8 @@ from kernels.errors import IdOutOfRangeError, KernelError
 from kernels.quant import Int8RowwiseTable
 
 Table = np.ndarray | Int8RowwiseTable
-KIND, ADDRESS, ROW_BYTES, SCALE_OFFSET, ROWS, MEAN, FIRST_ID, DIM = range(8)
-COLUMNS = 8
+KIND, ADDRESS, ROW_BYTES, SCALE_OFFSET, ROWS, MEAN, FIRST_ID, DIM, OUT = range(9)
+COLUMNS = 9
 _MEAN = {"sum": False, "mean": True}
 
 

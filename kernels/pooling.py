@@ -28,6 +28,7 @@ from kernels.layout import (
     DIM,
     FIRST_ID,
     KIND,
+    OUT,
     ROW_BYTES,
     ROWS,
     SCALE_OFFSET,
@@ -117,9 +118,12 @@ class TableSet:
         modes: Sequence[str] | str = "sum",
         out: np.ndarray | None = None,
         threads: int | None = None,
+        cols: Sequence[int] | np.ndarray | None = None,
     ) -> PoolCall:
         """``pool``'s checks and output allocation, without running it: ``run()`` the
-        result (on any thread) to pool."""
+        result (on any thread) to pool. With ``cols`` table ``which[j]``'s bags go to column
+        ``cols[j]`` of ``out``, float32 ``[B, width, dim]`` (a batch's pooled features, the
+        other columns left as they are)."""
         # numpy reductions cost ~1 us each: checks here stay in take() and Python sets.
         try:
             layout = self.layout.take(which, axis=0)  # a copy: the mean flags are this call's
@@ -128,7 +132,7 @@ class TableSet:
         if layout.ndim != 2 or layout.shape[0] == 0:
             raise KernelError("which must name at least one table of the set")
         dim = set_modes(layout, modes)
-        return _prepare(layout, dim, ids, bounds, weights, out, threads)
+        return _prepare(layout, dim, ids, bounds, weights, out, threads, cols)
 
 
 def pool_packed(
@@ -218,6 +222,7 @@ def _prepare(
     weights: np.ndarray | None,
     out: np.ndarray | None,
     threads: int | None,
+    cols: Sequence[int] | np.ndarray | None = None,
 ) -> PoolCall:
     n_tables = layout.shape[0]
     ids = _ids_for_kernel(ids)
@@ -229,14 +234,18 @@ def _prepare(
         raise KernelError(f"bounds must be [{n_tables}, B + 1], got {bounds.shape}")
     weights = check_weights(weights, ids.size)
     n_bags = bounds.shape[1] - 1
-    if out is None:
-        out = np.empty((n_bags, n_tables, dim), np.float32)
-    elif (
-        out.shape != (n_bags, n_tables, dim)
-        or out.dtype != np.float32
-        or not out.flags.c_contiguous
-    ):
-        raise KernelError(f"out must be C-contiguous float32 {(n_bags, n_tables, dim)}")
+    if cols is None:
+        layout[:, OUT] = np.arange(n_tables)
+        if out is None:
+            out = np.empty((n_bags, n_tables, dim), np.float32)
+        elif (
+            out.shape != (n_bags, n_tables, dim)
+            or out.dtype != np.float32
+            or not out.flags.c_contiguous
+        ):
+            raise KernelError(f"out must be C-contiguous float32 {(n_bags, n_tables, dim)}")
+    else:
+        out = _place(layout, cols, out, n_bags, dim)
     if threads is not None and threads < 1:
         raise KernelError(f"threads must be >= 1, got {threads}")
     if out.size == 0:
@@ -246,6 +255,34 @@ def _prepare(
     compiled = _compiled()
     kernel = compiled.pool_tables_serial if want == 1 else compiled.pool_tables_kernel
     return PoolCall(kernel, layout, ids, bounds, weights, out, want)
+
+
+def _place(
+    layout: np.ndarray,
+    cols: Sequence[int] | np.ndarray,
+    out: np.ndarray | None,
+    bags: int,
+    dim: int,
+) -> np.ndarray:
+    """Point the call's tables at columns ``cols`` of ``out`` (checked: the kernel writes
+    where the layout says, unchecked)."""
+    if (
+        out is None
+        or out.ndim != 3
+        or out.shape[0] != bags
+        or out.shape[2] != dim
+        or out.dtype != np.float32
+        or not out.flags.c_contiguous
+        or not out.flags.writeable
+    ):
+        raise KernelError(f"out must be writable C-contiguous float32 [{bags}, width, {dim}]")
+    at = np.asarray(cols)
+    if at.shape != (layout.shape[0],) or at.dtype.kind not in "iu":
+        raise KernelError(f"cols must be {layout.shape[0]} integers, one per table")
+    if at.size and not (int(at.min()) >= 0 and int(at.max()) < out.shape[1]):
+        raise KernelError(f"cols must be columns of out, in [0, {out.shape[1]})")
+    layout[:, OUT] = at
+    return out
 
 
 _THREADS = threading.local()

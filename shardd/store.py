@@ -33,7 +33,7 @@ import numpy as np
 
 import kernels
 from kernels import Int8RowwiseTable, Table
-from kernels.layout import MEAN
+from kernels.layout import MEAN, OUT
 from kernels.overlay import apply_deltas
 from recserve.contracts.errors import IdOutOfRange, TooLarge
 from recserve.contracts.manifest import Manifest, TableSpec
@@ -559,8 +559,9 @@ class Job:
             patch = self.updated.get(i)
             if patch is None:
                 continue
+            col = int(call.layout[j, OUT])  # the column the kernel pooled part i into
             for ov in patch.levels:
-                apply_deltas(out, j, ids, call.bounds[j], call.weights, call.weighted,
+                apply_deltas(out, col, ids, call.bounds[j], call.weights, call.weighted,
                              bool(call.layout[j, MEAN]), patch.bits, self.resolved[i].row_start,
                              ov.keys, ov.deltas)  # fmt: skip
         return Group(members, out)

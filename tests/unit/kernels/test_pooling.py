@@ -296,3 +296,40 @@ def test_a_prepared_call_checks_at_once_and_runs_on_another_thread() -> None:
     bad = tset.prepare([0], ids - 10, bounds)
     with pytest.raises(kernels.IdOutOfRangeError):
         bad.run()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_call_pools_into_the_columns_it_is_given(threads: int) -> None:
+    """With ``cols`` each table's bags land in its column of a wider output (a batch's
+    ``[B, features, dim]``), every other column untouched; means included."""
+    rng = np.random.default_rng(5)
+    tables = [
+        rng.random((40, 8), np.float32),
+        Int8RowwiseTable(quantize_rows(rng.random((30, 8), np.float32))),
+        rng.random((20, 8)).astype(np.float16),
+    ]
+    tset = kernels.TableSet(tables)
+    lens = rng.integers(0, 6, 700)  # ~1750 ids a table: both kernels with 2 threads
+    n = int(lens.sum())
+    ids = np.concatenate([rng.integers(0, t.shape[0], n) for t in tables])
+    bounds = np.stack([np.concatenate([[0], np.cumsum(lens)]) + k * n for k in range(3)])
+    out = np.full((700, 5, 8), -7.0, np.float32)
+    tset.prepare([0, 1, 2], ids, bounds, modes=["sum", "mean", "sum"], out=out, cols=[3, 0, 4],
+                 threads=threads).run()  # fmt: skip
+    want = tset.pool([0, 1, 2], ids, bounds, modes=["sum", "mean", "sum"])
+    np.testing.assert_array_equal(out[:, [3, 0, 4]], want)
+    assert (out[:, [1, 2]] == -7.0).all()
+    np.testing.assert_allclose(
+        out[:, 3], slow_pool(tables[0], ids[:n], lens, mode="sum"), rtol=1e-5, atol=1e-5
+    )
+    for bad, match in (
+        ({"cols": [3, 0, 5]}, "cols must be columns"),
+        ({"cols": [3, 0]}, "cols must be 3 integers"),
+        ({"cols": [-1, 0, 1]}, "cols must be columns"),
+        ({"cols": [0, 1, 2], "out": out[:, :, :4]}, "out must be writable"),
+        ({"cols": [0, 1, 2], "out": out[:10]}, "out must be writable"),
+        ({"cols": [0, 1, 2], "out": None}, "out must be writable"),
+    ):
+        args = {"out": out, **bad}
+        with pytest.raises(kernels.KernelError, match=match):
+            tset.prepare([0, 1, 2], ids, bounds, **args)
