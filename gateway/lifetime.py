@@ -55,7 +55,10 @@ async def running(config: GatewayConfig, role: Role | None = None) -> AsyncItera
             plan = read_plan(config.plan)
             plan.check(manifest)
             keys = CurveKeys.for_client(config.curve_keys) if config.curve_keys else None
-            pooler = ShardedPooler(manifest, plan, ctx, executor, metrics, config.replicas, keys)
+            pooler = ShardedPooler(
+                manifest, plan, ctx, executor, metrics, config.replicas, keys,
+                batch_samples=config.batching.max_batch_samples,
+            )  # fmt: skip
             path = config.model / DENSE_FILE
             weights = read_dense(path)
             dense = dense_net(manifest, weights, str(path))

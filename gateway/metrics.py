@@ -76,6 +76,7 @@ class GatewayMetrics:
     shards_contacted: Histogram
     shard_bytes: Counter
     shm_lookups: Counter
+    into_lookups: Counter
     replica_requests: Counter
     replica_outstanding: Gauge
     ejections: Counter
@@ -184,6 +185,13 @@ class GatewayMetrics:
                 "recserve_gateway_shm_lookups",
                 "Lookups whose ids and pooled vectors went through shared memory (a shard "
                 "on this host), not the socket",
+                ["shard"],
+                registry=reg,
+            ),
+            into_lookups=Counter(
+                "recserve_gateway_into_lookups",
+                "Lookups whose features the shard pooled straight into the batch's pooled "
+                "array (shared memory), leaving the gateway nothing to copy",
                 ["shard"],
                 registry=reg,
             ),

@@ -7,11 +7,19 @@ last executor step: each hop to a worker thread and back costs ~0.06 ms when the
 are busy and ~0.2 ms when they wake from idle (2 vCPUs), so a batch makes two hops in either
 mode. The sharded one routes (``Router``), makes one lookup per contacted shard, all shards
 concurrently, each through its ``ReplicaSet``, and merges the replies (``Merger``).
+
+Shards on this host pool straight into the batch's ``[B, features, dim]`` array: it is
+allocated in an arena of shared memory they map (``recserve.rpc.shm``), each lookup names
+the column of each of its parts that is a feature's whole column (a table served whole, one
+bag a sample), and the merge has only the rest to copy (row splits, request-level bags). An
+array a shard may still write into (its lookup timed out unanswered) stays taken until that
+shard's late reply; once a quarter of the arena waits so, a new arena replaces it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, Protocol, TypeVar
@@ -27,9 +35,10 @@ from recserve.contracts.batch import Batch
 from recserve.contracts.manifest import Manifest
 from recserve.contracts.plan import Plan
 from recserve.model.scorer import Model
+from recserve.rpc.client import Into
 from recserve.rpc.curve import CurveKeys
 from recserve.rpc.deadline import Deadline
-from recserve.rpc.shm import remove_stale
+from recserve.rpc.shm import MAX_ARENA, Arena, remove_stale
 
 T = TypeVar("T")
 
@@ -110,7 +119,10 @@ class ShardedPooler:
         metrics: GatewayMetrics,
         settings: ReplicaSettings,
         keys: CurveKeys | None = None,
+        batch_samples: int = 1024,
     ) -> None:
+        """``batch_samples``: the most samples a batch usually has (the batch arena holds
+        four such batches' pooled arrays, or ``shm_bytes`` if more)."""
         self.metrics = metrics
         self.executor = executor
         self.dim = manifest.embedding_dim
@@ -121,10 +133,46 @@ class ShardedPooler:
         self.replicas = {
             s.id: ReplicaSet.connect(s, ctx, metrics, settings, keys) for s in plan.shards
         }
+        self.clients = [r.client for rs in self.replicas.values() for r in rs.replicas]
+        self.arena: Arena | None = None  # the batches' pooled arrays, if a shard is local
+        if any(c.arena is not None for c in self.clients):
+            width = len(self.router.features) * self.dim * 4  # bytes of a sample's features
+            size = min(MAX_ARENA, max(settings.shm_bytes, 4 * batch_samples * width))
+            try:
+                self.arena = Arena(size)
+            except (OSError, ValueError):
+                self.arena = None  # batches are merged from the replies, as without it
         self.version = 0  # set from the shards' health at start, then by each commit
 
     def prepare(self, batch: Batch) -> dict[int, ShardRequest]:
         return self.router.route(batch)
+
+    def _into(self, batch: Batch, routes: dict[int, ShardRequest]) -> dict[int, Into]:
+        """On the loop: the batch's pooled array in the arena, and per shard which of its
+        parts to pool into it; empty when there is no arena or no room in it."""
+        if self.arena is None:
+            return {}
+        cols = {s: req.cols() for s, req in routes.items()}
+        cols = {s: c for s, c in cols.items() if max(c) >= 0}
+        if not cols:
+            return {}
+        shape = (batch.size, len(self.router.features), self.dim)
+        got = self.arena.array(shape)
+        if got is None and 4 * 4 * math.prod(shape) <= self.arena.size:
+            # No room, though four batches fit: arrays wait for replies that may never come
+            # (a shard killed with lookups in flight). Once they are a quarter of the arena,
+            # a new one; late writes go to the old one's pages, which no batch uses again.
+            held = sum(c.held_bytes(self.arena) for c in self.clients)
+            if 4 * held >= self.arena.size:
+                old, self.arena = self.arena, Arena(self.arena.size)
+                old.close()
+                for c in self.clients:
+                    c.forget(old)
+                got = self.arena.array(shape)
+        if got is None:
+            return {}
+        array, spec = got
+        return {s: Into(self.arena, array, spec, c) for s, c in cols.items()}
 
     async def pool(
         self,
@@ -137,23 +185,33 @@ class ShardedPooler:
         routes: dict[int, ShardRequest] = prepared
         ids = list(routes)
         self.metrics.shards_contacted.observe(len(ids))
+        into = self._into(batch, routes)
+        out = next(iter(into.values())).array if into else None
         replies = await asyncio.gather(
-            *(self._lookup(routes[s], s, deadline, version) for s in ids)
+            *(self._lookup(routes[s], s, deadline, version, into.get(s)) for s in ids)
         )
         by_shard = dict(zip(ids, replies, strict=True))
+        del into  # the array lives on in ``out`` (and where a shard may still write into it)
 
         def merge() -> T:
             with self.metrics.cpu("merge"):
-                pooled = self.merger.merge(batch, routes, by_shard)
+                pooled = self.merger.merge(batch, routes, by_shard, out)
             return finish(pooled)
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, merge)
 
     async def _lookup(
-        self, req: ShardRequest, shard: int, deadline: Deadline, version: int | None
+        self,
+        req: ShardRequest,
+        shard: int,
+        deadline: Deadline,
+        version: int | None,
+        into: Into | None = None,
     ) -> Any:
         assert req.packed is not None, "route() packs every request"
-        return await self.replicas[shard].lookup(req.parts, req.packed, deadline, self.dim, version)
+        return await self.replicas[shard].lookup(
+            req.parts, req.packed, deadline, self.dim, version, into
+        )
 
     async def probe(self, deadline: Deadline) -> list[str]:
         """Shards none of whose replicas answers ``health`` as ready (every replica is
@@ -163,3 +221,5 @@ class ShardedPooler:
 
     async def close(self) -> None:
         await asyncio.gather(*(r.close() for r in self.replicas.values()))
+        if self.arena is not None:
+            self.arena.close()

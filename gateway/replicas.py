@@ -35,7 +35,7 @@ from gateway.config import ReplicaSettings
 from gateway.metrics import GatewayMetrics
 from recserve.contracts.errors import RecserveError, ShardUnavailable
 from recserve.contracts.plan import ShardPlan
-from recserve.rpc.client import PooledGroup, ShardClient
+from recserve.rpc.client import Into, PooledGroup, ShardClient
 from recserve.rpc.curve import CurveKeys
 from recserve.rpc.deadline import Deadline, now_ms
 from recserve.rpc.wire import PartRequest
@@ -112,6 +112,7 @@ class ReplicaSet:
         self.sent_bytes = metrics.shard_bytes.labels(direction="sent")
         self.received_bytes = metrics.shard_bytes.labels(direction="received")
         self.shm_lookups = metrics.shm_lookups.labels(shard=shard)
+        self.into_lookups = metrics.into_lookups.labels(shard=shard)
         self.outstanding = [metrics.replica_outstanding.labels(**r.labels) for r in self.replicas]
         self.outcomes: dict[tuple[int, str], Any] = {}
         self.turn = itertools.count()
@@ -175,11 +176,12 @@ class ReplicaSet:
         deadline: Deadline,
         dim: int,
         version: int | None = None,
+        into: Into | None = None,
     ) -> list[PooledGroup]:
         self.retries.earn()
         self.hedges.earn()
         if len(self.replicas) == 1:  # nothing to fail over to or hedge with: no task
-            return await self._try(self.replicas[0], parts, packed, deadline, dim, version)
+            return await self._try(self.replicas[0], parts, packed, deadline, dim, version, into)
         order = self.order()
         hedge = self.hedge_delay()
         running: dict[asyncio.Task[list[PooledGroup]], Replica] = {}
@@ -191,7 +193,7 @@ class ReplicaSet:
             # to fail over (a hedge, when there is one, just starts the next try earlier).
             share = deadline.left_ms() / (len(order) + 1)
             task = asyncio.ensure_future(
-                self._try(replica, parts, packed, Deadline(now_ms() + share), dim, version)
+                self._try(replica, parts, packed, Deadline(now_ms() + share), dim, version, into)
             )
             running[task] = replica
 
@@ -255,6 +257,7 @@ class ReplicaSet:
         deadline: Deadline,
         dim: int,
         version: int | None = None,
+        into: Into | None = None,
     ) -> list[PooledGroup]:
         ids, lengths, weights = packed
         replica.outstanding += 1
@@ -263,8 +266,9 @@ class ReplicaSet:
         start = time.perf_counter()
         try:
             groups = await replica.client.lookup(
-                parts, ids, lengths, weights=weights, deadline=deadline, dim=dim, version=version
-            )
+                parts, ids, lengths, weights=weights, deadline=deadline, dim=dim, version=version,
+                into=into,
+            )  # fmt: skip
         except RecserveError as exc:
             if exc.kind in RETRYABLE:
                 self._failed(replica)
@@ -283,8 +287,10 @@ class ReplicaSet:
         sent = ids.nbytes + lengths.nbytes + (weights.nbytes if weights is not None else 0)
         self.sent_bytes.inc(sent)
         self.received_bytes.inc(sum(g.pooled.nbytes for g in groups))
-        if groups and groups[0].shared:
+        if (groups and groups[0].shared) or groups.into:
             self.shm_lookups.inc()
+        if groups.into:
+            self.into_lookups.inc()
         return groups
 
     def _count(self, replica: Replica, outcome: str) -> None:

@@ -29,6 +29,9 @@ class ShardRequest:
     lengths: list[np.ndarray] = field(default_factory=list)
     weights: list[np.ndarray | None] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)  # feature index of each part
+    # Whether each part's bags are the batch's [B, feature] column as they are (the table
+    # whole, one bag a sample, in order): the shard may pool it straight into the batch.
+    placeable: list[bool] = field(default_factory=list)
     packed: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None  # set by route()
     narrow: bool = True  # every part's table has <= 2**31 rows: ids travel as int32
 
@@ -38,14 +41,20 @@ class ShardRequest:
         spec: TableSpec,
         target: int,
         arrays: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+        placeable: bool = False,
     ) -> None:
         """Part ``part`` of feature ``target``: its (ids, bag lengths, weights)."""
         self.narrow &= spec.rows <= INT32_ROWS
+        self.placeable.append(placeable)
         self.parts.append(part)
         self.ids.append(arrays[0])
         self.lengths.append(arrays[1])
         self.weights.append(arrays[2])
         self.targets.append(target)
+
+    def cols(self) -> tuple[int, ...]:
+        """Per part, the column of the batch's pooled array it may be pooled into, or -1."""
+        return tuple(t if ok else -1 for t, ok in zip(self.targets, self.placeable, strict=True))
 
     def frames(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         # Ids were checked against their table's rows when the request was parsed, so the
@@ -89,7 +98,8 @@ class Router:
                     arrays = (bags.ids, bags.lengths(), bags.weights)
                 mode = "sum" if split else spec.pooling
                 part_req = PartRequest(spec.name, part.row_start, bags.n_bags, mode)
-                out.setdefault(shard_id, ShardRequest()).add(part_req, spec, k, arrays)
+                whole = not split and bags.index is None and bags.n_bags == batch.size
+                out.setdefault(shard_id, ShardRequest()).add(part_req, spec, k, arrays, whole)
         for req in out.values():  # packed here, in the executor, not on the loop
             req.packed = req.frames()
         return out
@@ -102,12 +112,18 @@ class Merger:
         self.dim = manifest.embedding_dim
 
     def merge(
-        self, batch: Batch, routes: dict[int, ShardRequest], replies: dict[int, list[PooledGroup]]
+        self,
+        batch: Batch,
+        routes: dict[int, ShardRequest],
+        replies: dict[int, list[PooledGroup]],
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """The shards' pooled groups as ``[B, features, dim]``: a table served whole is
         written straight from its group (a group of such tables in one assignment), row
-        splits are summed first."""
-        out = np.empty((batch.size, len(self.features), self.dim), np.float32)
+        splits are summed first. With ``out`` (the batch's array the shards pooled some
+        features straight into, which answer in no group) the rest are written into it."""
+        if out is None:
+            out = np.empty((batch.size, len(self.features), self.dim), np.float32)
         acc: dict[int, np.ndarray] = {}  # split features' partial sums
         for shard_id, groups in replies.items():
             targets = routes[shard_id].targets

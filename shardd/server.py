@@ -40,6 +40,7 @@ from recserve.rpc.wire import (
     MAX_REPLY_FLOATS,
     check_version,
     decode_header,
+    decode_into,
     decode_lookup,
     decode_shm,
     decode_stage,
@@ -206,6 +207,8 @@ class ShardServer:
             else:
                 arrays, region = self.shm.resolve(spec)
             lookup = decode_lookup(header, arrays)
+            spec_into = decode_into(header, len(lookup.parts))
+            into = None if spec_into is None else (self.shm.into(spec_into), spec_into.cols)
             # Inline only when small in ids and in output: bags x widest dim bounds it.
             inline = (
                 lookup.ids.size <= self.settings.inline_ids
@@ -214,7 +217,9 @@ class ShardServer:
             threads = 1 if inline else self.settings.kernel_threads
             version = check_version(header, required=False)
             store = self.models.store_for(version)
-            job = store.prepare(lookup, threads, self.settings.max_reply_floats, version, region)
+            job = store.prepare(
+                lookup, threads, self.settings.max_reply_floats, version, region, into
+            )
         except Exception as exc:
             if not isinstance(exc, RecserveError):
                 log.exception("preparing lookup %s failed", header and header.get("id"))
@@ -400,18 +405,23 @@ class ShardServer:
                 self.metrics.cached(got.hits, got.misses, got.bypassed, got.evictions, got.disk_s)
         except Exception:
             log.exception("counting lookup %s failed", call.header.get("id"))
+        groups = [g for g in call.groups if not g.into]
         meta = [
             {"parts": list(g.parts), "bags": g.pooled.shape[0], "dim": g.pooled.shape[2]}
-            for g in call.groups
+            for g in groups
         ]
         if call.region is not None:  # pooled in place: the reply says where
             for m, at in zip(meta, call.region.offsets, strict=True):
                 m["offset"] = at
         # Where the time went, for the gateway's per-stage metrics.
-        timing = {"queue_ms": round(call.queued * 1e3, 3), "work_ms": round(call.worked * 1e3, 3)}
-        frames: list[Any] = [pack_header(reply(call.header, groups=meta, **timing))]
+        extra: dict[str, Any] = {
+            "queue_ms": round(call.queued * 1e3, 3), "work_ms": round(call.worked * 1e3, 3)
+        }  # fmt: skip
+        if len(groups) < len(call.groups):  # and which parts went straight into ``into``
+            extra["into"] = sorted(i for g in call.groups if g.into for i in g.parts)
+        frames: list[Any] = [pack_header(reply(call.header, groups=meta, **extra))]
         if call.region is None:
-            frames += [g.pooled for g in call.groups]
+            frames += [g.pooled for g in groups]
         self._send(call.ident, frames, "lookup", "ok")
         self.metrics.latency.observe(time.perf_counter() - call.started)
 

@@ -35,7 +35,7 @@ import kernels
 from kernels import Int8RowwiseTable, Table
 from kernels.layout import MEAN, OUT
 from kernels.overlay import apply_deltas
-from recserve.contracts.errors import IdOutOfRange, TooLarge
+from recserve.contracts.errors import BadRequest, IdOutOfRange, TooLarge
 from recserve.contracts.manifest import Manifest, TableSpec
 from recserve.contracts.plan import ShardPlan
 from recserve.model.artifact import file_size, hugepage_copies, open_table, touch
@@ -85,7 +85,8 @@ class Part:
 @dataclass(frozen=True)
 class Group:
     parts: tuple[int, ...]
-    pooled: np.ndarray  # float32 [bags, len(parts), dim]
+    pooled: np.ndarray  # float32 [bags, len(parts), dim], or the lookup's ``into`` array
+    into: bool = False  # pooled into the ``into`` array, each part in its column
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class Step:
     modes: list[str]
     at: np.ndarray
     shape: tuple[int, int, int]
+    cols: np.ndarray | None = None  # the members' columns of the lookup's ``into`` array
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class Layout:
 
     slots: list[int]
     resolved: list[Part]
-    floats: int  # pooled floats the reply holds
+    floats: int  # pooled floats the reply holds (not those pooled into ``into``)
     steps: tuple[Step, ...]
 
 
@@ -120,7 +122,10 @@ class View:
     gen: int
     by_slot: list[Part]
     tableset: kernels.TableSet
-    layouts: dict[tuple[PartRequest, ...], Layout] = field(default_factory=dict, compare=False)
+    # By parts list and the columns of ``into`` (None without one).
+    layouts: dict[tuple[tuple[PartRequest, ...], tuple[int, ...] | None], Layout] = field(
+        default_factory=dict, compare=False
+    )
     lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
 
@@ -249,10 +254,13 @@ class PartStore:
         max_floats: int = MAX_REPLY_FLOATS,
         version: int | None = None,
         out: Region | None = None,
+        into: tuple[np.ndarray, tuple[int, ...]] | None = None,
     ) -> Job:
         """Resolve ``lookup``'s parts and check and size its kernel calls without running
         them (the server does this on its loop; a worker then only runs ``Job.run``). With
-        ``out`` the kernel pools into that shared memory, group by group.
+        ``out`` the kernel pools into that shared memory, group by group; with ``into``
+        (an array ``[rows, width, dim]`` and a column per part, -1 for none) the parts
+        with a column are pooled straight into it.
 
         Zero-copy: the kernel reads the request's ids (and weights) frame in place, with bag
         bounds as positions into it and each part's first row id as its id base.
@@ -261,13 +269,15 @@ class PartStore:
             view, (gen, committed) = self.view, self.versions.state
         assert gen == view.gen
         overlays = patches_at(committed, version)  # the lookup's version
-        layout = view.layouts.get(lookup.parts)
+        cols = None if into is None else into[1]
+        key = (lookup.parts, cols)
+        layout = view.layouts.get(key)
         if layout is None:
-            layout = self._layout(view, lookup.parts)
+            layout = self._layout(view, lookup.parts, cols)
             with view.lock:
                 while len(view.layouts) >= LAYOUTS_KEPT:
                     del view.layouts[next(iter(view.layouts))]
-                view.layouts[lookup.parts] = layout
+                view.layouts[key] = layout
         if layout.floats > max_floats:
             raise TooLarge(
                 f"the lookup asks for {layout.floats} pooled floats, more than {max_floats} "
@@ -279,6 +289,18 @@ class PartStore:
         np.add.accumulate(lookup.lengths, out=bounds_all[1:], dtype=np.int64)
         calls = []
         for step in layout.steps:
+            target: np.ndarray | None
+            if step.cols is not None:
+                assert into is not None
+                target = into[0]
+                if (target.shape[0], target.shape[2]) != (step.shape[0], step.shape[2]):
+                    raise BadRequest(
+                        f"into is {list(target.shape)}: parts {list(step.members)} have "
+                        f"{step.shape[0]} bags of dim {step.shape[2]}",
+                        field="into.shape",
+                    )
+            else:
+                target = None if out is None else out.take(step.shape)
             try:
                 call = view.tableset.prepare(
                     step.slots,
@@ -286,19 +308,23 @@ class PartStore:
                     bounds_all[step.at],
                     weights=lookup.weights,
                     modes=step.modes,
-                    out=None if out is None else out.take(step.shape),
+                    out=target,
                     threads=threads,
+                    cols=step.cols,
                 )
             except kernels.IdOutOfRangeError as exc:  # found while checking an empty output
                 raise _explain(exc, layout.resolved, lookup.spans()) from None
-            calls.append((step.members, call))
+            calls.append((step.members, call, step.cols is not None))
         slots = layout.slots
         updated = {i: overlays[s] for i, s in enumerate(slots) if s in overlays}
         return Job(calls, layout.resolved, lookup, self.tier, updated, (gen, version, slots))
 
-    def _layout(self, view: View, parts: tuple[PartRequest, ...]) -> Layout:
+    def _layout(
+        self, view: View, parts: tuple[PartRequest, ...], cols: tuple[int, ...] | None = None
+    ) -> Layout:
         """``parts`` resolved on ``view`` and grouped into kernel calls (parts of one bag
-        count and width pool in one call)."""
+        count and width pool in one call; those with a column of ``cols`` apart from the
+        others)."""
         slots, resolved = [], []
         for i, req in enumerate(parts):
             slot = self.index.get((req.table, req.row_start))
@@ -307,12 +333,15 @@ class PartStore:
             slots.append(slot)
             resolved.append(view.by_slot[slot])
         bags = [req.bags for req in parts]
-        floats = sum(b * p.spec.dim for b, p in zip(bags, resolved, strict=True))
+        placed = [cols is not None and cols[i] >= 0 for i in range(len(parts))]
+        floats = sum(
+            b * p.spec.dim for b, p, x in zip(bags, resolved, placed, strict=True) if not x
+        )
         first_bag = np.zeros(len(bags) + 1, np.int64)  # part i's bags: lengths[first_bag[i]:]
         np.cumsum(bags, out=first_bag[1:])
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple[int, int, bool], list[int]] = {}
         for i, part in enumerate(resolved):
-            groups.setdefault((bags[i], part.spec.dim), []).append(i)
+            groups.setdefault((bags[i], part.spec.dim, placed[i]), []).append(i)
         steps = tuple(
             Step(
                 tuple(members),
@@ -321,8 +350,9 @@ class PartStore:
                 # Row j: part members[j]'s B + 1 bag bounds, positions into the ids frame.
                 first_bag[members][:, None] + np.arange(n_bags + 1),
                 (n_bags, len(members), dim),
+                np.array([cols[i] for i in members], np.int64) if into and cols else None,
             )
-            for (n_bags, dim), members in groups.items()
+            for (n_bags, dim, into), members in groups.items()
         )
         return Layout(slots, resolved, floats, steps)
 
@@ -489,7 +519,7 @@ class Job:
 
     def __init__(
         self,
-        calls: list[tuple[tuple[int, ...], kernels.PoolCall]],
+        calls: list[tuple[tuple[int, ...], kernels.PoolCall, bool]],  # bool: into ``into``
         resolved: list[Part],
         lookup: Lookup,
         tier: CacheTier | None = None,
@@ -511,7 +541,7 @@ class Job:
         try:
             if self.tier is not None:
                 return self._run_cached(self.tier)
-            return [self._pooled(members, call, call.ids) for members, call in self.calls]
+            return [self._pooled(*c, c[1].ids) for c in self.calls]
         except kernels.IdOutOfRangeError as exc:
             raise _explain(exc, self.resolved, self.lookup.spans()) from None
 
@@ -528,7 +558,7 @@ class Job:
                 resident += n  # hits (the kernel checks these ids)
         if not spans:
             self.fetched = Fetched(hits=resident)
-            return [self._pooled(members, call, call.ids) for members, call in self.calls]
+            return [self._pooled(*c, c[1].ids) for c in self.calls]
         mapped = ids.copy()
         self.fetched = got = tier.fetch(ids, mapped, spans)
         got.hits += resident
@@ -541,17 +571,19 @@ class Job:
                     if slots[i] in overlays:
                         self.updated[i] = overlays[slots[i]]
             groups = []
-            for members, call in self.calls:
+            for members, call, into in self.calls:
                 call.ids = mapped
                 for j, i in enumerate(members):
                     if i in got.bypass:
                         call.retarget(j, got.bypass[i])
-                groups.append(self._pooled(members, call, ids))
+                groups.append(self._pooled(members, call, into, ids))
             return groups
         finally:
             tier.release(got)
 
-    def _pooled(self, members: tuple[int, ...], call: kernels.PoolCall, ids: np.ndarray) -> Group:
+    def _pooled(
+        self, members: tuple[int, ...], call: kernels.PoolCall, into: bool, ids: np.ndarray
+    ) -> Group:
         """Run one call, then add the updated rows of this lookup's version (``ids``: the
         global ids, as the request sent them)."""
         out = call.run()
@@ -564,7 +596,7 @@ class Job:
                 apply_deltas(out, col, ids, call.bounds[j], call.weights, call.weighted,
                              bool(call.layout[j, MEAN]), patch.bits, self.resolved[i].row_start,
                              ov.keys, ov.deltas)  # fmt: skip
-        return Group(members, out)
+        return Group(members, out, into)
 
 
 def _map(path: Path, spec: TableSpec) -> Table:

@@ -56,9 +56,29 @@ class PooledGroup:
 class Pooled(list[PooledGroup]):
     """A lookup's pooled groups, and the seconds the shard reports spending on the lookup
     (queued there, then pooling; None if the reply does not say): the rest of its round
-    trip is the transport and the threads' wake-ups."""
+    trip is the transport and the threads' wake-ups. ``into``: the parts the shard pooled
+    straight into the lookup's ``Into`` array (in no group)."""
 
     on_shard: float | None = None
+    into: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class Into:
+    """A batch's ``[rows, width, dim]`` array in an arena the shards on this host map, for
+    a lookup's parts to be pooled straight into: part ``i`` into column ``cols[i]`` (-1:
+    not into it, answered in a group)."""
+
+    arena: Arena
+    array: np.ndarray
+    spec: dict[str, object]  # path, key, at, shape (``Arena.array``)
+    cols: tuple[int, ...]
+
+    def header(self) -> dict[str, object]:
+        return {**self.spec, "cols": list(self.cols)}
+
+    def placed(self) -> list[int]:
+        return [i for i, c in enumerate(self.cols) if c >= 0]
 
 
 class ShardClient:
@@ -92,6 +112,7 @@ class ShardClient:
         self.broken: RecserveError | None = None
         self.arena = _arena(endpoint, shm_bytes)
         self.abandoned: dict[int, Loan] = {}  # timed out: the shard may still write them
+        self.held: dict[int, Into] = {}  # likewise: batch arrays it may still pool into
         self.io = LoopSocket(self.sock, self._on_reply, self._on_error)
 
     def _on_reply(self, frames: list[zmq.Frame]) -> None:
@@ -103,6 +124,7 @@ class ShardClient:
         fut = self.pending.pop(header["id"], None)
         if fut is None:  # a late reply: the shard is done with that lookup's region
             self.abandoned.pop(header["id"], None)
+            self.held.pop(header["id"], None)
         elif not fut.done():
             fut.set_result((header, frames[1:]))
 
@@ -127,10 +149,16 @@ class ShardClient:
         return header, data
 
     async def _exchange(
-        self, frames: Sequence[Any], req_id: int, deadline: Deadline, loan: Loan | None = None
+        self,
+        frames: Sequence[Any],
+        req_id: int,
+        deadline: Deadline,
+        loan: Loan | None = None,
+        into: Into | None = None,
     ) -> tuple[dict[str, Any], list[zmq.Frame]]:
-        """The reply, error replies included; raises only when none came. A ``loan`` sent
-        and not answered (timed out, cancelled) is kept until the shard's late reply."""
+        """The reply, error replies included; raises only when none came. A ``loan`` (and
+        an ``into`` array) sent and not answered (timed out, cancelled) is kept until the
+        shard's late reply."""
         if self.broken is not None:
             raise self.broken
         fut: asyncio.Future[tuple[dict[str, Any], list[zmq.Frame]]] = (
@@ -156,6 +184,8 @@ class ShardClient:
             replied = fut.done() and not fut.cancelled() and fut.exception() is None
             if loan is not None and sent and not replied:
                 self.abandoned[req_id] = loan  # the shard may still write into it
+                if into is not None:
+                    self.held[req_id] = into
         return header, data
 
     async def simple(self, op: str, deadline: Deadline) -> dict[str, Any]:
@@ -175,24 +205,30 @@ class ShardClient:
         weights: np.ndarray | None = None,
         dim: int | None = None,
         version: int | None = None,
+        into: Into | None = None,
     ) -> Pooled:
         """Pooled groups of ``parts``; a reply that does not answer exactly these parts
         (each once, with its bag count, and ``dim`` wide when given) is the shard's failure,
-        ``ShardUnavailable``, which may fail over, never a crash of the caller."""
+        ``ShardUnavailable``, which may fail over, never a crash of the caller. With
+        ``into`` (used only through this client's own arena: a shard on this host) the
+        parts it places are pooled straight into its array, or answered in groups by a
+        shard that does not (``Pooled.into`` says which)."""
         req_id = next(self.ids)
         ids, lengths, weights = lookup_arrays(ids, lengths, weights)
         loan = None
         if self.arena is not None and dim is not None and self.broken is None:
             self._rotate_if_lost()
+            # Room for every part: a shard that does not pool into ``into`` answers all here.
             loan = self.arena.lend(ids, lengths, weights, _reply_bytes(parts, dim))
         if loan is None:
+            into = None
             frames = encode_lookup(req_id, deadline.at_ms, parts, ids, lengths, weights, version)
             header, data = await self.call(frames, req_id, deadline)
         else:
-            frames = encode_lookup(
-                req_id, deadline.at_ms, parts, ids, lengths, weights, version, shm=loan.spec
-            )
-            header, data = await self._exchange(frames, req_id, deadline, loan)
+            spec = into.header() if into is not None else None
+            frames = encode_lookup(req_id, deadline.at_ms, parts, ids, lengths, weights,
+                                   version, shm=loan.spec, into=spec)  # fmt: skip
+            header, data = await self._exchange(frames, req_id, deadline, loan, into)
             error = header.get("error")
             if isinstance(error, dict) and error.get("kind") == SharedMemoryUnavailable.kind:
                 log.info("shard %s cannot map our shared memory: lookups go by socket", self.name)
@@ -205,11 +241,22 @@ class ShardClient:
                 )  # fmt: skip
             _check(header, self.name)
         try:
-            groups = Pooled(_groups(header.get("groups"), data, loan, parts, dim))
+            placed = _placed(header.get("into"), into)
+            groups = Pooled(_groups(header.get("groups"), data, loan, parts, dim, placed))
         except (TypeError, ValueError, KeyError) as exc:
             raise ShardUnavailable(f"shard {self.name}: malformed lookup reply ({exc})") from None
         groups.on_shard = _on_shard(header)
+        groups.into = frozenset(placed)
         return groups
+
+    def forget(self, arena: Arena) -> None:
+        """Stop holding batch arrays of ``arena`` for late replies: nothing is allocated
+        from it any more (its owner made a new one), so no late write can reach a batch."""
+        self.held = {k: v for k, v in self.held.items() if v.arena is not arena}
+
+    def held_bytes(self, arena: Arena) -> int:
+        """Bytes of ``arena``'s batch arrays held for late replies to this client."""
+        return sum(v.array.nbytes for v in self.held.values() if v.arena is arena)
 
     def _rotate_if_lost(self) -> None:
         """A quarter of the arena waiting for replies that may never come (a shard killed
@@ -322,20 +369,35 @@ def _reply_bytes(parts: Sequence[PartRequest], dim: int) -> int:
     return sum(4 * p.bags * dim + ALIGN for p in parts)
 
 
+def _placed(answered: Any, into: Into | None) -> list[int]:
+    """The parts a reply says went into the ``into`` array: exactly those asked for, or
+    none (a shard that does not pool into one answers them in groups)."""
+    if answered is None:
+        return []
+    want = into.placed() if into is not None else []
+    if answered != want:
+        raise ValueError(f"parts {answered!r} pooled into the batch, asked for {want}")
+    return want
+
+
 def _groups(
     groups: Any,
     data: list[zmq.Frame],
     loan: Loan | None,
     parts: Sequence[PartRequest],
     dim: int | None,
+    placed: list[int] | None = None,
 ) -> list[PooledGroup]:
-    """The reply's groups, checked against the request: views of its frames, or with
-    ``loan`` of the shared memory the shard pooled into."""
+    """The reply's groups, checked against the request (``placed``: parts answered in the
+    batch's array instead): views of its frames, or with ``loan`` of the shared memory the
+    shard pooled into."""
     if not isinstance(groups, list):
         raise ValueError("groups must be a list")
     if len(data) != (len(groups) if loan is None else 0):
         raise ValueError(f"{len(groups)} groups in {len(data)} frames")
     seen = [False] * len(parts)
+    for i in placed or ():
+        seen[i] = True
     out = []
     for n, g in enumerate(groups):
         idx = tuple(g["parts"])

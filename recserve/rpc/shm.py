@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from recserve.contracts.errors import BadRequest, SharedMemoryUnavailable
-from recserve.rpc.wire import ShmSpec
+from recserve.rpc.wire import IntoSpec, ShmSpec
 
 DIR = Path("/dev/shm")
 PREFIX = "recserve-"
@@ -163,6 +163,21 @@ class Arena:
         spec["out"] = [at + pos, out_bytes]
         return Loan(spec, base, at, (at + pos, at + pos + out_bytes))
 
+    def array(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, dict[str, object]] | None:
+        """A float32 array of ``shape`` in the arena for shards to pool into, and the
+        ``into`` map naming it (without ``cols``); None when the arena has no room. Taken
+        until its last view is gone."""
+        count = shape[0] * shape[1] * shape[2]
+        at = self.alloc(4 * count)
+        if at is None:
+            return None
+        base = np.frombuffer(self.map, np.float32, count, at)
+        weakref.finalize(base, self.release, at)
+        spec: dict[str, object] = {
+            "path": str(self.path), "key": self.key.hex(), "at": at, "shape": list(shape)
+        }  # fmt: skip
+        return base.reshape(shape), spec
+
     @property
     def lent(self) -> int:
         with self.lock:
@@ -221,6 +236,18 @@ class Maps:
                 )
         arrays = [np.frombuffer(mapped, np.uint8, n, at).copy() for at, n in spec.arrays]
         return arrays, Region(mapped, *spec.out)
+
+    def into(self, spec: IntoSpec) -> np.ndarray:
+        """The batch array a lookup pools some parts into (``wire.decode_into``'s spec)."""
+        mapped = self.get(spec.path, spec.key)
+        rows, width, dim = spec.shape
+        count = rows * width * dim
+        if spec.at < KEY_BYTES or spec.at + 4 * count > len(mapped):
+            raise BadRequest(
+                f"into [{spec.at}, {4 * count}] is outside the arena's {len(mapped)} bytes",
+                field="into",
+            )
+        return np.frombuffer(mapped, np.float32, count, spec.at).reshape(spec.shape)
 
     def get(self, path: object, key: object) -> mmap.mmap:
         """The mapping of arena ``path`` if it starts with ``key`` (hex)."""

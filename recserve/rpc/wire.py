@@ -21,6 +21,13 @@ floats go to; the reply then has no frames either, and each of its ``groups`` na
 ``offset`` its floats were written at. A shard that cannot map the file answers
 ``shm_unavailable``.
 
+With ``into`` (shards on the gateway's host) parts are pooled straight into the batch's
+``[rows, width, dim]`` float32 array in another arena the shards map: ``into`` is ``{"path",
+"key", "at", "shape": [rows, width, dim], "cols": [c]}``, where part ``i`` goes to column
+``cols[i]`` (``-1``: not into it; such a part needs ``rows`` bags and the array's dim). The
+reply's ``into`` lists the parts written there; its ``groups`` hold the others. A shard
+that ignores ``into`` (older) answers every part in ``groups``.
+
 ``lookup`` may name the model ``version`` to read (an int, updates committed so far; absent:
 the shard's newest). ``stage`` carries ``version`` and ``parts`` ``{"table", "row_start",
 "rows": [n], "dim": [d]}`` lists, then two frames: every part's int64 global row ids, then
@@ -121,6 +128,7 @@ def encode_lookup(
     weights: np.ndarray | None = None,
     version: int | None = None,
     shm: dict[str, Any] | None = None,
+    into: dict[str, Any] | None = None,
 ) -> list[Buffer]:
     """A lookup's frames; with ``shm`` (its arrays already written to the arena it names,
     as ``lookup_arrays`` gives them) the header alone."""
@@ -128,6 +136,8 @@ def encode_lookup(
     extra: dict[str, Any] = {} if version is None else {"version": version}
     if shm is not None:
         extra["shm"] = shm
+    if into is not None:
+        extra["into"] = into
     frames: list[Buffer] = [
         pack_header(
             request(
@@ -189,6 +199,40 @@ def decode_shm(header: dict[str, Any]) -> ShmSpec | None:
             raise BadRequest(f"shm.{name} must be [offset, bytes]", field=f"shm.{name}")
         spans.append((span[0], span[1]))
     return ShmSpec(spec["path"], spec["key"], spans[:-1], spans[-1])
+
+
+class IntoSpec(NamedTuple):
+    """A lookup's ``into`` map, checked for shape (``recserve.rpc.shm`` checks the file)."""
+
+    path: str
+    key: str
+    at: int
+    shape: tuple[int, int, int]  # rows, width, dim
+    cols: tuple[int, ...]  # per part: its column, or -1
+
+
+def decode_into(header: dict[str, Any], n_parts: int) -> IntoSpec | None:
+    """A lookup's ``into`` map, or None without one."""
+    spec = header.get("into")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or spec.keys() != {"path", "key", "at", "shape", "cols"}:
+        raise BadRequest("into must map path, key, at, shape and cols", field="into")
+    shape, cols, at = spec["shape"], spec["cols"], spec["at"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_natural(x) and x for x in shape)):
+        raise BadRequest("into.shape must be [rows, width, dim], each >= 1", field="into.shape")
+    if not _natural(at) or at % 4:
+        raise BadRequest("into.at must be a float32 offset", field="into.at")
+    width = shape[1]
+    if not isinstance(cols, list) or len(cols) != n_parts:
+        raise BadRequest(f"into.cols must list a column for each of {n_parts} parts",
+                         field="into.cols")  # fmt: skip
+    if not all(type(c) is int and -1 <= c < width for c in cols):
+        raise BadRequest(f"into.cols must be columns in [0, {width}) or -1", field="into.cols")
+    placed = [c for c in cols if c >= 0]
+    if len(set(placed)) != len(placed):
+        raise BadRequest("into.cols must not name a column twice", field="into.cols")
+    return IntoSpec(spec["path"], spec["key"], at, (shape[0], shape[1], shape[2]), tuple(cols))
 
 
 class StagePart(NamedTuple):

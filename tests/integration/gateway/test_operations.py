@@ -46,6 +46,8 @@ def test_model_health_and_metrics(deployments) -> None:
             assert f'recserve_gateway_shard_rpc_seconds_count{{shard="{shard}"}} 1.0' in text
             # The shards listen on ipc://: the lookups went through shared memory.
             assert f'recserve_gateway_shm_lookups_total{{shard="{shard}"}} 1.0' in text
+            # And pooled its features straight into the batch's array.
+            assert f'recserve_gateway_into_lookups_total{{shard="{shard}"}} 1.0' in text
             # The shard's own account of the lookup: part of the round trip, not more.
             assert f'recserve_gateway_shard_work_seconds_count{{shard="{shard}"}} 1.0' in text
             work, rpc = (

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from recserve.contracts.manifest import read_manifest
-from recserve.rpc.client import ShardClient
+from recserve.rpc.client import Into, ShardClient
 from recserve.rpc.deadline import Deadline, now_ms
 from recserve.rpc.shm import KEY_BYTES, Arena
 from tests.integration.shardd.helpers import expect_error, make_lookup, reference
@@ -70,6 +70,58 @@ def test_shm_lookups_equal_the_reference(shards, model_and_plan, weighted, dtype
         assert seen == set(range(len(parts)))
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_placed_parts_are_pooled_straight_into_the_batch_array(
+    shards, model_and_plan, weighted
+) -> None:
+    """A lookup with ``into``: the parts given a column are pooled into that column of the
+    batch's array (another arena), the others answered in groups; every other column of
+    the array is left as it was, and the array's region comes back once it is let go."""
+    endpoint = shards[0][0]
+    model, _, plan = model_and_plan
+    parts, ids, lengths, weights, ids_pp, len_pp, w_pp = make_lookup(
+        plan, 0, seed=31, weighted=weighted
+    )
+    width = len(parts) + 2
+    cols = tuple(width - 1 - i if i % 2 == 0 else -1 for i in range(len(parts)))
+    batch = Arena(1 << 20)
+
+    async def run():
+        ctx = zmq.Context()
+        client = ShardClient(endpoint, ctx, shm_bytes=1 << 20)
+        try:
+            got = batch.array((9, width, DIM))
+            assert got is not None
+            array, spec = got
+            array[:] = -3.0
+            groups = await client.lookup(
+                parts, ids, lengths, weights=weights, dim=DIM,
+                deadline=Deadline.after(10_000), into=Into(batch, array, spec, cols),
+            )  # fmt: skip
+            return array.copy(), [(g.parts, g.pooled.copy()) for g in groups], groups.into
+        finally:
+            await client.close()
+            ctx.term()
+
+    try:
+        array, groups, placed = asyncio.run(run())
+        gc.collect()
+        assert batch.lent == 0
+    finally:
+        batch.close()
+    want = reference(model, parts, ids_pp, len_pp, w_pp, weighted)
+    assert placed == {i for i, c in enumerate(cols) if c >= 0}
+    for i in placed:
+        np.testing.assert_allclose(array[:, cols[i], :], want[i], rtol=1e-5, atol=1e-5)
+    untouched = set(range(width)) - {cols[i] for i in placed}
+    assert all((array[:, c, :] == -3.0).all() for c in untouched)
+    answered = {i for idx, _ in groups for i in idx}
+    assert answered == set(range(len(parts))) - placed
+    for idx, pooled in groups:
+        for j, i in enumerate(idx):
+            np.testing.assert_allclose(pooled[:, j, :], want[i], rtol=1e-5, atol=1e-5)
+
+
 def test_a_shard_that_cannot_map_the_arena_is_asked_over_the_socket(shards, model_and_plan) -> None:
     """The arena's file is gone before the first lookup (as on another host): the shard
     answers shm_unavailable, the client drops its arena and asks again with frames."""
@@ -91,6 +143,8 @@ def test_a_timed_out_lookups_region_waits_for_the_shards_late_reply(shards, mode
     _, _, plan = model_and_plan
     parts, ids, lengths, *_ = make_lookup(plan, 0, seed=22)
 
+    batch = Arena(1 << 20)
+
     async def run():
         ctx = zmq.Context()
         client = ShardClient(endpoint, ctx, shm_bytes=1 << 20)
@@ -98,22 +152,34 @@ def test_a_timed_out_lookups_region_waits_for_the_shards_late_reply(shards, mode
             await client.simple("health", Deadline.after(5000))  # connected: the next is sent
             # In a task of its own, as a request's (its timeout's traceback, which holds
             # the lookup's frames, lives as long as the task).
+            got = batch.array((9, len(parts), DIM))
+            assert got is not None
+            into = Into(batch, *got, tuple(range(len(parts))))
             task = asyncio.ensure_future(
-                client.lookup(parts, ids, lengths, dim=DIM, deadline=Deadline(now_ms() - 1))
+                client.lookup(
+                    parts, ids, lengths, dim=DIM, deadline=Deadline(now_ms() - 1), into=into
+                )
             )  # sent, then given up at once
+            del got, into
             await asyncio.wait([task])
             assert "did not answer" in str(task.exception())
             del task  # held until the shard's reply (deadline_exceeded): the rotation
             # test of the client shows a region held while no reply comes
+            gc.collect()
+            assert batch.lent and list(client.held)  # the batch array too
             async with asyncio.timeout(5):
-                while client.arena.lent:  # its reply (deadline_exceeded) frees it
+                while client.arena.lent or batch.lent:  # its reply frees both
                     await asyncio.sleep(0.01)
                     gc.collect()
+            assert not client.held
         finally:
             await client.close()
             ctx.term()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        batch.close()
 
 
 def test_hostile_shm_maps_get_typed_errors(shards, model_and_plan) -> None:
@@ -150,6 +216,31 @@ def test_hostile_shm_maps_get_typed_errors(shards, model_and_plan) -> None:
             assert not reply["ok"] and reply["error"]["kind"] == kind, (shm, reply)
             assert reply["error"].get("field") == field, (shm, reply)
         expect_error(endpoint, [lookup(), b"a frame too many"], "bad_request")
+        into = {"path": str(arena.path), "key": arena.key.hex(), "at": 1024,
+                "shape": [1, 2, DIM], "cols": [1]}  # fmt: skip
+
+        def pooled_into(**bad):
+            return msgpack.packb({**msgpack.unpackb(lookup()), "into": {**into, **bad}})
+
+        reply = msgpack.unpackb(raw(endpoint, [pooled_into()])[0])
+        assert reply["ok"] and reply["into"] == [0] and reply["groups"] == [], reply
+        for bad, kind, field in [
+            ({"shape": [2, 2, DIM]}, "bad_request", "into.shape"),  # 1 bag, not 2 rows
+            ({"shape": [1, 2, DIM // 2]}, "bad_request", "into.shape"),  # another dim
+            ({"shape": [1, 2]}, "bad_request", "into.shape"),
+            ({"cols": [2]}, "bad_request", "into.cols"),
+            ({"cols": [0, 1]}, "bad_request", "into.cols"),
+            ({"cols": ["0"]}, "bad_request", "into.cols"),
+            ({"at": 1 << 16}, "bad_request", "into"),  # past the arena's end
+            ({"at": 8}, "bad_request", "into"),  # over its key
+            ({"at": 1026}, "bad_request", "into.at"),
+            ({"key": "00" * KEY_BYTES}, "shm_unavailable", None),
+            ({"path": "/etc/passwd"}, "bad_request", "shm"),
+            ({"extra": 1}, "bad_request", "into"),
+        ]:
+            reply = msgpack.unpackb(raw(endpoint, [pooled_into(**bad)])[0])
+            assert not reply["ok"] and reply["error"]["kind"] == kind, (bad, reply)
+            assert reply["error"].get("field") == field, (bad, reply)
         assert msgpack.unpackb(raw(endpoint, [header("health")])[0])["ready"]
     finally:
         arena.close()

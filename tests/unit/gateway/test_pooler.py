@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import numpy as np
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+import zmq
+
+from gateway.config import ReplicaSettings
+from gateway.metrics import GatewayMetrics
+from gateway.pooler import ShardedPooler
 from gateway.routing import Router, ShardRequest
 from recserve.contracts.batch import Bags, Batch
 from recserve.contracts.manifest import TableSpec
 from recserve.contracts.plan import local_endpoints
 from recserve.planning import build
+from recserve.rpc.client import Into
 from recserve.rpc.wire import PartRequest
 from tests.models import manifest_of
 
@@ -66,3 +74,52 @@ def test_route_sends_int32_ids_unless_a_table_exceeds_int32() -> None:
     assert big_ids is not None and small_ids is not None
     assert big_ids[0].dtype == np.int64 and big_ids[0].tolist() == [huge - 1, 3]
     assert small_ids[0].dtype == np.int32 and small_ids[0].tolist() == [7, 99]
+
+
+def test_batches_get_arrays_in_an_arena_renewed_once_lost_lookups_hold_a_quarter() -> None:
+    """Shards on this host (loopback): each batch gets its pooled array in the batch arena
+    (a column per placeable part); with no room it is merged as before, and once arrays
+    held for replies that never came are a quarter of the arena, a new arena replaces it
+    and the clients stop holding the old one's."""
+    manifest = manifest_of(
+        tuple(TableSpec(f"t{i}", 50, 8, features=(f"f{i}",)) for i in range(3)), 2
+    )
+    plan = build(manifest, 2, "capacity", local_endpoints(2, 1))
+    b = Batch(
+        np.zeros((4, 2), np.float32),
+        {f"f{i}": Bags(np.arange(4), np.arange(5)) for i in range(3)},
+    )
+
+    async def run(executor: ThreadPoolExecutor, ctx: zmq.Context) -> None:
+        pooler = ShardedPooler(manifest, plan, ctx, executor, GatewayMetrics.create(),
+                               ReplicaSettings(shm_bytes=1 << 20), batch_samples=4)  # fmt: skip
+        try:
+            assert pooler.arena is not None and pooler.arena.size == 1 << 20
+            routes = pooler.prepare(b)
+            into = pooler._into(b, routes)
+            assert set(into) == set(routes)
+            array = next(iter(into.values())).array
+            assert array.shape == (4, 3, 8) and all(i.array is array for i in into.values())
+            placed = sorted(c for i in into.values() for c in i.cols if c >= 0)
+            assert placed == [0, 1, 2]  # every feature a column of its own
+            # Fill the arena: a batch that finds no room is merged from the replies.
+            held = [array]
+            while got := pooler._into(b, routes):
+                held.append(next(iter(got.values())).array)
+            first = pooler.arena
+            # Arrays held for lookups that were never answered: a quarter, then a new arena.
+            client = pooler.clients[0]
+            for k, a in enumerate(held[: len(held) // 4 + 1]):
+                client.held[k] = Into(first, a, {}, (0,))
+            again = pooler._into(b, routes)
+            assert again and pooler.arena is not first and not client.held
+            assert not first.path.exists()
+        finally:
+            await pooler.close()
+
+    ctx: zmq.Context = zmq.Context()
+    try:
+        with ThreadPoolExecutor(1) as executor:
+            asyncio.run(run(executor, ctx))
+    finally:
+        ctx.term()
