@@ -164,15 +164,25 @@ class ShardedPooler:
             # a new one; late writes go to the old one's pages, which no batch uses again.
             held = sum(c.held_bytes(self.arena) for c in self.clients)
             if 4 * held >= self.arena.size:
-                old, self.arena = self.arena, Arena(self.arena.size)
-                old.close()
-                for c in self.clients:
-                    c.forget(old)
-                got = self.arena.array(shape)
+                got = self._renew(shape)
         if got is None:
             return {}
         array, spec = got
         return {s: Into(self.arena, array, spec, c) for s, c in cols.items()}
+
+    def _renew(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, dict[str, object]] | None:
+        """A new batch arena in place of the old, and an array of ``shape`` in it; None
+        (the old one kept) when ``/dev/shm`` has no room for another."""
+        assert self.arena is not None
+        try:
+            new = Arena(self.arena.size)
+        except (OSError, ValueError):
+            return None
+        old, self.arena = self.arena, new
+        old.close()
+        for c in self.clients:
+            c.forget(old)
+        return new.array(shape)
 
     async def pool(
         self,
