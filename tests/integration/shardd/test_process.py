@@ -135,6 +135,21 @@ def test_metrics_endpoint(model_and_plan, tmp_path: Path) -> None:
     check_metrics(text)
 
 
+def pooled_right_then_masks(
+    endpoint: str, pid: int, model: Path, plan, bags: int
+) -> tuple[dict[int, frozenset[int]], dict]:
+    """A lookup of ``bags`` bags a part matches the reference; then each thread's CPUs and
+    the shard's ``info``."""
+    parts, ids, lengths, _, ids_pp, len_pp, w_pp = make_lookup(plan, 0, 11, bags=bags)
+    groups = asyncio.run(lookup(endpoint, parts, ids, lengths))
+    want = reference(model, parts, ids_pp, len_pp, w_pp, False)
+    for g in groups:
+        for j, i in enumerate(g.parts):
+            np.testing.assert_allclose(g.pooled[:, j, :], want[i], rtol=1e-5, atol=1e-5)
+    masks = {int(t.name): cpus_of(t) for t in Path(f"/proc/{pid}/task").iterdir()}
+    return masks, msgpack.unpackb(raw(endpoint, [header("info")])[0])
+
+
 def test_kernel_cpus_keep_the_workers_apart(model_and_plan, tmp_path: Path) -> None:
     """With --kernel-cpus the worker (and its OpenMP team) pools on those CPUs only and
     every other thread of the daemon (loop, ZeroMQ, /metrics, OpenBLAS) runs on the rest;
@@ -159,14 +174,7 @@ def test_kernel_cpus_keep_the_workers_apart(model_and_plan, tmp_path: Path) -> N
         # zero-copy sends start a context of their own, which moves no messages).
         policies = io_threads(proc.pid)
         assert set(policies.values()) == {os.SCHED_BATCH}, policies
-        parts, ids, lengths, _, ids_pp, len_pp, w_pp = make_lookup(plan, 0, 11, bags=2000)
-        groups = asyncio.run(lookup(endpoint, parts, ids, lengths))
-        want = reference(model, parts, ids_pp, len_pp, w_pp, False)
-        for g in groups:
-            for j, i in enumerate(g.parts):
-                np.testing.assert_allclose(g.pooled[:, j, :], want[i], rtol=1e-5, atol=1e-5)
-        masks = {int(t.name): cpus_of(t) for t in Path(f"/proc/{proc.pid}/task").iterdir()}
-        info = msgpack.unpackb(raw(endpoint, [header("info")])[0])
+        masks, info = pooled_right_then_masks(endpoint, proc.pid, model, plan, bags=2000)
     assert info["kernel_cpus"] == sorted(kernel)
     assert masks[proc.pid] == allowed - kernel
     assert set(masks.values()) == {kernel, allowed - kernel}, masks
@@ -185,14 +193,7 @@ def test_cpus_confine_the_whole_shard(model_and_plan, tmp_path: Path) -> None:
     flags = ("--cpus", ",".join(map(str, sorted(whole))), "--kernel-cpus", str(min(kernel)),
              "--inline-ids", "0")  # fmt: skip
     with running(plan_path, model, 0, endpoint, *flags) as proc:
-        parts, ids, lengths, _, ids_pp, len_pp, w_pp = make_lookup(plan, 0, 11, bags=500)
-        groups = asyncio.run(lookup(endpoint, parts, ids, lengths))
-        want = reference(model, parts, ids_pp, len_pp, w_pp, False)
-        for g in groups:
-            for j, i in enumerate(g.parts):
-                np.testing.assert_allclose(g.pooled[:, j, :], want[i], rtol=1e-5, atol=1e-5)
-        masks = {int(t.name): cpus_of(t) for t in Path(f"/proc/{proc.pid}/task").iterdir()}
-        info = msgpack.unpackb(raw(endpoint, [header("info")])[0])
+        masks, info = pooled_right_then_masks(endpoint, proc.pid, model, plan, bags=500)
     assert info["cpus"] == sorted(whole) and info["kernel_cpus"] == sorted(kernel)
     assert masks[proc.pid] == whole - kernel
     assert set(masks.values()) == {kernel, whole - kernel}, masks
