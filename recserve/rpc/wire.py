@@ -23,10 +23,10 @@ floats go to; the reply then has no frames either, and each of its ``groups`` na
 
 With ``into`` (shards on the gateway's host) parts are pooled straight into the batch's
 ``[rows, width, dim]`` float32 array in another arena the shards map: ``into`` is ``{"path",
-"key", "at", "shape": [rows, width, dim], "cols": [c]}``, where part ``i`` goes to column
-``cols[i]`` (``-1``: not into it; such a part needs ``rows`` bags and the array's dim). The
-reply's ``into`` lists the parts written there; its ``groups`` hold the others. A shard
-that ignores ``into`` (older) answers every part in ``groups``.
+"key", "at", "shape": [rows, width, dim], "cols": [c]}``: part ``i`` goes to column
+``cols[i]`` of it (and must have ``rows`` bags and the array's dim), or with ``-1`` into a
+group as usual. The reply's ``into`` lists the parts written there; its ``groups`` hold the
+others. A shard that ignores ``into`` (older) answers every part in ``groups``.
 
 ``lookup`` may name the model ``version`` to read (an int, updates committed so far; absent:
 the shard's newest). ``stage`` carries ``version`` and ``parts`` ``{"table", "row_start",
