@@ -305,8 +305,11 @@ def run_up(
                 print(f"updates: {cluster.admin_url}  (POST /v1/updates, /v1/deploy)")
             if not singular:
                 for shard in cluster.plan.shards:
+                    cpus = [cluster.cpus_of(shard.id, r)[1:] for r in range(len(shard.endpoints))]
+                    where = f", CPU {' / '.join(c[0] for c in cpus)}" if pin_shards else ""
                     print(
-                        f"shard {shard.id}: {', '.join(shard.endpoints)} ({len(shard.parts)} parts)"
+                        f"shard {shard.id}: {', '.join(shard.endpoints)} "
+                        f"({len(shard.parts)} parts{where})"
                     )
             print(f"logs: {cluster.run_dir}; Ctrl-C stops everything", flush=True)
             while not stop and all(

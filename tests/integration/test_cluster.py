@@ -44,26 +44,12 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def start_up(model: Path, port: int, *extra: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "recserve.cli",
-            "up",
-            "--model",
-            str(model),
-            "--shards",
-            "2",
-            "--strategy",
-            "capacity",
-            "--port",
-            str(port),
-            *extra,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def start_up(model: Path, port: int, *extra: str, out: Path | None = None) -> subprocess.Popen:
+    """``recserve up`` of ``model`` on ``port``, ready; its output to ``out`` if given."""
+    argv = [sys.executable, "-m", "recserve.cli", "up", "--model", str(model), "--shards", "2",
+            "--strategy", "capacity", "--port", str(port), *extra]  # fmt: skip
+    with open(out or os.devnull, "wb") as stdout:  # the child has its own copy
+        proc = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.DEVNULL)
     end = time.monotonic() + 120
     while time.monotonic() < end:
         try:
@@ -111,11 +97,12 @@ def test_up_leaves_no_processes_or_files(model: Path, how: str) -> None:
             proc.wait()
 
 
-def test_up_pins_each_shard_to_a_cpu_of_its_own(model: Path) -> None:
-    """``--pin-shards``: every thread of shard k runs on the k-th CPU (round robin), the
-    gateway anywhere, and the cluster serves."""
+def test_up_pins_each_shard_to_a_cpu_of_its_own(model: Path, tmp_path: Path) -> None:
+    """``--pin-shards``: every thread of shard k runs on the k-th CPU (round robin), as
+    ``up`` prints, the gateway anywhere, and the cluster serves."""
     cpus = sorted(os.sched_getaffinity(0))
-    proc = start_up(model, port := free_port(), "--pin-shards", "--shards", "3")
+    printed = tmp_path / "up.out"
+    proc = start_up(model, port := free_port(), "--pin-shards", "--shards", "3", out=printed)
     try:
         pinned: dict[int, set[frozenset[int]]] = {}
         gateways = []
@@ -127,6 +114,12 @@ def test_up_pins_each_shard_to_a_cpu_of_its_own(model: Path) -> None:
             else:
                 gateways.append(masks)
         assert pinned == {k: {frozenset({cpus[k % len(cpus)]})} for k in range(3)}
+        lines = printed.read_text().splitlines()
+        for k in range(3):
+            assert any(
+                line.startswith(f"shard {k}: ") and line.endswith(f"CPU {cpus[k % len(cpus)]})")
+                for line in lines
+            ), lines
         assert gateways == [{frozenset(cpus)}]
         batch = Workload(read_manifest(model), seed=1).batch(8)
         req = urllib.request.Request(
