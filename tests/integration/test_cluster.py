@@ -114,6 +114,9 @@ def test_up_pins_each_shard_to_a_cpu_of_its_own(model: Path, tmp_path: Path) -> 
             else:
                 gateways.append(masks)
         assert pinned == {k: {frozenset({cpus[k % len(cpus)]})} for k in range(3)}
+        end = time.monotonic() + 30  # up prints once the cluster is ready, just after this
+        while "logs: " not in printed.read_text() and time.monotonic() < end:
+            time.sleep(0.05)
         lines = printed.read_text().splitlines()
         for k in range(3):
             assert any(
