@@ -13,7 +13,9 @@ allocated in an arena of shared memory they map (``recserve.rpc.shm``), each loo
 the column of each of its parts that is a feature's whole column (a table served whole, one
 bag a sample), and the merge has only the rest to copy (row splits, request-level bags). An
 array a shard may still write into (its lookup timed out unanswered) stays taken until that
-shard's late reply; once a quarter of the arena waits so, a new arena replaces it.
+shard's late reply; once a quarter of the arena waits so, a new arena replaces it. A
+lookup to a shard of one replica on this host has its ids concatenated straight into that
+replica's arena by ``prepare``, in the executor: one copy, not on the loop.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ from gateway.config import ReplicaSettings
 from gateway.metrics import GatewayMetrics
 from gateway.replicas import ReplicaSet
 from gateway.routing import Merger, Router, ShardRequest
-from recserve.contracts.batch import Batch
+from recserve.contracts.batch import Batch, concat_weights
 from recserve.contracts.manifest import Manifest
 from recserve.contracts.plan import Plan
 from recserve.model.scorer import Model
-from recserve.rpc.client import Into
+from recserve.rpc.client import Into, reply_bytes
 from recserve.rpc.curve import CurveKeys
 from recserve.rpc.deadline import Deadline
 from recserve.rpc.shm import MAX_ARENA, Arena, remove_stale
@@ -145,7 +147,39 @@ class ShardedPooler:
         self.version = 0  # set from the shards' health at start, then by each commit
 
     def prepare(self, batch: Batch) -> dict[int, ShardRequest]:
-        return self.router.route(batch)
+        routes = self.router.route(batch, pack=False)
+        for shard, req in routes.items():
+            req.packed = self._pack(shard, req)
+        return routes
+
+    def _pack(
+        self, shard: int, req: ShardRequest
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """In the executor: ``req``'s wire arrays, written straight into the arena of its
+        shard's replica when it has one, on this host (one copy of the ids, and not on the
+        loop); else as ``frames`` makes them."""
+        replicas = self.replicas[shard].replicas
+        arena = replicas[0].client.arena if len(replicas) == 1 else None
+        if arena is None:
+            return req.frames()
+        sizes = [ids.size for ids in req.ids]
+        weighted = any(w is not None for w in req.weights)
+        arrays = [
+            (np.dtype("<i4") if req.narrow else np.dtype("<i8"), sum(sizes)),
+            (np.dtype("<i4"), sum(lengths.size for lengths in req.lengths)),
+            *([(np.dtype("<f4"), sum(sizes))] if weighted else []),
+        ]
+        got = arena.reserve(arrays, reply_bytes(req.parts, self.dim))
+        if got is None:
+            return req.frames()
+        loan, views = got
+        # Ids were checked against their table's rows when the request was parsed: exact.
+        np.concatenate(req.ids, out=views[0], casting="unsafe")
+        np.concatenate(req.lengths, out=views[1], casting="unsafe")
+        if weighted:
+            views[2][:] = concat_weights(req.weights, sizes)
+        req.lent = loan
+        return views[0], views[1], views[2] if weighted else None
 
     def _into(self, batch: Batch, routes: dict[int, ShardRequest]) -> dict[int, Into]:
         """On the loop: the batch's pooled array in the arena, and per shard which of its
@@ -220,7 +254,7 @@ class ShardedPooler:
     ) -> Any:
         assert req.packed is not None, "route() packs every request"
         return await self.replicas[shard].lookup(
-            req.parts, req.packed, deadline, self.dim, version, into
+            req.parts, req.packed, deadline, self.dim, version, into, req.lent
         )
 
     async def probe(self, deadline: Deadline) -> list[str]:

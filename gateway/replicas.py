@@ -38,6 +38,7 @@ from recserve.contracts.plan import ShardPlan
 from recserve.rpc.client import Into, PooledGroup, ShardClient
 from recserve.rpc.curve import CurveKeys
 from recserve.rpc.deadline import Deadline, now_ms
+from recserve.rpc.shm import Loan
 from recserve.rpc.wire import PartRequest
 
 log = logging.getLogger(__name__)
@@ -177,11 +178,15 @@ class ReplicaSet:
         dim: int,
         version: int | None = None,
         into: Into | None = None,
+        lent: Loan | None = None,
     ) -> list[PooledGroup]:
+        """``lent``: the lookup's arrays already in a replica's arena (``ShardClient``)."""
         self.retries.earn()
         self.hedges.earn()
         if len(self.replicas) == 1:  # nothing to fail over to or hedge with: no task
-            return await self._try(self.replicas[0], parts, packed, deadline, dim, version, into)
+            return await self._try(
+                self.replicas[0], parts, packed, deadline, dim, version, into, lent
+            )
         order = self.order()
         hedge = self.hedge_delay()
         running: dict[asyncio.Task[list[PooledGroup]], Replica] = {}
@@ -193,7 +198,9 @@ class ReplicaSet:
             # to fail over (a hedge, when there is one, just starts the next try earlier).
             share = deadline.left_ms() / (len(order) + 1)
             task = asyncio.ensure_future(
-                self._try(replica, parts, packed, Deadline(now_ms() + share), dim, version, into)
+                self._try(
+                    replica, parts, packed, Deadline(now_ms() + share), dim, version, into, lent
+                )
             )
             running[task] = replica
 
@@ -258,6 +265,7 @@ class ReplicaSet:
         dim: int,
         version: int | None = None,
         into: Into | None = None,
+        lent: Loan | None = None,
     ) -> list[PooledGroup]:
         ids, lengths, weights = packed
         replica.outstanding += 1
@@ -267,7 +275,7 @@ class ReplicaSet:
         try:
             groups = await replica.client.lookup(
                 parts, ids, lengths, weights=weights, deadline=deadline, dim=dim, version=version,
-                into=into,
+                into=into, lent=lent,
             )  # fmt: skip
         except RecserveError as exc:
             if exc.kind in RETRYABLE:

@@ -17,6 +17,7 @@ from recserve.contracts.errors import ShardUnavailable
 from recserve.contracts.manifest import Manifest, TableSpec
 from recserve.contracts.plan import Part, Plan
 from recserve.rpc.client import PooledGroup
+from recserve.rpc.shm import Loan
 from recserve.rpc.wire import PartRequest
 
 INT32_ROWS = 2**31  # tables with at most this many rows have ids that fit int32
@@ -33,6 +34,7 @@ class ShardRequest:
     # whole, one bag a sample, in order): the shard may pool it straight into the batch.
     placeable: list[bool] = field(default_factory=list)
     packed: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None  # set by route()
+    lent: Loan | None = None  # the arena region ``packed`` was written into, if it was
     narrow: bool = True  # every part's table has <= 2**31 rows: ids travel as int32
 
     def add(
@@ -79,7 +81,8 @@ class Router:
             k for k, (_, spec) in enumerate(self.features) if len(self.parts[spec.name]) > 1
         )
 
-    def route(self, batch: Batch) -> dict[int, ShardRequest]:
+    def route(self, batch: Batch, pack: bool = True) -> dict[int, ShardRequest]:
+        """One request per contacted shard; ``pack``: with their wire arrays (``frames``)."""
         out: dict[int, ShardRequest] = {}
         for k, (feature, spec) in enumerate(self.features):
             bags = batch.bags[feature]
@@ -100,7 +103,7 @@ class Router:
                 part_req = PartRequest(spec.name, part.row_start, bags.n_bags, mode)
                 whole = not split and bags.index is None and bags.n_bags == batch.size
                 out.setdefault(shard_id, ShardRequest()).add(part_req, spec, k, arrays, whole)
-        for req in out.values():  # packed here, in the executor, not on the loop
+        for req in out.values() if pack else ():  # packed here, in the executor, not on the loop
             req.packed = req.frames()
         return out
 

@@ -206,20 +206,25 @@ class ShardClient:
         dim: int | None = None,
         version: int | None = None,
         into: Into | None = None,
+        lent: Loan | None = None,
     ) -> Pooled:
         """Pooled groups of ``parts``; a reply that does not answer exactly these parts
         (each once, with its bag count, and ``dim`` wide when given) is the shard's failure,
         ``ShardUnavailable``, which may fail over, never a crash of the caller. With
         ``into`` (used only through this client's own arena: a shard on this host) the
         parts it places are pooled straight into its array, or answered in groups by a
-        shard that does not (``Pooled.into`` says which)."""
+        shard that does not (``Pooled.into`` says which). ``lent``: a region of this
+        client's arena already holding ``ids``, ``lengths`` and ``weights`` (``reserve``d
+        and filled off the loop), used if the arena is still the client's."""
         req_id = next(self.ids)
         ids, lengths, weights = lookup_arrays(ids, lengths, weights)
         loan = None
         if self.arena is not None and dim is not None and self.broken is None:
             self._rotate_if_lost()
-            # Room for every part: a shard that does not pool into ``into`` answers all here.
-            loan = self.arena.lend(ids, lengths, weights, _reply_bytes(parts, dim))
+            if lent is not None and lent.arena is self.arena:
+                loan = lent
+            else:  # room for every part: a shard that does not pool into ``into`` uses it
+                loan = self.arena.lend(ids, lengths, weights, reply_bytes(parts, dim))
         if loan is None:
             into = None
             frames = encode_lookup(req_id, deadline.at_ms, parts, ids, lengths, weights, version)
@@ -364,7 +369,7 @@ def _arena(endpoint: str, size: int) -> Arena | None:
         return None
 
 
-def _reply_bytes(parts: Sequence[PartRequest], dim: int) -> int:
+def reply_bytes(parts: Sequence[PartRequest], dim: int) -> int:
     """Room for a lookup's reply: every part's floats, each group of them aligned."""
     return sum(4 * p.bags * dim + ALIGN for p in parts)
 

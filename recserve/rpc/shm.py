@@ -147,7 +147,22 @@ class Arena:
         None when the arena has no room. The region is taken until the loan's last view
         (the reply's arrays included) is gone: no view can outlive it."""
         arrays = [ids, lengths] if weights is None else [ids, lengths, weights]
-        sizes = [_align(a.nbytes) for a in arrays]
+        got = self.reserve([(a.dtype, a.size) for a in arrays], out_bytes)
+        if got is None:
+            return None
+        loan, views = got
+        for view, a in zip(views, arrays, strict=True):
+            view[:] = a.reshape(-1)
+        return loan
+
+    def reserve(
+        self, arrays: list[tuple[np.dtype, int]], out_bytes: int
+    ) -> tuple[Loan, list[np.ndarray]] | None:
+        """``lend`` without the copies: a region with room for arrays of these dtypes and
+        sizes (ids, lengths, and weights if given) and ``out_bytes`` for the reply, and the
+        arrays, for the caller to fill before the lookup is sent; None when there is no
+        room."""
+        sizes = [_align(np.dtype(dtype).itemsize * n) for dtype, n in arrays]
         total = sum(sizes) + _align(out_bytes)
         at = self.alloc(total)
         if at is None:
@@ -155,13 +170,15 @@ class Arena:
         base = np.frombuffer(self.map, np.uint8, total, at)
         weakref.finalize(base, self.release, at)
         spec: dict[str, object] = {"path": str(self.path), "key": self.key.hex()}
-        pos = 0
-        for name, a, size in zip(("ids", "lengths", "weights"), arrays, sizes, strict=False):
-            base[pos : pos + a.nbytes] = a.reshape(-1).view(np.uint8)
-            spec[name] = [at + pos, a.nbytes]
+        views, pos = [], 0
+        for name, (dtype, n), size in zip(("ids", "lengths", "weights"), arrays, sizes,
+                                          strict=False):  # fmt: skip
+            nbytes = np.dtype(dtype).itemsize * n
+            views.append(base[pos : pos + nbytes].view(dtype))
+            spec[name] = [at + pos, nbytes]
             pos += size
         spec["out"] = [at + pos, out_bytes]
-        return Loan(spec, base, at, (at + pos, at + pos + out_bytes))
+        return Loan(spec, base, at, (at + pos, at + pos + out_bytes), self), views
 
     def array(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, dict[str, object]] | None:
         """A float32 array of ``shape`` in the arena for shards to pool into, and the
@@ -196,12 +213,18 @@ class Loan:
     """One lookup's region of an arena, as the lookup's ``shm`` map names it."""
 
     def __init__(
-        self, spec: dict[str, object], base: np.ndarray, at: int, out: tuple[int, int]
+        self,
+        spec: dict[str, object],
+        base: np.ndarray,
+        at: int,
+        out: tuple[int, int],
+        arena: Arena | None = None,
     ) -> None:
         self.spec = spec
         self.base = base  # the region: its last view gone, it is free again
         self.at = at
         self.out = out  # the reply's [start, end) in the arena
+        self.arena = arena  # whose region it is
 
     def floats(self, offset: object, count: int) -> np.ndarray:
         """``count`` float32 of the reply at ``offset``, which must lie in the reply region."""

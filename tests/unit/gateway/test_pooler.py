@@ -96,6 +96,21 @@ def test_batches_get_arrays_in_an_arena_renewed_once_lost_lookups_hold_a_quarter
         try:
             assert pooler.arena is not None and pooler.arena.size == 1 << 20
             routes = pooler.prepare(b)
+            for shard, req in routes.items():  # packed straight into the replica's arena
+                assert req.lent is not None and req.packed is not None
+                assert req.lent.arena is pooler.replicas[shard].replicas[0].client.arena
+                want = req.frames()
+                assert req.packed[2] is None and want[2] is None  # no weights
+                for got, expected in zip(req.packed[:2], want[:2], strict=True):
+                    assert got is not None and expected is not None
+                    assert np.shares_memory(got, req.lent.base)
+                    assert got.dtype == expected.dtype and np.array_equal(got, expected)
+            half = Bags(np.arange(4), np.arange(5), np.full(4, 0.5, np.float32))
+            weighted = pooler.prepare(Batch(b.dense, {**b.bags, "f1": half}))
+            req = next(r for r in weighted.values() if any(w is not None for w in r.weights))
+            assert req.lent is not None and req.packed is not None and req.packed[2] is not None
+            assert np.shares_memory(req.packed[2], req.lent.base)
+            assert np.array_equal(req.packed[2], req.frames()[2])  # unweighted parts' ids: 1
             into = pooler._into(b, routes)
             assert set(into) == set(routes)
             array = next(iter(into.values())).array
