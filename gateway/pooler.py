@@ -186,8 +186,7 @@ class ShardedPooler:
         parts to pool into it; empty when there is no arena or no room in it."""
         if self.arena is None:
             return {}
-        cols = {s: req.cols() for s, req in routes.items()}
-        cols = {s: c for s, c in cols.items() if max(c) >= 0}
+        cols = {s: tuple(req.cols) for s, req in routes.items() if max(req.cols) >= 0}
         if not cols:
             return {}
         shape = (batch.size, len(self.router.features), self.dim)

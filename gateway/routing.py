@@ -30,9 +30,10 @@ class ShardRequest:
     lengths: list[np.ndarray] = field(default_factory=list)
     weights: list[np.ndarray | None] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)  # feature index of each part
-    # Whether each part's bags are the batch's [B, feature] column as they are (the table
-    # whole, one bag a sample, in order): the shard may pool it straight into the batch.
-    placeable: list[bool] = field(default_factory=list)
+    # Per part, the column of the batch's pooled array the shard may pool it straight into
+    # (its feature's, when its bags are that column as they are: the table whole, one bag a
+    # sample, in order), or -1.
+    cols: list[int] = field(default_factory=list)
     packed: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None  # set by route()
     lent: Loan | None = None  # the arena region ``packed`` was written into, if it was
     narrow: bool = True  # every part's table has <= 2**31 rows: ids travel as int32
@@ -47,16 +48,12 @@ class ShardRequest:
     ) -> None:
         """Part ``part`` of feature ``target``: its (ids, bag lengths, weights)."""
         self.narrow &= spec.rows <= INT32_ROWS
-        self.placeable.append(placeable)
+        self.cols.append(target if placeable else -1)
         self.parts.append(part)
         self.ids.append(arrays[0])
         self.lengths.append(arrays[1])
         self.weights.append(arrays[2])
         self.targets.append(target)
-
-    def cols(self) -> tuple[int, ...]:
-        """Per part, the column of the batch's pooled array it may be pooled into, or -1."""
-        return tuple(t if ok else -1 for t, ok in zip(self.targets, self.placeable, strict=True))
 
     def frames(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         # Ids were checked against their table's rows when the request was parsed, so the
