@@ -163,12 +163,10 @@ class Arena:
         arrays, for the caller to fill before the lookup is sent; None when there is no
         room."""
         sizes = [_align(np.dtype(dtype).itemsize * n) for dtype, n in arrays]
-        total = sum(sizes) + _align(out_bytes)
-        at = self.alloc(total)
-        if at is None:
+        got = self._region(sum(sizes) + _align(out_bytes))
+        if got is None:
             return None
-        base = np.frombuffer(self.map, np.uint8, total, at)
-        weakref.finalize(base, self.release, at)
+        at, base = got
         spec: dict[str, object] = {"path": str(self.path), "key": self.key.hex()}
         views, pos = [], 0
         for name, (dtype, n), size in zip(("ids", "lengths", "weights"), arrays, sizes,
@@ -184,16 +182,24 @@ class Arena:
         """A float32 array of ``shape`` in the arena for shards to pool into, and the
         ``into`` map naming it (without ``cols``); None when the arena has no room. Taken
         until its last view is gone."""
-        count = shape[0] * shape[1] * shape[2]
-        at = self.alloc(4 * count)
-        if at is None:
+        got = self._region(4 * shape[0] * shape[1] * shape[2])
+        if got is None:
             return None
-        base = np.frombuffer(self.map, np.float32, count, at)
-        weakref.finalize(base, self.release, at)
+        at, base = got
         spec: dict[str, object] = {
             "path": str(self.path), "key": self.key.hex(), "at": at, "shape": list(shape)
         }  # fmt: skip
-        return base.reshape(shape), spec
+        return base.view(np.float32).reshape(shape), spec
+
+    def _region(self, nbytes: int) -> tuple[int, np.ndarray] | None:
+        """A free region's offset and its bytes, taken until their last view is gone; None
+        when none is left."""
+        at = self.alloc(nbytes)
+        if at is None:
+            return None
+        base = np.frombuffer(self.map, np.uint8, nbytes, at)
+        weakref.finalize(base, self.release, at)
+        return at, base
 
     @property
     def lent(self) -> int:
