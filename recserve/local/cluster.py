@@ -203,17 +203,22 @@ class LocalCluster:
         state = ["--state-dir", str(self.run_dir / f"state{shard}-{replica}")]  # online updates
         argv = shardd_argv(
             self.plan_path, self.model, shard, *memory, *state, *self.curve,
-            *self.cpus_of(shard, replica), *self.shard_args, replica=replica,
+            *self.pinned(shard, replica), *self.shard_args, replica=replica,
         )  # fmt: skip
         return _spawn(argv, self.run_dir / f"shard{shard}-{replica}.log")
 
-    def cpus_of(self, shard: int, replica: int) -> list[str]:
-        """``--cpus`` of a shard daemon with ``pin_shards`` (the same after a restart)."""
+    def pinned(self, shard: int, replica: int) -> list[str]:
+        """The daemon's ``--cpus`` flag with ``pin_shards``, else nothing."""
+        cpu = self.cpu_of(shard, replica)
+        return [] if cpu is None else ["--cpus", str(cpu)]
+
+    def cpu_of(self, shard: int, replica: int) -> int | None:
+        """The CPU of a shard daemon with ``pin_shards`` (the same after a restart)."""
         if not self.pin_shards:
-            return []
+            return None
         daemons = [(s.id, r) for s in self.plan.shards for r in range(len(s.endpoints))]
         cpus = sorted(os.sched_getaffinity(0))
-        return ["--cpus", str(cpus[daemons.index((shard, replica)) % len(cpus)])]
+        return cpus[daemons.index((shard, replica)) % len(cpus)]
 
     def wait_ready(self, shard: int, replica: int, proc: subprocess.Popen, timeout: float) -> None:
         end = time.monotonic() + timeout
@@ -305,8 +310,8 @@ def run_up(
                 print(f"updates: {cluster.admin_url}  (POST /v1/updates, /v1/deploy)")
             if not singular:
                 for shard in cluster.plan.shards:
-                    cpus = [cluster.cpus_of(shard.id, r)[1:] for r in range(len(shard.endpoints))]
-                    where = f", CPU {' / '.join(c[0] for c in cpus)}" if pin_shards else ""
+                    cpus = [cluster.cpu_of(shard.id, r) for r in range(len(shard.endpoints))]
+                    where = f", CPU {' / '.join(map(str, cpus))}" if pin_shards else ""
                     print(
                         f"shard {shard.id}: {', '.join(shard.endpoints)} "
                         f"({len(shard.parts)} parts{where})"
