@@ -14,10 +14,11 @@ from kernels.dense import (
     sigmoid,
 )
 from kernels.errors import IdOutOfRangeError, KernelError
-from kernels.layout import table_shape
+from kernels.layout import bag_positions, table_shape
 from kernels.pooling import (
     PoolCall,
     PoolMode,
+    PoolPlan,
     Table,
     TableSet,
     default_threads,
@@ -41,8 +42,10 @@ __all__ = [
     "Linear",
     "PoolCall",
     "PoolMode",
+    "PoolPlan",
     "Table",
     "TableSet",
+    "bag_positions",
     "default_threads",
     "pool",
     "pool_many",

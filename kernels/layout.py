@@ -13,7 +13,8 @@ Columns, by name (``kernels.fused`` reads them by the same names)::
     OUT           the column of ``out`` ``[B, width, dim]`` the table's bags are pooled into
                   (the table's place in the call, unless the caller places it)
 
-Also the checks every entry point shares: bag bounds from offsets, ids against rows.
+Also the checks every entry point shares: bag bounds from offsets or lengths, ids against
+rows.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from numba import njit
 
 from kernels.errors import IdOutOfRangeError, KernelError
 from kernels.quant import Int8RowwiseTable
@@ -114,6 +116,30 @@ def bag_bounds(
         if ordered and np.any(np.diff(bounds) < 0):
             raise KernelError("offsets must be non-decreasing and not exceed len(ids)")
     return bounds
+
+
+def bag_positions(lengths: np.ndarray, n_ids: int) -> np.ndarray | None:
+    """Bag lengths as ``B + 1`` int64 positions into ``n_ids`` ids, in one compiled pass
+    (a shard's every lookup: numpy's reductions and ``accumulate`` cost several times more
+    with the caches cold from pooling); None when a length is negative or they do not add
+    up to ``n_ids``."""
+    if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
+        raise KernelError("lengths must be a 1-D integer array")
+    out = np.empty(lengths.size + 1, np.int64)
+    return out if _positions(lengths, n_ids, out) else None
+
+
+@njit(nogil=True, cache=True)
+def _positions(lengths, n_ids, out):  # pragma: no cover
+    total = 0
+    out[0] = 0
+    for i in range(lengths.size):
+        n = int(lengths[i])
+        if n < 0:
+            return False
+        total += n
+        out[i + 1] = total
+    return total == n_ids
 
 
 def check_ids(ids: np.ndarray, rows: int, *, base: int = 0, first: int = 0) -> np.ndarray:

@@ -34,6 +34,7 @@ from kernels.layout import (
     SCALE_OFFSET,
     Table,
     bag_bounds,
+    bag_positions,
     check_ids,
     check_weights,
     set_modes,
@@ -124,15 +125,67 @@ class TableSet:
         result (on any thread) to pool. With ``cols`` table ``which[j]``'s bags go to column
         ``cols[j]`` of ``out``, float32 ``[B, width, dim]`` (a batch's pooled features, the
         other columns left as they are)."""
+        return self.plan(which, modes, cols).call(
+            ids, bounds, weights=weights, out=out, threads=threads
+        )
+
+    def plan(
+        self,
+        which: Sequence[int] | np.ndarray,
+        modes: Sequence[str] | str = "sum",
+        cols: Sequence[int] | np.ndarray | None = None,
+    ) -> PoolPlan:
+        """What ``prepare`` checks of the tables, modes and columns, once: a caller that
+        pools the same tables again and again (a shard's parts list) keeps the plan and
+        binds each call's arrays with ``PoolPlan.call``."""
         # numpy reductions cost ~1 us each: checks here stay in take() and Python sets.
         try:
-            layout = self.layout.take(which, axis=0)  # a copy: the mean flags are this call's
+            layout = self.layout.take(which, axis=0)  # a copy: the mean flags are the plan's
         except (IndexError, TypeError, ValueError):
             raise KernelError(f"which {which!r} is outside a set of {len(self)} tables") from None
         if layout.ndim != 2 or layout.shape[0] == 0:
             raise KernelError("which must name at least one table of the set")
         dim = set_modes(layout, modes)
-        return _prepare(layout, dim, ids, bounds, weights, out, threads, cols)
+        if cols is None:
+            layout[:, OUT] = np.arange(layout.shape[0])
+            return PoolPlan(layout, dim, None)
+        at = np.asarray(cols)
+        if at.shape != (layout.shape[0],) or at.dtype.kind not in "iu":
+            raise KernelError(f"cols must be {layout.shape[0]} integers, one per table")
+        if int(at.min()) < 0:
+            raise KernelError("cols must be columns of out, >= 0")
+        layout[:, OUT] = at
+        return PoolPlan(layout, dim, int(at.max()) + 1)
+
+
+class PoolPlan:
+    """Tables, modes and output columns checked once (``TableSet.plan``); ``call`` binds one
+    call's ids, bounds, weights and output with only the checks that depend on them. A
+    shard keeps one per kernel call of a parts list: a lookup's preparation then runs a
+    few lines of Python, not the whole of ``prepare``, with its caches cold from pooling."""
+
+    __slots__ = ("dim", "layout", "width")
+
+    def __init__(self, layout: np.ndarray, dim: int, width: int | None) -> None:
+        self.layout = layout
+        self.dim = dim
+        # None: out is [B, tables, dim], table j in column j; else out is [B, w, dim] with
+        # w >= width and each table in its column (``layout[:, OUT]``).
+        self.width = width
+
+    def call(
+        self,
+        ids: np.ndarray,
+        bounds: np.ndarray,
+        *,
+        weights: np.ndarray | None = None,
+        out: np.ndarray | None = None,
+        threads: int | None = None,
+    ) -> PoolCall:
+        """A checked call of the plan (as ``TableSet.prepare`` would make it)."""
+        # A copy: a call's tables may be retargeted (``PoolCall.retarget``).
+        return _prepare(self.layout.copy(), self.dim, ids, bounds, weights, out, threads,
+                        self.width)  # fmt: skip
 
 
 def pool_packed(
@@ -222,8 +275,10 @@ def _prepare(
     weights: np.ndarray | None,
     out: np.ndarray | None,
     threads: int | None,
-    cols: Sequence[int] | np.ndarray | None = None,
+    width: int | None = None,
 ) -> PoolCall:
+    """The call's checks; ``layout`` is the call's own, its OUT column set (``width``: as
+    ``PoolPlan.width``)."""
     n_tables = layout.shape[0]
     ids = _ids_for_kernel(ids)
     if not (
@@ -234,8 +289,7 @@ def _prepare(
         raise KernelError(f"bounds must be [{n_tables}, B + 1], got {bounds.shape}")
     weights = check_weights(weights, ids.size)
     n_bags = bounds.shape[1] - 1
-    if cols is None:
-        layout[:, OUT] = np.arange(n_tables)
+    if width is None:
         if out is None:
             out = np.empty((n_bags, n_tables, dim), np.float32)
         elif (
@@ -245,9 +299,10 @@ def _prepare(
         ):
             raise KernelError(f"out must be C-contiguous float32 {(n_bags, n_tables, dim)}")
     else:
-        out = _place(layout, cols, out, n_bags, dim)
+        _check_placed(out, n_bags, dim, width)
     if threads is not None and threads < 1:
         raise KernelError(f"threads must be >= 1, got {threads}")
+    assert out is not None
     if out.size == 0:
         _explain_bad(layout, ids, bounds)
         return PoolCall(None, layout, ids, bounds, weights, out, 1)
@@ -257,15 +312,9 @@ def _prepare(
     return PoolCall(kernel, layout, ids, bounds, weights, out, want)
 
 
-def _place(
-    layout: np.ndarray,
-    cols: Sequence[int] | np.ndarray,
-    out: np.ndarray | None,
-    bags: int,
-    dim: int,
-) -> np.ndarray:
-    """Point the call's tables at columns ``cols`` of ``out`` (checked: the kernel writes
-    where the layout says, unchecked)."""
+def _check_placed(out: np.ndarray | None, bags: int, dim: int, width: int) -> None:
+    """An output the layout's columns (all below ``width``) point into (checked: the
+    kernel writes where the layout says, unchecked)."""
     if (
         out is None
         or out.ndim != 3
@@ -276,13 +325,8 @@ def _place(
         or not out.flags.writeable
     ):
         raise KernelError(f"out must be writable C-contiguous float32 [{bags}, width, {dim}]")
-    at = np.asarray(cols)
-    if at.shape != (layout.shape[0],) or at.dtype.kind not in "iu":
-        raise KernelError(f"cols must be {layout.shape[0]} integers, one per table")
-    if at.size and not (int(at.min()) >= 0 and int(at.max()) < out.shape[1]):
+    if width > out.shape[1]:
         raise KernelError(f"cols must be columns of out, in [0, {out.shape[1]})")
-    layout[:, OUT] = at
-    return out
 
 
 _THREADS = threading.local()
@@ -424,4 +468,5 @@ def warm_up() -> float:
             pool(table, np.zeros(1, dtype), np.zeros(1, np.int64))
         if MAX_THREADS > 1:
             pool(tables[0], np.zeros(SERIAL_BELOW, dtype), np.zeros(1, np.int64), threads=2)
+    bag_positions(np.zeros(1, np.int32), 0)  # a lookup's lengths, as the wire has them
     return time.perf_counter() - start

@@ -206,7 +206,7 @@ class ShardServer:
                 raise BadRequest("a lookup through shm sends no data frames", field="frames")
             else:
                 arrays, region = self.shm.resolve(spec)
-            lookup = decode_lookup(header, arrays)
+            lookup = decode_lookup(header, arrays, check_lengths=False)  # prepare checks
             spec_into = decode_into(header, len(lookup.parts))
             into = None if spec_into is None else (self.shm.into(spec_into), spec_into.cols)
             # Inline only when small in ids and in output: bags x widest dim bounds it.

@@ -40,7 +40,7 @@ from recserve.contracts.manifest import Manifest, TableSpec
 from recserve.contracts.plan import ShardPlan
 from recserve.model.artifact import file_size, hugepage_copies, open_table, touch
 from recserve.rpc.shm import Region
-from recserve.rpc.wire import MAX_REPLY_FLOATS, Lookup, PartRequest, StagePart
+from recserve.rpc.wire import MAX_REPLY_FLOATS, Lookup, PartRequest, StagePart, lengths_error
 from shardd import compaction
 from shardd.cache import CacheTier, Fetched, PartCache
 from shardd.compaction import Base, PartFile, part_key
@@ -91,16 +91,17 @@ class Group:
 
 @dataclass(frozen=True)
 class Step:
-    """One kernel call of a layout: parts ``members`` (their ``slots`` and ``modes``), pooled
-    into ``shape`` ``[bags, members, dim]``; row ``j`` of ``at`` indexes the lookup's bag
-    bounds for member ``j``."""
+    """One kernel call of a layout: parts ``members`` (their ``slots``), pooled into
+    ``shape`` ``[bags, members, dim]`` by ``plan`` (their tables, modes and, with ``into``,
+    their columns of the lookup's ``into`` array); row ``j`` of ``at`` indexes the lookup's
+    bag bounds for member ``j``."""
 
     members: tuple[int, ...]
     slots: list[int]
-    modes: list[str]
     at: np.ndarray
     shape: tuple[int, int, int]
-    cols: np.ndarray | None = None  # the members' columns of the lookup's ``into`` array
+    plan: kernels.PoolPlan
+    into: bool = False  # pooled into the lookup's ``into`` array
 
 
 @dataclass(frozen=True)
@@ -284,13 +285,15 @@ class PartStore:
                 "(split it)",
                 field="parts.bags",
             )
-        bounds_all = np.empty(lookup.lengths.size + 1, np.int64)  # positions into the ids
-        bounds_all[0] = 0
-        np.add.accumulate(lookup.lengths, out=bounds_all[1:], dtype=np.int64)
+        bounds_all = kernels.bag_positions(lookup.lengths, lookup.ids.size)  # into the ids
+        if bounds_all is None:  # the server leaves the lengths' values to this pass
+            raise lengths_error(lookup.lengths, lookup.ids.size) or BadRequest(
+                "bag lengths are invalid", field="lengths"
+            )
         calls = []
         for step in layout.steps:
             target: np.ndarray | None
-            if step.cols is not None:
+            if step.into:
                 assert into is not None
                 target = into[0]
                 if (target.shape[0], target.shape[2]) != (step.shape[0], step.shape[2]):
@@ -302,19 +305,13 @@ class PartStore:
             else:
                 target = None if out is None else out.take(step.shape)
             try:
-                call = view.tableset.prepare(
-                    step.slots,
-                    lookup.ids,
-                    bounds_all[step.at],
-                    weights=lookup.weights,
-                    modes=step.modes,
-                    out=target,
+                call = step.plan.call(
+                    lookup.ids, bounds_all[step.at], weights=lookup.weights, out=target,
                     threads=threads,
-                    cols=step.cols,
-                )
+                )  # fmt: skip
             except kernels.IdOutOfRangeError as exc:  # found while checking an empty output
                 raise _explain(exc, layout.resolved, lookup.spans()) from None
-            calls.append((step.members, call, step.cols is not None))
+            calls.append((step.members, call, step.into))
         slots = layout.slots
         updated = {i: overlays[s] for i, s in enumerate(slots) if s in overlays}
         return Job(calls, layout.resolved, lookup, self.tier, updated, (gen, version, slots))
@@ -342,19 +339,22 @@ class PartStore:
         groups: dict[tuple[int, int, bool], list[int]] = {}
         for i, part in enumerate(resolved):
             groups.setdefault((bags[i], part.spec.dim, placed[i]), []).append(i)
-        steps = tuple(
-            Step(
-                tuple(members),
-                [slots[i] for i in members],
-                [parts[i].mode for i in members],
-                # Row j: part members[j]'s B + 1 bag bounds, positions into the ids frame.
-                first_bag[members][:, None] + np.arange(n_bags + 1),
-                (n_bags, len(members), dim),
-                np.array([cols[i] for i in members], np.int64) if into and cols else None,
+        steps = []
+        for (n_bags, dim, into), members in groups.items():
+            at = np.array([cols[i] for i in members], np.int64) if into and cols else None
+            step_slots, modes = [slots[i] for i in members], [parts[i].mode for i in members]
+            steps.append(
+                Step(
+                    tuple(members),
+                    step_slots,
+                    # Row j: part members[j]'s B + 1 bag bounds, positions into the ids frame.
+                    first_bag[members][:, None] + np.arange(n_bags + 1),
+                    (n_bags, len(members), dim),
+                    view.tableset.plan(step_slots, modes, at),
+                    into,
+                )
             )
-            for (n_bags, dim, into), members in groups.items()
-        )
-        return Layout(slots, resolved, floats, steps)
+        return Layout(slots, resolved, floats, tuple(steps))
 
     # --- compaction ---------------------------------------------------------------------------
 

@@ -129,10 +129,14 @@ def encode_lookup(
     version: int | None = None,
     shm: dict[str, Any] | None = None,
     into: dict[str, Any] | None = None,
+    *,
+    as_sent: bool = False,
 ) -> list[Buffer]:
     """A lookup's frames; with ``shm`` (its arrays already written to the arena it names,
-    as ``lookup_arrays`` gives them) the header alone."""
-    ids, lengths, weights = lookup_arrays(ids, lengths, weights)
+    as ``lookup_arrays`` gives them) the header alone. ``as_sent``: the arrays are already
+    as ``lookup_arrays`` gives them."""
+    if not as_sent:
+        ids, lengths, weights = lookup_arrays(ids, lengths, weights)
     extra: dict[str, Any] = {} if version is None else {"version": version}
     if shm is not None:
         extra["shm"] = shm
@@ -360,8 +364,13 @@ def decode_header(frame: Buffer) -> dict[str, Any]:
     return header
 
 
-def decode_lookup(header: dict[str, Any], frames: Sequence[Buffer]) -> Lookup:
-    """The arrays of a lookup, as views of ``frames`` (no copies), after checking them."""
+def decode_lookup(
+    header: dict[str, Any], frames: Sequence[Buffer], *, check_lengths: bool = True
+) -> Lookup:
+    """The arrays of a lookup, as views of ``frames`` (no copies), after checking them.
+    ``check_lengths=False`` leaves the bag lengths' values (not their count) to a caller
+    that checks them as it reads them (a shard, in one compiled pass), with
+    ``lengths_error`` for the message."""
     cols = header.get("parts")
     if not isinstance(cols, dict) or cols.keys() != _PART_KEYS:
         raise BadRequest(
@@ -395,14 +404,8 @@ def decode_lookup(header: dict[str, Any], frames: Sequence[Buffer]) -> Lookup:
     n_bags = sum(p.bags for p in parts)
     if lengths.size != n_bags:
         raise BadRequest(f"{lengths.size} bag lengths for {n_bags} bags", field="lengths")
-    # The ufuncs' own reductions: lengths.min() and .sum() add ~1.5 us each of Python.
-    if lengths.size and int(np.minimum.reduce(lengths)) < 0:
-        raise BadRequest("bag lengths must not be negative", field="lengths")
-    if int(np.add.reduce(lengths, dtype=np.int64)) != ids.size:
-        raise BadRequest(
-            f"bag lengths add up to {int(lengths.sum())}, not to the {ids.size} ids sent",
-            field="lengths",
-        )
+    if check_lengths and (error := lengths_error(lengths, ids.size)) is not None:
+        raise error
     weights = None
     if weighted:
         weights = _array(frames[2], np.dtype("<f4"), "weights")
@@ -411,6 +414,20 @@ def decode_lookup(header: dict[str, Any], frames: Sequence[Buffer]) -> Lookup:
         if not np.isfinite(weights).all():
             raise BadRequest("weights must be finite", field="weights")
     return Lookup(tuple(parts), ids, lengths, weights)
+
+
+def lengths_error(lengths: np.ndarray, n_ids: int) -> BadRequest | None:
+    """What is wrong with a lookup's bag lengths (negative, or not adding up to its
+    ``n_ids`` ids), or None."""
+    # The ufuncs' own reductions: lengths.min() and .sum() add ~1.5 us each of Python.
+    if lengths.size and int(np.minimum.reduce(lengths)) < 0:
+        return BadRequest("bag lengths must not be negative", field="lengths")
+    total = int(np.add.reduce(lengths, dtype=np.int64))
+    if total != n_ids:
+        return BadRequest(
+            f"bag lengths add up to {total}, not to the {n_ids} ids sent", field="lengths"
+        )
+    return None
 
 
 def _natural(x: Any) -> bool:

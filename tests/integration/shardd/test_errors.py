@@ -57,6 +57,14 @@ def test_errors_are_typed_and_the_daemon_keeps_serving(shards, model_and_plan) -
     expect_error(endpoint, [good[0], good[1]], "bad_request")  # missing lengths
     expect_error(endpoint, [good[0], good[1], np.array([2], "<i4")], "bad_request")
     expect_error(endpoint, [good[0], b"\x01\x02\x03", good[2]], "bad_request")
+    # Bag lengths' values are checked in the shard's compiled pass over them, not on decode.
+    two = [PartRequest(part.table, part.row_start, 2)]
+    for lengths, message in (([-1, 2], "must not be negative"), ([1, 1], "add up to 2, not")):
+        frames = encode_lookup(1, now_ms() + 10_000, two, np.array([part.row_start]),
+                               np.array(lengths))  # fmt: skip
+        reply = msgpack.unpackb(raw(endpoint, frames)[0])
+        assert reply["error"]["kind"] == "bad_request", reply
+        assert reply["error"]["field"] == "lengths" and message in reply["error"]["message"]
     for parts, field in (
         ({**hdr["parts"], "bags": [-1]}, "parts.bags[0]"),
         ({**hdr["parts"], "mode": ["max"]}, "parts.mode[0]"),

@@ -333,3 +333,54 @@ def test_a_call_pools_into_the_columns_it_is_given(threads: int) -> None:
         args = {"out": out, **bad}
         with pytest.raises(kernels.KernelError, match=match):
             tset.prepare([0, 1, 2], ids, bounds, **args)
+
+
+def test_a_plan_binds_many_calls_like_prepare() -> None:
+    """A plan checks tables, modes and columns once; each call binds its own arrays and
+    pools what ``prepare`` would, and retargeting one call leaves the plan alone."""
+    rng = np.random.default_rng(6)
+    tables = [rng.random((40, 8), np.float32), rng.random((30, 8), np.float32)]
+    tset = kernels.TableSet(tables, first_ids=[0, 100])
+    plan = tset.plan([1, 0], ["mean", "sum"])
+    for seed in range(3):
+        lens = np.random.default_rng(seed).integers(0, 5, 50)
+        n = int(lens.sum())
+        ids = np.concatenate([rng.integers(100, 130, n), rng.integers(0, 40, n)])
+        bounds = np.stack([np.concatenate([[0], np.cumsum(lens)]) + k * n for k in range(2)])
+        got = plan.call(ids, bounds).run()
+        np.testing.assert_array_equal(
+            got, tset.prepare([1, 0], ids, bounds, modes=["mean", "sum"]).run()
+        )
+        np.testing.assert_allclose(
+            got[:, 0], slow_pool(tables[1], ids[:n] - 100, lens, mode="mean"), rtol=1e-5
+        )
+    call = plan.call(ids, bounds)
+    call.retarget(1, rng.random((40, 8), np.float32))
+    np.testing.assert_array_equal(plan.call(ids, bounds).run(), got)
+    placed = tset.plan([0], "sum", cols=[2])
+    out = np.zeros((50, 3, 8), np.float32)
+    placed.call(ids[n:], bounds[1:] - n, out=out).run()
+    np.testing.assert_array_equal(out[:, 2], got[:, 1])
+    with pytest.raises(kernels.KernelError, match="cols must be columns"):
+        placed.call(ids[n:], bounds[1:] - n, out=out[:, :2].copy())
+    with pytest.raises(kernels.KernelError, match="cols must be columns"):
+        tset.plan([0], "sum", cols=[-1])
+
+
+@pytest.mark.parametrize(
+    ("lengths", "n_ids", "want"),
+    [
+        ([3, 0, 2], 5, [0, 3, 3, 5]),
+        ([], 0, [0]),
+        ([2**31 - 1, 2**31 - 1], 2**32 - 2, [0, 2**31 - 1, 2**32 - 2]),  # no int32 overflow
+        ([3, -1, 3], 5, None),
+        ([3, 0, 2], 6, None),
+    ],
+)
+def test_bag_positions_checks_lengths_in_one_pass(lengths, n_ids, want) -> None:
+    got = kernels.bag_positions(np.array(lengths, np.int32), n_ids)
+    if want is None:
+        assert got is None
+    else:
+        assert got is not None and got.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
