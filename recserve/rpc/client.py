@@ -167,12 +167,18 @@ class ShardClient:
         self.pending[req_id] = fut
         budget = deadline.left_s()
         sent = False
+        timer: asyncio.TimerHandle | None = None
         try:
-            async with asyncio.timeout(budget):
-                while not self.io.send(list(frames)):  # not connected yet, or queue full
-                    await self.io.writable()
-                sent = True
-                header, data = await fut
+            if not self.io.send(list(frames)):  # not connected yet, or queue full
+                async with asyncio.timeout(budget):
+                    while not self.io.send(list(frames)):
+                        await self.io.writable()
+            sent = True
+            # The deadline fails the reply's future itself: ``asyncio.timeout`` costs a
+            # context manager, a task lookup and a reschedule, on every lookup.
+            loop = asyncio.get_running_loop()
+            timer = loop.call_at(loop.time() + deadline.left_s(), _expire, fut)
+            header, data = await fut
         except TimeoutError:
             raise ShardUnavailable(
                 f"shard {self.name} ({self.endpoint}) did not answer within {budget * 1e3:.0f} ms"
@@ -180,6 +186,8 @@ class ShardClient:
         except zmq.ZMQError as exc:
             raise ShardUnavailable(f"shard {self.name}: {exc}") from None
         finally:
+            if timer is not None:
+                timer.cancel()
             self.pending.pop(req_id, None)
             replied = fut.done() and not fut.cancelled() and fut.exception() is None
             if loan is not None and sent and not replied:
@@ -227,12 +235,13 @@ class ShardClient:
                 loan = self.arena.lend(ids, lengths, weights, reply_bytes(parts, dim))
         if loan is None:
             into = None
-            frames = encode_lookup(req_id, deadline.at_ms, parts, ids, lengths, weights, version)
+            frames = encode_lookup(req_id, deadline.at_ms, parts, ids, lengths, weights, version,
+                                   as_sent=True)  # fmt: skip
             header, data = await self.call(frames, req_id, deadline)
         else:
             spec = into.header() if into is not None else None
             frames = encode_lookup(req_id, deadline.at_ms, parts, ids, lengths, weights,
-                                   version, shm=loan.spec, into=spec)  # fmt: skip
+                                   version, shm=loan.spec, into=spec, as_sent=True)  # fmt: skip
             header, data = await self._exchange(frames, req_id, deadline, loan, into)
             error = header.get("error")
             if isinstance(error, dict) and error.get("kind") == SharedMemoryUnavailable.kind:
@@ -342,6 +351,12 @@ class ShardClient:
         self.io.close()
         self._fail(ShardUnavailable(f"shard {self.name}: client closed"))
         self.sock.close(linger=0)
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    """A call's deadline passed: its waiter gets ``TimeoutError``."""
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 def _check(header: dict[str, Any], name: str) -> None:
