@@ -114,7 +114,14 @@ class LoopSocket:
             if not events & _POLLIN:
                 return
             try:
-                frames = self.sock.recv_multipart(_NOBLOCK, copy=False)
+                # recv_multipart's own loop, but asking each frame if more follow: pyzmq's
+                # asks the socket (RCVMORE, an option looked up as an enum), 3.8 us a
+                # two-frame message against 1.7.
+                frame = self.sock.recv(_NOBLOCK, copy=False)
+                frames = [frame]
+                while frame.more:
+                    frame = self.sock.recv(_NOBLOCK, copy=False)
+                    frames.append(frame)
             except zmq.Again:  # EVENTS said otherwise; look again on the next edge
                 return
             except zmq.ZMQError as exc:  # the socket broke: nothing more will arrive
