@@ -81,9 +81,11 @@ class Router:
     def route(self, batch: Batch, pack: bool = True) -> dict[int, ShardRequest]:
         """One request per contacted shard; ``pack``: with their wire arrays (``frames``)."""
         out: dict[int, ShardRequest] = {}
+        size = batch.size
         for k, (feature, spec) in enumerate(self.features):
             bags = batch.bags[feature]
             split = k in self.split
+            n_bags = bags.n_bags
             for shard_id, part in self.parts[spec.name]:
                 if split:
                     mask = (bags.ids >= part.row_start) & (bags.ids < part.row_end)
@@ -97,9 +99,12 @@ class Router:
                 else:
                     arrays = (bags.ids, bags.lengths(), bags.weights)
                 mode = "sum" if split else spec.pooling
-                part_req = PartRequest(spec.name, part.row_start, bags.n_bags, mode)
-                whole = not split and bags.index is None and bags.n_bags == batch.size
-                out.setdefault(shard_id, ShardRequest()).add(part_req, spec, k, arrays, whole)
+                part_req = PartRequest(spec.name, part.row_start, n_bags, mode)
+                whole = not split and bags.index is None and n_bags == size
+                req = out.get(shard_id)
+                if req is None:  # not setdefault: it would build a request every time
+                    req = out[shard_id] = ShardRequest()
+                req.add(part_req, spec, k, arrays, whole)
         for req in out.values() if pack else ():  # packed here, in the executor, not on the loop
             req.packed = req.frames()
         return out
