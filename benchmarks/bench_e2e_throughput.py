@@ -13,22 +13,28 @@ msgpack samples. The sharded gateway asks its shards through shared memory (they
 its host); with ``--socket`` the shards are also run with ``--shm-bytes 0``, every lookup
 over the socket, and with ``--pin-shards`` also each on one CPU of its own (round robin,
 ``recserve up --pin-shards``); the ratio to the first sharded run is printed.
-Scores are checked against torch's.
+Scores are checked against torch's. Every setup's cluster runs from the start; each of
+``--rounds`` rounds runs torch, then every setup (in rotating order) in every form, and the
+tables print medians over the rounds, ratios being medians of each round's: the host's
+speed drifts within minutes, and one pass per setup compared setups of different minutes.
 
     python -m benchmarks.bench_e2e_throughput [--batch 256] [--inflight 4] [--duration 10]
-                                              [--workers 1,2] [--socket] [--pin-shards]
+                                              [--rounds 3] [--workers 1,2] [--socket]
+                                              [--pin-shards]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import statistics
 import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--inflight", type=int, default=4)
     parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--rows", type=int, default=ROWS, help="rows of all tables together")
     parser.add_argument(
@@ -179,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the shards each on one CPU of its own, round robin",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         manifest = write_model(root / "m", args.rows)
         plan = root / "plan.json"
@@ -188,10 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         model = Model.open(root / "m")
         batches = [Workload(manifest, seed=s).batch(args.batch) for s in range(8)]
         inputs = [torch_inputs(manifest, b) for b in batches]
-        base, want = run_torch(torch_dlrm(model), inputs, args.duration)
-        rows = [["torch in-process", "-", f"{base:,.0f}", "1.00x"]]
-        stages: list[list[str]] = []
-        cpus: list[list[str]] = []
+        module = torch_dlrm(model)
         kinds: list[tuple[str, Path | None, tuple[str, ...], bool]] = [
             ("singular", None, (), False),
             (f"{args.shards} shards", plan, (), False),
@@ -205,37 +211,89 @@ def main(argv: list[str] | None = None) -> int:
             for n in (int(w) for w in args.workers.split(","))
             for where, plan_path, extra, pin in kinds
         ]
+        # Every setup's cluster up at once (idle, each costs ~1 % of a core), so the rounds
+        # can alternate them with torch: the host's speed drifts within minutes.
+        clusters = {}
         for where, plan_path, workers, extra, pin in setups:
-            with LocalCluster(
-                root / "m",
-                plan=plan_path,
-                singular=plan_path is None,
-                port=free_port(),
-                gateway_args=("--workers", str(workers), *extra),
-                pin_shards=pin,
-            ) as cluster:
-                for form, run in forms(manifest, batches, args).items():
-                    cpu, before = cpu_now(cluster), stage_seconds(cluster.url)
-                    rate, got = asyncio.run(run(cluster.url))
-                    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-                    rows.append([where, form, f"{rate:,.0f}", f"{rate / base:.2f}x"])
-                    ms = 1e6 / (rate * args.duration)  # ms per 1k samples, per second
-                    gateway, shards, client = (cpu_now(cluster) - cpu) * ms
-                    after = stage_seconds(cluster.url)
-                    took = {k: (after[k] - before[k]) * ms for k in after}
-                    staged = sum(took[f"cpu:{s}"] for s in CPU_STAGES)
-                    stages.append(
-                        [where, form, f"{gateway + shards:.0f}"]
-                        + [f"{took[s]:.0f}" for s in STAGES]
-                    )
-                    cpus.append(
-                        [where, form, f"{gateway:.1f}"]
-                        + [f"{took[f'cpu:{s}']:.1f}" for s in CPU_STAGES]
-                        + [f"{gateway - staged:.1f}", f"{shards:.1f}", f"{client:.1f}"]
-                    )
+            clusters[where] = stack.enter_context(
+                LocalCluster(
+                    root / "m",
+                    plan=plan_path,
+                    singular=plan_path is None,
+                    port=free_port(),
+                    gateway_args=("--workers", str(workers), *extra),
+                    pin_shards=pin,
+                )
+            )
+        runs = forms(manifest, batches, args)
+        base: list[float] = []
+        got: dict[tuple[str, str], list[Measure]] = {}
+        for r in range(args.rounds):
+            rate, want = run_torch(module, inputs, args.duration)
+            base.append(rate)
+            for where in [*clusters][r % len(clusters) :] + [*clusters][: r % len(clusters)]:
+                for form, run in runs.items():
+                    m = measure(clusters[where], run, args.duration)
+                    np.testing.assert_allclose(m.scores, want, rtol=1e-4, atol=1e-5)
+                    got.setdefault((where, form), []).append(m)
+    report(args, setups, base, got)
+    return 0
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One closed loop against one gateway: samples/s, its scores of the first batch, and
+    per 1k samples the CPU ms of the gateway, the shards and the client, and the gateway's
+    stage seconds (``stage_seconds``'s keys)."""
+
+    rate: float
+    scores: np.ndarray
+    cpu: np.ndarray  # gateway, shards, client
+    stages: dict[str, float]
+
+
+def measure(cluster: LocalCluster, run: Run, duration: float) -> Measure:
+    cpu, before = cpu_now(cluster), stage_seconds(cluster.url)
+    rate, scores = asyncio.run(run(cluster.url))
+    ms = 1e6 / (rate * duration)  # ms per 1k samples, per second
+    after = stage_seconds(cluster.url)
+    took = {k: (after[k] - before[k]) * ms for k in after}
+    return Measure(rate, scores, (cpu_now(cluster) - cpu) * ms, took)
+
+
+def report(
+    args: argparse.Namespace,
+    setups: list[tuple[str, Path | None, int, tuple[str, ...], bool]],
+    base: list[float],
+    got: dict[tuple[str, str], list[Measure]],
+) -> None:
+    """Medians over the rounds; ratios are medians of each round's ratio (to that round's
+    torch, or between two setups of that round)."""
+    med = statistics.median
+
+    def ratio(key: tuple[str, str], to: tuple[str, str] | None = None) -> float:
+        against = base if to is None else [m.rate for m in got[to]]
+        return med(m.rate / b for m, b in zip(got[key], against, strict=True))
+
+    rows = [["torch in-process", "-", f"{med(base):,.0f}", "1.00x"]]
+    stages: list[list[str]] = []
+    cpus: list[list[str]] = []
+    for (where, form), ms in got.items():
+        rows.append([where, form, f"{med(m.rate for m in ms):,.0f}",
+                     f"{ratio((where, form)):.2f}x"])  # fmt: skip
+        gateway, shards, client = (med(m.cpu[i] for m in ms) for i in range(3))
+        took = {k: med(m.stages[k] for m in ms) for k in ms[0].stages}
+        staged = sum(took[f"cpu:{s}"] for s in CPU_STAGES)
+        stages.append([where, form, f"{gateway + shards:.0f}"] + [f"{took[s]:.0f}" for s in STAGES])
+        cpus.append(
+            [where, form, f"{gateway:.1f}"]
+            + [f"{took[f'cpu:{s}']:.1f}" for s in CPU_STAGES]
+            + [f"{gateway - staged:.1f}", f"{shards:.1f}", f"{client:.1f}"]
+        )
     print(
         f"\nDLRM_Net shape ({TABLES} tables, {args.rows:,} rows x {DIM}, {BAG} ids a bag), "
-        f"requests of {args.batch}, {args.inflight} in flight, client on the same cores"
+        f"requests of {args.batch}, {args.inflight} in flight, client on the same cores; "
+        f"medians of {args.rounds} rounds, ratios per round"
     )
     print_table(["setup", "form", "samples/s", "vs torch"], rows)
     print(
@@ -252,24 +310,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     print_table(["setup", "form", "gateway", *CPU_STAGES, "loop+rest", "shards", "client"],
                 cpus)  # fmt: skip
-    ratios = {(r[0], r[1]): float(r[3][:-1]) for r in rows[1:]}
-    cols = statistics.median(
-        ratios[(w, "recserve.client")] / ratios[(w, "KServe binary")] for w, *_ in setups
-    )
+    binary = "KServe binary"
+    cols = med(ratio((w, "recserve.client"), (w, binary)) for w, *_ in setups)
     print(f"\nrecserve.client (msgpack columns) against KServe binary: {cols:.2f}x "
           f"(target >= 0.8x)")  # fmt: skip
+
+    def cpu(key: tuple[str, str]) -> float:
+        return med(float(m.cpu[0] + m.cpu[1]) for m in got[key])
+
     for n in (int(w) for w in args.workers.split(",")):
         workers = f"{n} worker{'s' if n > 1 else ''}"
-        shm = ratios[(f"{args.shards} shards, {workers}", "KServe binary")]
+        one, sharded = (
+            (f"singular, {workers}", binary),
+            (f"{args.shards} shards, {workers}", binary),
+        )
+        print(f"{workers}, KServe binary: singular {ratio(one):.2f}x torch (target >= 1.0x), "
+              f"{args.shards} shards {ratio(sharded):.2f}x torch (target >= 0.8x), CPU per "
+              f"sample {cpu(sharded) / cpu(one):.2f}x singular's (target <= 1.15x)")  # fmt: skip
         if args.socket:
-            sock = ratios[(f"{args.shards} shards, socket, {workers}", "KServe binary")]
+            sock = (f"{args.shards} shards, socket, {workers}", binary)
             print(f"{args.shards} shards, {workers}, KServe binary: shared memory "
-                  f"{shm / sock:.2f}x the socket")  # fmt: skip
+                  f"{ratio(sharded, sock):.2f}x the socket")  # fmt: skip
         if args.pin_shards:
-            pinned = ratios[(f"{args.shards} shards, pinned, {workers}", "KServe binary")]
+            pinned = (f"{args.shards} shards, pinned, {workers}", binary)
             print(f"{args.shards} shards, {workers}, KServe binary: pinned shards "
-                  f"{pinned / shm:.2f}x unpinned")  # fmt: skip
-    return 0
+                  f"{ratio(pinned, sharded):.2f}x unpinned, {ratio(pinned):.2f}x torch, CPU "
+                  f"per sample {cpu(pinned) / cpu(one):.2f}x singular's")  # fmt: skip
 
 
 if __name__ == "__main__":
