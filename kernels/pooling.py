@@ -299,10 +299,9 @@ def _prepare(
         ):
             raise KernelError(f"out must be C-contiguous float32 {(n_bags, n_tables, dim)}")
     else:
-        _check_placed(out, n_bags, dim, width)
+        out = _checked_placed(out, n_bags, dim, width)
     if threads is not None and threads < 1:
         raise KernelError(f"threads must be >= 1, got {threads}")
-    assert out is not None
     if out.size == 0:
         _explain_bad(layout, ids, bounds)
         return PoolCall(None, layout, ids, bounds, weights, out, 1)
@@ -312,9 +311,9 @@ def _prepare(
     return PoolCall(kernel, layout, ids, bounds, weights, out, want)
 
 
-def _check_placed(out: np.ndarray | None, bags: int, dim: int, width: int) -> None:
-    """An output the layout's columns (all below ``width``) point into (checked: the
-    kernel writes where the layout says, unchecked)."""
+def _checked_placed(out: np.ndarray | None, bags: int, dim: int, width: int) -> np.ndarray:
+    """``out``, checked as an output the layout's columns (all below ``width``) point into:
+    the kernel writes where the layout says, unchecked."""
     if (
         out is None
         or out.ndim != 3
@@ -327,6 +326,7 @@ def _check_placed(out: np.ndarray | None, bags: int, dim: int, width: int) -> No
         raise KernelError(f"out must be writable C-contiguous float32 [{bags}, width, {dim}]")
     if width > out.shape[1]:
         raise KernelError(f"cols must be columns of out, in [0, {out.shape[1]})")
+    return out
 
 
 _THREADS = threading.local()
