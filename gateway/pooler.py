@@ -33,7 +33,7 @@ from gateway.config import ReplicaSettings
 from gateway.metrics import GatewayMetrics
 from gateway.replicas import ReplicaSet
 from gateway.routing import Merger, Router, ShardRequest
-from recserve.contracts.batch import Batch, concat_weights
+from recserve.contracts.batch import Batch
 from recserve.contracts.manifest import Manifest
 from recserve.contracts.plan import Plan
 from recserve.model.scorer import Model
@@ -160,26 +160,13 @@ class ShardedPooler:
         loop); else as ``frames`` makes them."""
         replicas = self.replicas[shard].replicas
         arena = replicas[0].client.arena if len(replicas) == 1 else None
-        if arena is None:
-            return req.frames()
-        sizes = [ids.size for ids in req.ids]
-        weighted = any(w is not None for w in req.weights)
-        arrays = [
-            (np.dtype("<i4") if req.narrow else np.dtype("<i8"), sum(sizes)),
-            (np.dtype("<i4"), sum(lengths.size for lengths in req.lengths)),
-            *([(np.dtype("<f4"), sum(sizes))] if weighted else []),
-        ]
-        got = arena.reserve(arrays, reply_bytes(req.parts, self.dim))
+        got = None
+        if arena is not None:
+            got = arena.reserve(req.wire_arrays(), reply_bytes(req.parts, self.dim))
         if got is None:
             return req.frames()
-        loan, views = got
-        # Ids were checked against their table's rows when the request was parsed: exact.
-        np.concatenate(req.ids, out=views[0], casting="unsafe")
-        np.concatenate(req.lengths, out=views[1], casting="unsafe")
-        if weighted:
-            views[2][:] = concat_weights(req.weights, sizes)
-        req.lent = loan
-        return views[0], views[1], views[2] if weighted else None
+        req.lent, views = got
+        return req.frames(views)
 
     def _into(self, batch: Batch, routes: dict[int, ShardRequest]) -> dict[int, Into]:
         """On the loop: the batch's pooled array in the arena, and per shard which of its

@@ -55,15 +55,33 @@ class ShardRequest:
         self.weights.append(arrays[2])
         self.targets.append(target)
 
-    def frames(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        # Ids were checked against their table's rows when the request was parsed, so the
-        # cast is exact; int32 halves the request bytes and the ids the shard reads.
-        if self.narrow:
-            ids = np.concatenate(self.ids, dtype=np.int32, casting="unsafe")
-        else:
-            ids = np.concatenate(self.ids).astype(np.int64, copy=False)
-        lengths = np.concatenate(self.lengths).astype(np.int32, copy=False)
-        return ids, lengths, concat_weights(self.weights, [i.size for i in self.ids])
+    def wire_arrays(self) -> list[tuple[np.dtype, int]]:
+        """The dtype and size of each array the lookup sends: ids (int32 when every table
+        fits: half the request bytes and the ids the shard reads), bag lengths and, when a
+        part is weighted, weights."""
+        n_ids = sum(ids.size for ids in self.ids)
+        out: list[tuple[np.dtype, int]] = [
+            (np.dtype("<i4") if self.narrow else np.dtype("<i8"), n_ids),
+            (np.dtype("<i4"), sum(lengths.size for lengths in self.lengths)),
+        ]
+        if any(w is not None for w in self.weights):
+            out.append((np.dtype("<f4"), n_ids))
+        return out
+
+    def frames(
+        self, views: list[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The lookup's wire arrays, written into ``views`` (as ``wire_arrays`` describes
+        them: a replica's arena) or into new arrays."""
+        if views is None:
+            views = [np.empty(n, dtype) for dtype, n in self.wire_arrays()]
+        # Ids were checked against their table's rows when the request was parsed: exact.
+        np.concatenate(self.ids, out=views[0], casting="unsafe")
+        np.concatenate(self.lengths, out=views[1], casting="unsafe")
+        if len(views) < 3:
+            return views[0], views[1], None
+        views[2][:] = concat_weights(self.weights, [i.size for i in self.ids])
+        return views[0], views[1], views[2]
 
 
 class Router:
