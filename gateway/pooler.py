@@ -147,7 +147,7 @@ class ShardedPooler:
         self.version = 0  # set from the shards' health at start, then by each commit
 
     def prepare(self, batch: Batch) -> dict[int, ShardRequest]:
-        routes = self.router.route(batch, pack=False)
+        routes = self.router.route(batch)
         for shard, req in routes.items():
             req.packed = self._pack(shard, req)
         return routes
@@ -238,7 +238,7 @@ class ShardedPooler:
         version: int | None,
         into: Into | None = None,
     ) -> Any:
-        assert req.packed is not None, "route() packs every request"
+        assert req.packed is not None, "prepare() packs every request"
         return await self.replicas[shard].lookup(
             req.parts, req.packed, deadline, self.dim, version, into, req.lent
         )

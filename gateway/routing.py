@@ -34,7 +34,7 @@ class ShardRequest:
     # (its feature's, when its bags are that column as they are: the table whole, one bag a
     # sample, in order), or -1.
     cols: list[int] = field(default_factory=list)
-    packed: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None  # set by route()
+    packed: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None  # set by prepare
     lent: Loan | None = None  # the arena region ``packed`` was written into, if it was
     narrow: bool = True  # every part's table has <= 2**31 rows: ids travel as int32
 
@@ -96,8 +96,8 @@ class Router:
             k for k, (_, spec) in enumerate(self.features) if len(self.parts[spec.name]) > 1
         )
 
-    def route(self, batch: Batch, pack: bool = True) -> dict[int, ShardRequest]:
-        """One request per contacted shard; ``pack``: with their wire arrays (``frames``)."""
+    def route(self, batch: Batch) -> dict[int, ShardRequest]:
+        """One request per contacted shard (``ShardedPooler.prepare`` packs them)."""
         out: dict[int, ShardRequest] = {}
         size = batch.size
         for k, (feature, spec) in enumerate(self.features):
@@ -123,8 +123,6 @@ class Router:
                 if req is None:  # not setdefault: it would build a request every time
                     req = out[shard_id] = ShardRequest()
                 req.add(part_req, spec, k, arrays, whole)
-        for req in out.values() if pack else ():  # packed here, in the executor, not on the loop
-            req.packed = req.frames()
         return out
 
 

@@ -92,8 +92,7 @@ def test_merged_shard_replies_equal_the_singular_pooling(setup) -> None:
         routes = router.route(batch)
         replies = {}
         for shard_id, req in routes.items():
-            assert req.packed is not None
-            frames = encode_lookup(1, None, req.parts, *req.packed)
+            frames = encode_lookup(1, None, req.parts, *req.frames())
             lookup = decode_lookup(decode_header(frames[0]), frames[1:])
             replies[shard_id] = [
                 PooledGroup(g.parts, g.pooled) for g in stores[shard_id].pool(lookup)

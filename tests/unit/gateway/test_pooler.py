@@ -69,9 +69,8 @@ def test_route_sends_int32_ids_unless_a_table_exceeds_int32() -> None:
     routes = router.route(b)
     by_table = {p.table: s for s, req in routes.items() for p in req.parts}
     assert by_table["big"] != by_table["small"]
-    big_ids = routes[by_table["big"]].packed
-    small_ids = routes[by_table["small"]].packed
-    assert big_ids is not None and small_ids is not None
+    big_ids = routes[by_table["big"]].frames()
+    small_ids = routes[by_table["small"]].frames()
     assert big_ids[0].dtype == np.int64 and big_ids[0].tolist() == [huge - 1, 3]
     assert small_ids[0].dtype == np.int32 and small_ids[0].tolist() == [7, 99]
 
