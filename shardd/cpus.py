@@ -2,9 +2,10 @@
 
 ``--cpus`` confines the whole daemon to some CPUs: its loop, ZeroMQ's I/O thread (which
 every message wakes) and its workers. Four shards sharing two cores with their gateway, two
-on each CPU, served 5 % more samples/s than unconfined ones in an interleaved A/B (2-19 %
-in single benchmark runs): a loop and the I/O thread it wakes share one core's caches, and
-no lookup is moved to another CPU halfway (``benchmarks/RESULTS.md``).
+on each CPU, served 5 % more samples/s than unconfined ones in an interleaved A/B (single
+benchmark runs: -3 to +19 %; 1-3 % in two runs of alternating rounds): a loop and the I/O
+thread it wakes share one core's caches, and no lookup is moved to another CPU halfway
+(``benchmarks/RESULTS.md``).
 
 ``--kernel-cpus`` keeps the kernel threads on cores of their own. A lookup's gather is
 bound by memory, and on a shared core the scheduler slices it with the event loop, ZeroMQ's
