@@ -32,6 +32,32 @@ def test_bags_and_weights() -> None:
     assert batch.bags["fb"].weights is None
 
 
+@pytest.mark.parametrize("size, share", [(40, 0.7), (3000, 0.002)])
+def test_bags_equal_a_plain_reference(size: int, share: float) -> None:
+    """Bags as one loop over the samples would build them, whether most samples name a
+    feature (one table of counts) or almost none do (features no sample names share one
+    read-only array of zeros)."""
+    rng = np.random.default_rng(size)
+    rows = {"fa": 10, "fb": 7, "fc": 7}
+    samples = []
+    for _ in range(size):
+        named = [f for f in ("fa", "fb") if rng.random() < share]  # fc only in full bodies
+        if share > 0.5 and rng.random() < share:
+            named.append("fc")
+        sparse = {f: rng.integers(0, rows[f], rng.integers(0, 4)).tolist() for f in named}
+        samples.append({"dense": [0, 0, 0], "sparse": sparse})
+    batch = parse_samples(samples, M)
+    for f in rows:
+        ids, bounds = [], [0]
+        for sample in samples:
+            ids += sample["sparse"].get(f, [])
+            bounds.append(len(ids))
+        assert batch.bags[f].ids.tolist() == ids
+        assert batch.bags[f].bounds.tolist() == bounds
+    if share < 0.01:  # no sample names fc
+        assert not batch.bags["fc"].bounds.flags.writeable
+
+
 @pytest.mark.parametrize(
     "sample, error, field",
     [
