@@ -1,10 +1,18 @@
-"""Prometheus metrics of one shard daemon, in a registry owned by the process (no globals)."""
+"""Prometheus metrics of one shard daemon, in a registry owned by the process (no globals).
+
+What every lookup counts (requests, ids, bags, bytes, the row cache's counts) is kept as
+plain numbers, which the ``stats`` op answers with too, and a collector reads them when
+``/metrics`` is scraped: a prometheus-client ``Counter.inc`` takes a lock and three Python
+calls, and a lookup made ten of them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 # Fine below a millisecond, where loopback lookups live.
 LATENCY_BUCKETS = (
@@ -32,21 +40,29 @@ LATENCY_BUCKETS = (
 DISK_BUCKETS = (100e-6, 250e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 0.5, 2.0)
 
 
+# Per-lookup counts: (metric name, help, key in ``ShardMetrics.totals``).
+COUNTED = (
+    ("recserve_shard_ids", "Ids pooled", "ids"),
+    ("recserve_shard_bags", "Bags pooled", "bags"),
+    ("recserve_shard_received_bytes", "Bytes received", "bytes_in"),
+    ("recserve_shard_sent_bytes", "Bytes sent", "bytes_out"),
+    ("recserve_shard_inline_lookups", "Lookups small enough to be pooled on the event loop",
+     "inline"),
+)  # fmt: skip
+CACHE_COUNTED = (
+    ("recserve_shard_cache_hits", "Ids served from the row cache", "hits"),
+    ("recserve_shard_cache_misses", "Rows read from disk into the row cache", "misses"),
+    ("recserve_shard_cache_bypassed",
+     "Rows read from disk around the cache (a lookup wider than its free slots)", "bypassed"),
+    ("recserve_shard_cache_evictions", "Rows evicted from the row cache", "evictions"),
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ShardMetrics:
     registry: CollectorRegistry
-    requests: Counter
     latency: Histogram
-    ids: Counter
-    bags: Counter
-    bytes_in: Counter
-    bytes_out: Counter
-    queue_depth: Gauge
-    inline: Counter
-    cache_hits: Counter
-    cache_misses: Counter
-    cache_bypassed: Counter
-    cache_evictions: Counter
+    queue_depth: Gauge  # the server's count, read when scraped (``set_function``)
     cache_bytes: Gauge
     disk_read: Histogram
     version: Gauge
@@ -54,42 +70,36 @@ class ShardMetrics:
     log_bytes: Gauge
     compaction: Histogram
     compacted_bytes: Counter
-    # Labelled children by (op, outcome): ``labels()`` costs a lock and a dict per call.
-    children: dict[tuple[str, str], Counter] = field(default_factory=dict)
-    # The same counts as plain numbers, for the ``stats`` op (never read back from Prometheus).
+    # Answered requests by "op:outcome", and the other per-lookup counts (``COUNTED``).
     counts: dict[str, int] = field(default_factory=dict)
-    totals: dict[str, int] = field(default_factory=lambda: {"ids": 0, "bags": 0, "inline": 0})
+    totals: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(("ids", "bags", "inline", "bytes_in", "bytes_out"), 0)
+    )
     cache: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(
             ("hits", "misses", "bypassed", "evictions", "disk_seconds"), 0
         )
     )
 
-    def request(self, op: str, outcome: str) -> None:
-        """Count one answered request."""
-        child = self.children.get((op, outcome))
-        if child is None:
-            child = self.children[(op, outcome)] = self.requests.labels(op=op, outcome=outcome)
-        child.inc()
+    def request(self, op: str, outcome: str, sent: int = 0) -> None:
+        """Count one answered request and the bytes of its reply."""
         key = f"{op}:{outcome}"
         self.counts[key] = self.counts.get(key, 0) + 1
+        self.totals["bytes_out"] += sent
+
+    def received(self, nbytes: int) -> None:
+        self.totals["bytes_in"] += nbytes
 
     def pooled(self, ids: int, bags: int, *, inline: bool) -> None:
         """Count one lookup's work."""
-        self.ids.inc(ids)
-        self.bags.inc(bags)
-        self.totals["ids"] += ids
-        self.totals["bags"] += bags
+        t = self.totals
+        t["ids"] += ids
+        t["bags"] += bags
         if inline:
-            self.inline.inc()
-            self.totals["inline"] += 1
+            t["inline"] += 1
 
     def cached(self, hits: int, misses: int, bypassed: int, evictions: int, disk_s: float) -> None:
         """Count one lookup's use of the row cache."""
-        self.cache_hits.inc(hits)
-        self.cache_misses.inc(misses)
-        self.cache_bypassed.inc(bypassed)
-        self.cache_evictions.inc(evictions)
         if misses or bypassed:
             self.disk_read.observe(disk_s)
         c = self.cache
@@ -109,47 +119,16 @@ class ShardMetrics:
     def create(cls) -> ShardMetrics:
         reg = CollectorRegistry()
         ProcessCollector(registry=reg)  # process_resident_memory_bytes, cpu seconds, ...
-        return cls(
+        metrics = cls(
             registry=reg,
-            requests=Counter(
-                "recserve_shard_requests",
-                "Requests by op and outcome",
-                ["op", "outcome"],
-                registry=reg,
-            ),
             latency=Histogram(
                 "recserve_shard_lookup_seconds",
                 "Lookup time from receipt to reply",
                 buckets=LATENCY_BUCKETS,
                 registry=reg,
             ),
-            ids=Counter("recserve_shard_ids", "Ids pooled", registry=reg),
-            bags=Counter("recserve_shard_bags", "Bags pooled", registry=reg),
-            bytes_in=Counter("recserve_shard_received_bytes", "Bytes received", registry=reg),
-            bytes_out=Counter("recserve_shard_sent_bytes", "Bytes sent", registry=reg),
             queue_depth=Gauge(
                 "recserve_shard_queue_depth", "Lookups queued or running", registry=reg
-            ),
-            inline=Counter(
-                "recserve_shard_inline_lookups",
-                "Lookups small enough to be pooled on the event loop",
-                registry=reg,
-            ),
-            cache_hits=Counter(
-                "recserve_shard_cache_hits", "Ids served from the row cache", registry=reg
-            ),
-            cache_misses=Counter(
-                "recserve_shard_cache_misses",
-                "Rows read from disk into the row cache",
-                registry=reg,
-            ),
-            cache_bypassed=Counter(
-                "recserve_shard_cache_bypassed",
-                "Rows read from disk around the cache (a lookup wider than its free slots)",
-                registry=reg,
-            ),
-            cache_evictions=Counter(
-                "recserve_shard_cache_evictions", "Rows evicted from the row cache", registry=reg
             ),
             cache_bytes=Gauge(
                 "recserve_shard_cache_bytes", "Bytes of rows held in the row cache", registry=reg
@@ -181,3 +160,25 @@ class ShardMetrics:
                 registry=reg,
             ),
         )
+        reg.register(_Counted(metrics))
+        return metrics
+
+
+class _Counted(Collector):
+    """The plain per-lookup counts of ``ShardMetrics``, as metric families when scraped."""
+
+    def __init__(self, metrics: ShardMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        m = self.metrics
+        requests = CounterMetricFamily(
+            "recserve_shard_requests", "Requests by op and outcome", labels=["op", "outcome"]
+        )
+        for key, n in sorted(m.counts.items()):
+            requests.add_metric(key.split(":", 1), n)
+        yield requests
+        for name, text, key in COUNTED:
+            yield CounterMetricFamily(name, text, value=m.totals[key])
+        for name, text, key in CACHE_COUNTED:
+            yield CounterMetricFamily(name, text, value=m.cache[key])

@@ -313,7 +313,7 @@ class PartStore:
                 raise _explain(exc, layout.resolved, lookup.spans()) from None
             calls.append((step.members, call, step.into))
         slots = layout.slots
-        updated = {i: overlays[s] for i, s in enumerate(slots) if s in overlays}
+        updated = {i: overlays[s] for i, s in enumerate(slots) if s in overlays} if overlays else {}
         return Job(calls, layout.resolved, lookup, self.tier, updated, (gen, version, slots))
 
     def _layout(
@@ -533,7 +533,9 @@ class Job:
         self.lookup = lookup
         self.ids = int(lookup.ids.size)
         self.bags = int(lookup.lengths.size)
-        self.tier = tier if any(p.cache or p.resident is not None for p in resolved) else None
+        if tier is not None and not any(p.cache or p.resident is not None for p in resolved):
+            tier = None
+        self.tier = tier
         self.fetched: Fetched | None = None
 
     def run(self) -> list[Group]:
@@ -587,6 +589,8 @@ class Job:
         """Run one call, then add the updated rows of this lookup's version (``ids``: the
         global ids, as the request sent them)."""
         out = call.run()
+        if not self.updated:
+            return Group(members, out, into)
         for j, i in enumerate(members):
             patch = self.updated.get(i)
             if patch is None:

@@ -122,16 +122,33 @@ def test_plan_for_another_model_is_refused(model_and_plan, tmp_path: Path) -> No
 
 
 def test_metrics_endpoint(model_and_plan, tmp_path: Path) -> None:
-    model, plan_path, _ = model_and_plan
+    """The counts on /metrics are those of what the shard was sent, and ``stats`` says
+    the same."""
+    model, plan_path, plan = model_and_plan
     port = free_port()
     endpoint = f"ipc://{tmp_path}/m.sock"
+    parts, ids, lengths, *_ = make_lookup(plan, 0, 5, bags=7)
     with running(plan_path, model, 0, endpoint, "--metrics-port", str(port)):
         raw(endpoint, [header("health")])
+        for _ in range(2):
+            asyncio.run(lookup(endpoint, parts, ids, lengths))
+        stats = msgpack.unpackb(raw(endpoint, [header("stats")])[0])
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
     text = body.decode()
-    assert 'recserve_shard_requests_total{op="health",outcome="ok"}' in text
+    samples = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("recserve_shard_")
+    }
+    health = samples['recserve_shard_requests_total{op="health",outcome="ok"}']
+    assert health == stats["requests"]["health:ok"] >= 1  # (ours, and the start's)
+    assert samples['recserve_shard_requests_total{op="lookup",outcome="ok"}'] == 2
+    assert samples["recserve_shard_ids_total"] == 2 * ids.size == stats["ids"]
+    assert samples["recserve_shard_bags_total"] == 2 * lengths.size == stats["bags"]
+    assert samples["recserve_shard_received_bytes_total"] > 2 * ids.nbytes
+    assert samples["recserve_shard_queue_depth"] == 0
+    assert samples["recserve_shard_lookup_seconds_count"] == 2
     assert "process_resident_memory_bytes" in text
-    assert "recserve_shard_lookup_seconds_bucket" in text
     check_metrics(text)
 
 
