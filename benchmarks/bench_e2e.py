@@ -7,14 +7,22 @@ requests. Printed: P50/P99, CPU seconds per 1k samples summed over all server pr
 RSS per process, shards contacted per request, each with its ratio to singular.
 
 With ``--pin-shards`` each strategy also runs with every shard daemon on one CPU of its
-own, round robin (``recserve up --pin-shards``).
+own, round robin (``recserve up --pin-shards``). ``--strategies`` picks the strategies.
+
+A shared host's speed drifts over minutes, and one P99 of a few thousand requests moves
+with it. ``--rounds N`` runs every setup once a round, singular among them, each round in
+a rotated order; the figures are medians over the rounds and each ratio the median of the
+rounds' own ratios (a setup against the singular run of its round), with the per-round
+P99 ratios printed too.
 
     python -m benchmarks.bench_e2e [--size 256MiB] [--rate 20] [--duration 20] [--pin-shards]
+        [--rounds 1] [--strategies capacity,load,net]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -32,44 +40,65 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--pin-shards", action="store_true", help="also run shards pinned")
+    parser.add_argument("--rounds", type=int, default=1, help="every setup once a round")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
     args = parser.parse_args(argv)
+    strategies = args.strategies.split(",")
+    if args.rounds < 1 or not strategies or not set(strategies) <= set(STRATEGIES):
+        parser.error(f"--rounds must be >= 1 and --strategies among {', '.join(STRATEGIES)}")
+    runs: dict[str, list[tuple[dict[str, float], list[int]]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model, bodies = prepare(root, args.size, args.samples)
-        results = {}
-        for strategy in STRATEGIES:
+        setups: list[tuple[str, Path | None, bool]] = []
+        contacted: dict[str, object] = {"singular": 0}
+        for strategy in strategies:
             plan = root / f"{strategy}.json"
             run_cli(["plan", "--model", str(model), "--shards", str(args.shards),
                      "--strategy", strategy, "--out", str(plan)])  # fmt: skip
-            contacted = read_plan(plan).report["shards_contacted"]
-            r, rss = measure(model, plan, bodies, args.rate, args.duration, args.samples)
-            results[strategy] = (r, rss, contacted)
+            contacted[strategy] = read_plan(plan).report["shards_contacted"]
+            setups.append((strategy, plan, False))
             if args.pin_shards:
-                r, rss = measure(model, plan, bodies, args.rate, args.duration, args.samples,
-                                 pin_shards=True)  # fmt: skip
-                results[f"{strategy}, pinned"] = (r, rss, contacted)
-        r, rss = measure(model, None, bodies, args.rate, args.duration, args.samples)
-        results["singular"] = (r, rss, 0)
-    base = results["singular"][0]
+                contacted[f"{strategy}, pinned"] = contacted[strategy]
+                setups.append((f"{strategy}, pinned", plan, True))
+        setups.append(("singular", None, False))
+        for k in range(args.rounds):
+            turn = k % len(setups)
+            for name, path, pin in setups[turn:] + setups[:turn]:
+                result = measure(model, path, bodies, args.rate, args.duration, args.samples,
+                                 pin_shards=pin)  # fmt: skip
+                runs.setdefault(name, []).append(result)
+    base = runs["singular"]
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r, _ in runs[name])
+
+    def ratio(name: str, key: str) -> float:
+        return statistics.median(
+            r[key] / b[key] for (r, _), (b, _) in zip(runs[name], base, strict=True)
+        )
+
     rows = []
-    for name, (r, rss, contacted) in results.items():
+    for name, _, _ in setups:
+        rss = runs[name][-1][1]
         rows.append(
             [
                 name,
-                f"{r['p50']:.1f}",
-                f"{r['p50'] / base['p50']:.2f}x",
-                f"{r['p99']:.1f}",
-                f"{r['p99'] / base['p99']:.2f}x",
-                f"{r['cpu_per_1k']:.3f}",
-                f"{r['cpu_per_1k'] / base['cpu_per_1k']:.2f}x",
+                f"{median(name, 'p50'):.1f}",
+                f"{ratio(name, 'p50'):.2f}x",
+                f"{median(name, 'p99'):.1f}",
+                f"{ratio(name, 'p99'):.2f}x",
+                f"{median(name, 'cpu_per_1k'):.3f}",
+                f"{ratio(name, 'cpu_per_1k'):.2f}x",
                 " + ".join(f"{x:.0f}" for x in rss),
-                contacted or "-",
-                int(r["errors"]),
+                contacted[name] or "-",
+                int(sum(r["errors"] for r, _ in runs[name])),
             ]
         )
     print(
         f"\ndrm2 {args.size}, {args.shards} shards, {args.samples} samples per request, "
-        f"Poisson {args.rate:g} req/s for {args.duration:g} s each"
+        f"Poisson {args.rate:g} req/s for {args.duration:g} s each, {args.rounds} round(s)"
+        + (" (medians; ratios: medians of each round's)" if args.rounds > 1 else "")
     )
     print_table(
         [
@@ -86,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         ],
         rows,
     )
+    if args.rounds > 1:
+        print("\nP99 against singular, round by round:")
+        for name, _, _ in setups[:-1]:
+            each = [r["p99"] / b["p99"] for (r, _), (b, _) in zip(runs[name], base, strict=True)]
+            print(f"  {name}: " + " ".join(f"{x:.2f}x" for x in each))
     return 0
 
 
