@@ -16,7 +16,7 @@ rounds' own ratios (a setup against the singular run of its round), with the per
 P99 ratios printed too.
 
     python -m benchmarks.bench_e2e [--size 256MiB] [--rate 20] [--duration 20] [--pin-shards]
-        [--rounds 1] [--strategies capacity,load,net]
+        [--rounds 1] [--strategies capacity,load,net] [--workers 1]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pin-shards", action="store_true", help="also run shards pinned")
     parser.add_argument("--rounds", type=int, default=1, help="every setup once a round")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
+    parser.add_argument("--workers", type=int, default=1, help="gateway --workers")
     args = parser.parse_args(argv)
     strategies = args.strategies.split(",")
     if args.rounds < 1 or not strategies or not set(strategies) <= set(STRATEGIES):
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             turn = k % len(setups)
             for name, path, pin in setups[turn:] + setups[:turn]:
                 result = measure(model, path, bodies, args.rate, args.duration, args.samples,
-                                 pin_shards=pin)  # fmt: skip
+                                 args.workers, pin)  # fmt: skip
                 runs.setdefault(name, []).append(result)
     base = runs["singular"]
 
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"\ndrm2 {args.size}, {args.shards} shards, {args.samples} samples per request, "
-        f"Poisson {args.rate:g} req/s for {args.duration:g} s each, {args.rounds} round(s)"
+        f"Poisson {args.rate:g} req/s for {args.duration:g} s each, {args.rounds} round(s), "
+        f"{args.workers} gateway worker(s)"
         + (" (medians; ratios: medians of each round's)" if args.rounds > 1 else "")
     )
     print_table(
