@@ -3,7 +3,7 @@
 What every lookup counts (requests, ids, bags, bytes, the row cache's counts) is kept as
 plain numbers, which the ``stats`` op answers with too, and a collector reads them when
 ``/metrics`` is scraped: a prometheus-client ``Counter.inc`` takes a lock and three Python
-calls, and a lookup made eight of them and two gauge sets (the queue depth is now read when
+calls, and a lookup made six of them and two gauge sets (the queue depth is now read when
 scraped, ``Gauge.set_function``). The collector runs on the scrape's thread; it only reads
 the numbers, which the event loop alone writes."""
 
