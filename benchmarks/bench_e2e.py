@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="gateway --workers")
     args = parser.parse_args(argv)
     strategies = args.strategies.split(",")
-    if args.rounds < 1 or not strategies or not set(strategies) <= set(STRATEGIES):
-        parser.error(f"--rounds must be >= 1 and --strategies among {', '.join(STRATEGIES)}")
+    if args.rounds < 1 or args.workers < 1:
+        parser.error("--rounds and --workers must be >= 1")
+    if not set(strategies) <= set(STRATEGIES):
+        parser.error(f"--strategies must be among {', '.join(STRATEGIES)}")
     runs: dict[str, list[tuple[dict[str, float], list[int]]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
