@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.bench_gateway import measure, prepare
-from benchmarks.common import print_table, run_cli
+from benchmarks.common import median_ratio, print_table, rotated, run_cli
 from recserve.contracts.plan import read_plan
 from recserve.planning import STRATEGIES
 
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 setups.append((f"{strategy}, pinned", plan, True))
         setups.append(("singular", None, False))
         for k in range(args.rounds):
-            turn = k % len(setups)
-            for name, path, pin in setups[turn:] + setups[:turn]:
+            for name, path, pin in rotated(setups, k):
                 result = measure(model, path, bodies, args.rate, args.duration, args.samples,
                                  args.workers, pin)  # fmt: skip
                 runs.setdefault(name, []).append(result)
@@ -77,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(r[key] for r, _ in runs[name])
 
     def ratio(name: str, key: str) -> float:
-        return statistics.median(
-            r[key] / b[key] for (r, _), (b, _) in zip(runs[name], base, strict=True)
-        )
+        return median_ratio([r[key] for r, _ in runs[name]], [b[key] for b, _ in base])
 
     rows = []
     for name, _, _ in setups:

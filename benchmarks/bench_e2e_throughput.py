@@ -41,7 +41,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from benchmarks.common import print_table, run_cli
+from benchmarks.common import median_ratio, print_table, rotated, run_cli
 from benchmarks.served import (
     client_loop,
     closed_loop,
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             rate, want = run_torch(module, inputs, args.duration)
             base.append(rate)
-            for where in [*clusters][r % len(clusters) :] + [*clusters][: r % len(clusters)]:
+            for where in rotated([*clusters], r):
                 for form, run in runs.items():
                     m = measure(clusters[where], run, args.duration)
                     np.testing.assert_allclose(m.scores, want, rtol=1e-4, atol=1e-5)
@@ -273,7 +273,7 @@ def report(
 
     def ratio(key: tuple[str, str], to: tuple[str, str] | None = None) -> float:
         against = base if to is None else [m.rate for m in got[to]]
-        return med(m.rate / b for m, b in zip(got[key], against, strict=True))
+        return median_ratio([m.rate for m in got[key]], against)
 
     rows = [["torch in-process", "-", f"{med(base):,.0f}", "1.00x"]]
     stages: list[list[str]] = []
@@ -315,8 +315,9 @@ def report(
     print(f"\nrecserve.client (msgpack columns) against KServe binary: {cols:.2f}x "
           f"(target >= 0.8x)")  # fmt: skip
 
-    def cpu(key: tuple[str, str]) -> float:
-        return med(float(m.cpu[0] + m.cpu[1]) for m in got[key])
+    def cpu(key: tuple[str, str], to: tuple[str, str]) -> float:
+        """Server CPU per sample (gateway and shards) against ``to``'s, round by round."""
+        return median_ratio(*([float(m.cpu[0] + m.cpu[1]) for m in got[k]] for k in (key, to)))
 
     for n in (int(w) for w in args.workers.split(",")):
         workers = f"{n} worker{'s' if n > 1 else ''}"
@@ -326,7 +327,7 @@ def report(
         )
         print(f"{workers}, KServe binary: singular {ratio(one):.2f}x torch (target >= 1.0x), "
               f"{args.shards} shards {ratio(sharded):.2f}x torch (target >= 0.8x), CPU per "
-              f"sample {cpu(sharded) / cpu(one):.2f}x singular's (target <= 1.15x)")  # fmt: skip
+              f"sample {cpu(sharded, one):.2f}x singular's (target <= 1.15x)")  # fmt: skip
         if args.socket:
             sock = (f"{args.shards} shards, socket, {workers}", binary)
             print(f"{args.shards} shards, {workers}, KServe binary: shared memory "
@@ -335,7 +336,7 @@ def report(
             pinned = (f"{args.shards} shards, pinned, {workers}", binary)
             print(f"{args.shards} shards, {workers}, KServe binary: pinned shards "
                   f"{ratio(pinned, sharded):.2f}x unpinned, {ratio(pinned):.2f}x torch, CPU "
-                  f"per sample {cpu(pinned) / cpu(one):.2f}x singular's")  # fmt: skip
+                  f"per sample {cpu(pinned, one):.2f}x singular's")  # fmt: skip
 
 
 if __name__ == "__main__":

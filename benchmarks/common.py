@@ -14,11 +14,12 @@ import statistics
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
 WARM_S = 0.05
+T = TypeVar("T")
 
 
 def round_times(
@@ -39,7 +40,7 @@ def round_times(
     times: dict[str, list[float]] = {name: [] for name in contenders}
     names = list(contenders)
     for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        for name in rotated(names, r):
             fn = contenders[name]
             deadline = time.perf_counter() + WARM_S
             fn(warmup)
@@ -52,6 +53,13 @@ def round_times(
                 calls.append(time.perf_counter() - start)
             times[name].append(statistics.median(calls))
     return times
+
+
+def rotated(items: Sequence[T], r: int) -> list[T]:
+    """``items`` in round ``r``'s order: each round starts one later, so no contender always
+    runs first (or right after the same one)."""
+    k = r % len(items)
+    return [*items[k:], *items[:k]]
 
 
 def median_ratio(slower: Sequence[float], faster: Sequence[float]) -> float:
