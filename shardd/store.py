@@ -91,13 +91,12 @@ class Group:
 
 @dataclass(frozen=True)
 class Step:
-    """One kernel call of a layout: parts ``members`` (their ``slots``), pooled into
-    ``shape`` ``[bags, members, dim]`` by ``plan`` (their tables, modes and, with ``into``,
-    their columns of the lookup's ``into`` array); row ``j`` of ``at`` indexes the lookup's
-    bag bounds for member ``j``."""
+    """One kernel call of a layout: parts ``members``, pooled into ``shape`` ``[bags,
+    members, dim]`` by ``plan`` (their tables, modes and, with ``into``, their columns of the
+    lookup's ``into`` array); row ``j`` of ``at`` indexes the lookup's bag bounds for member
+    ``j``."""
 
     members: tuple[int, ...]
-    slots: list[int]
     at: np.ndarray
     shape: tuple[int, int, int]
     plan: kernels.PoolPlan
@@ -346,7 +345,6 @@ class PartStore:
             steps.append(
                 Step(
                     tuple(members),
-                    step_slots,
                     # Row j: part members[j]'s B + 1 bag bounds, positions into the ids frame.
                     first_bag[members][:, None] + np.arange(n_bags + 1),
                     (n_bags, len(members), dim),
