@@ -42,7 +42,7 @@ from recserve.rpc.curve import CurveKeys, keygen
 from recserve.rpc.deadline import Deadline
 from recserve.rpc.probe import ready
 from recserve.rpc.wire import PartRequest
-from shardd.cpus import pin_process
+from recserve.runtime.cpus import pin_process
 from shardd.main import default_kernel_threads
 from tests.integration.shards import free_port, start_shard, stop
 

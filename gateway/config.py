@@ -142,6 +142,12 @@ class GatewayConfig:
         "gateway processes sharing the port, each with its own GIL and executor (connections "
         "are balanced, not requests); above 1 online updates need --admin-port",
     )
+    pin_workers: bool = option(
+        False,
+        "run each worker's threads only on CPUs of its own: its share of the CPUs the gateway "
+        "may use, in blocks (one CPU each, round robin, beyond a worker a CPU); the admin "
+        "worker is not pinned",
+    )
     threads: int | None = option(
         None,
         "executor threads per worker (parsing, routing, merging, dense MLP); default 2, or 1 "
@@ -173,10 +179,12 @@ class GatewayConfig:
     def executor_threads(self) -> int:
         """``--threads``, or 2, or 1 when the workers have fewer than 2 cores each: two
         workers on two cores with two threads each ran 5-7 % fewer samples/s than with one
-        (their four threads took turns at the cores and at each worker's GIL)."""
+        (their four threads took turns at the cores and at each worker's GIL). Read in a
+        worker: a pinned one counts the CPUs it was given."""
         if self.threads is not None:
             return self.threads
-        return max(1, min(2, len(os.sched_getaffinity(0)) // self.workers))
+        cpus = len(os.sched_getaffinity(0))
+        return max(1, min(2, cpus if self.pin_workers else cpus // self.workers))
 
     def __post_init__(self) -> None:
         if (self.threads is not None and self.threads < 1) or self.blas_threads < 1:

@@ -177,6 +177,11 @@ def build_parser(plugins: Sequence[str] = ()) -> argparse.ArgumentParser:
         action="store_true",
         help="run each shard daemon on one CPU of its own, round robin (shardd --cpus)",
     )
+    p.add_argument(
+        "--pin-workers",
+        action="store_true",
+        help="run each gateway worker on CPUs of its own (gateway --pin-workers)",
+    )
 
     p = sub.add_parser(
         "study", help="Lui et al.'s strategy study over simulated hosts with a network between"
@@ -377,6 +382,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
         workers=args.workers,
         pin_shards=args.pin_shards,
+        pin_workers=args.pin_workers,
     )
 
 

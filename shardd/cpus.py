@@ -19,10 +19,10 @@ given).
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 from recserve.contracts.errors import ConfigError
+from recserve.runtime.cpus import pin_process
 
 
 def parse_cpus(text: str, flag: str = "--kernel-cpus") -> frozenset[int]:
@@ -71,14 +71,6 @@ def split(kernel: frozenset[int], allowed: frozenset[int] | None = None) -> froz
 def pin(cpus: frozenset[int]) -> None:
     """Run the calling thread (and the threads it starts later) only on ``cpus``."""
     os.sched_setaffinity(0, cpus)
-
-
-def pin_process(cpus: frozenset[int]) -> None:
-    """Run every thread the process has now (OpenBLAS starts its pool when numpy is
-    imported) and every thread started later only on ``cpus``."""
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-            os.sched_setaffinity(int(tid), cpus)
 
 
 def _fmt(cpus: frozenset[int]) -> str:

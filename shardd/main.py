@@ -42,10 +42,11 @@ from recserve.rpc.deadline import Deadline
 from recserve.rpc.wire import MAX_FRAME
 from recserve.runtime import logs
 from recserve.runtime.config import add_arguments, from_args, option
+from recserve.runtime.cpus import pin_process
 from recserve.runtime.heap import freeze_startup_heap
 from recserve.runtime.systemd import Notifier
 from shardd.cache import CacheTier
-from shardd.cpus import confine, parse_cpus, pin_process, split
+from shardd.cpus import confine, parse_cpus, split
 from shardd.endpoint import bound
 from shardd.metrics import ShardMetrics
 from shardd.models import Loaded, Models, deployed

@@ -279,6 +279,7 @@ def run_up(
     admin_port: int | None = None,
     workers: int = 1,
     pin_shards: bool = False,
+    pin_workers: bool = False,
 ) -> int:
     """The ``recserve up`` command: start, print the endpoints, wait for Ctrl-C/SIGTERM."""
     cluster = LocalCluster(
@@ -293,7 +294,10 @@ def run_up(
         cache_bytes=cache_bytes,
         admin_token_file=admin_token_file,
         admin_port=admin_port,
-        gateway_args=("--workers", str(workers)) if workers != 1 else (),
+        gateway_args=(
+            *(("--workers", str(workers)) if workers != 1 else ()),
+            *(("--pin-workers",) if pin_workers else ()),
+        ),
         pin_shards=pin_shards,
     )
     stop = False

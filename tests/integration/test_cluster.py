@@ -99,13 +99,15 @@ def test_up_leaves_no_processes_or_files(model: Path, how: str) -> None:
 
 def test_up_pins_each_shard_to_a_cpu_of_its_own(model: Path, tmp_path: Path) -> None:
     """``--pin-shards``: every thread of shard k runs on the k-th CPU (round robin), as
-    ``up`` prints, the gateway anywhere, and the cluster serves."""
+    ``up`` prints; ``--pin-workers``: each gateway worker on CPUs of its own, the gateway's
+    supervisor anywhere; and the cluster serves."""
     cpus = sorted(os.sched_getaffinity(0))
     printed = tmp_path / "up.out"
-    proc = start_up(model, port := free_port(), "--pin-shards", "--shards", "3", out=printed)
+    proc = start_up(model, port := free_port(), "--pin-shards", "--shards", "3",
+                    "--workers", "2", "--pin-workers", out=printed)  # fmt: skip
     try:
         pinned: dict[int, set[frozenset[int]]] = {}
-        gateways = []
+        gateways, workers = [], []
         for kid in children(proc.pid):
             argv = Path(f"/proc/{kid}/cmdline").read_text().split("\0")
             masks = {cpus_of(t) for t in Path(f"/proc/{kid}/task").iterdir()}
@@ -113,7 +115,12 @@ def test_up_pins_each_shard_to_a_cpu_of_its_own(model: Path, tmp_path: Path) -> 
                 pinned[int(argv[argv.index("--shard") + 1])] = masks
             else:
                 gateways.append(masks)
+                for worker in children(kid):
+                    workers.append({cpus_of(t) for t in Path(f"/proc/{worker}/task").iterdir()})
         assert pinned == {k: {frozenset({cpus[k % len(cpus)]})} for k in range(3)}
+        # Two workers: the first half of the CPUs and the second (one CPU: both on it).
+        halves = [frozenset(cpus[: len(cpus) // 2] or cpus), frozenset(cpus[len(cpus) // 2 :])]
+        assert sorted(workers, key=lambda m: min(map(min, m))) == [{h} for h in halves]
         end = time.monotonic() + 30  # up prints once the cluster is ready, just after this
         while "logs: " not in printed.read_text() and time.monotonic() < end:
             time.sleep(0.05)

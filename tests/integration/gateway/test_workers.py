@@ -117,6 +117,40 @@ def test_workers_share_connections_and_score_as_the_model(deployments, fixtures_
         assert not any(Path(f"/proc/{p}").exists() for p in workers)
 
 
+def affinity(pid: int) -> set[frozenset[int]]:
+    """The CPU sets of process ``pid``'s threads."""
+    return {
+        frozenset(os.sched_getaffinity(int(t.name))) for t in Path(f"/proc/{pid}/task").iterdir()
+    }
+
+
+def test_pinned_workers_run_on_cpus_of_their_own(deployments, fixtures_dir: Path) -> None:
+    model, plan = deployments["D1"]
+    samples = json.loads((fixtures_dir / "D1" / "batch_17" / "request.json").read_text())
+    want = np.load(fixtures_dir / "D1" / "expected_17.npy")[:, 0]
+    allowed = sorted(os.sched_getaffinity(0))  # the gateway inherits this process's CPUs
+    with gateway(model, "--pin-workers", plan=plan) as (url, proc):
+        workers = [p for p in family(proc.pid) if p != proc.pid]
+
+        async def run() -> None:  # the workers serve as unpinned ones do
+            async with aiohttp.ClientSession() as s:
+                status, body, _ = await post(s, url, {"samples": samples}, "json")
+            assert status == 200, body
+            np.testing.assert_allclose(body["scores"], want, rtol=0, atol=1e-5)
+
+        asyncio.run(run())
+        per_worker = [affinity(p) for p in workers]
+        assert affinity(proc.pid) == {frozenset(allowed)}  # the supervisor is not pinned
+    # Every thread of a worker (loop, executor, ZeroMQ's, OpenMP's) on that worker's CPUs.
+    assert all(len(threads) == 1 for threads in per_worker), per_worker
+    cpus = sorted((next(iter(t)) for t in per_worker), key=min)
+    if len(allowed) == 1:
+        assert cpus == [frozenset(allowed)] * 2
+    else:  # two blocks of the CPUs, in order, splitting them as evenly as they divide
+        assert cpus[0] | cpus[1] == set(allowed) and not cpus[0] & cpus[1]
+        assert max(cpus[0]) < min(cpus[1]) and abs(len(cpus[0]) - len(cpus[1])) <= 1
+
+
 def test_a_worker_that_dies_stops_the_gateway(deployments) -> None:
     model, _ = deployments["D1"]
     with gateway(model) as (_, proc):
