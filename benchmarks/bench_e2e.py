@@ -8,6 +8,8 @@ RSS per process, shards contacted per request, each with its ratio to singular.
 
 With ``--pin-shards`` each strategy also runs with every shard daemon on one CPU of its
 own, round robin (``recserve up --pin-shards``). ``--strategies`` picks the strategies.
+``--pin-workers`` pins every setup's gateway workers, singular's too (``gateway
+--pin-workers``; with ``--workers 1`` it changes nothing).
 
 A shared host's speed drifts over minutes, and one P99 of a few thousand requests moves
 with it. ``--rounds N`` runs every setup once a round, singular among them, each round in
@@ -16,7 +18,7 @@ rounds' own ratios (a setup against the singular run of its round), with the per
 P99 ratios printed too.
 
     python -m benchmarks.bench_e2e [--size 256MiB] [--rate 20] [--duration 20] [--pin-shards]
-        [--rounds 1] [--strategies capacity,load,net] [--workers 1]
+        [--rounds 1] [--strategies capacity,load,net] [--workers 1] [--pin-workers]
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="every setup once a round")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
     parser.add_argument("--workers", type=int, default=1, help="gateway --workers")
+    parser.add_argument(
+        "--pin-workers", action="store_true", help="gateway --pin-workers, in every setup"
+    )
     args = parser.parse_args(argv)
     strategies = args.strategies.split(",")
     if args.rounds < 1 or args.workers < 1:
@@ -68,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(args.rounds):
             for name, path, pin in rotated(setups, k):
                 result = measure(model, path, bodies, args.rate, args.duration, args.samples,
-                                 args.workers, pin)  # fmt: skip
+                                 args.workers, pin,
+                                 ("--pin-workers",) if args.pin_workers else ())  # fmt: skip
                 runs.setdefault(name, []).append(result)
     base = runs["singular"]
 
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\ndrm2 {args.size}, {args.shards} shards, {args.samples} samples per request, "
         f"Poisson {args.rate:g} req/s for {args.duration:g} s each, {args.rounds} round(s), "
-        f"{args.workers} gateway worker(s)"
+        f"{args.workers} gateway worker(s){' pinned' if args.pin_workers else ''}"
         + (" (medians; ratios: medians of each round's)" if args.rounds > 1 else "")
     )
     print_table(

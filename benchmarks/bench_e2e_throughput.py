@@ -12,7 +12,9 @@ INT64), the columnar msgpack form through ``recserve.client`` (encoding included
 msgpack samples. The sharded gateway asks its shards through shared memory (they run on
 its host); with ``--socket`` the shards are also run with ``--shm-bytes 0``, every lookup
 over the socket, and with ``--pin-shards`` also each on one CPU of its own (round robin,
-``recserve up --pin-shards``); the ratio to the first sharded run is printed.
+``recserve up --pin-shards``); the ratio to the first sharded run is printed. With
+``--pin-workers`` every setup also runs with its gateway workers pinned (``gateway
+--pin-workers``), and the ratios of the pinned setups are printed too.
 Scores are checked against torch's. Every setup's cluster runs from the start; each of
 ``--rounds`` rounds runs torch, then every setup (in rotating order) in every form, and the
 tables print medians over the rounds, ratios being medians of each round's: the host's
@@ -20,7 +22,7 @@ speed drifts within minutes, and one pass per setup compared setups of different
 
     python -m benchmarks.bench_e2e_throughput [--batch 256] [--inflight 4] [--duration 10]
                                               [--rounds 3] [--workers 1,2] [--socket]
-                                              [--pin-shards]
+                                              [--pin-shards] [--pin-workers]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import re
 import statistics
 import tempfile
@@ -185,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         "--pin-shards", action="store_true",
         help="also run the shards each on one CPU of its own, round robin",
     )  # fmt: skip
+    parser.add_argument(
+        "--pin-workers", action="store_true",
+        help="also run every setup with its gateway workers pinned (gateway --pin-workers)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
@@ -206,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             kinds.append((f"{args.shards} shards, socket", plan, ("--shm-bytes", "0"), False))
         if args.pin_shards:
             kinds.append((f"{args.shards} shards, pinned", plan, (), True))
+        if args.pin_workers:
+            kinds += [(f"{where}, pinned workers", plan_path, (*extra, "--pin-workers"), pin)
+                      for where, plan_path, extra, pin in kinds]  # fmt: skip
         setups = [
             (f"{where}, {n} worker{'s' if n > 1 else ''}", plan_path, n, extra, pin)
             for n in (int(w) for w in args.workers.split(","))
@@ -319,22 +329,28 @@ def report(
         """Server CPU per sample (gateway and shards) against ``to``'s, round by round."""
         return median_ratio(*([float(m.cpu[0] + m.cpu[1]) for m in got[k]] for k in (key, to)))
 
-    for n in (int(w) for w in args.workers.split(",")):
+    for n, tag in itertools.product(
+        (int(w) for w in args.workers.split(",")), ["", *([", pinned workers"] * args.pin_workers)]
+    ):
         workers = f"{n} worker{'s' if n > 1 else ''}"
         one, sharded = (
-            (f"singular, {workers}", binary),
-            (f"{args.shards} shards, {workers}", binary),
+            (f"singular{tag}, {workers}", binary),
+            (f"{args.shards} shards{tag}, {workers}", binary),
         )
-        print(f"{workers}, KServe binary: singular {ratio(one):.2f}x torch (target >= 1.0x), "
-              f"{args.shards} shards {ratio(sharded):.2f}x torch (target >= 0.8x), CPU per "
-              f"sample {cpu(sharded, one):.2f}x singular's (target <= 1.15x)")  # fmt: skip
+        print(f"{workers}{tag}, KServe binary: singular {ratio(one):.2f}x torch (target >= "
+              f"1.0x), {args.shards} shards {ratio(sharded):.2f}x torch (target >= 0.8x), CPU "
+              f"per sample {cpu(sharded, one):.2f}x singular's (target <= 1.15x)")  # fmt: skip
+        if tag:
+            for key in (one, sharded):
+                unpinned = (key[0].replace(tag, ""), binary)
+                print(f"  {key[0]}: {ratio(key, unpinned):.2f}x the samples/s unpinned")
         if args.socket:
-            sock = (f"{args.shards} shards, socket, {workers}", binary)
-            print(f"{args.shards} shards, {workers}, KServe binary: shared memory "
+            sock = (f"{args.shards} shards, socket{tag}, {workers}", binary)
+            print(f"{args.shards} shards{tag}, {workers}, KServe binary: shared memory "
                   f"{ratio(sharded, sock):.2f}x the socket")  # fmt: skip
         if args.pin_shards:
-            pinned = (f"{args.shards} shards, pinned, {workers}", binary)
-            print(f"{args.shards} shards, {workers}, KServe binary: pinned shards "
+            pinned = (f"{args.shards} shards, pinned{tag}, {workers}", binary)
+            print(f"{args.shards} shards{tag}, {workers}, KServe binary: pinned shards "
                   f"{ratio(pinned, sharded):.2f}x unpinned, {ratio(pinned):.2f}x torch, CPU "
                   f"per sample {cpu(pinned, one):.2f}x singular's")  # fmt: skip
 

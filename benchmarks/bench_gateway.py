@@ -48,6 +48,7 @@ def measure(
     samples: int,
     workers: int = 1,
     pin_shards: bool = False,
+    gateway_args: tuple[str, ...] = (),
 ) -> tuple[dict[str, float], list[int]]:
     """Run the cluster of ``plan`` (none: singular) under the open-loop load. Returns the
     results (with CPU s per 1k samples) and RSS per process (gateway first)."""
@@ -56,7 +57,7 @@ def measure(
         plan=plan,
         singular=plan is None,
         port=free_port(),
-        gateway_args=("--timeout-ms", "5000", "--workers", str(workers)),
+        gateway_args=("--timeout-ms", "5000", "--workers", str(workers), *gateway_args),
         pin_shards=pin_shards,
     ) as cluster:
         before = cluster.cpu_seconds()

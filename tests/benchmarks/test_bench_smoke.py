@@ -52,10 +52,13 @@ def test_bench_e2e_throughput_small(capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks import bench_e2e_throughput
 
     args = ["--rows", "26000", "--batch", "32", "--duration", "0.5", "--shards", "2",
-            "--workers", "2", "--socket", "--rounds", "2"]  # fmt: skip
+            "--workers", "2", "--socket", "--pin-workers", "--rounds", "2"]  # fmt: skip
     assert bench_e2e_throughput.main(args) == 0
     out = capsys.readouterr().out
     for row in ("KServe binary", "INT64 ids", "recserve.client", "msgpack samples",
                 "against KServe binary", "loop+rest", "2 shards, socket, 2 workers",
-                "shared memory", "medians of 2 rounds", "(target <= 1.15x)"):  # fmt: skip
+                "shared memory", "medians of 2 rounds", "(target <= 1.15x)",
+                "2 shards, socket, pinned workers, 2 workers",
+                "2 workers, pinned workers, KServe binary: singular",
+                "x the samples/s unpinned"):  # fmt: skip
         assert row in out
