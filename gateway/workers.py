@@ -20,11 +20,12 @@ reports the sums over all (gauges: ``livesum``, the version ``livemax``; no ``pr
 
 With ``--pin-workers`` each serving worker runs only on its share of the CPUs
 (``recserve.runtime.cpus``): its loop, its executor threads and its ZeroMQ I/O thread wake
-each other on one CPU instead of across them. Two workers on two cores, interleaved A/B of
-the 256-sample KServe load (ad-hoc, 10 s runs, 4 pairs each): +7 % samples/s singular,
-+3 to +9 % with four shards on the same cores; at 100 requests/s of 16 JSON samples the P99
-fell by ~15 %, singular and distributed alike. Pinned workers cannot move off a CPU another
-process keeps busy, so it is a flag, not the default.
+each other on one CPU instead of across them. Two workers on two cores
+(``benchmarks/RESULTS.md``): four shards on the same cores served 1.15x the samples/s of
+unpinned workers, singular the same (0.99x; +7 % in an interleaved A/B); at 100 requests/s
+of 16 JSON samples every P99 fell by about a quarter, singular's and the sharded path's
+alike. Pinned workers cannot move off a CPU another process keeps busy, so it is a flag,
+not the default.
 
 Online updates and deploys need one process that orders versions: with ``--admin-port`` the
 supervisor forks one more worker, the admin, and hands it the connections of that port; the
