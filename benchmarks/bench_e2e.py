@@ -11,13 +11,19 @@ own, round robin (``recserve up --pin-shards``). ``--strategies`` picks the stra
 ``--pin-workers`` pins every setup's gateway workers, singular's too (``gateway
 --pin-workers``; with ``--workers 1`` it changes nothing).
 
+Each setup first serves ``--warmup`` seconds of the same load that count for nothing: the
+figures are a started cluster's steady state, not its first requests (cold caches and first
+calls in every process, more of them in a sharded cluster; rows of ``benchmarks/RESULTS.md``
+before session l counted them).
+
 A shared host's speed drifts over minutes, and one P99 of a few thousand requests moves
 with it. ``--rounds N`` runs every setup once a round, singular among them, each round in
 a rotated order; the figures are medians over the rounds and each ratio the median of the
 rounds' own ratios (a setup against the singular run of its round), with the per-round
 P99 ratios printed too.
 
-    python -m benchmarks.bench_e2e [--size 256MiB] [--rate 20] [--duration 20] [--pin-shards]
+    python -m benchmarks.bench_e2e [--size 256MiB] [--rate 20] [--duration 20] [--warmup 2]
+        [--pin-shards]
         [--rounds 1] [--strategies capacity,load,net] [--workers 1] [--pin-workers]
 """
 
@@ -41,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds of the load first, not counted"
+    )
     parser.add_argument("--pin-shards", action="store_true", help="also run shards pinned")
     parser.add_argument("--rounds", type=int, default=1, help="every setup once a round")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
@@ -74,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, path, pin in rotated(setups, k):
                 result = measure(model, path, bodies, args.rate, args.duration, args.samples,
                                  args.workers, pin,
-                                 ("--pin-workers",) if args.pin_workers else ())  # fmt: skip
+                                 ("--pin-workers",) if args.pin_workers else (),
+                                 warmup=args.warmup)  # fmt: skip
                 runs.setdefault(name, []).append(result)
     base = runs["singular"]
 
@@ -103,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"\ndrm2 {args.size}, {args.shards} shards, {args.samples} samples per request, "
-        f"Poisson {args.rate:g} req/s for {args.duration:g} s each, {args.rounds} round(s), "
+        f"Poisson {args.rate:g} req/s for {args.duration:g} s each after {args.warmup:g} s "
+        f"not counted, {args.rounds} round(s), "
         f"{args.workers} gateway worker(s){' pinned' if args.pin_workers else ''}"
         + (" (medians; ratios: medians of each round's)" if args.rounds > 1 else "")
     )

@@ -49,9 +49,12 @@ def measure(
     workers: int = 1,
     pin_shards: bool = False,
     gateway_args: tuple[str, ...] = (),
+    warmup: float = 0.0,
 ) -> tuple[dict[str, float], list[int]]:
-    """Run the cluster of ``plan`` (none: singular) under the open-loop load. Returns the
-    results (with CPU s per 1k samples) and RSS per process (gateway first)."""
+    """Run the cluster of ``plan`` (none: singular) under the open-loop load, after
+    ``warmup`` seconds of the same load that count for nothing (a started cluster's first
+    requests meet cold caches and first calls in every process of it). Returns the results
+    (with CPU s per 1k samples) and RSS per process (gateway first)."""
     with LocalCluster(
         model,
         plan=plan,
@@ -60,6 +63,9 @@ def measure(
         gateway_args=("--timeout-ms", "5000", "--workers", str(workers), *gateway_args),
         pin_shards=pin_shards,
     ) as cluster:
+        if warmup > 0:
+            asyncio.run(open_loop(cluster.url, bodies, "application/json", Run(samples),
+                                  rate=rate, duration=warmup, seed=2))  # fmt: skip
         before = cluster.cpu_seconds()
         run = Run(samples)
         asyncio.run(
@@ -90,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         "--rates", default="20,40", help="offered requests per second, comma-separated"
     )
     parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds of the load first, not counted"
+    )
     parser.add_argument("--workers", type=int, default=1, help="each gateway's --workers")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             for mode in ("distributed", "singular"):
                 where = plan if mode == "distributed" else None
                 results[rate][mode], rss[mode] = measure(
-                    model, where, bodies, rate, args.duration, args.samples, args.workers
+                    model,
+                    where,
+                    bodies,
+                    rate,
+                    args.duration,
+                    args.samples,
+                    args.workers,
+                    warmup=args.warmup,
                 )
     rows = []
     for rate, by_mode in results.items():

@@ -28,12 +28,13 @@ def test_bench_shardd_small(capsys: pytest.CaptureFixture[str]) -> None:
 def test_bench_e2e_small(capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks import bench_e2e
 
-    assert (
-        bench_e2e.main(["--size", "4MiB", "--shards", "2", "--rate", "10", "--duration", "1"]) == 0
-    )
+    args = ["--size", "4MiB", "--shards", "2", "--rate", "10", "--duration", "1",
+            "--warmup", "0.5"]  # fmt: skip
+    assert bench_e2e.main(args) == 0
     out = capsys.readouterr().out
     for mode in ("capacity", "load", "net", "singular"):
         assert f"{mode} " in out
+    assert "after 0.5 s not counted" in out
 
 
 @pytest.mark.slow
