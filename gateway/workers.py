@@ -24,8 +24,8 @@ each other on one CPU instead of across them. Two workers on two cores
 (``benchmarks/RESULTS.md``): four shards on the same cores served 1.15x the samples/s of
 unpinned workers, singular the same (0.99x; +7 % in an interleaved A/B); at 100 requests/s
 of 16 JSON samples an interleaved A/B saw every P99 16 % shorter, singular's and the
-sharded path's alike (single ``bench_e2e`` runs spread too widely to tell). Pinned workers
-cannot move off a CPU another process keeps busy, so it is a flag, not the default.
+sharded path's alike, which ``bench_e2e``'s runs did not show beyond their spread. Pinned
+workers cannot move off a CPU another process keeps busy, so it is a flag, not the default.
 
 Online updates and deploys need one process that orders versions: with ``--admin-port`` the
 supervisor forks one more worker, the admin, and hands it the connections of that port; the
