@@ -23,8 +23,8 @@ rounds' own ratios (a setup against the singular run of its round), with the per
 P99 ratios printed too.
 
     python -m benchmarks.bench_e2e [--size 256MiB] [--rate 20] [--duration 20] [--warmup 2]
-        [--pin-shards]
-        [--rounds 1] [--strategies capacity,load,net] [--workers 1] [--pin-workers]
+        [--pin-shards] [--rounds 1] [--strategies capacity,load,net] [--workers 1]
+        [--pin-workers]
 """
 
 from __future__ import annotations

@@ -341,8 +341,11 @@ def report(
               f"1.0x), {args.shards} shards {ratio(sharded):.2f}x torch (target >= 0.8x), CPU "
               f"per sample {cpu(sharded, one):.2f}x singular's (target <= 1.15x)")  # fmt: skip
         if tag:
-            for key in (one, sharded):
-                unpinned = (key[0].replace(tag, ""), binary)
+            for where in ("singular", f"{args.shards} shards"):
+                key, unpinned = (
+                    (f"{where}{tag}, {workers}", binary),
+                    (f"{where}, {workers}", binary),
+                )
                 print(f"  {key[0]}: {ratio(key, unpinned):.2f}x the samples/s unpinned")
         if args.socket:
             sock = (f"{args.shards} shards, socket{tag}, {workers}", binary)
