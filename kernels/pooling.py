@@ -296,8 +296,11 @@ def _prepare(
             out.shape != (n_bags, n_tables, dim)
             or out.dtype != np.float32
             or not out.flags.c_contiguous
+            or not out.flags.writeable
         ):
-            raise KernelError(f"out must be C-contiguous float32 {(n_bags, n_tables, dim)}")
+            raise KernelError(
+                f"out must be writable C-contiguous float32 {(n_bags, n_tables, dim)}"
+            )
     else:
         out = _checked_placed(out, n_bags, dim, width)
     if threads is not None and threads < 1:
@@ -425,15 +428,25 @@ def pool(
     empty, or two). An empty bag pools to zeros; a repeated id counts once per occurrence;
     ``weights`` scales each id's row; ``mean`` divides by the bag's id count.
     """
+    if weights is None and isinstance(table, np.ndarray) and type(mode) is str and mode in _MODES:
+        pooled = _pool_f32(table, ids, offsets, mode, out, include_last_offset, threads)
+        if pooled is not None:
+            return pooled
     ids = _ids_for_kernel(ids)
     bounds = bag_bounds(offsets, ids.size, include_last_offset=include_last_offset, ordered=False)
     n_bags = bounds.size - 1
     packed_out = None
     if out is not None:
         dim = table_shape(table)[1]
-        if out.shape != (n_bags, dim) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        if (
+            out.shape != (n_bags, dim)
+            or out.dtype != np.float32
+            or not out.flags.c_contiguous
+            or not out.flags.writeable
+        ):
             raise KernelError(
-                f"out must be C-contiguous float32 {(n_bags, dim)}, got {out.dtype} {out.shape}"
+                f"out must be writable C-contiguous float32 {(n_bags, dim)}, "
+                f"got {out.dtype} {out.shape}"
             )
         packed_out = out.reshape(n_bags, 1, dim)
     # One table: its layout row directly (a TableSet costs ~2.5 us more a call).
@@ -441,6 +454,71 @@ def pool(
     dim = set_modes(layout, mode)
     result = _prepare(layout, dim, ids, bounds.reshape(1, -1), weights, packed_out, threads).run()
     return result.reshape(n_bags, dim)
+
+
+_F32, _I64, _I32 = np.dtype(np.float32), np.dtype(np.int64), np.dtype(np.int32)
+_MODES = {"sum": 0, "mean": 1}
+
+
+def _pool_f32(
+    table: np.ndarray,
+    ids: Any,
+    offsets: Any,
+    mode: str,
+    out: np.ndarray | None,
+    last: bool,
+    threads: int | None,
+) -> np.ndarray | None:
+    """``pool`` of a float32 table with ``offsets`` as int64, its bounds and layout row
+    made by one compiled call (``fused.one_table``): ~3 us of Python a call where the checked
+    path takes ~7, which is 5 % of pooling 5,000 rows from RAM. None when the call is not of
+    that common case or its input is bad: ``pool``'s checked path then pools it or names
+    what is wrong."""
+    if not (
+        table.dtype is _F32
+        and table.ndim == 2
+        and table.flags.c_contiguous
+        and table.shape[0]
+        and table.shape[1]
+        and type(ids) is np.ndarray
+        and ids.ndim == 1
+        and (ids.dtype is _I64 or ids.dtype is _I32)
+        and ids.flags.c_contiguous
+        and type(offsets) is np.ndarray
+        and offsets.ndim == 1
+        and offsets.dtype is _I64
+        and offsets.flags.c_contiguous
+        and (threads is None or threads >= 1)
+    ):
+        return None
+    n_bags = offsets.shape[0] - 1 if last else offsets.shape[0]
+    if n_bags < 1:
+        return None
+    dim = table.shape[1]
+    if out is None:
+        out = np.empty((n_bags, dim), np.float32)
+    elif not (
+        type(out) is np.ndarray
+        and out.shape == (n_bags, dim)
+        and out.dtype is _F32
+        and out.flags.c_contiguous
+        and out.flags.writeable
+    ):
+        return None
+    layout = np.zeros((1, COLUMNS), np.int64)
+    bounds = np.empty((1, n_bags + 1), np.int64)
+    compiled = _compiled()
+    if not compiled.one_table(table, offsets, last, ids.shape[0], _MODES[mode], layout, bounds):
+        return None
+    want = 1 if ids.shape[0] < SERIAL_BELOW else min(threads or default_threads(), MAX_THREADS)
+    if want == 1:
+        kernel = compiled.pool_tables_serial
+    else:
+        kernel = compiled.pool_tables_kernel
+        _use_threads(want)
+    if not kernel(layout, ids, bounds, _ONE, False, out.reshape(n_bags, 1, dim)):
+        return None
+    return out
 
 
 assert TAIL_BYTES == 8  # the kernel reads scale at row + dim and bias right after it

@@ -384,3 +384,37 @@ def test_bag_positions_checks_lengths_in_one_pass(lengths, n_ids, want) -> None:
     else:
         assert got is not None and got.dtype == np.int64
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_the_compiled_entry_pools_as_the_checked_path(threads: int, mode: str) -> None:
+    """A float32 table with int64 offsets takes ``pool``'s one compiled call; int32 offsets
+    the checked path (``pool_packed``'s). Both against a float64 reference, memmap too."""
+    rng = np.random.default_rng(7)
+    table = rng.standard_normal((3000, 64)).astype(np.float32)
+    lengths = rng.integers(0, 30, 200)
+    ids = rng.integers(0, 3000, int(lengths.sum()))
+    assert ids.size > SERIAL_BELOW
+    starts = np.cumsum([0, *lengths]).astype(np.int64)
+    want = slow_pool(table, ids, lengths, mode=mode)
+    for offsets, last in ((starts[:-1], False), (starts, True)):
+        kw = dict(mode=mode, include_last_offset=last, threads=threads)
+        fast = kernels.pool(table, ids, offsets, **kw)
+        checked = kernels.pool(table, ids, offsets.astype(np.int32), **kw)
+        np.testing.assert_allclose(fast, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(fast, checked)
+    out = np.full((200, 64), np.nan, np.float32)
+    assert kernels.pool(table, ids.astype(np.int32), starts[:-1], out=out, mode=mode) is out
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pool_refuses_a_read_only_out() -> None:
+    table = np.ones((4, 8), np.float32)
+    out = np.zeros((1, 8), np.float32)
+    out.flags.writeable = False
+    with pytest.raises(kernels.KernelError, match="writable"):
+        kernels.pool(table, np.array([1, 2]), np.array([0]), out=out)
+    with pytest.raises(kernels.KernelError, match="writable"):
+        kernels.pool_packed([table], np.array([1, 2]), np.array([[0, 2]]), out=out[:, None])
+    assert not out.any()
