@@ -9,9 +9,14 @@ whose loops over bags and ids are written directly in LLVM IR so that:
 
 - the accumulators are vector registers (phi nodes), never memory the compiler must assume
   aliases the table rows (numba-level loops over ``out[b, d]`` cost ~200 uops per id);
-- the row of the id ``PREFETCH`` positions ahead is prefetched, one ``prefetch`` per 64-byte
-  line, so many rows are in flight
-  (gathers are bound by memory latency, not arithmetic);
+- the row of the id ``PREFETCH`` positions ahead is prefetched into L1, one ``prefetch`` per
+  64-byte line, so many rows are in flight (gathers are bound by memory latency, not
+  arithmetic); for a table whose rows are mostly in DRAM (the layout's ``FAR`` column,
+  ``layout.mark_far``) the row ``PREFETCH_FAR`` positions ahead is prefetched into L2
+  instead (``prefetcht2``). Measured on this project's machine kind: 1.1-1.3x the ids/s of
+  the near prefetch into L1 on tables of 0.5-2.5 GB, 0.8-0.95x on tables that stay in
+  cache, which keep the near one (most likely more rows in flight than the L1's few
+  line-fill buffers allow; not verified with counters);
 - fp16 rows are widened with ``fpext`` (vcvtph2ps) and int8 row-wise rows with ``uitofp``
   plus a fused multiply-add by the row's scale, as FBGEMM's fused 8-bit layout needs.
 
@@ -43,6 +48,7 @@ from numba.extending import intrinsic
 from kernels.layout import (
     ADDRESS,
     DIM,
+    FAR,
     FIRST_ID,
     KIND,
     MEAN,
@@ -52,7 +58,8 @@ from kernels.layout import (
     SCALE_OFFSET,
 )
 
-PREFETCH = 24  # ids ahead: 16-24 measured best of 8-128 (in RAM, cached and memmap tables)
+PREFETCH = 24  # ids ahead into L1: 16-24 measured best of 8-128 (RAM, cached, memmap tables)
+PREFETCH_FAR = 64  # ids ahead into L2 for tables in DRAM: 48-96 measured best (32, 24 less)
 LINE = 64
 ELEM_BYTES = {"f32": 4, "f16": 2, "i8": 1}
 
@@ -60,11 +67,12 @@ I1, I8, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
 F16, F32 = ir.HalfType(), ir.FloatType()
 
 
-def _prefetch(builder: ir.IRBuilder, addr: ir.Value) -> None:
+def _prefetch(builder: ir.IRBuilder, addr: ir.Value, locality: int = 3) -> None:
+    """``llvm.prefetch`` for reading: locality 3 is ``prefetcht0`` (into L1), 1 ``prefetcht2``."""
     ptr_ty = I8.as_pointer()
     fnty = ir.FunctionType(ir.VoidType(), [ptr_ty, I32, I32, I32])
     fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-    builder.call(fn, [builder.inttoptr(addr, ptr_ty), I32(0), I32(3), I32(1)])
+    builder.call(fn, [builder.inttoptr(addr, ptr_ty), I32(0), I32(locality), I32(1)])
 
 
 def _fma(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
@@ -115,6 +123,9 @@ def _emit_loop(
     loop before any row of that id is touched.
 
     Unweighted loops add rows with ``fadd``: a multiply by a broadcast 1.0 costs ~20 %.
+    ``p["far"]`` (1 or 0, the same for the whole call): prefetch ``PREFETCH_FAR`` ids ahead
+    into L2 rather than ``PREFETCH`` ahead into L1; one predictable branch per id, not a
+    second copy of every loop (which doubled the kernels' compile time).
     """
     esize = ELEM_BYTES[kind]
     vty = ir.VectorType(F32, W)
@@ -169,19 +180,31 @@ def _emit_loop(
     id_ok = fn.append_basic_block(f"bag.{name}.id_ok")
     builder.cbranch(bad_id, fail, id_ok)
     builder.position_at_end(id_ok)
-    # Prefetch the row PREFETCH ids ahead (or re-touch the current one near the end).
-    ahead = builder.add(k, I64(PREFETCH))
+    # Prefetch the row PREFETCH (or PREFETCH_FAR) ids ahead, or re-touch the current one
+    # near the end.
+    ahead = builder.add(k, p["distance"])
     k_pf = builder.select(builder.icmp_signed("<", ahead, p["pf_end"]), ahead, k)
     pf_row = builder.add(p["base"], builder.mul(p["load_id"](k_pf), p["row_bytes"]))
     pf_start = builder.add(pf_row, col_bytes)
     span = W * NV * esize
-    for off in range(0, span, LINE):
-        _prefetch(builder, builder.add(pf_start, I64(off)))
-    # No extra prefetch of a row's last byte (the one more line of rows that are not 64-byte
-    # aligned): at a distance of 16 dropping it gained 1-13 % (an instruction per id; the
-    # line after a prefetched one is fetched by the hardware anyway).
-    if kind == "i8":
-        _prefetch(builder, builder.add(pf_row, p["scale_off"]))
+    near_pf = fn.append_basic_block(f"bag.{name}.near")
+    far_pf = fn.append_basic_block(f"bag.{name}.far")
+    fetched = fn.append_basic_block(f"bag.{name}.fetched")
+    # On a flag fixed for the whole call: LLVM unswitches the loop on it (a copy of the loop
+    # per prefetch; the kernels take ~1.6x as long to compile). A branch left in the loop
+    # cost cached tables 5-8 %.
+    builder.cbranch(p["far"], far_pf, near_pf)
+    for block, locality in ((near_pf, 3), (far_pf, 1)):
+        builder.position_at_end(block)
+        for off in range(0, span, LINE):
+            _prefetch(builder, builder.add(pf_start, I64(off)), locality)
+        # No extra prefetch of a row's last byte (the one more line of rows that are not
+        # 64-byte aligned): at a distance of 16 dropping it gained 1-13 % (an instruction per
+        # id; the line after a prefetched one is fetched by the hardware anyway).
+        if kind == "i8":
+            _prefetch(builder, builder.add(pf_row, p["scale_off"]), locality)
+        builder.branch(fetched)
+    builder.position_at_end(fetched)
 
     row = builder.add(p["base"], builder.mul(the_id, p["row_bytes"]))
     weight = builder.load(builder.gep(p["weights"], [k])) if weighted else F32(1.0)
@@ -242,24 +265,24 @@ _I = types.intp
 
 
 @intrinsic
-def pool_bags(typingctx, key, base, ids, bounds, b0, b1, pf_end, first, rows, row_bytes, col,
-              scale_off, weights, dst0, dst_stride):  # fmt: skip
+def pool_bags(typingctx, key, far, base, ids, bounds, b0, b1, pf_end, first, rows, row_bytes,
+              col, scale_off, weights, dst0, dst_stride):  # fmt: skip
     """Pool bags ``[b0, b1)`` of one table over one column pass: bag ``b`` sums rows
     ``ids[bounds[b]:bounds[b + 1]]`` of the table at address ``base`` into the float32 row
     at address ``dst0 + (b - b0) * dst_stride``. ``bounds`` is the address of the table's
     int64 bag bounds. ``key`` (``variant_key``) picks kind, weighting, lanes and vectors;
-    an unknown key does nothing. Returns False, at the first bad bag bound (outside
-    ``[0, len(ids)]`` or decreasing) or id (outside ``[first, first + rows)``), before
-    touching that id's row."""
-    sig = types.boolean(_I, _I, ids, _I, _I, _I, _I, _I, _I, _I, _I, _I, weights, _I, _I)
+    an unknown key does nothing. ``far`` (1 or 0): prefetch for a table in DRAM. Returns
+    False, at the first bad bag bound (outside ``[0, len(ids)]`` or decreasing) or id
+    (outside ``[first, first + rows)``), before touching that id's row."""
+    sig = types.boolean(_I, _I, _I, ids, _I, _I, _I, _I, _I, _I, _I, _I, _I, weights, _I, _I)
 
     def codegen(context, builder, signature, args):
-        (key_v, base_v, ids_v, bounds_v, b0_v, b1_v, pf_end_v, first_v, rows_v, rb_v, col_v,
-         so_v, w_v, dst0_v, stride_v) = args  # fmt: skip
-        ids_arr = context.make_array(signature.args[2])(context, builder, ids_v)
-        w_arr = context.make_array(signature.args[12])(context, builder, w_v)
+        (key_v, far_v, base_v, ids_v, bounds_v, b0_v, b1_v, pf_end_v, first_v, rows_v, rb_v,
+         col_v, so_v, w_v, dst0_v, stride_v) = args  # fmt: skip
+        ids_arr = context.make_array(signature.args[3])(context, builder, ids_v)
+        w_arr = context.make_array(signature.args[13])(context, builder, w_v)
         n_ids = cgutils.unpack_tuple(builder, ids_arr.shape, 1)[0]
-        narrow = signature.args[2].dtype.bitwidth < 64
+        narrow = signature.args[3].dtype.bitwidth < 64
 
         def load_id(k: ir.Value) -> ir.Value:
             raw = builder.load(builder.gep(ids_arr.data, [k]))
@@ -269,7 +292,10 @@ def pool_bags(typingctx, key, base, ids, bounds, b0, b1, pf_end, first, rows, ro
                       b0=b0_v, b1=b1_v, pf_end=pf_end_v, first=first_v, rows=rows_v,
                       n_ids=n_ids, row_bytes=rb_v, col=col_v, scale_off=so_v,
                       weights=w_arr.data, dst0=dst0_v, dst_stride=stride_v,
-                      load_id=load_id)  # fmt: skip
+                      load_id=load_id,
+                      far=builder.icmp_signed("!=", far_v, I64(0)), distance=builder.select(
+                          builder.icmp_signed("!=", far_v, I64(0)),
+                          I64(PREFETCH_FAR), I64(PREFETCH)))  # fmt: skip
         fn = builder.function
         done = fn.append_basic_block("bags.done")
         results = [(builder.basic_block, ir.Constant(I1, 1))]  # an unknown key: nothing
@@ -330,7 +356,7 @@ def pool_chunk(layout, ids, bounds, weights, weighted, out, g, n_chunks):  # pra
         else:
             lanes, nvec = 1, rem
         key = variant_key(layout[t, KIND], weighted, lanes, nvec)
-        if not pool_bags(key, layout[t, ADDRESS], ids, t_bounds, b0, b1, pf_end,
+        if not pool_bags(key, layout[t, FAR], layout[t, ADDRESS], ids, t_bounds, b0, b1, pf_end,
                          layout[t, FIRST_ID], layout[t, ROWS], layout[t, ROW_BYTES], col,
                          layout[t, SCALE_OFFSET], weights, dst0 + col * 4,
                          width * dim * 4):  # fmt: skip
@@ -378,7 +404,7 @@ def pool_tables_serial(layout, ids, bounds, weights, weighted, out):  # pragma: 
 
 
 @njit(nogil=True, cache=True)
-def one_table(table, offsets, last, n_ids, mean, layout, bounds):  # pragma: no cover
+def one_table(table, offsets, last, n_ids, mean, far_bytes, layout, bounds):  # pragma: no cover
     """``kernels.pool``'s common case, a float32 table of at least one row and column: its
     layout row into ``layout`` (``[1, COLUMNS]``, zeros) and the bag bounds from ``offsets``
     (``last``: they end with ``n_ids``) into ``bounds`` (``[1, B + 1]``), in one call
@@ -404,4 +430,5 @@ def one_table(table, offsets, last, n_ids, mean, layout, bounds):  # pragma: no 
     layout[0, ROWS] = table.shape[0]
     layout[0, MEAN] = mean
     layout[0, DIM] = table.shape[1]
+    layout[0, FAR] = table.shape[0] * table.strides[0] >= far_bytes
     return True

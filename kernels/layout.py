@@ -12,6 +12,9 @@ Columns, by name (``kernels.fused`` reads them by the same names)::
     DIM           the embedding dim
     OUT           the column of ``out`` ``[B, width, dim]`` the table's bags are pooled into
                   (the table's place in the call, unless the caller places it)
+    FAR           1: the table's rows are mostly in DRAM, so the kernel prefetches them
+                  further ahead, into L2 (``fused``): it is at least ``far_bytes()``, or at
+                  least ``FAR_TABLE_MIN`` in a set that is (``mark_far``)
 
 Also the checks every entry point shares: bag bounds from offsets or lengths, ids against
 rows.
@@ -20,6 +23,7 @@ rows.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 from numba import njit
@@ -28,9 +32,55 @@ from kernels.errors import IdOutOfRangeError, KernelError
 from kernels.quant import Int8RowwiseTable
 
 Table = np.ndarray | Int8RowwiseTable
-KIND, ADDRESS, ROW_BYTES, SCALE_OFFSET, ROWS, MEAN, FIRST_ID, DIM, OUT = range(9)
-COLUMNS = 9
+KIND, ADDRESS, ROW_BYTES, SCALE_OFFSET, ROWS, MEAN, FIRST_ID, DIM, OUT, FAR = range(10)
+COLUMNS = 10
 _MEAN = {"sum": False, "mean": True}
+
+
+def far_bytes() -> int:
+    """Table size from which rows are prefetched far ahead: half the last-level cache (a
+    smaller table is mostly cache-resident, and the near prefetch into L1 serves it best),
+    at least 32 MiB."""
+    global _FAR_BYTES
+    if _FAR_BYTES is None:
+        _FAR_BYTES = max(32 << 20, _last_level_cache() // 2)
+    return _FAR_BYTES
+
+
+def _last_level_cache() -> int:
+    """Bytes of CPU 0's largest cache level as sysfs reports it, or 0."""
+    caches = Path("/sys/devices/system/cpu/cpu0/cache")
+    best = (0, 0)
+    for index in caches.glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        try:
+            n = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        except ValueError:
+            continue
+        best = max(best, (level, n))
+    return best[1]
+
+
+_FAR_BYTES: int | None = None
+# A table below this stays in cache among larger ones (26 tables of 2.5 MB pooled 18 % slower
+# with the far prefetch; of 39 MB, 1 GB together, 8 % faster).
+FAR_TABLE_MIN = 16 << 20
+
+
+def mark_far(layout: np.ndarray) -> None:
+    """Set the FAR column of a set of tables pooled together (a shard's parts, a model's
+    tables): a table is far when it is at least ``far_bytes()`` on its own, or when the set
+    is and the table is at least ``FAR_TABLE_MIN``."""
+    size = layout[:, ROWS] * layout[:, ROW_BYTES]
+    far = size >= far_bytes()
+    if int(size.sum()) >= far_bytes():
+        far |= size >= FAR_TABLE_MIN
+    layout[:, FAR] = far
 
 
 def table_shape(table: Table) -> tuple[int, int]:
@@ -65,7 +115,9 @@ def table_layout(table: Table, address: Callable[[np.ndarray], int]) -> list[int
     if not rows:
         return _row(kind, 0, 0, 0, 0, dim)
     addr = data.ctypes.data if kind == 1 else address(data)
-    return _row(kind, addr, data.strides[0], dim if kind == 2 else 0, rows, dim)
+    row = _row(kind, addr, data.strides[0], dim if kind == 2 else 0, rows, dim)
+    row[FAR] = int(rows * data.strides[0] >= far_bytes())
+    return row
 
 
 def _row(kind: int, addr: int, row_bytes: int, scale: int, rows: int, dim: int) -> list[int]:

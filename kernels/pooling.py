@@ -26,6 +26,7 @@ from kernels.layout import (
     ADDRESS,
     COLUMNS,
     DIM,
+    FAR,
     FIRST_ID,
     KIND,
     OUT,
@@ -37,6 +38,8 @@ from kernels.layout import (
     bag_positions,
     check_ids,
     check_weights,
+    far_bytes,
+    mark_far,
     set_modes,
     table_layout,
     table_shape,
@@ -83,6 +86,7 @@ class TableSet:
         self.layout = np.array(
             [table_layout(t, _compiled().address) for t in self.tables], np.int64
         ).reshape(-1, COLUMNS)
+        mark_far(self.layout)
         if first_ids is not None:
             if len(first_ids) != len(self.tables):
                 raise KernelError(f"{len(first_ids)} first_ids for {len(self.tables)} tables")
@@ -249,7 +253,7 @@ class PoolCall:
         row = table_layout(table, _compiled().address)
         if row[DIM] != self.layout[j, DIM]:
             raise KernelError(f"dim {row[DIM]} != the call's {int(self.layout[j, DIM])}")
-        for col in (KIND, ADDRESS, ROW_BYTES, SCALE_OFFSET, ROWS):
+        for col in (KIND, ADDRESS, ROW_BYTES, SCALE_OFFSET, ROWS, FAR):
             self.layout[j, col] = row[col]
         self.layout[j, FIRST_ID] = 0
 
@@ -508,7 +512,9 @@ def _pool_f32(
     layout = np.zeros((1, COLUMNS), np.int64)
     bounds = np.empty((1, n_bags + 1), np.int64)
     compiled = _compiled()
-    if not compiled.one_table(table, offsets, last, ids.shape[0], _MODES[mode], layout, bounds):
+    if not compiled.one_table(
+        table, offsets, last, ids.shape[0], _MODES[mode], far_bytes(), layout, bounds
+    ):
         return None
     want = 1 if ids.shape[0] < SERIAL_BELOW else min(threads or default_threads(), MAX_THREADS)
     if want == 1:

@@ -18,6 +18,15 @@ from kernels.reference import pool_numpy
 ENGINES = pytest.mark.parametrize("engine", [kernels.pool, pool_numpy], ids=["numba", "numpy"])
 
 
+@pytest.fixture(params=["near", "far"])
+def prefetch(request, monkeypatch) -> str:
+    """Both prefetch modes of the kernel: every table counted as cache-resident, or every
+    table as larger than the cache (``layout.far_bytes``)."""
+    far = request.param == "far"
+    monkeypatch.setattr(kernels.layout, "_FAR_BYTES", 0 if far else 1 << 62)
+    return request.param
+
+
 def slow_pool(values: np.ndarray, ids, lengths, weights=None, mode="sum") -> np.ndarray:
     out = np.zeros((len(lengths), values.shape[1]), dtype=np.float64)
     pos = 0
@@ -128,7 +137,7 @@ def test_pool_rejects_out_of_range_ids(engine, bad, pos) -> None:
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bad", [-1, 10, 2**62, -(2**62)])
-def test_bad_id_in_a_later_bag_is_reported_not_touched(threads, bad) -> None:
+def test_bad_id_in_a_later_bag_is_reported_not_touched(threads, bad, prefetch) -> None:
     """Bags are checked as they are pooled: earlier bags' prefetches run over the bad id
     (prefetches never fault) and the first bad position is still named."""
     table = np.ones((10, 64), np.float32)
@@ -167,7 +176,7 @@ def test_pool_rejects_bad_dtypes() -> None:
         kernels.pool(np.zeros((5, 2), np.float32), np.array([1]), np.array([0]), threads=0)
 
 
-def test_pool_many_mixed_dtypes_and_modes() -> None:
+def test_pool_many_mixed_dtypes_and_modes(prefetch) -> None:
     rng = np.random.default_rng(7)
     dim, n_bags = 24, 9
     values = [rng.standard_normal((rows, dim)).astype(np.float32) for rows in (50, 7, 300)]
@@ -199,7 +208,7 @@ def test_pool_packed_error_names_global_position() -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_parallel_path_matches_numpy(threads: int) -> None:
+def test_parallel_path_matches_numpy(threads: int, prefetch) -> None:
     rng = np.random.default_rng(3)
     table = rng.standard_normal((5000, 64)).astype(np.float32)
     n_bags = 300
@@ -388,7 +397,7 @@ def test_bag_positions_checks_lengths_in_one_pass(lengths, n_ids, want) -> None:
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", ["sum", "mean"])
-def test_the_compiled_entry_pools_as_the_checked_path(threads: int, mode: str) -> None:
+def test_the_compiled_entry_pools_as_the_checked_path(threads: int, mode: str, prefetch) -> None:
     """A float32 table with int64 offsets takes ``pool``'s one compiled call; int32 offsets
     the checked path (``pool_packed``'s). Both against a float64 reference, memmap too."""
     rng = np.random.default_rng(7)
@@ -418,3 +427,23 @@ def test_pool_refuses_a_read_only_out() -> None:
     with pytest.raises(kernels.KernelError, match="writable"):
         kernels.pool_packed([table], np.array([1, 2]), np.array([[0, 2]]), out=out[:, None])
     assert not out.any()
+
+
+def test_tables_larger_than_half_the_cache_are_prefetched_far(monkeypatch) -> None:
+    from kernels.layout import FAR, far_bytes, table_layout
+
+    assert far_bytes() >= 32 << 20
+    monkeypatch.setattr(kernels.layout, "_FAR_BYTES", 64 * 16 * 4)
+    address = kernels.pooling._compiled().address
+    small, big = np.zeros((63, 16), np.float32), np.zeros((64, 16), np.float32)
+    assert [table_layout(t, address)[FAR] for t in (small, big)] == [0, 1]
+    int8 = Int8RowwiseTable(quantize_rows(np.zeros((64 * 64 // 24 + 1, 16), np.float32)))
+    assert table_layout(int8, address)[FAR] == 1  # by its bytes: 16 codes + 8 a row
+    assert kernels.TableSet([small, big]).layout[:, FAR].tolist() == [0, 1]
+    # Together at least far_bytes: each table of at least FAR_TABLE_MIN is far too.
+    monkeypatch.setattr(kernels.layout, "_FAR_BYTES", 64 * 16 * 4 * 2)
+    monkeypatch.setattr(kernels.layout, "FAR_TABLE_MIN", 32 * 16 * 4)
+    tiny, half = np.zeros((31, 16), np.float32), np.zeros((32, 16), np.float32)
+    assert kernels.TableSet([tiny, half]).layout[:, FAR].tolist() == [0, 0]
+    more = np.zeros((100, 16), np.float32)  # below far_bytes alone; the three above it
+    assert kernels.TableSet([tiny, half, more]).layout[:, FAR].tolist() == [0, 1, 1]
