@@ -535,7 +535,7 @@ def warm_up() -> float:
     getter for writable and read-only float32 and int8 tables (memory-mapped tables are
     read-only), or load them from numba's on-disk cache.
 
-    Returns the seconds it took: ~11 s on a first run on a machine, ~0.2 s when cached.
+    Returns the seconds it took: ~16 s on a first run on a machine, ~0.2 s when cached.
     Daemons call it before reporting ready so no request pays for it.
     """
     import time
