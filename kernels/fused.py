@@ -123,9 +123,9 @@ def _emit_loop(
     loop before any row of that id is touched.
 
     Unweighted loops add rows with ``fadd``: a multiply by a broadcast 1.0 costs ~20 %.
-    ``p["far"]`` (1 or 0, the same for the whole call): prefetch ``PREFETCH_FAR`` ids ahead
-    into L2 rather than ``PREFETCH`` ahead into L1; one predictable branch per id, not a
-    second copy of every loop (which doubled the kernels' compile time).
+    ``p["far"]`` (the same for the whole call): prefetch ``PREFETCH_FAR`` ids ahead into L2
+    rather than ``PREFETCH`` ahead into L1. LLVM unswitches the loop on it, so each
+    prefetch has its own copy of the loop and no branch is left in it.
     """
     esize = ELEM_BYTES[kind]
     vty = ir.VectorType(F32, W)
