@@ -13,7 +13,7 @@ whose loops over bags and ids are written directly in LLVM IR so that:
   64-byte line, so many rows are in flight (gathers are bound by memory latency, not
   arithmetic); for a table whose rows are mostly in DRAM (the layout's ``FAR`` column,
   ``layout.mark_far``) the row ``PREFETCH_FAR`` positions ahead is prefetched into L2
-  instead (``prefetcht2``). Measured on this project's machine kind: 1.1-1.3x the ids/s of
+  instead (``prefetcht2``). Measured on this project's machine kind: 1.0-1.25x the ids/s of
   the near prefetch into L1 on tables of 0.5-2.5 GB, 0.8-0.95x on tables that stay in
   cache, which keep the near one (most likely more rows in flight than the L1's few
   line-fill buffers allow; not verified with counters);
