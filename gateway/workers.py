@@ -21,8 +21,9 @@ reports the sums over all (gauges: ``livesum``, the version ``livemax``; no ``pr
 With ``--pin-workers`` each serving worker runs only on its share of the CPUs
 (``recserve.runtime.cpus``): its loop, its executor threads and its ZeroMQ I/O thread wake
 each other on one CPU instead of across them. Two workers on two cores
-(``benchmarks/RESULTS.md``): four shards on the same cores served 1.15x the samples/s of
-unpinned workers, singular the same (0.99x; +7 % in an interleaved A/B); at 100 requests/s
+(``benchmarks/RESULTS.md``): four shards on the same cores served 1.15x and 1.04x the
+samples/s of unpinned workers in two runs, singular the same (0.99x, 1.00x; +7 % in an
+interleaved A/B); at 100 requests/s
 of 16 JSON samples an interleaved A/B saw every P99 16 % shorter, singular's and the
 sharded path's alike, which ``bench_e2e``'s runs did not show beyond their spread. Pinned
 workers cannot move off a CPU another process keeps busy, so it is a flag, not the default.
