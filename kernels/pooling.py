@@ -312,10 +312,15 @@ def _prepare(
     if out.size == 0:
         _explain_bad(layout, ids, bounds)
         return PoolCall(None, layout, ids, bounds, weights, out, 1)
-    want = 1 if ids.size < SERIAL_BELOW else min(threads or default_threads(), MAX_THREADS)
-    compiled = _compiled()
-    kernel = compiled.pool_tables_serial if want == 1 else compiled.pool_tables_kernel
+    kernel, want = _kernel(ids.size, threads)
     return PoolCall(kernel, layout, ids, bounds, weights, out, want)
+
+
+def _kernel(n_ids: int, threads: int | None) -> tuple[Any, int]:
+    """The compiled kernel for a call of ``n_ids`` ids, and the threads it runs on."""
+    want = 1 if n_ids < SERIAL_BELOW else min(threads or default_threads(), MAX_THREADS)
+    compiled = _compiled()
+    return (compiled.pool_tables_serial if want == 1 else compiled.pool_tables_kernel), want
 
 
 def _checked_placed(out: np.ndarray | None, bags: int, dim: int, width: int) -> np.ndarray:
@@ -511,16 +516,12 @@ def _pool_f32(
         return None
     layout = np.zeros((1, COLUMNS), np.int64)
     bounds = np.empty((1, n_bags + 1), np.int64)
-    compiled = _compiled()
-    if not compiled.one_table(
+    if not _compiled().one_table(
         table, offsets, last, ids.shape[0], _MODES[mode], far_bytes(), layout, bounds
     ):
         return None
-    want = 1 if ids.shape[0] < SERIAL_BELOW else min(threads or default_threads(), MAX_THREADS)
-    if want == 1:
-        kernel = compiled.pool_tables_serial
-    else:
-        kernel = compiled.pool_tables_kernel
+    kernel, want = _kernel(ids.shape[0], threads)
+    if want > 1:
         _use_threads(want)
     if not kernel(layout, ids, bounds, _ONE, False, out.reshape(n_bags, 1, dim)):
         return None
