@@ -4,8 +4,13 @@ Contenders run in blocks rather than interleaved call by call: torch's and numba
 pools each spin for a while after a parallel region, and alternating them call by call
 measures their fight, not the kernels. Each block starts with a timed warm-up (the contender
 runs for at least ``WARM_S``), which lets the other pool's threads go idle and keeps the
-vCPUs awake: after a sleep, a VM's first calls pay milliseconds of wake-up. Block order
-rotates between rounds; results are medians over all repetitions.
+vCPUs awake: after a sleep, a VM's first calls pay milliseconds of wake-up. The warm-up
+cycles through inputs of its own, as many as the timed ones and like them: after calls that
+find their rows cached (one warm-up input repeated), the memory system is idle, and the
+first calls that miss pay for waking it (on this machine kind, 256 bags of 20 random rows of
+a 10M-row table took 160-230 us a call for the first ~20 such calls, 70-100 us in steady
+use), which would time the transition rather than the kernels. Block order rotates between
+rounds; results are medians over all repetitions.
 """
 
 from __future__ import annotations
@@ -25,17 +30,20 @@ T = TypeVar("T")
 def round_times(
     contenders: dict[str, Callable[[Any], object]],
     inputs: Sequence[Any],
-    warmup: Any,
+    warmup: Sequence[Any],
     *,
     rounds: int = 3,
     slow: dict[str, int] | None = None,
 ) -> dict[str, list[float]]:
     """Median seconds per call of each contender in each round, contenders in rotating
-    blocks. Memory speed on a shared host drifts by several times within seconds, so
+    blocks, each block's warm-up cycling through ``warmup`` (inputs the timed calls do not
+    use). Memory speed on a shared host drifts by several times within seconds, so
     compare contenders round by round (``median_ratio``), not across the whole run.
 
     Contenders named in ``slow`` run on that many inputs a round.
     """
+    if not warmup:
+        raise ValueError("round_times needs at least one warm-up input")
     slow = slow or {}
     times: dict[str, list[float]] = {name: [] for name in contenders}
     names = list(contenders)
@@ -43,9 +51,11 @@ def round_times(
         for name in rotated(names, r):
             fn = contenders[name]
             deadline = time.perf_counter() + WARM_S
-            fn(warmup)
+            fn(warmup[0])
+            k = 1
             while time.perf_counter() < deadline:
-                fn(warmup)
+                fn(warmup[k % len(warmup)])
+                k += 1
             calls = []
             for item in inputs[: slow.get(name, len(inputs))]:
                 start = time.perf_counter()

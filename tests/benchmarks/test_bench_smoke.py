@@ -11,10 +11,13 @@ def test_bench_pooling_small(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_pooling.main(["--small", "--reps", "1", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "vs torch" in out and "int8 vs fp32" in out and "ceilings on the memmap" in out
+    assert "vs the row ceiling" in out
     rows = [line.split() for line in out.splitlines()]
-    shapes = [r for r in rows if len(r) == 12 and r[1] in ("RAM", "mmap")]
+    shapes = [r for r in rows if len(r) == 14 and r[1] in ("RAM", "mmap")]
     # --small: one batch size and pooling, fixed/variable lengths x uniform/Zipf ids, 2 tables
-    assert len(shapes) == 8 and all(r[-2].endswith("x") for r in shapes)
+    assert len(shapes) == 8 and all(r[10].endswith("x") for r in shapes)
+    # the row ceiling is measured on the memmap shapes only
+    assert all((r[-1] == "-") == (r[1] == "RAM") for r in shapes)
 
 
 def test_bench_shardd_small(capsys: pytest.CaptureFixture[str]) -> None:
