@@ -35,10 +35,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 
-from benchmarks.common import print_table, run_cli
+from benchmarks.common import print_table, run_cli, shard_stats
 from kernels import rowcache as rc
 from recserve.contracts.manifest import read_manifest
 from recserve.contracts.plan import read_plan
@@ -58,23 +57,6 @@ def block_stat(path: Path) -> tuple[int, int]:
     stat = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat")
     fields = stat.read_text().split()
     return int(fields[0]), int(fields[2]) * 512
-
-
-def shard_stats(endpoint: str) -> dict[str, Any]:
-    import zmq
-
-    from recserve.rpc.deadline import Deadline
-    from recserve.rpc.wire import pack_header, request
-
-    ctx = zmq.Context.instance()
-    with ctx.socket(zmq.DEALER) as sock:
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
-        sock.send(pack_header(request("stats", 1, Deadline.after(5000).at_ms)))
-        if not sock.poll(5000):
-            raise SystemExit(f"no stats from {endpoint}")
-        reply: dict[str, Any] = msgpack.unpackb(sock.recv_multipart()[0])
-        return reply
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:

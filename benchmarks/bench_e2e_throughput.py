@@ -44,7 +44,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from benchmarks.common import median_ratio, print_table, rotated, run_cli
+from benchmarks.common import median_ratio, print_table, rotated, run_cli, shard_stats
 from benchmarks.served import (
     client_loop,
     closed_loop,
@@ -158,6 +158,22 @@ def stage_seconds(url: str) -> dict[str, float]:
     return out
 
 
+SHARD_STAGES = ("decode", "prepare", "pool", "reply")
+
+
+def shard_stage_seconds(cluster: LocalCluster) -> dict[str, float]:
+    """Seconds the cluster's shards spent so far per lookup stage (``shardd.metrics``)."""
+    out = dict.fromkeys(SHARD_STAGES, 0.0)
+    if cluster.singular:
+        return out
+    for shard in cluster.plan.shards:
+        for endpoint in shard.endpoints:
+            got = shard_stats(endpoint).get("stage_seconds") or {}
+            for stage in SHARD_STAGES:
+                out[stage] += float(got.get(stage, 0.0))
+    return out
+
+
 def cpu_now(cluster: LocalCluster) -> np.ndarray:
     """CPU seconds so far: the gateway (its workers too), the shards, this process (the
     client)."""
@@ -260,15 +276,18 @@ class Measure:
     scores: np.ndarray
     cpu: np.ndarray  # gateway, shards, client
     stages: dict[str, float]
+    shard_stages: dict[str, float]  # the shards' seconds per lookup stage (SHARD_STAGES)
 
 
 def measure(cluster: LocalCluster, run: Run, duration: float) -> Measure:
     cpu, before = cpu_now(cluster), stage_seconds(cluster.url)
+    shards_before = shard_stage_seconds(cluster)
     rate, scores = asyncio.run(run(cluster.url))
     ms = 1e6 / (rate * duration)  # ms per 1k samples, per second
     after = stage_seconds(cluster.url)
     took = {k: (after[k] - before[k]) * ms for k in after}
-    return Measure(rate, scores, (cpu_now(cluster) - cpu) * ms, took)
+    shards_took = {k: (v - shards_before[k]) * ms for k, v in shard_stage_seconds(cluster).items()}
+    return Measure(rate, scores, (cpu_now(cluster) - cpu) * ms, took, shards_took)
 
 
 def report(
@@ -288,6 +307,7 @@ def report(
     rows = [["torch in-process", "-", f"{med(base):,.0f}", "1.00x"]]
     stages: list[list[str]] = []
     cpus: list[list[str]] = []
+    on_shards: list[list[str]] = []
     for (where, form), ms in got.items():
         rows.append([where, form, f"{med(m.rate for m in ms):,.0f}",
                      f"{ratio((where, form)):.2f}x"])  # fmt: skip
@@ -300,6 +320,13 @@ def report(
             + [f"{took[f'cpu:{s}']:.1f}" for s in CPU_STAGES]
             + [f"{gateway - staged:.1f}", f"{shards:.1f}", f"{client:.1f}"]
         )
+        if shards:
+            split = {k: med(m.shard_stages[k] for m in ms) for k in SHARD_STAGES}
+            on_shards.append(
+                [where, form, f"{shards:.1f}"]
+                + [f"{split[k]:.1f}" for k in SHARD_STAGES]
+                + [f"{shards - sum(split.values()):.1f}"]
+            )
     print(
         f"\nDLRM_Net shape ({TABLES} tables, {args.rows:,} rows x {DIM}, {BAG} ids a bag), "
         f"requests of {args.batch}, {args.inflight} in flight, client on the same cores; "
@@ -320,6 +347,14 @@ def report(
     )
     print_table(["setup", "form", "gateway", *CPU_STAGES, "loop+rest", "shards", "client"],
                 cpus)  # fmt: skip
+    if on_shards:
+        print(
+            "\nthe shards, ms per 1k samples: their CPU; of it the seconds their lookups spent "
+            "in each stage (decode: header and arrays read and checked; prepare: kernel calls "
+            "planned; pool: the kernel; reply: answered, counted, sent) and the rest (event "
+            "loops and ZeroMQ: receiving, waking up)"
+        )
+        print_table(["setup", "form", "shards", *SHARD_STAGES, "rest"], on_shards)
     binary = "KServe binary"
     cols = med(ratio((w, "recserve.client"), (w, binary)) for w, *_ in setups)
     print(f"\nrecserve.client (msgpack columns) against KServe binary: {cols:.2f}x "

@@ -21,7 +21,12 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import msgpack
+import zmq
 from prometheus_client.parser import text_string_to_metric_families
+
+from recserve.rpc.deadline import Deadline
+from recserve.rpc.wire import pack_header, request
 
 WARM_S = 0.05
 T = TypeVar("T")
@@ -131,3 +136,16 @@ def tail(
     share = 1 - counts[bounds.index(above)] / n
     p99 = next(b for b, c in zip(bounds, counts, strict=True) if c >= 0.99 * n)
     return int(n), share, p99
+
+
+def shard_stats(endpoint: str) -> dict[str, Any]:
+    """A shard daemon's ``stats`` reply (its counts since it started)."""
+    ctx = zmq.Context.instance()
+    with ctx.socket(zmq.DEALER) as sock:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        sock.send(pack_header(request("stats", 1, Deadline.after(5000).at_ms)))
+        if not sock.poll(5000):
+            raise SystemExit(f"no stats from {endpoint}")
+        reply: dict[str, Any] = msgpack.unpackb(sock.recv_multipart()[0])
+        return reply

@@ -51,6 +51,11 @@ COUNTED = (
     ("recserve_shard_inline_lookups", "Lookups small enough to be pooled on the event loop",
      "inline"),
 )  # fmt: skip
+# A lookup's stages, timed on the thread that runs each: decode (the header and arrays read
+# and checked, the shared memory mapped), prepare (the kernel calls planned), pool (the
+# kernel, on the loop or a worker), reply (answered, counted, sent). The rest of a shard's
+# CPU is its event loop's and ZeroMQ's: receiving, waking up, other ops.
+LOOKUP_STAGES = ("decode", "prepare", "pool", "reply")
 CACHE_COUNTED = (
     ("recserve_shard_cache_hits", "Ids served from the row cache", "hits"),
     ("recserve_shard_cache_misses", "Rows read from disk into the row cache", "misses"),
@@ -82,6 +87,8 @@ class ShardMetrics:
             ("hits", "misses", "bypassed", "evictions", "disk_seconds"), 0
         )
     )
+    # Seconds answered lookups spent per stage (``LOOKUP_STAGES``): where a shard's CPU goes.
+    stages: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOOKUP_STAGES, 0.0))
 
     def request(self, op: str, outcome: str, sent: int = 0) -> None:
         """Count one answered request and the bytes of its reply."""
@@ -99,6 +106,14 @@ class ShardMetrics:
         t["bags"] += bags
         if inline:
             t["inline"] += 1
+
+    def staged(self, decode: float, prepare: float, pool: float, reply: float) -> None:
+        """One answered lookup's seconds per stage."""
+        st = self.stages
+        st["decode"] += decode
+        st["prepare"] += prepare
+        st["pool"] += pool
+        st["reply"] += reply
 
     def cached(self, hits: int, misses: int, bypassed: int, evictions: int, disk_s: float) -> None:
         """Count one lookup's use of the row cache."""
@@ -184,3 +199,13 @@ class _Counted(Collector):
             yield CounterMetricFamily(name, text, value=m.totals[key])
         for name, text, key in CACHE_COUNTED:
             yield CounterMetricFamily(name, text, value=m.cache[key])
+        stages = CounterMetricFamily(
+            "recserve_shard_lookup_stage_seconds",
+            "Seconds answered lookups spent per stage: decode (header and arrays read and "
+            "checked), prepare (kernel calls planned), pool (the kernel), reply (answered and "
+            "sent); the rest of the process's CPU is its event loop's and ZeroMQ's",
+            labels=["stage"],
+        )
+        for stage in LOOKUP_STAGES:
+            stages.add_metric([stage], m.stages[stage])
+        yield stages

@@ -79,12 +79,14 @@ class Call:
     groups or the error, and where its time went."""
 
     __slots__ = (
+        "decoded",
         "error",
         "groups",
         "header",
         "ident",
         "inline",
         "job",
+        "prepared",
         "queued",
         "region",
         "started",
@@ -108,6 +110,7 @@ class Call:
         self.groups: list[Group] = []
         self.error: RecserveError | None = None
         self.queued = self.worked = 0.0
+        self.decoded = self.prepared = 0.0  # seconds the loop spent on each, before
 
     def run(self) -> None:
         """The CPU-heavy part, in a worker (or inline on the loop, prepared for one thread:
@@ -182,6 +185,7 @@ class ShardServer:
 
     def _dispatch(self, ident: zmq.Frame, body: list[zmq.Frame]) -> None:
         header: dict[str, Any] | None = None
+        begin = time.perf_counter()
         try:
             header = decode_header(body[0].buffer)
             op = header["op"]
@@ -218,6 +222,7 @@ class ShardServer:
             threads = 1 if inline else self.settings.kernel_threads
             version = check_version(header, required=False)
             store = self.models.store_for(version)
+            decoded = time.perf_counter()
             job = store.prepare(
                 lookup, threads, self.settings.max_reply_floats, version, region, into
             )
@@ -229,6 +234,7 @@ class ShardServer:
             self._send(ident, [error_reply(header, exc)], str(op), exc.kind)
             return
         call = Call(ident, header, job, inline, region)
+        call.decoded, call.prepared = decoded - begin, call.started - decoded
         self.inflight += 1
         self.idle.clear()
         if inline:
@@ -389,6 +395,7 @@ class ShardServer:
 
     def _complete(self, call: Call) -> None:
         """On the loop, the one completion path of every accepted lookup: reply, count."""
+        begin = time.perf_counter()
         self.inflight -= 1
         if not self.inflight:
             self.idle.set()
@@ -396,6 +403,7 @@ class ShardServer:
             self._send(
                 call.ident, [error_reply(call.header, call.error)], "lookup", call.error.kind
             )
+            self._staged(call, begin)
             return
         job = call.job
         try:  # counting must never cost the reply
@@ -422,6 +430,12 @@ class ShardServer:
             frames += [g.pooled for g in groups]
         self._send(call.ident, frames, "lookup", "ok")
         self.metrics.latency.observe(time.perf_counter() - call.started)
+        self._staged(call, begin)
+
+    def _staged(self, call: Call, replying: float) -> None:
+        """Count an answered lookup's seconds per stage (``replying``: when its reply began)."""
+        reply_s = time.perf_counter() - replying
+        self.metrics.staged(call.decoded, call.prepared, call.worked, reply_s)
 
     def _answer(self, header: dict[str, Any]) -> dict[str, Any]:
         versions = self._versions()
@@ -449,6 +463,7 @@ class ShardServer:
         return reply(
             header,
             requests=dict(self.metrics.counts),
+            stage_seconds=dict(self.metrics.stages),
             inflight=self.inflight,
             cache=self._cache(),
             versions=versions,

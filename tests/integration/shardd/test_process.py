@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -130,8 +131,11 @@ def test_metrics_endpoint(model_and_plan, tmp_path: Path) -> None:
     parts, ids, lengths, *_ = make_lookup(plan, 0, 5, bags=7)
     with running(plan_path, model, 0, endpoint, "--metrics-port", str(port)):
         raw(endpoint, [header("health")])
+        waited = 0.0
         for _ in range(2):
+            began = time.perf_counter()
             asyncio.run(lookup(endpoint, parts, ids, lengths))
+            waited += time.perf_counter() - began
         stats = msgpack.unpackb(raw(endpoint, [header("stats")])[0])
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
     text = body.decode()
@@ -148,6 +152,15 @@ def test_metrics_endpoint(model_and_plan, tmp_path: Path) -> None:
     assert samples["recserve_shard_received_bytes_total"] > 2 * ids.nbytes
     assert samples["recserve_shard_queue_depth"] == 0
     assert samples["recserve_shard_lookup_seconds_count"] == 2
+    # Where the two lookups' time went on the shard: every stage took some, the same on
+    # /metrics as in stats, and together less than the client waited for them.
+    stages = {
+        stage: samples[f'recserve_shard_lookup_stage_seconds_total{{stage="{stage}"}}']
+        for stage in ("decode", "prepare", "pool", "reply")
+    }
+    assert stages == stats["stage_seconds"]
+    assert all(seconds > 0 for seconds in stages.values())
+    assert sum(stages.values()) < waited
     assert "process_resident_memory_bytes" in text
     check_metrics(text)
 
