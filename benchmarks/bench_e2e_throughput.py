@@ -162,13 +162,13 @@ SHARD_STAGES = ("decode", "prepare", "pool", "reply")
 
 
 def shard_stage_seconds(cluster: LocalCluster) -> dict[str, float]:
-    """Seconds the cluster's shards spent so far per lookup stage (``shardd.metrics``)."""
+    """CPU seconds the cluster's shards took so far per lookup stage (``shardd.metrics``)."""
     out = dict.fromkeys(SHARD_STAGES, 0.0)
     if cluster.singular:
         return out
     for shard in cluster.plan.shards:
         for endpoint in shard.endpoints:
-            got = shard_stats(endpoint).get("stage_seconds") or {}
+            got = shard_stats(endpoint).get("stage_cpu_seconds") or {}
             for stage in SHARD_STAGES:
                 out[stage] += float(got.get(stage, 0.0))
     return out
@@ -276,7 +276,7 @@ class Measure:
     scores: np.ndarray
     cpu: np.ndarray  # gateway, shards, client
     stages: dict[str, float]
-    shard_stages: dict[str, float]  # the shards' seconds per lookup stage (SHARD_STAGES)
+    shard_stages: dict[str, float]  # the shards' CPU per lookup stage (SHARD_STAGES)
 
 
 def measure(cluster: LocalCluster, run: Run, duration: float) -> Measure:
@@ -349,10 +349,10 @@ def report(
                 cpus)  # fmt: skip
     if on_shards:
         print(
-            "\nthe shards, ms per 1k samples: their CPU; of it the seconds their lookups spent "
-            "in each stage (decode: header and arrays read and checked; prepare: kernel calls "
-            "planned; pool: the kernel; reply: answered, counted, sent) and the rest (event "
-            "loops and ZeroMQ: receiving, waking up)"
+            "\nthe shards, CPU ms per 1k samples: all of it; of it their lookups' stages "
+            "(decode: header and arrays read and checked; prepare: kernel calls planned; pool: "
+            "the kernel, its calling thread; reply: answered, counted, sent) and the rest "
+            "(event loops and ZeroMQ: receiving, waking up; a kernel's other threads)"
         )
         print_table(["setup", "form", "shards", *SHARD_STAGES, "rest"], on_shards)
     binary = "KServe binary"

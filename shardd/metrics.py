@@ -51,10 +51,12 @@ COUNTED = (
     ("recserve_shard_inline_lookups", "Lookups small enough to be pooled on the event loop",
      "inline"),
 )  # fmt: skip
-# A lookup's stages, timed on the thread that runs each: decode (the header and arrays read
-# and checked, the shared memory mapped), prepare (the kernel calls planned), pool (the
-# kernel, on the loop or a worker), reply (answered, counted, sent). The rest of a shard's
-# CPU is its event loop's and ZeroMQ's: receiving, waking up, other ops.
+# A lookup's stages, each the CPU time of the thread that runs it (``time.thread_time``, not
+# the wall clock: a thread waiting for a core would count its wait): decode (the header and
+# arrays read and checked, the shared memory mapped), prepare (the kernel calls planned),
+# pool (the kernel, on the loop or a worker; a kernel on several threads counts the calling
+# thread's share), reply (answered, counted, sent). The rest of a shard's CPU is its event
+# loop's and ZeroMQ's (receiving, waking up, other ops) and a kernel's other threads'.
 LOOKUP_STAGES = ("decode", "prepare", "pool", "reply")
 CACHE_COUNTED = (
     ("recserve_shard_cache_hits", "Ids served from the row cache", "hits"),
@@ -87,7 +89,7 @@ class ShardMetrics:
             ("hits", "misses", "bypassed", "evictions", "disk_seconds"), 0
         )
     )
-    # Seconds answered lookups spent per stage (``LOOKUP_STAGES``): where a shard's CPU goes.
+    # CPU seconds answered lookups took per stage (``LOOKUP_STAGES``): where a shard's CPU goes.
     stages: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOOKUP_STAGES, 0.0))
 
     def request(self, op: str, outcome: str, sent: int = 0) -> None:
@@ -108,7 +110,7 @@ class ShardMetrics:
             t["inline"] += 1
 
     def staged(self, decode: float, prepare: float, pool: float, reply: float) -> None:
-        """One answered lookup's seconds per stage."""
+        """One answered lookup's CPU seconds per stage."""
         st = self.stages
         st["decode"] += decode
         st["prepare"] += prepare
@@ -200,10 +202,11 @@ class _Counted(Collector):
         for name, text, key in CACHE_COUNTED:
             yield CounterMetricFamily(name, text, value=m.cache[key])
         stages = CounterMetricFamily(
-            "recserve_shard_lookup_stage_seconds",
-            "Seconds answered lookups spent per stage: decode (header and arrays read and "
-            "checked), prepare (kernel calls planned), pool (the kernel), reply (answered and "
-            "sent); the rest of the process's CPU is its event loop's and ZeroMQ's",
+            "recserve_shard_lookup_stage_cpu_seconds",
+            "CPU seconds answered lookups took per stage, on the thread running it: decode "
+            "(header and arrays read and checked), prepare (kernel calls planned), pool (the "
+            "kernel), reply (answered and sent); the rest of the process's CPU is its event "
+            "loop's and ZeroMQ's",
             labels=["stage"],
         )
         for stage in LOOKUP_STAGES:

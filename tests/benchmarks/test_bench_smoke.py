@@ -64,5 +64,5 @@ def test_bench_e2e_throughput_small(capsys: pytest.CaptureFixture[str]) -> None:
                 "shared memory", "medians of 2 rounds", "(target <= 1.15x)",
                 "2 shards, socket, pinned workers, 2 workers",
                 "2 workers, pinned workers, KServe binary: singular",
-                "x the samples/s unpinned", "the shards, ms per 1k samples"):  # fmt: skip
+                "x the samples/s unpinned", "the shards, CPU ms per 1k samples"):  # fmt: skip
         assert row in out

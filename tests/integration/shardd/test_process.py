@@ -152,13 +152,13 @@ def test_metrics_endpoint(model_and_plan, tmp_path: Path) -> None:
     assert samples["recserve_shard_received_bytes_total"] > 2 * ids.nbytes
     assert samples["recserve_shard_queue_depth"] == 0
     assert samples["recserve_shard_lookup_seconds_count"] == 2
-    # Where the two lookups' time went on the shard: every stage took some, the same on
+    # Where the two lookups' CPU went on the shard: every stage took some, the same on
     # /metrics as in stats, and together less than the client waited for them.
     stages = {
-        stage: samples[f'recserve_shard_lookup_stage_seconds_total{{stage="{stage}"}}']
+        stage: samples[f'recserve_shard_lookup_stage_cpu_seconds_total{{stage="{stage}"}}']
         for stage in ("decode", "prepare", "pool", "reply")
     }
-    assert stages == stats["stage_seconds"]
+    assert stages == stats["stage_cpu_seconds"]
     assert all(seconds > 0 for seconds in stages.values())
     assert sum(stages.values()) < waited
     assert "process_resident_memory_bytes" in text
