@@ -8,9 +8,9 @@ vCPUs awake: after a sleep, a VM's first calls pay milliseconds of wake-up. The 
 cycles through inputs of its own, as many as the timed ones and like them: after calls that
 find their rows cached (one warm-up input repeated), the memory system is idle, and the
 first calls that miss pay for waking it (on this machine kind, 256 bags of 20 random rows of
-a 10M-row table took 160-230 us a call for the first ~20 such calls, 70-100 us in steady
-use), which would time the transition rather than the kernels. Block order rotates between
-rounds; results are medians over all repetitions.
+a 10M-row table took 160-230 us a call for the first ~20 such calls, ~100 us a call back to
+back on fresh ids), which would time the transition rather than the kernels. Block order
+rotates between rounds; results are medians over all repetitions.
 """
 
 from __future__ import annotations
