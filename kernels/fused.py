@@ -283,6 +283,7 @@ def pool_bags(typingctx, key, far, base, ids, bounds, b0, b1, pf_end, first, row
         w_arr = context.make_array(signature.args[13])(context, builder, w_v)
         n_ids = cgutils.unpack_tuple(builder, ids_arr.shape, 1)[0]
         narrow = signature.args[3].dtype.bitwidth < 64
+        far = builder.icmp_signed("!=", far_v, I64(0))
 
         def load_id(k: ir.Value) -> ir.Value:
             raw = builder.load(builder.gep(ids_arr.data, [k]))
@@ -292,10 +293,8 @@ def pool_bags(typingctx, key, far, base, ids, bounds, b0, b1, pf_end, first, row
                       b0=b0_v, b1=b1_v, pf_end=pf_end_v, first=first_v, rows=rows_v,
                       n_ids=n_ids, row_bytes=rb_v, col=col_v, scale_off=so_v,
                       weights=w_arr.data, dst0=dst0_v, dst_stride=stride_v,
-                      load_id=load_id,
-                      far=builder.icmp_signed("!=", far_v, I64(0)), distance=builder.select(
-                          builder.icmp_signed("!=", far_v, I64(0)),
-                          I64(PREFETCH_FAR), I64(PREFETCH)))  # fmt: skip
+                      load_id=load_id, far=far,
+                      distance=builder.select(far, I64(PREFETCH_FAR), I64(PREFETCH)))  # fmt: skip
         fn = builder.function
         done = fn.append_basic_block("bags.done")
         results = [(builder.basic_block, ir.Constant(I1, 1))]  # an unknown key: nothing

@@ -74,10 +74,11 @@ FAR_TABLE_MIN = 16 << 20
 
 def mark_far(layout: np.ndarray) -> None:
     """Set the FAR column of a set of tables pooled together (a shard's parts, a model's
-    tables): a table is far when it is at least ``far_bytes()`` on its own, or when the set
-    is and the table is at least ``FAR_TABLE_MIN``."""
+    tables), whose rows ``table_layout`` made: a table is far when it is at least
+    ``far_bytes()`` on its own (as ``table_layout`` marked it), or when the set is and the
+    table is at least ``FAR_TABLE_MIN``."""
     size = layout[:, ROWS] * layout[:, ROW_BYTES]
-    far = size >= far_bytes()
+    far = layout[:, FAR] != 0
     if int(size.sum()) >= far_bytes():
         far |= size >= FAR_TABLE_MIN
     layout[:, FAR] = far
