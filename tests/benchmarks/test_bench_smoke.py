@@ -66,3 +66,17 @@ def test_bench_e2e_throughput_small(capsys: pytest.CaptureFixture[str]) -> None:
                 "2 workers, pinned workers, KServe binary: singular",
                 "x the samples/s unpinned", "the shards, CPU ms per 1k samples"):  # fmt: skip
         assert row in out
+
+
+def test_bench_rpc_floor_small(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import bench_rpc_floor
+
+    args = ["--size", "4MiB", "--shards", "2", "--rate", "20", "--duration", "0.5",
+            "--warmup", "0.2", "--rounds", "2", "--workers", "1"]  # fmt: skip
+    assert bench_rpc_floor.main(args) == 0
+    out = capsys.readouterr().out
+    for row in ("ticks ", "pings ", "empty round trips under the load",
+                "singular's CPU per request",
+                "floor under the distributed/singular CPU ratio"):  # fmt: skip
+        assert row in out
+    assert "of the net plan's 2 shards pinged a wake" in out
