@@ -9,12 +9,13 @@ wakes. The phases alternate over ``--rounds`` with the same schedules, each roun
 other order; the host's speed drifts, so the phases are short and the rounds many.
 
 CPU is summed over every process: the singular gateway, the shards, this one (the load
-generator and the pinger). The difference between the phases, per wake, is what that many
-empty round trips cost under the load: the ZeroMQ transport, its I/O threads and the two
-event loops, woken on cores the load keeps busy. A distributed request does at least that
-on top of singular's work, so ``1 + pings / singular`` (singular: the singular cluster's CPU
-per request) is a floor under the distributed/singular CPU ratio that ``bench_e2e`` prints,
-whatever its lookups' own work costs.
+generator and the pinger, on uvloop as the gateway's loops are). The difference between the
+phases, per wake, is what that many empty round trips cost under the load: the ZeroMQ
+transport, its I/O threads and the two event loops, woken on cores the load keeps busy. A
+distributed request does at least that on top of singular's work, so ``1 + pings /
+singular`` (singular: the singular cluster's CPU per request) is a floor under the
+distributed/singular CPU ratio that ``bench_e2e`` prints, whatever its lookups' own work
+costs.
 
     python -m benchmarks.bench_rpc_floor [--size 512MiB] [--rate 100] [--duration 6]
         [--rounds 10] [--contacts N] [--workers 2] [--pin-workers]
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import uvloop
 
 from benchmarks.bench_gateway import prepare
 from benchmarks.common import print_table, run_cli
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             endpoints = [s.endpoints[0] for s in shards.plan.shards[:contacts]]
             shard_pids = [p.pid for p in shards.shards]
             if args.warmup > 0:
-                asyncio.run(phase(singular.url, bodies, endpoints, args, args.warmup, 1, True))
+                uvloop.run(phase(singular.url, bodies, endpoints, args, args.warmup, 1, True))
             per: dict[bool, list[float]] = {False: [], True: []}
             served: list[float] = []
             p99: dict[bool, list[float]] = {False: [], True: []}
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 for ping in (k % 2 == 1, k % 2 == 0):
                     before = singular.cpu_seconds()
                     others = cpu_seconds(shard_pids) + time.process_time()
-                    run, wakes = asyncio.run(
+                    run, wakes = uvloop.run(
                         phase(singular.url, bodies, endpoints, args, args.duration, 10 + k, ping)
                     )
                     own = singular.cpu_seconds() - before
