@@ -1,21 +1,28 @@
 """What a distributed request's round trips alone cost on one box: a floor under its CPU.
 
-A singular cluster serves ``bench_e2e``'s open-loop load (drm2, JSON requests of 16 samples,
-Poisson arrivals). Beside it run the shard daemons of the net plan, idle but for this
-process's pinger: at the load's rate (a Poisson schedule of its own) it wakes, and in the
-"pings" phase sends a ``health`` to each of ``--contacts`` shards at once (the net plan's
-fan-out, rounded, by default) and waits for every answer; in the "ticks" phase it only
-wakes. The phases alternate over ``--rounds`` with the same schedules, each round in the
-other order; the host's speed drifts, so the phases are short and the rounds many.
+Two clusters run side by side from the same drm2 model: a singular gateway, and the net
+plan's shard daemons with their gateway. ``bench_e2e``'s open-loop load (JSON requests of
+16 samples, Poisson arrivals) goes to one of them at a time, in three phases:
 
-CPU is summed over every process: the singular gateway, the shards, this one (the load
-generator and the pinger, on uvloop as the gateway's loops are). The difference between the
-phases, per wake, is what that many empty round trips cost under the load: the ZeroMQ
-transport, its I/O threads and the two event loops, woken on cores the load keeps busy. A
-distributed request does at least that on top of singular's work, so ``1 + pings /
-singular`` (singular: the singular cluster's CPU per request) is a floor under the
-distributed/singular CPU ratio that ``bench_e2e`` prints, whatever its lookups' own work
-costs.
+- ticks: the load on the singular gateway, and this process's pinger wakes at the load's
+  rate (a Poisson schedule of its own) and does nothing;
+- pings: the same, but each wake the pinger sends ``health`` to ``--contacts`` of the shard
+  daemons at once (the net plan's fan-out, rounded, by default) and waits for every answer;
+- net: the load on the net plan's gateway, the pinger ticking.
+
+The phases rotate over ``--rounds`` rounds with the same schedules; the host's speed drifts,
+so the phases are short and the rounds many. The load generator and the pinger run on uvloop,
+as the gateway's loops do.
+
+Pings less ticks, in CPU summed over every process per wake, is what that many empty round
+trips cost under the load: the ZeroMQ transport, its I/O threads and the two event loops,
+woken on cores the load keeps busy. A distributed request pays at least that on top of
+singular's work, so ``1 + trips / singular`` (singular: the servers' CPU per request in the
+ticks phase) is a floor under the distributed/singular CPU ratio whatever the lookups' own
+work costs. Printed beside it, each the median of the rounds' own: the net plan's CPU per
+request against singular's (``bench_e2e``'s ratio) and against singular's plus the round
+trips' (what the distribution costs beyond its round trips). The servers' CPU counts both
+clusters' processes in every phase; the one without the load idles.
 
     python -m benchmarks.bench_rpc_floor [--size 512MiB] [--rate 100] [--duration 6]
         [--rounds 10] [--contacts N] [--workers 2] [--pin-workers]
@@ -34,13 +41,15 @@ import numpy as np
 import uvloop
 
 from benchmarks.bench_gateway import prepare
-from benchmarks.common import print_table, run_cli
+from benchmarks.common import print_table, rotated, run_cli
 from loadgen.runner import Run, open_loop
 from recserve.contracts.plan import Plan, read_plan
-from recserve.local.cluster import LocalCluster, cpu_seconds, free_port
+from recserve.local.cluster import LocalCluster, free_port
 from recserve.rpc.client import ShardClient
 from recserve.rpc.context import serving_context
 from recserve.rpc.deadline import Deadline
+
+PHASES = ("ticks", "pings", "net")
 
 
 async def pinger(endpoints: list[str], rate: float, duration: float, seed: int, ping: bool) -> int:
@@ -117,52 +126,85 @@ def main(argv: list[str] | None = None) -> int:
         contacts = args.contacts or contacts_of(plan)
         if contacts > len(plan.shards):
             parser.error(f"--contacts: the plan has {len(plan.shards)} shards")
-        shards = LocalCluster(model, plan=plan_path, port=free_port(), gateway_args=gateway_args)
+        net = LocalCluster(model, plan=plan_path, port=free_port(), gateway_args=gateway_args)
         singular = LocalCluster(model, singular=True, port=free_port(), gateway_args=gateway_args)
-        with shards, singular:
-            endpoints = [s.endpoints[0] for s in shards.plan.shards[:contacts]]
-            shard_pids = [p.pid for p in shards.shards]
+        with net, singular:
+            endpoints = [s.endpoints[0] for s in net.plan.shards[:contacts]]
             if args.warmup > 0:
-                uvloop.run(phase(singular.url, bodies, endpoints, args, args.warmup, 1, True))
-            per: dict[bool, list[float]] = {False: [], True: []}
-            served: list[float] = []
-            p99: dict[bool, list[float]] = {False: [], True: []}
+                for name in PHASES:
+                    measure(name, singular, net, bodies, endpoints, args, args.warmup, 1)
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in PHASES}
             for k in range(args.rounds):
-                for ping in (k % 2 == 1, k % 2 == 0):
-                    before = singular.cpu_seconds()
-                    others = cpu_seconds(shard_pids) + time.process_time()
-                    run, wakes = uvloop.run(
-                        phase(singular.url, bodies, endpoints, args, args.duration, 10 + k, ping)
+                for name in rotated(PHASES, k):
+                    got = measure(
+                        name, singular, net, bodies, endpoints, args, args.duration, 10 + k
                     )
-                    own = singular.cpu_seconds() - before
-                    total = own + cpu_seconds(shard_pids) + time.process_time() - others
-                    per[ping].append(total / max(wakes, 1))
-                    p99[ping].append(run.percentile_ms(99))
-                    if not ping:
-                        served.append(own / max(run.ok, 1))
-                    if run.errors:
-                        raise SystemExit(f"{run.errors} requests failed")
-    diffs = [p - t for p, t in zip(per[True], per[False], strict=True)]
-    ping_ms, singular_ms = statistics.median(diffs) * 1e3, statistics.median(served) * 1e3
-    mean_ms = statistics.fmean(diffs) * 1e3
-    print(
-        f"\ndrm2 {args.size}, singular gateway ({args.workers} worker(s)"
-        f"{', pinned' if args.pin_workers else ''}) under Poisson {args.rate:g} requests/s "
-        f"of {args.samples} samples; {contacts} of the net plan's {len(plan.shards)} shards "
-        f"pinged a wake; {args.rounds} rounds of {args.duration:g} s a phase (medians)"
-    )
-    rows = [
-        [name, f"{statistics.median(per[p]) * 1e3:.3f}", f"{statistics.median(p99[p]):.1f}"]
-        for name, p in (("ticks", False), ("pings", True))
-    ]
-    print_table(["phase", "CPU ms a wake (all processes)", "load P99 ms"], rows)
-    print(f"\n{contacts} empty round trips under the load: {ping_ms:.3f} ms of CPU, median "
-          f"({ping_ms / contacts * 1e3:.0f} us each; mean {mean_ms:.3f} ms; per round: "
-          + " ".join(f"{d * 1e3:.3f}" for d in diffs) + ")")  # fmt: skip
-    print(f"singular's CPU per request (its gateway): {singular_ms:.3f} ms")
-    print(f"floor under the distributed/singular CPU ratio: {1 + ping_ms / singular_ms:.2f}x "
-          f"(mean: {1 + mean_ms / singular_ms:.2f}x; issue 18's target: <= 1.15x)")  # fmt: skip
+                    runs[name].append(got)
+    report(args, runs, contacts, len(plan.shards))
     return 0
+
+
+def measure(
+    name: str,
+    singular: LocalCluster,
+    net: LocalCluster,
+    bodies: list[bytes],
+    endpoints: list[str],
+    args: argparse.Namespace,
+    duration: float,
+    seed: int,
+) -> dict[str, float]:
+    """One phase: the servers' CPU ms per request (both clusters: the one not loaded idles),
+    every process's CPU ms per wake of the pinger, and the load's P99."""
+    url = net.url if name == "net" else singular.url
+    servers, own = singular.cpu_seconds() + net.cpu_seconds(), time.process_time()
+    run, wakes = uvloop.run(
+        phase(url, bodies, endpoints, args, duration, seed, ping=name == "pings")
+    )
+    servers = singular.cpu_seconds() + net.cpu_seconds() - servers
+    own = time.process_time() - own
+    if run.errors:
+        raise SystemExit(f"{name}: {run.errors} requests failed")
+    return {
+        "request": servers * 1e3 / max(run.ok, 1),
+        "wake": (servers + own) * 1e3 / max(wakes, 1),
+        "p99": run.percentile_ms(99),
+    }
+
+
+def report(
+    args: argparse.Namespace, runs: dict[str, list[dict[str, float]]], contacts: int, shards: int
+) -> None:
+    """The phases' medians, then the floor and the net plan's ratios, each the median of the
+    rounds' own."""
+    ticks, pings, nets = runs["ticks"], runs["pings"], runs["net"]
+    trips = [p["wake"] - t["wake"] for p, t in zip(pings, ticks, strict=True)]
+    floor = [1 + d / t["request"] for d, t in zip(trips, ticks, strict=True)]
+    ratio = [n["request"] / t["request"] for n, t in zip(nets, ticks, strict=True)]
+    beyond = [n["request"] / (t["request"] + d) for n, t, d in zip(nets, ticks, trips, strict=True)]
+    print(
+        f"\ndrm2 {args.size}, net plan over {shards} shards, {args.workers} gateway worker(s)"
+        f"{' pinned' if args.pin_workers else ''}, Poisson {args.rate:g} requests/s of "
+        f"{args.samples} samples; pings: the singular load and {contacts} shards pinged a wake; "
+        f"{args.rounds} rounds of {args.duration:g} s a phase (medians)"
+    )
+
+    def median(rows: list[dict[str, float]], key: str, fmt: str) -> str:
+        return format(statistics.median(r[key] for r in rows), fmt)
+
+    print_table(
+        ["phase", "servers' CPU ms a request", "all CPU ms a wake", "P99 ms"],
+        [[name, median(runs[name], "request", ".3f"), median(runs[name], "wake", ".3f"),
+          median(runs[name], "p99", ".1f")] for name in PHASES],
+    )  # fmt: skip
+    trip_ms = statistics.median(trips)
+    print(f"\n{contacts} empty round trips under the load: {trip_ms:.3f} ms of CPU "
+          f"({trip_ms / contacts * 1e3:.0f} us each; per round: "
+          + " ".join(f"{d:.3f}" for d in trips) + ")")  # fmt: skip
+    print(f"floor under the distributed/singular CPU ratio: {statistics.median(floor):.2f}x")
+    print(f"net plan against singular: {statistics.median(ratio):.2f}x (issue 18's target: "
+          f"<= 1.15x); against singular plus the floor: "
+          f"{statistics.median(beyond):.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

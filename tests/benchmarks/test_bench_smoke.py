@@ -75,8 +75,8 @@ def test_bench_rpc_floor_small(capsys: pytest.CaptureFixture[str]) -> None:
             "--warmup", "0.2", "--rounds", "2", "--workers", "1"]  # fmt: skip
     assert bench_rpc_floor.main(args) == 0
     out = capsys.readouterr().out
-    for row in ("ticks ", "pings ", "empty round trips under the load",
-                "singular's CPU per request",
-                "floor under the distributed/singular CPU ratio"):  # fmt: skip
+    for row in ("ticks ", "pings ", "net ", "empty round trips under the load",
+                "floor under the distributed/singular CPU ratio",
+                "net plan against singular", "against singular plus the floor"):  # fmt: skip
         assert row in out
-    assert "of the net plan's 2 shards pinged a wake" in out
+    assert "net plan over 2 shards" in out and "shards pinged a wake; 2 rounds" in out
