@@ -16,7 +16,8 @@ as the gateway's loops do.
 
 Pings less ticks, in CPU summed over every process per wake, is what that many empty round
 trips cost under the load: the ZeroMQ transport, its I/O threads and the two event loops,
-woken on cores the load keeps busy. A distributed request pays at least that on top of
+woken on cores the load keeps busy (the pinger's share of a ping is somewhat more than a
+gateway's: it is a process of its own). A distributed request pays at least that on top of
 singular's work, so ``1 + trips / singular`` (singular: the servers' CPU per request in the
 ticks phase) is a floor under the distributed/singular CPU ratio whatever the lookups' own
 work costs. Printed beside it, each the median of the rounds' own: the net plan's CPU per
@@ -203,7 +204,7 @@ def report(
           + " ".join(f"{d:.3f}" for d in trips) + ")")  # fmt: skip
     print(f"floor under the distributed/singular CPU ratio: {statistics.median(floor):.2f}x")
     print(f"net plan against singular: {statistics.median(ratio):.2f}x (issue 18's target: "
-          f"<= 1.15x); against singular plus the floor: "
+          f"<= 1.15x); against singular plus the round trips: "
           f"{statistics.median(beyond):.2f}x")  # fmt: skip
 
 

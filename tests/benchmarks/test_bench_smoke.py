@@ -77,6 +77,6 @@ def test_bench_rpc_floor_small(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for row in ("ticks ", "pings ", "net ", "empty round trips under the load",
                 "floor under the distributed/singular CPU ratio",
-                "net plan against singular", "against singular plus the floor"):  # fmt: skip
+                "net plan against singular", "against singular plus the round trips"):  # fmt: skip
         assert row in out
     assert "net plan over 2 shards" in out and "shards pinged a wake; 2 rounds" in out
