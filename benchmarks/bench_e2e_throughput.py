@@ -60,6 +60,7 @@ from recserve.contracts.manifest import AccessStats, Manifest, TableSpec
 from recserve.local.cluster import LocalCluster, cpu_seconds, free_port
 from recserve.model.scorer import Model
 from recserve.model.workload import Workload, to_samples
+from shardd.metrics import LOOKUP_STAGES
 from tests.models import manifest_of, write_random
 
 TABLES, ROWS, DIM, BAG = 26, 4_000_000, 64, 20
@@ -158,18 +159,15 @@ def stage_seconds(url: str) -> dict[str, float]:
     return out
 
 
-SHARD_STAGES = ("decode", "prepare", "pool", "reply")
-
-
 def shard_stage_seconds(cluster: LocalCluster) -> dict[str, float]:
     """CPU seconds the cluster's shards took so far per lookup stage (``shardd.metrics``)."""
-    out = dict.fromkeys(SHARD_STAGES, 0.0)
+    out = dict.fromkeys(LOOKUP_STAGES, 0.0)
     if cluster.singular:
         return out
     for shard in cluster.plan.shards:
         for endpoint in shard.endpoints:
             got = shard_stats(endpoint).get("stage_cpu_seconds") or {}
-            for stage in SHARD_STAGES:
+            for stage in LOOKUP_STAGES:
                 out[stage] += float(got.get(stage, 0.0))
     return out
 
@@ -276,7 +274,7 @@ class Measure:
     scores: np.ndarray
     cpu: np.ndarray  # gateway, shards, client
     stages: dict[str, float]
-    shard_stages: dict[str, float]  # the shards' CPU per lookup stage (SHARD_STAGES)
+    shard_stages: dict[str, float]  # the shards' CPU per lookup stage (LOOKUP_STAGES)
 
 
 def measure(cluster: LocalCluster, run: Run, duration: float) -> Measure:
@@ -321,10 +319,10 @@ def report(
             + [f"{gateway - staged:.1f}", f"{shards:.1f}", f"{client:.1f}"]
         )
         if shards:
-            split = {k: med(m.shard_stages[k] for m in ms) for k in SHARD_STAGES}
+            split = {k: med(m.shard_stages[k] for m in ms) for k in LOOKUP_STAGES}
             on_shards.append(
                 [where, form, f"{shards:.1f}"]
-                + [f"{split[k]:.1f}" for k in SHARD_STAGES]
+                + [f"{split[k]:.1f}" for k in LOOKUP_STAGES]
                 + [f"{shards - sum(split.values()):.1f}"]
             )
     print(
@@ -354,7 +352,7 @@ def report(
             "the kernel, its calling thread; reply: answered, counted, sent) and the rest "
             "(event loops and ZeroMQ: receiving, waking up; a kernel's other threads)"
         )
-        print_table(["setup", "form", "shards", *SHARD_STAGES, "rest"], on_shards)
+        print_table(["setup", "form", "shards", *LOOKUP_STAGES, "rest"], on_shards)
     binary = "KServe binary"
     cols = med(ratio((w, "recserve.client"), (w, binary)) for w, *_ in setups)
     print(f"\nrecserve.client (msgpack columns) against KServe binary: {cols:.2f}x "
